@@ -1,0 +1,36 @@
+"""The `haed` command: a thin Typer shell over the library in `haed/`."""
+
+from __future__ import annotations
+
+import typer
+
+from haed import __version__
+
+app = typer.Typer(
+    name="haed",
+    help="Train and sample hierarchical (HAED) byte models of text and raw audio, with IEM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"haed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """Train and sample hierarchical (HAED) byte models of text and raw audio, with IEM."""
+
+
+from haed_cli import prepare as _prepare  # noqa: E402  (registers `haed prepare ...`)
+
+app.add_typer(_prepare.app, name="prepare")
+
+if __name__ == "__main__":
+    app()
