@@ -32,5 +32,9 @@ from haed_cli import prepare as _prepare  # noqa: E402  (registers `haed prepare
 
 app.add_typer(_prepare.app, name="prepare")
 
+from haed_cli import commands as _commands  # noqa: E402
+
+_commands.register(app)
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,223 @@
+"""Typed configuration: one recipe (TOML) holds data, model, the three training phases and sampling.
+
+Every field has a default, so a recipe only states what it changes. `--set a.b=v` overrides any
+field from the command line (`main.layers=8` is short for `model.main.layers=8`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from haed.errors import HaedError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@dataclass
+class StackConfig:
+    """One transformer stack: width, depth, heads and MLP expansion."""
+
+    dim: int = 256
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0  # hidden = mlp_ratio * dim (the gated MLP uses 2/3 of it per branch)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "haed"  # "haed" (encoder / main / decoder) or "flat" (byte-level causal transformer = `main` over bytes)
+    patch_size: int = 8  # K bytes per patch
+    encoder: StackConfig = field(default_factory=lambda: StackConfig(dim=128, layers=1, heads=4))
+    main: StackConfig = field(default_factory=lambda: StackConfig(dim=256, layers=4, heads=4))
+    decoder: StackConfig = field(default_factory=lambda: StackConfig(dim=128, layers=2, heads=4))
+    pooling: str = "concat"  # how the encoder turns K byte vectors into one: "concat" (linear of the concatenation) or "mean"
+    conditioning: str = "add"  # how h_t enters the decoder: "add" (K per-position vectors) or "prefix" (one extra position)
+    max_seq_len: int = 8192  # longest window in bytes that rotary tables are built for (grown on demand)
+    rope_base: float = 10000.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""  # dataset directory made by `haed prepare`
+    seq_len: int = 1024  # training window in bytes (a multiple of patch_size)
+
+
+@dataclass
+class TrainConfig:
+    """One training phase. The same fields serve IEM, the decoder phase and full training."""
+
+    steps: int = 1000
+    batch_size: int = 8  # windows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    eval_batches: int = 8
+    ckpt_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    compile: bool = False  # torch.compile the model's stacks (CUDA only)
+    # IEM only
+    num_negatives: int = 0  # cap on shared candidates per step (0: every distinct target patch of the batch)
+    logq: bool = True  # subtract log(count) of each candidate (sampled-softmax correction)
+    tau: float = 1.0  # temperature of the patch scores
+    logits_chunk: int = 4096  # rows of the steps x candidates logits computed at once
+
+
+@dataclass
+class GenerateConfig:
+    max_bytes: int = 512
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    iem: TrainConfig = field(default_factory=TrainConfig)
+    decoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, lr=1e-3, warmup_steps=10))
+    full: TrainConfig = field(default_factory=TrainConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Recipe":
+        m = self.model
+        if m.arch not in ("haed", "flat"):
+            raise HaedError(f"model.arch must be 'haed' or 'flat', not {m.arch!r}")
+        if m.patch_size < 1:
+            raise HaedError("model.patch_size must be >= 1")
+        if m.pooling not in ("concat", "mean"):
+            raise HaedError(f"model.pooling must be 'concat' or 'mean', not {m.pooling!r}")
+        if m.conditioning not in ("add", "prefix"):
+            raise HaedError(f"model.conditioning must be 'add' or 'prefix', not {m.conditioning!r}")
+        for name in ("encoder", "main", "decoder"):
+            s = getattr(m, name)
+            if s.dim % s.heads or (s.dim // s.heads) % 2:
+                raise HaedError(f"model.{name}.dim ({s.dim}) must split into {s.heads} heads of even width")
+        if m.arch == "haed" and self.data.seq_len % m.patch_size:
+            raise HaedError(f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})")
+        return self
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise HaedError(f"recipe section [{where}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise HaedError(f"unknown recipe field {where + '.' if where else ''}{key} (known: {', '.join(known)})")
+        f = known[key]
+        sub = _SUBCONFIG.get((cls, key))
+        kwargs[key] = _build(sub, value, f"{where}.{key}".strip(".")) if sub else value
+    obj = cls(**kwargs)
+    return obj
+
+
+_SUBCONFIG = {
+    (Recipe, "data"): DataConfig,
+    (Recipe, "model"): ModelConfig,
+    (Recipe, "iem"): TrainConfig,
+    (Recipe, "decoder"): TrainConfig,
+    (Recipe, "full"): TrainConfig,
+    (Recipe, "generate"): GenerateConfig,
+    (ModelConfig, "encoder"): StackConfig,
+    (ModelConfig, "main"): StackConfig,
+    (ModelConfig, "decoder"): StackConfig,
+}
+
+
+def recipe_from_dict(values: dict) -> Recipe:
+    values = dict(values)
+    # The decoder phase's defaults differ from TrainConfig's: start from them, then apply the recipe.
+    base = Recipe()
+    merged = dataclasses.asdict(base)
+    _deep_update(merged, values)
+    return _build(Recipe, merged, "").validate()
+
+
+def _deep_update(target: dict, values: dict, where: str = "") -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value, f"{where}{key}.")
+        else:
+            target[key] = value
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (Path("recipes") / f"{name_or_path}.toml", RECIPES_DIR / f"{name_or_path}.toml"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
+    raise HaedError(f"no recipe {name_or_path!r}: give a .toml path or one of: {', '.join(known) or '(none found)'}")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise HaedError(f"recipe {path} is not valid TOML: {e}") from None
+    values.setdefault("name", path.stem)
+    apply_overrides(values, overrides or [])
+    return recipe_from_dict(values)
+
+
+_SECTIONS = {"name", "description", "data", "model", "iem", "decoder", "full", "generate"}
+_MODEL_SHORTHAND = {f.name for f in dataclasses.fields(ModelConfig)} - {"decoder"}
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: a string
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> None:
+    """Apply `key.path=value` overrides (values parsed as TOML, bare words as strings) in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise HaedError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts[0] not in _SECTIONS and parts[0] in _MODEL_SHORTHAND:
+            parts = ["model", *parts]
+        node = values
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise HaedError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = _parse_value(text.strip())
+
+
+def recipe_to_json(recipe: Recipe) -> str:
+    return json.dumps(recipe.to_dict(), indent=2)
+
+
+def recipe_from_json(text: str) -> Recipe:
+    return recipe_from_dict(json.loads(text))

@@ -1,0 +1,314 @@
+"""The HAED model: one transformer block, configured three ways (encoder, main model, decoder).
+
+A window of N bytes is cut into T = N / K patches of K bytes.
+- The encoder maps each patch, alone, to one vector: E(P) depends on the bytes of P only, so it is
+  an implicit embedding matrix with one row per possible patch.
+- The main model is causal over patch vectors: its input at step t is E(P_{t-1}) (a learned start
+  vector at t = 1) and its output h_t summarises everything before patch t.
+- The decoder is a small causal transformer over the K bytes of one patch, conditioned on h_t.
+A flat byte-level causal transformer (`arch = "flat"`) is built from the same block as a baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from haed.config import ModelConfig, StackConfig
+
+START = 256  # the decoder's (and flat model's) start-of-sequence token, beyond the 256 byte values
+
+
+def rotary(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer of one stack, for incremental (cached) decoding."""
+
+    def __init__(self, layers: int, batch: int, heads: int, head_dim: int, max_len: int, device, dtype):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: StackConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.head_dim = cfg.dim // cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            start = cache.length
+            cache.k[layer][:, :, start : start + L] = k
+            cache.v[layer][:, :, start : start + L] = v
+            k_all = cache.k[layer][:, :, : start + L]
+            v_all = cache.v[layer][:, :, : start + L]
+            if L == 1 or not causal:
+                mask = None
+            else:  # query i (at position start + i) sees keys up to start + i
+                mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    """Gated (SwiGLU) MLP; the hidden width is 2/3 of mlp_ratio * dim so parameters match a plain MLP."""
+
+    def __init__(self, cfg: StackConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.dim * 2 / 3)
+        hidden = max(8, (hidden + 7) // 8 * 8)
+        self.up = nn.Linear(cfg.dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.dim, bias=False)
+
+    def forward(self, x):
+        gate, value = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * value)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: RMSNorm, rotary self-attention (SDPA), RMSNorm, gated MLP."""
+
+    def __init__(self, cfg: StackConfig):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(cfg.dim)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.RMSNorm(cfg.dim)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.norm1(x), cos, sin, causal, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class Stack(nn.Module):
+    """A stack of blocks with a final norm. `causal` picks causal (main, decoder, flat) or bidirectional (encoder)."""
+
+    def __init__(self, cfg: StackConfig, causal: bool, rope_base: float):
+        super().__init__()
+        self.cfg = cfg
+        self.causal = causal
+        self.rope_base = rope_base
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = nn.RMSNorm(cfg.dim)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        cos, sin = rotary(positions, self.cfg.dim // self.cfg.heads, self.rope_base)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, self.causal, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.norm(x)
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
+        heads = self.cfg.heads
+        return KVCache(self.cfg.layers, batch, heads, self.cfg.dim // heads, max_len, device, dtype)
+
+
+class PatchEncoder(nn.Module):
+    """Maps each patch of K bytes, with no context outside it, to one vector of the main width."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        k, d = cfg.patch_size, cfg.encoder.dim
+        self.pooling = cfg.pooling
+        self.byte_embedding = nn.Embedding(256, d)
+        self.stack = Stack(cfg.encoder, causal=False, rope_base=cfg.rope_base)
+        self.proj = nn.Linear(k * d if cfg.pooling == "concat" else d, cfg.main.dim, bias=False)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches: (..., K) bytes -> (..., main_dim)."""
+        lead, k = patches.shape[:-1], patches.shape[-1]
+        x = self.byte_embedding(patches.reshape(-1, k).long())
+        x = self.stack(x)
+        x = x.flatten(1) if self.pooling == "concat" else x.mean(dim=1)
+        return self.proj(x).view(*lead, -1)
+
+
+class ByteDecoder(nn.Module):
+    """Generates the K bytes of patch t from h_t: causal over the K positions of that patch only.
+
+    Token sequence of a patch: [START, x_1, ..., x_{K-1}]; position k predicts x_{k+1}. h_t enters
+    either as K per-position vectors added to the token embeddings ("add"), or in place of the
+    START embedding at position 0 ("prefix").
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        k, d = cfg.patch_size, cfg.decoder.dim
+        self.patch_size = k
+        self.conditioning = cfg.conditioning
+        self.token_embedding = nn.Embedding(257, d)
+        out = k * d if cfg.conditioning == "add" else d
+        self.condition = nn.Linear(cfg.main.dim, out, bias=False)
+        self.stack = Stack(cfg.decoder, causal=True, rope_base=cfg.rope_base)
+        self.head = nn.Linear(d, 256, bias=False)
+
+    def conditioning_vectors(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (N, main_dim) -> (N, K, dim) for "add", (N, 1, dim) for "prefix"."""
+        return self.condition(h).view(h.shape[0], -1, self.token_embedding.embedding_dim)
+
+    def embed(self, cond: torch.Tensor, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        x = self.token_embedding(tokens.long())
+        length = tokens.shape[1]
+        if self.conditioning == "add":
+            return x + cond[:, offset : offset + length]
+        if offset == 0:
+            x = torch.cat((cond, x[:, 1:]), dim=1)
+        return x
+
+    @staticmethod
+    def input_tokens(patches: torch.Tensor) -> torch.Tensor:
+        start = torch.full_like(patches[:, :1], START, dtype=torch.long)
+        return torch.cat((start, patches[:, :-1].long()), dim=1)
+
+    def forward(self, h: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits: h (N, main_dim), patches (N, K) -> (N, K, 256)."""
+        x = self.embed(self.conditioning_vectors(h), self.input_tokens(patches))
+        return self.head(self.stack(x))
+
+    def step(self, cond: torch.Tensor, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Cached decoding: feed `tokens` (N, L) at the cache's position; logits (N, L, 256)."""
+        x = self.embed(cond, tokens, offset=cache.length)
+        return self.head(self.stack(x, cache))
+
+
+def unique_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct patches of a (N, K) uint8 tensor: (unique (U, K), inverse (N,), counts (U,)).
+
+    Patches of up to 8 bytes are packed into one int64 key (a reinterpretation of the bytes, so it is
+    exact), which makes deduplication one sort on the device.
+    """
+    n, k = patches.shape
+    if k <= 8:
+        packed = patches.to(torch.uint8)
+        if k < 8:
+            packed = F.pad(packed, (0, 8 - k))
+        keys = packed.contiguous().view(torch.int64).view(n)
+        uniq_keys, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        uniq = uniq_keys.view(torch.uint8).view(-1, 8)[:, :k]
+        return uniq, inverse, counts
+    uniq, inverse, counts = torch.unique(patches, dim=0, return_inverse=True, return_counts=True)
+    return uniq, inverse, counts
+
+
+class HAED(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = cfg.patch_size
+        self.encoder = PatchEncoder(cfg)
+        self.start = nn.Parameter(torch.zeros(cfg.main.dim))
+        self.main = Stack(cfg.main, causal=True, rope_base=cfg.rope_base)
+        self.score_proj = nn.Linear(cfg.main.dim, cfg.main.dim, bias=False)  # W in s_t(P) = <W h_t, E(P)> / tau
+        self.decoder = ByteDecoder(cfg)
+        init_weights(self)
+        nn.init.normal_(self.start, std=0.02)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        B, N = x.shape
+        return x.view(B, N // self.patch_size, self.patch_size)
+
+    def main_inputs(self, patch_vectors: torch.Tensor) -> torch.Tensor:
+        """(B, T-1, D) vectors of patches 1..T-1 -> (B, T, D) main-model inputs with the start vector first."""
+        B = patch_vectors.shape[0]
+        start = self.start.to(patch_vectors.dtype).expand(B, 1, -1)
+        return torch.cat((start, patch_vectors), dim=1)
+
+    def hidden(self, x: torch.Tensor, dedup: bool = True) -> torch.Tensor:
+        """h_t for every patch of the byte windows x (B, N): (B, T, main_dim)."""
+        p = self.patches(x)
+        B, T, K = p.shape
+        inputs = p[:, :-1].reshape(-1, K)
+        if dedup and inputs.shape[0] > 0:
+            uniq, inverse, _ = unique_patches(inputs)
+            vectors = self.encoder(uniq)[inverse]
+        else:
+            vectors = self.encoder(inputs)
+        return self.main(self.main_inputs(vectors.view(B, T - 1, -1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Byte logits (B, N, 256) for the windows x (B, N): position i predicts byte i."""
+        B, N = x.shape
+        h = self.hidden(x)
+        logits = self.decoder(h.reshape(-1, h.shape[-1]), self.patches(x).reshape(-1, self.patch_size))
+        return logits.view(B, N, 256)
+
+
+class FlatTransformer(nn.Module):
+    """A byte-level causal transformer (the `main` stack over bytes): the non-hierarchical baseline."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(257, cfg.main.dim)
+        self.stack = Stack(cfg.main, causal=True, rope_base=cfg.rope_base)
+        self.head = nn.Linear(cfg.main.dim, 256, bias=False)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, prepend_start: bool = True) -> torch.Tensor:
+        tokens = x.long()
+        if prepend_start:
+            start = torch.full_like(tokens[:, :1], START)
+            tokens = torch.cat((start, tokens[:, :-1]), dim=1)
+        return self.head(self.stack(self.token_embedding(tokens), cache))
+
+
+def init_weights(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=0.02)
+    # Residual output projections shrink with depth (GPT-2) so that deep stacks start stable.
+    for module in model.modules():
+        if isinstance(module, Stack):
+            scale = 0.02 / math.sqrt(2 * max(1, module.cfg.layers))
+            for block in module.blocks:
+                nn.init.normal_(block.attn.out.weight, std=scale)
+                nn.init.normal_(block.mlp.down.weight, std=scale)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    return HAED(cfg) if cfg.arch == "haed" else FlatTransformer(cfg)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    if isinstance(model, HAED):
+        parts = {
+            "encoder": model.encoder,
+            "main": model.main,
+            "decoder": model.decoder,
+        }
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
+        counts["main"] += model.start.numel() + model.score_proj.weight.numel()
+    else:
+        counts = {"flat": sum(p.numel() for p in model.parameters())}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts

@@ -1,0 +1,179 @@
+"""The three training objectives (IEM, decoder phase, full) and the flat baseline's, over one model.
+
+Each objective takes the model and a batch of byte windows (B, N) and returns (loss, metrics), so the
+trainer is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from haed.config import TrainConfig
+from haed.model import HAED, FlatTransformer, unique_patches
+
+LN2 = math.log(2.0)
+
+
+class _SampledSoftmax(torch.autograd.Function):
+    """Cross-entropy of [positive, candidates] logits, computed chunk by chunk over rows.
+
+    Row r's logits are q_r . pos_r - logq_pos_r (the positive, column 0) and q_r . cand_j - logq_j for
+    every candidate j except the row's own positive (target_col[r], or -1 when the positive is not
+    among the candidates). Gradients are computed in the forward pass chunk by chunk, so only
+    `chunk x C` logits exist at any time, never the whole `R x C` matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, q, cand, pos, target_col, logq_cand, logq_pos, chunk: int):
+        R, C = q.shape[0], cand.shape[0]
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_q = torch.empty_like(q) if needs_grad else None
+        grad_pos = torch.empty_like(pos) if needs_grad else None
+        grad_cand = torch.zeros(cand.shape, dtype=torch.float32, device=cand.device) if needs_grad else None
+        losses = torch.empty(R, dtype=torch.float32, device=q.device)
+        correct = torch.empty(R, dtype=torch.bool, device=q.device)
+        cols = torch.arange(C, device=q.device)
+        for s in range(0, R, chunk):
+            e = min(R, s + chunk)
+            qc, pc = q[s:e], pos[s:e]
+            logits = (qc @ cand.T).float()
+            if logq_cand is not None:
+                logits = logits - logq_cand
+            logits = logits.masked_fill(cols[None, :] == target_col[s:e, None], float("-inf"))
+            pos_logit = (qc.float() * pc.float()).sum(-1)
+            if logq_pos is not None:
+                pos_logit = pos_logit - logq_pos[s:e]
+            lse = torch.logaddexp(torch.logsumexp(logits, dim=-1), pos_logit)
+            losses[s:e] = lse - pos_logit
+            correct[s:e] = pos_logit > logits.max(dim=-1).values
+            if needs_grad:
+                probs = torch.exp(logits - lse[:, None])  # softmax over the candidate columns
+                pos_coef = (torch.exp(pos_logit - lse) - 1.0)[:, None]  # d loss / d pos_logit
+                probs_lp = probs.to(cand.dtype)
+                grad_q[s:e] = (probs_lp @ cand).float().add_(pos_coef * pc.float()).to(q.dtype)
+                grad_cand += (probs_lp.T @ qc).float()
+                grad_pos[s:e] = (pos_coef * qc.float()).to(pos.dtype)
+        ctx.save_for_backward(grad_q, grad_cand, grad_pos)
+        ctx.cand_dtype = cand.dtype
+        ctx.mark_non_differentiable(correct)
+        return losses.mean(), correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_q, grad_cand, grad_pos = ctx.saved_tensors
+        scale = grad_loss / grad_q.shape[0]
+        return (
+            grad_q * scale.to(grad_q.dtype),
+            (grad_cand * scale).to(ctx.cand_dtype),
+            grad_pos * scale.to(grad_pos.dtype),
+            None, None, None, None,
+        )
+
+
+def sampled_softmax_loss(q, cand, pos, target_col, logq_cand=None, logq_pos=None, chunk: int = 4096):
+    """Mean cross-entropy of each row's positive against the candidates; also per-row correctness.
+
+    q (R, D) queries; cand (C, D) candidate vectors; pos (R, D) each row's positive vector; target_col
+    (R,) the positive's column among the candidates (-1 if absent) so it is counted once.
+    """
+    return _SampledSoftmax.apply(q, cand, pos, target_col, logq_cand, logq_pos, max(1, chunk))
+
+
+def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None,
+             candidates: torch.Tensor | None = None):
+    """IEM: sampled softmax over patches, scored <W h_t, E(P)> / tau, the decoder never built.
+
+    Candidates are the distinct target patches of the batch (or an explicit (C, K) set of patches);
+    `cfg.num_negatives` caps the shared candidates by uniform subsampling, and every row keeps its
+    positive. With `cfg.logq`, log Q(P) (log of the patch's count in the batch, plus the
+    subsampling rate for capped negatives) is subtracted from each candidate's score.
+    """
+    p = model.patches(x)
+    B, T, K = p.shape
+    targets = p.reshape(-1, K)
+    uniq, inverse, counts = unique_patches(targets)
+    vectors = model.encoder(uniq)
+    h = model.main(model.main_inputs(vectors[inverse].view(B, T, -1)[:, :-1]))
+    q = model.score_proj(h).reshape(B * T, -1) / cfg.tau
+    pos = vectors[inverse]
+    logq_pos = counts.float().log()[inverse] if cfg.logq else None
+    U = uniq.shape[0]
+    if candidates is not None:
+        cand = model.encoder(candidates.to(x.device))
+        cand_keys = _keys(candidates.to(x.device))
+        order = torch.argsort(cand_keys)
+        where = torch.searchsorted(cand_keys[order], _keys(uniq)).clamp(max=len(order) - 1)
+        found = cand_keys[order][where] == _keys(uniq)
+        col_of_uniq = torch.where(found, order[where], torch.full_like(where, -1))
+        logq_cand = None
+        if cfg.logq:
+            logq_cand = torch.zeros(cand.shape[0], device=x.device)
+            logq_cand[col_of_uniq[found]] = counts[found].float().log()
+    elif cfg.num_negatives and U > cfg.num_negatives:
+        keep = torch.randperm(U, generator=generator, device="cpu")[: cfg.num_negatives].to(x.device)
+        cand = vectors[keep]
+        col_of_uniq = torch.full((U,), -1, dtype=torch.long, device=x.device)
+        col_of_uniq[keep] = torch.arange(len(keep), device=x.device)
+        logq_cand = (counts[keep].float() * (len(keep) / U)).log() if cfg.logq else None
+    else:
+        cand = vectors
+        col_of_uniq = torch.arange(U, device=x.device)
+        logq_cand = counts.float().log() if cfg.logq else None
+    target_col = col_of_uniq[inverse]
+    loss, correct = sampled_softmax_loss(q, cand, pos, target_col, logq_cand, logq_pos, cfg.logits_chunk)
+    return loss, {"loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": cand.shape[0]}
+
+
+def _keys(patches: torch.Tensor) -> torch.Tensor:
+    n, k = patches.shape
+    packed = patches.to(torch.uint8)
+    if k > 8:
+        raise ValueError("explicit candidate sets support patch_size <= 8")
+    if k < 8:
+        packed = F.pad(packed, (0, 8 - k))
+    return packed.contiguous().view(torch.int64).view(n)
+
+
+def byte_cross_entropy(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, 256).float(), x.reshape(-1).long())
+
+
+def _byte_metrics(loss: torch.Tensor) -> dict:
+    return {"loss": loss.detach(), "bits_per_byte": loss.detach() / LN2}
+
+
+def decoder_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):
+    """Decoder phase: h_t from the frozen encoder and main model without autograd; byte cross-entropy."""
+    with torch.no_grad():
+        h = model.hidden(x)
+    K = model.patch_size
+    logits = model.decoder(h.reshape(-1, h.shape[-1]).detach(), x.reshape(-1, K))
+    loss = byte_cross_entropy(logits, x)
+    return loss, _byte_metrics(loss)
+
+
+def full_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):
+    """Full (MEGABYTE-style) training: encoder, main model and decoder end to end on byte cross-entropy."""
+    loss = byte_cross_entropy(model(x), x)
+    return loss, _byte_metrics(loss)
+
+
+def flat_loss(model: FlatTransformer, x: torch.Tensor, cfg: TrainConfig, generator=None):
+    loss = byte_cross_entropy(model(x), x)
+    return loss, _byte_metrics(loss)
+
+
+OBJECTIVES = {"iem": iem_loss, "decoder": decoder_loss, "full": full_loss, "flat": flat_loss}
+
+
+def trainable_parameters(model, objective: str):
+    """The parameters an objective trains: IEM never touches the decoder; the decoder phase only it."""
+    if objective == "decoder":
+        return list(model.decoder.parameters())
+    if objective == "iem":
+        skip = {id(p) for p in model.decoder.parameters()}
+        return [p for p in model.parameters() if id(p) not in skip]
+    return list(model.parameters())
