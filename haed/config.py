@@ -120,6 +120,20 @@ class Recipe:
         return self
 
 
+def debug_recipe(dataset: str = "", patch_size: int = 4, arch: str = "haed") -> Recipe:
+    """A tiny configuration for tests and smoke runs: seconds on a CPU."""
+    train = dict(steps=4, batch_size=2, lr=3e-3, warmup_steps=1, eval_every=2, eval_batches=1, ckpt_every=2, log_every=1)
+    return recipe_from_dict({
+        "name": "debug",
+        "data": {"dataset": dataset, "seq_len": 16 * patch_size},
+        "model": {"arch": arch, "patch_size": patch_size,
+                  "encoder": {"dim": 16, "layers": 1, "heads": 2}, "main": {"dim": 32, "layers": 2, "heads": 2},
+                  "decoder": {"dim": 16, "layers": 2, "heads": 2}},
+        "iem": {**train, "logits_chunk": 7}, "decoder": dict(train), "full": dict(train),
+        "generate": {"max_bytes": 20},
+    })
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise HaedError(f"recipe section [{where}] must be a table")

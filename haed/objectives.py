@@ -113,7 +113,7 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
             logq_cand = torch.zeros(cand.shape[0], device=x.device)
             logq_cand[col_of_uniq[found]] = counts[found].float().log()
     elif cfg.num_negatives and U > cfg.num_negatives:
-        keep = torch.randperm(U, generator=generator, device="cpu")[: cfg.num_negatives].to(x.device)
+        keep = capped_candidates(U, cfg.num_negatives, generator).to(x.device)
         cand = vectors[keep]
         col_of_uniq = torch.full((U,), -1, dtype=torch.long, device=x.device)
         col_of_uniq[keep] = torch.arange(len(keep), device=x.device)
@@ -125,6 +125,11 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     target_col = col_of_uniq[inverse]
     loss, correct = sampled_softmax_loss(q, cand, pos, target_col, logq_cand, logq_pos, cfg.logits_chunk)
     return loss, {"loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": cand.shape[0]}
+
+
+def capped_candidates(num_distinct: int, cap: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A uniform random subset of `cap` of the distinct patches (indices), shared by every row."""
+    return torch.randperm(num_distinct, generator=generator)[:cap]
 
 
 def _keys(patches: torch.Tensor) -> torch.Tensor:

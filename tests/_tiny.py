@@ -1,0 +1,42 @@
+"""Tiny models and datasets shared by the model-core tests (imported by test modules)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from haed.config import debug_recipe
+from haed.data import DatasetWriter
+from haed.model import build_model
+
+
+def make_text_dataset(path: Path, n_bytes: int = 6000, seed: int = 0) -> Path:
+    """A learnable text-like dataset: words drawn from a small vocabulary."""
+    rng = np.random.default_rng(seed)
+    words = [b"the", b"cat", b"sat", b"on", b"a", b"mat", b"and", b"dog", b"ran", b"far", b"<page>", b"\n"]
+    out = bytearray()
+    while len(out) < n_bytes:
+        out += words[rng.integers(len(words))] + b" "
+    data = bytes(out[:n_bytes])
+    a, b = int(n_bytes * 0.8), int(n_bytes * 0.9)
+    with DatasetWriter(path) as w:
+        w.write("train", data[:a])
+        w.write("valid", data[a:b])
+        w.write("test", data[b:])
+        w.finish({"kind": "text", "source": {"description": "synthetic words for tests"}})
+    return path
+
+
+def tiny_model(patch_size: int = 4, arch: str = "haed", seed: int = 0, **model_overrides):
+    recipe = debug_recipe(patch_size=patch_size, arch=arch)
+    for k, v in model_overrides.items():
+        setattr(recipe.model, k, v)
+    torch.manual_seed(seed)
+    return build_model(recipe.model).eval()
+
+
+def random_bytes(*shape, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)

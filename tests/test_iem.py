@@ -1,0 +1,119 @@
+"""The IEM objective: sampled softmax over the batch's distinct patches."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from _tiny import random_bytes, tiny_model
+from haed.config import TrainConfig
+from haed.model import unique_patches
+from haed.objectives import capped_candidates, iem_loss, sampled_softmax_loss
+
+
+def _queries(model, x, tau):
+    B, N = x.shape
+    K = model.patch_size
+    targets = x.view(B, N // K, K)
+    vectors = model.encoder(targets.reshape(-1, K)).view(B, N // K, -1)
+    h = model.main(model.main_inputs(vectors[:, :-1]))
+    return model.score_proj(h).reshape(-1, h.shape[-1]) / tau, targets.reshape(-1, K)
+
+
+def test_iem_with_every_patch_as_candidate_equals_exact_softmax():
+    """K = 2: all 65,536 patches as candidates, log-Q off: the loss is the exact softmax cross-entropy."""
+    torch.manual_seed(0)
+    model = tiny_model(patch_size=2)
+    x = random_bytes(2, 16)
+    every = torch.stack(torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij"), -1).reshape(-1, 2).to(torch.uint8)
+    cfg = TrainConfig(logq=False, tau=0.5, logits_chunk=5)
+    with torch.no_grad():
+        loss, metrics = iem_loss(model, x, cfg, candidates=every)
+        q, targets = _queries(model, x, cfg.tau)
+        logits = q @ model.encoder(every).T
+        target_ids = targets[:, 0].long() * 256 + targets[:, 1].long()
+        exact = F.cross_entropy(logits, target_ids)
+        accuracy = (logits.argmax(-1) == target_ids).float().mean()
+    assert metrics["candidates"] == 65536
+    torch.testing.assert_close(loss, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["patch_accuracy"], accuracy)
+
+
+def test_chunked_and_unchunked_iem_agree_in_loss_and_gradients():
+    x = random_bytes(3, 32, seed=1)
+    x[1, :16] = x[0, :16]
+    results = []
+    for chunk in (1, 7, 100000):
+        model = tiny_model(patch_size=4)
+        model.train()
+        loss, _ = iem_loss(model, x, TrainConfig(logits_chunk=chunk))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, results[0][1][name], rtol=1e-4, atol=1e-6)
+    assert not any(n.startswith("decoder.") for n in results[0][1]), "IEM must not touch the decoder"
+
+
+def test_sampled_softmax_gradients_match_autograd():
+    torch.manual_seed(0)
+    q = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    cand = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    target_col = torch.tensor([0, 1, 2, 3, 4, 0, -1, 2, -1])
+    pos = torch.randn(9, 6, dtype=torch.float64)
+    present = target_col >= 0
+    pos[present] = cand.detach()[target_col[present]]
+    pos.requires_grad_(True)
+    logq_cand, logq_pos = torch.rand(5, dtype=torch.float64), torch.rand(9, dtype=torch.float64)
+    loss, correct = sampled_softmax_loss(q, cand, pos, target_col, logq_cand, logq_pos, chunk=4)
+    grads = torch.autograd.grad(loss, (q, cand, pos))
+
+    logits = (q @ cand.T - logq_cand).masked_fill(torch.arange(5)[None] == target_col[:, None], -math.inf)
+    pos_logit = (q * pos).sum(-1) - logq_pos
+    ref = (torch.logsumexp(torch.cat((pos_logit[:, None], logits), 1), 1) - pos_logit).mean()
+    ref_grads = torch.autograd.grad(ref, (q, cand, pos))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+    assert torch.equal(correct, pos_logit > logits.max(-1).values)
+
+
+def test_duplicate_patches_are_one_candidate_and_logq_uses_their_count():
+    model = tiny_model(patch_size=4)
+    x = torch.tensor([list(b"abcdabcdabcdwxyz" * 2), list(b"abcdqqqqabcdwxyz" * 2)], dtype=torch.uint8)
+    with torch.no_grad():
+        loss_off, m = iem_loss(model, x, TrainConfig(logq=False))
+        loss_on, _ = iem_loss(model, x, TrainConfig(logq=True))
+        assert m["candidates"] == 3  # abcd, wxyz, qqqq
+        q, targets = _queries(model, x, 1.0)
+        distinct = [b"abcd", b"qqqq", b"wxyz"]
+        cand = torch.tensor([list(p) for p in distinct], dtype=torch.uint8)
+        counts = torch.tensor([sum(bytes(t.tolist()) == p for t in targets) for p in distinct], dtype=torch.float32)
+        target_ids = torch.tensor([distinct.index(bytes(t.tolist())) for t in targets])
+        logits = q @ model.encoder(cand).T
+    torch.testing.assert_close(loss_off, F.cross_entropy(logits, target_ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_on, F.cross_entropy(logits - counts.log(), target_ids), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loss_on, loss_off)
+
+
+def test_capped_candidates_keep_every_rows_positive():
+    model = tiny_model(patch_size=4)
+    x = random_bytes(2, 64, seed=5)  # 32 distinct patches (random bytes)
+    cfg = TrainConfig(num_negatives=5, logq=False)
+    with torch.no_grad():
+        loss, metrics = iem_loss(model, x, cfg, generator=torch.Generator().manual_seed(3))
+        assert metrics["candidates"] == 5
+        # Reference: each row scores its positive against the 5 kept patches (its own excluded).
+        q, targets = _queries(model, x, 1.0)
+        uniq, _, _ = unique_patches(targets)
+        keep = capped_candidates(uniq.shape[0], 5, torch.Generator().manual_seed(3))
+        kept = uniq[keep]
+        pos_logit = (q * model.encoder(targets)).sum(-1)
+        other = q @ model.encoder(kept).T
+        is_self = (targets[:, None, :] == kept[None]).all(-1)
+        other = other.masked_fill(is_self, -math.inf)
+        ref = (torch.logsumexp(torch.cat((pos_logit[:, None], other), 1), 1) - pos_logit).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(loss)

@@ -1,0 +1,78 @@
+"""Structure of the hierarchy: context-free encoder, causal main model and decoder, flat baseline."""
+
+import pytest
+import torch
+
+from _tiny import random_bytes, tiny_model
+from haed.model import unique_patches
+
+
+def test_encoder_is_context_free():
+    model = tiny_model(patch_size=4)
+    patches = random_bytes(1, 6, 4)
+    before = model.encoder(patches)
+    changed = patches.clone()
+    changed[0, [0, 3, 5]] = random_bytes(3, 4, seed=1)
+    after = model.encoder(changed)
+    for j in (1, 2, 4):
+        torch.testing.assert_close(after[0, j], before[0, j], rtol=0, atol=0)
+    assert not torch.allclose(after[0, 3], before[0, 3])
+    # The same patch gives the same vector wherever it stands, alone or in a batch.
+    torch.testing.assert_close(model.encoder(patches[0, 2:3]), before[0, 2:3], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("conditioning", ["add", "prefix"])
+def test_byte_logits_are_causal(conditioning):
+    """Perturbing byte i changes no logit at positions <= i (position i predicts byte i)."""
+    model = tiny_model(patch_size=4, conditioning=conditioning)
+    x = random_bytes(1, 32)
+    with torch.no_grad():
+        base = model(x)
+        for i in (0, 5, 7, 8, 13, 31):
+            y = x.clone()
+            y[0, i] = (int(y[0, i]) + 1) % 256
+            out = model(y)
+            torch.testing.assert_close(out[0, : i + 1], base[0, : i + 1], rtol=0, atol=1e-6)
+            if i < 31:
+                assert not torch.allclose(out[0, i + 1 :], base[0, i + 1 :])
+
+
+def test_main_model_is_causal_at_patch_level():
+    model = tiny_model(patch_size=4)
+    x = random_bytes(2, 32)
+    with torch.no_grad():
+        h = model.hidden(x)
+        y = x.clone()
+        y[:, 20:24] = random_bytes(2, 4, seed=3)  # patch 5
+        h2 = model.hidden(y)
+    torch.testing.assert_close(h2[:, :6], h[:, :6], rtol=0, atol=1e-6)  # h_t sees patches < t only
+    assert not torch.allclose(h2[:, 6], h[:, 6])
+
+
+def test_hidden_with_and_without_deduplication_agree():
+    model = tiny_model(patch_size=4)
+    x = random_bytes(2, 32)
+    x[:, 8:16] = x[:, 0:8]
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden(x, dedup=True), model.hidden(x, dedup=False), rtol=1e-6, atol=1e-6)
+
+
+def test_flat_model_is_causal():
+    model = tiny_model(arch="flat")
+    x = random_bytes(1, 24)
+    with torch.no_grad():
+        base = model(x)
+        y = x.clone()
+        y[0, 10] ^= 1
+        out = model(y)
+    torch.testing.assert_close(out[0, :11], base[0, :11], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[0, 11:], base[0, 11:])
+
+
+@pytest.mark.parametrize("k", [2, 4, 8, 12])
+def test_unique_patches_round_trip(k):
+    patches = random_bytes(50, k) % 3  # few distinct values: many duplicates
+    uniq, inverse, counts = unique_patches(patches)
+    assert torch.equal(uniq[inverse], patches)
+    assert len(set(map(tuple, patches.tolist()))) == uniq.shape[0]
+    assert int(counts.sum()) == 50

@@ -1,0 +1,104 @@
+"""The trainer: exact resume, the decoder phase's frozen weights, checkpoints that load without code."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _tiny import make_text_dataset
+from haed.checkpoint import latest_checkpoint, load_run
+from haed.config import debug_recipe
+from haed.errors import HaedError
+from haed.model import build_model
+from haed.train import lr_at, read_metrics, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_text_dataset(tmp_path_factory.mktemp("data") / "words")
+
+
+@pytest.mark.parametrize("objective", ["iem", "full", "flat"])
+def test_resume_continues_exactly(dataset, tmp_path, objective):
+    recipe = debug_recipe(str(dataset), arch="flat" if objective == "flat" else "haed")
+    cfg = recipe.full if objective == "flat" else getattr(recipe, objective)
+    cfg.steps, cfg.ckpt_every, cfg.grad_accum = 6, 100, 2
+    straight = train(recipe, objective, tmp_path / "straight", show_progress=False)
+    half = train(recipe, objective, tmp_path / "resumed", stop_after=3, show_progress=False)
+    assert half.step == 3
+    resumed = train(recipe, objective, tmp_path / "resumed", resume=True, show_progress=False)
+    assert resumed.step == straight.step == 6
+    a = load_file(str(latest_checkpoint(tmp_path / "straight") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "resumed") / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+
+
+def test_seeded_runs_are_reproducible_and_seed_matters(dataset, tmp_path):
+    recipe = debug_recipe(str(dataset))
+    train(recipe, "iem", tmp_path / "a", show_progress=False)
+    train(recipe, "iem", tmp_path / "b", show_progress=False)
+    recipe.iem.seed = 1
+    train(recipe, "iem", tmp_path / "c", show_progress=False)
+    w = {k: load_file(str(latest_checkpoint(tmp_path / k) / "model.safetensors")) for k in "abc"}
+    assert all(torch.equal(w["a"][n], w["b"][n]) for n in w["a"])
+    assert not all(torch.equal(w["a"][n], w["c"][n]) for n in w["a"])
+
+
+def test_decoder_phase_leaves_encoder_and_main_bit_identical(dataset, tmp_path):
+    recipe = debug_recipe(str(dataset))
+    train(recipe, "iem", tmp_path / "iem", show_progress=False)
+    train(recipe, "decoder", tmp_path / "iem" / "decoder", init_from=tmp_path / "iem", show_progress=False)
+    before = load_file(str(latest_checkpoint(tmp_path / "iem") / "model.safetensors"))
+    after = load_file(str(latest_checkpoint(tmp_path / "iem" / "decoder") / "model.safetensors"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.startswith("decoder.") for n in changed), changed
+    assert any(n.startswith("decoder.") for n in changed)
+    # IEM never trained the decoder: in the IEM run it is still at its seeded initialisation.
+    torch.manual_seed(recipe.iem.seed)
+    fresh = build_model(recipe.model).state_dict()
+    assert all(torch.equal(before[n], fresh[n]) for n in before if n.startswith("decoder."))
+    assert not all(torch.equal(before[n], fresh[n]) for n in before if n.startswith("main."))
+    model, _, config = load_run(tmp_path / "iem" / "decoder")
+    assert config["objective"] == "decoder" and config["parent_run"].endswith("iem")
+
+
+def test_run_directory_layout_and_refusals(dataset, tmp_path):
+    recipe = debug_recipe(str(dataset))
+    train(recipe, "iem", tmp_path / "run", show_progress=False)
+    run = tmp_path / "run"
+    step = latest_checkpoint(run)
+    assert step.name == "step-000004"
+    assert {p.name for p in step.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json", "config.json"}
+    assert json.loads((step / "state.json").read_text())["step"] == 4
+    torch.load(step / "optimizer.pt", weights_only=True)
+    assert (run / "metrics.png").stat().st_size > 0
+    records = read_metrics(run / "metrics.jsonl")
+    assert {"train", "valid"} <= {r["split"] for r in records}
+    assert all("patch_accuracy" in r for r in records)
+    assert not list(run.glob(".tmp-*"))
+    with pytest.raises(HaedError, match="already holds a run"):
+        train(recipe, "iem", run, show_progress=False)
+    with pytest.raises(HaedError, match="trained with iem"):
+        train(recipe, "full", run, resume=True, show_progress=False)
+
+
+def test_learning_rate_schedule():
+    recipe = debug_recipe()
+    cfg = recipe.iem
+    cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio = 100, 10, 1.0, 0.1
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+def test_training_reduces_loss(dataset, tmp_path):
+    recipe = debug_recipe(str(dataset))
+    recipe.full.steps, recipe.full.eval_every = 40, 0
+    train(recipe, "full", tmp_path / "full", show_progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["split"] == "train"]
+    assert losses[-1] < losses[0] - 1.0
