@@ -1,0 +1,147 @@
+"""Audio <-> bytes: 8-bit mu-law (torchaudio's formula), reading audio files and writing WAV.
+
+Mu-law with ``mu = 255`` (256 levels), exactly as ``torchaudio.functional.mu_law_encoding`` /
+``mu_law_decoding`` compute it::
+
+    encode:  y = sign(x) * log1p(mu * |x|) / log1p(mu);   code = floor((y + 1) / 2 * mu + 0.5)
+    decode:  y = code / mu * 2 - 1;                        x = sign(y) * (exp(|y| * log1p(mu)) - 1) / mu
+
+Inputs outside [-1, 1] are clipped first (torchaudio does not clip; inside the range the codes
+are identical). Silence (0.0) is code 128.
+
+``soundfile`` and ``soxr`` (the ``audio`` extra) are imported only inside the functions that need
+them, so the rest of haed works where they are absent; ``torch`` is imported only by the
+tensor functions.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from haed.errors import HaedError
+
+MU = 255  # quantization_channels - 1
+QUANTIZATION_CHANNELS = 256
+ENCODING = "mu-law-8"
+
+
+def mu_law_encode(x):
+    """Float waveform in [-1, 1] (torch tensor or array) -> ``torch.long`` codes 0..255."""
+    import torch
+
+    x = torch.as_tensor(x)
+    if not torch.is_floating_point(x):
+        x = x.to(torch.float32)
+    x = x.clamp(-1.0, 1.0)
+    mu = torch.tensor(float(MU), dtype=x.dtype)
+    x_mu = torch.sign(x) * torch.log1p(mu * torch.abs(x)) / torch.log1p(mu)
+    return ((x_mu + 1) / 2 * mu + 0.5).to(torch.int64)
+
+
+def mu_law_decode(codes):
+    """Codes 0..255 (torch tensor or array, any integer dtype) -> ``torch.float32`` waveform in [-1, 1]."""
+    import torch
+
+    codes = torch.as_tensor(codes)
+    x = codes.to(torch.float32)
+    mu = torch.tensor(float(MU), dtype=torch.float32)
+    x = (x / mu) * 2 - 1.0
+    return torch.sign(x) * (torch.exp(torch.abs(x) * torch.log1p(mu)) - 1.0) / mu
+
+
+def encode_to_bytes(x: np.ndarray) -> np.ndarray:
+    """Float waveform (numpy) -> mu-law codes as a numpy ``uint8`` array (via :func:`mu_law_encode`)."""
+    import torch
+
+    return mu_law_encode(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).to(torch.uint8).numpy()
+
+
+def _to_numpy(a) -> np.ndarray:
+    if hasattr(a, "detach"):  # a torch tensor
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+def to_pcm16(codes_or_float) -> np.ndarray:
+    """Mu-law codes (any integer dtype) or a float waveform in [-1, 1] -> int16 PCM samples."""
+    a = _to_numpy(codes_or_float)
+    if np.issubdtype(a.dtype, np.integer):
+        if a.size and (a.min() < 0 or a.max() > MU):
+            raise HaedError(f"mu-law codes must lie in 0..{MU} (got {a.min()}..{a.max()})")
+        a = _to_numpy(mu_law_decode(a.astype(np.int64)))
+    a = np.clip(np.asarray(a, dtype=np.float64), -1.0, 1.0)
+    return np.round(a * 32767.0).astype(np.int16)
+
+
+def _decode(src, sample_rate: int | None, name: str) -> np.ndarray:
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(src, dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile's errors: corrupt, truncated, not audio, unknown format
+        raise HaedError(f"cannot read audio file {name}: {_short(e)}") from None
+    if data.shape[0] == 0:
+        raise HaedError(f"audio file {name} contains no samples")
+    mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    if not np.all(np.isfinite(mono)):
+        raise HaedError(f"audio file {name} contains non-finite samples")
+    if sample_rate is not None and sr != sample_rate:
+        import soxr
+
+        mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32), int(sr), int(data.shape[1])
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    # libsndfile repeats the path in its message; keep it short
+    return text[:200]
+
+
+def read_audio_info(src, sample_rate: int | None, name: str | None = None):
+    """Like :func:`read_audio`, also returning ``(samples, source_rate, source_channels)``."""
+    if name is None:
+        name = str(src)
+    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
+        raise HaedError(f"audio file not found: {src}")
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        src = io.BytesIO(bytes(src))
+    return _decode(src, sample_rate, name)
+
+
+def read_audio(path, sample_rate: int | None) -> np.ndarray:
+    """Read a WAV/FLAC/... file (or file-like object) as float32 mono at ``sample_rate``.
+
+    Channels are averaged; the signal is resampled with soxr (HQ) when its rate differs
+    (``sample_rate=None`` keeps the file's rate). Raises HaedError for a missing, corrupt or
+    empty file.
+    """
+    return read_audio_info(path, sample_rate)[0]
+
+
+def write_wav(path, codes_or_float, sample_rate: int) -> Path:
+    """Write 16-bit PCM mono WAV, atomically (temporary file in the same folder, then rename).
+
+    ``codes_or_float``: mu-law codes (an integer array or tensor, decoded to PCM) or a float
+    waveform in [-1, 1].
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    pcm = to_pcm16(codes_or_float).reshape(-1)
+    if sample_rate <= 0:
+        raise HaedError(f"sample rate must be positive (got {sample_rate})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        sf.write(str(tmp), pcm, int(sample_rate), subtype="PCM_16", format="WAV")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -1,0 +1,199 @@
+"""`haed prepare ...`: thin shells over haed.prepare that add progress bars and a summary table."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from haed_cli.common import console, user_errors
+
+app = typer.Typer(
+    help=(
+        "Turn enwik8, text files, the offline stdlib corpus or audio into a dataset directory "
+        "(example: haed prepare stdlib --out data/stdlib)."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    epilog=(
+        "Examples:\n\n"
+        "  haed prepare stdlib --out data/stdlib\n\n"
+        "  haed prepare enwik8 --out data/enwik8\n\n"
+        "  haed prepare text notes/ book.txt --out data/notes\n\n"
+        "  haed prepare audio ../shared/data/fsdd --out data/fsdd-8k --sample-rate 8000 --split-rule fsdd"
+    ),
+)
+
+OUT_HELP = "Dataset directory to create (train.bin, valid.bin, test.bin, meta.json)."
+FORCE_HELP = "Replace --out if it already holds a haed dataset (only after the new one is complete)."
+
+
+@contextlib.contextmanager
+def _progress(bytes_mode: bool):
+    """A transient progress display on a terminal; nothing (None) when output is redirected."""
+    if not console.is_terminal:
+        yield None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn()]
+    columns.append(DownloadColumn() if bytes_mode else MofNCompleteColumn())
+    columns.append(TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as p:
+        yield p
+
+
+def _sha(meta: dict, s: str) -> str:
+    return meta["splits"][s]["sha256"][:16]
+
+
+def print_summary(meta: dict, out: Path) -> None:
+    audio = meta["kind"] == "audio"
+    table = Table(title=f"{meta['kind']} dataset written to {out}", title_justify="left")
+    table.add_column("split")
+    if audio:
+        table.add_column("files", justify="right")
+    table.add_column("bytes", justify="right")
+    if audio:
+        table.add_column("seconds", justify="right")
+    table.add_column("sha256 (prefix)")
+    for s in ("train", "valid", "test"):
+        row = [s]
+        if audio:
+            row.append(f"{meta['file_counts'][s]:,}")
+        row.append(f"{meta['splits'][s]['bytes']:,}")
+        if audio:
+            row.append(f"{meta['seconds'][s]:,.1f}")
+        row.append(_sha(meta, s))
+        table.add_row(*row)
+    total = ["total"]
+    if audio:
+        total.append(f"{len(meta['files']):,}")
+    total.append(f"{meta['total_bytes']:,}")
+    if audio:
+        total.append(f"{sum(meta['seconds'].values()):,.1f}")
+    total.append("")
+    table.add_row(*total, style="bold")
+    console.print(table)
+    console.print(f"source: {meta['source']['description']}", highlight=False)
+    if audio:
+        console.print(f"audio: {meta['sample_rate']} Hz, {meta['encoding']}, split rule {meta['split_rule']['name']}", highlight=False)
+        if meta.get("skipped_count"):
+            console.print(
+                f"[yellow]skipped {meta['skipped_count']} unreadable file(s)[/] (listed in meta.json), e.g. {meta['skipped'][0]['name']}",
+                highlight=False,
+            )
+    elif "files" in meta:
+        console.print(f"{len(meta['files']):,} file(s), concatenated in the order listed in meta.json", highlight=False)
+
+
+@app.command(
+    "stdlib",
+    short_help="Offline default corpus: this Python's standard-library sources. Example: haed prepare stdlib --out data/stdlib",
+    epilog="Example: haed prepare stdlib --out data/stdlib",
+)
+@user_errors
+def stdlib(
+    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    max_bytes: int = typer.Option(4_000_000, "--max-bytes", help="Cap: the first N bytes of the concatenated sources (0: no cap)."),
+    valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="Fraction of the bytes for valid (taken after train)."),
+    test_fraction: float = typer.Option(0.05, "--test-fraction", help="Fraction of the bytes for test (the end of the stream)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+):
+    """Make the offline default text corpus from the Python standard library's own .py files.
+
+    The files are taken in sorted order (site-packages and test folders left out), concatenated, cut at --max-bytes and split at the end of the stream. Needs no network; the content depends on the Python version, which meta.json records.
+    """
+    from haed.prepare import prepare_stdlib
+
+    with _progress(bytes_mode=True) as p:
+        meta = prepare_stdlib(out, max_bytes=max_bytes, valid_fraction=valid_fraction, test_fraction=test_fraction, force=force, progress=p)
+    print_summary(meta, out)
+
+
+@app.command(
+    "text",
+    short_help="Files and folders of text, concatenated in sorted order. Example: haed prepare text notes/ --out data/notes",
+    epilog="Example: haed prepare text notes/ book.txt --out data/notes --valid-fraction 0.05 --test-fraction 0.05",
+)
+@user_errors
+def text(
+    paths: List[Path] = typer.Argument(..., help="Files and folders (folders are read recursively).", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="Fraction of the bytes for valid (taken after train)."),
+    test_fraction: float = typer.Option(0.05, "--test-fraction", help="Fraction of the bytes for test (the end of the stream)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+):
+    """Concatenate files and folders into one byte stream and split it at its end.
+
+    Order: the paths as given; a folder gives every file below it sorted by relative path (names starting with '.' skipped). The stream is cut into train, then valid, then test; the three splits concatenated give back the input bytes exactly. meta.json lists every file's offset.
+    """
+    from haed.prepare import prepare_text
+
+    with _progress(bytes_mode=True) as p:
+        meta = prepare_text(paths, out, valid_fraction=valid_fraction, test_fraction=test_fraction, force=force, progress=p)
+    print_summary(meta, out)
+
+
+@app.command(
+    "enwik8",
+    short_help="enwik8 (100,000,000 bytes) split 90M/5M/5M. Example: haed prepare enwik8 --out data/enwik8",
+    epilog="Examples:\n\n  haed prepare enwik8 --out data/enwik8\n\n  haed prepare enwik8 --source ~/enwik8.zip --out data/enwik8",
+)
+@user_errors
+def enwik8(
+    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    source: Optional[Path] = typer.Option(None, "--source", help="Local enwik8.zip or extracted enwik8 (otherwise it is downloaded)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+):
+    """The Hutter Prize enwik8 benchmark, split in order 90M / 5M / 5M bytes.
+
+    Without --source the standard enwik8.zip is downloaded (about 36 MB); offline, the command says so within seconds. The data must be exactly 100,000,000 bytes.
+    """
+    from haed.prepare import prepare_enwik8
+
+    with _progress(bytes_mode=True) as p:
+        meta = prepare_enwik8(out, source=source, force=force, progress=p)
+    print_summary(meta, out)
+
+
+@app.command(
+    "audio",
+    short_help="WAV/FLAC folder (or --hf dataset) to 8-bit mu-law. Example: haed prepare audio wavs/ --out data/speech --sample-rate 16000",
+    epilog=(
+        "Examples:\n\n  haed prepare audio ../shared/data/fsdd --out data/fsdd-8k --sample-rate 8000 --split-rule fsdd\n\n"
+        "  haed prepare audio --hf NAME --out data/speech --sample-rate 16000"
+    ),
+)
+@user_errors
+def audio(
+    source: Optional[Path] = typer.Argument(None, help="Folder of WAV/FLAC files (searched recursively).", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    sample_rate: int = typer.Option(..., "--sample-rate", help="Target sample rate in Hz (resampled with soxr when a file differs)."),
+    hf: Optional[str] = typer.Option(None, "--hf", help="A Hugging Face datasets audio dataset (name or local path) instead of SOURCE."),
+    hf_config: Optional[str] = typer.Option(None, "--hf-config", help="Configuration name of the --hf dataset."),
+    split_rule: Optional[str] = typer.Option(
+        None, "--split-rule",
+        help="hash (default for folders: sha256 of the relative file name against the fractions), "
+        "fsdd (index 0-4 test, 5-9 valid, rest train), dataset (the --hf dataset's own splits; its default).",
+    ),
+    valid_fraction: Optional[float] = typer.Option(None, "--valid-fraction", help="hash rule: fraction of files for valid \\[default: 0.05]."),
+    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="hash rule: fraction of files for test \\[default: 0.05]."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out unreadable files (counted and listed in meta.json) instead of failing."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+):
+    """Raw audio as 8-bit mu-law bytes: mono mixdown, soxr resampling, split by whole file.
+
+    Every recording lands in exactly one split; meta.json gives each file's split, offset and length (in samples = bytes).
+    """
+    from haed.prepare import prepare_audio
+
+    with _progress(bytes_mode=False) as p:
+        meta = prepare_audio(
+            source, out, sample_rate=sample_rate, hf=hf, hf_config=hf_config, split_rule=split_rule,
+            valid_fraction=valid_fraction, test_fraction=test_fraction, skip_bad=skip_bad, force=force, progress=p,
+        )
+    print_summary(meta, out)
