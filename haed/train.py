@@ -83,6 +83,31 @@ def to_device(windows: np.ndarray, device: torch.device) -> torch.Tensor:
     return x
 
 
+def set_trainable(model, objective: str) -> list:
+    """Freeze what the objective does not train; return the trained parameters."""
+    params = set_trainable(model, objective)
+    return params
+
+
+def train_step(model, optimizer, params, loss_fn, cfg: TrainConfig, batches, device) -> tuple[dict, torch.Tensor]:
+    """One optimizer step over the micro-batches [(x, generator), ...]: (mean metrics, grad norm).
+
+    Metrics stay on the device (no host synchronisation inside the step).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for x, generator in batches:
+        with autocast(device):
+            loss, metrics = loss_fn(model, x, cfg, generator)
+        (loss / len(batches)).backward()
+        for k, v in metrics.items():
+            v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+            sums[k] = sums.get(k, 0.0) + v / len(batches)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -210,10 +235,7 @@ def train(
             model.load_state_dict(parent.state_dict())
 
     model.to(dev).train()
-    params = trainable_parameters(model, objective)
-    trainable = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
+    params = set_trainable(model, objective)
     optimizer = make_optimizer(params, cfg, dev)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
@@ -239,18 +261,12 @@ def train(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            sums: dict[str, torch.Tensor] = {}
-            for micro in range(cfg.grad_accum):
-                x = to_device(random_windows(train_data, cfg.batch_size, seq_len, batch_rng(cfg.seed, step, micro)), dev)
-                with autocast(dev):
-                    loss, metrics = loss_fn(model, x, cfg, torch_generator(cfg.seed, step, micro))
-                (loss / cfg.grad_accum).backward()
-                for k, v in metrics.items():
-                    v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
-                    sums[k] = sums.get(k, 0.0) + v / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            batches = [
+                (to_device(random_windows(train_data, cfg.batch_size, seq_len, batch_rng(cfg.seed, step, micro)), dev),
+                 torch_generator(cfg.seed, step, micro))
+                for micro in range(cfg.grad_accum)
+            ]
+            sums, grad_norm = train_step(model, optimizer, params, loss_fn, cfg, batches, dev)
             window_steps += 1
             done = step + 1
 
