@@ -85,7 +85,7 @@ def to_device(windows: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def set_trainable(model, objective: str) -> list:
     """Freeze what the objective does not train; return the trained parameters."""
-    params = set_trainable(model, objective)
+    params = trainable_parameters(model, objective)
     return params
 
 
