@@ -86,6 +86,9 @@ def to_device(windows: np.ndarray, device: torch.device) -> torch.Tensor:
 def set_trainable(model, objective: str) -> list:
     """Freeze what the objective does not train; return the trained parameters."""
     params = trainable_parameters(model, objective)
+    trainable = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
     return params
 
 
