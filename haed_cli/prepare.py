@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from haed_cli.common import console, user_errors
@@ -52,7 +53,7 @@ def _sha(meta: dict, s: str) -> str:
 
 def print_summary(meta: dict, out: Path) -> None:
     audio = meta["kind"] == "audio"
-    table = Table(title=f"{meta['kind']} dataset written to {out}", title_justify="left")
+    table = Table(title=f"{meta['kind']} dataset written to {escape(str(out))}", title_justify="left")
     table.add_column("split")
     if audio:
         table.add_column("files", justify="right")
@@ -78,12 +79,12 @@ def print_summary(meta: dict, out: Path) -> None:
     total.append("")
     table.add_row(*total, style="bold")
     console.print(table)
-    console.print(f"source: {meta['source']['description']}", highlight=False)
+    console.print(f"source: {meta['source']['description']}", highlight=False, markup=False)
     if audio:
         console.print(f"audio: {meta['sample_rate']} Hz, {meta['encoding']}, split rule {meta['split_rule']['name']}", highlight=False)
         if meta.get("skipped_count"):
             console.print(
-                f"[yellow]skipped {meta['skipped_count']} unreadable file(s)[/] (listed in meta.json), e.g. {meta['skipped'][0]['name']}",
+                f"[yellow]skipped {meta['skipped_count']} unreadable file(s)[/] (listed in meta.json), e.g. {escape(meta['skipped'][0]['name'])}",
                 highlight=False,
             )
     elif "files" in meta:

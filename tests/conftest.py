@@ -57,7 +57,8 @@ def synthetic_enwik8(tmp_path_factory):
     zpath = d / "enwik8.zip"
     with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         z.write(plain, "enwik8")
-    return {"data": data, "plain": plain, "zip": zpath}
+    yield {"data": data, "plain": plain, "zip": zpath}
+    plain.unlink()
 
 
 class CliResult:
