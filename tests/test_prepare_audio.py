@@ -124,13 +124,33 @@ def test_small_folder_mixed_rates_and_formats(small_audio_folder, tmp_path, prep
     assert meta["split_rule"]["valid_fraction"] == 0.3 and meta["skipped_count"] == 0
 
 
-def test_hf_audiofolder_decoded_with_soundfile(small_audio_folder, tmp_path, prepare_cli):
-    """--hf through the real `datasets` loader, on a local audio folder (no network)."""
-    pytest.importorskip("datasets")
+def test_hf_dataset_decoded_with_soundfile(small_audio_folder, tmp_path, prepare_cli):
+    """--hf through the real `datasets` loader on a local parquet dataset with an Audio column (the
+    layout of hub datasets), decoded with soundfile; its own train/validation/test splits are kept."""
+    datasets = pytest.importorskip("datasets")
+    files = sorted(p for p in small_audio_folder.rglob("*") if p.suffix.lower() in (".wav", ".flac"))
+    hf_dir = tmp_path / "hf_dataset"
+    (hf_dir / "data").mkdir(parents=True)
+    parts = {"train": files[:8], "validation": files[8:10], "test": files[10:]}
+    for split, chunk in parts.items():
+        rows = [{"bytes": p.read_bytes(), "path": p.name} for p in chunk]
+        ds = datasets.Dataset.from_dict({"audio": rows, "label": list(range(len(rows)))})
+        ds.cast_column("audio", datasets.Audio(decode=False)).to_parquet(str(hf_dir / "data" / f"{split}-00000-of-00001.parquet"))
     out = tmp_path / "hf"
-    r = prepare_cli("audio", "--hf", small_audio_folder, "--out", out, "--sample-rate", "8000", "--split-rule", "hash",
-                    "--valid-fraction", "0.3", "--test-fraction", "0.3")
+    r = prepare_cli("audio", "--hf", hf_dir, "--out", out, "--sample-rate", "8000")
     assert r.exit_code == 0, r.stderr
     ds = open_dataset(out)
     by_name = check_layout(ds)
-    assert len(by_name) == 12 and ds.meta["source"]["type"] == "huggingface"
+    assert ds.meta["source"]["type"] == "huggingface" and ds.meta["split_rule"]["name"] == "dataset"
+    assert ds.meta["file_counts"] == {"train": 8, "valid": 2, "test": 2}
+    # the same bytes as preparing the files from the folder
+    ref = tmp_path / "ref"
+    assert prepare_cli("audio", small_audio_folder, "--out", ref, "--sample-rate", "8000",
+                       "--valid-fraction", "0.3", "--test-fraction", "0.3").exit_code == 0
+    ref_ds = open_dataset(ref)
+    ref_by_base = {Path(f["name"]).name: f for f in ref_ds.meta["files"]}
+    for name, f in by_name.items():
+        g = ref_by_base[name.split(":", 1)[1]]
+        a = ds.split(f["split"])[f["offset"] : f["offset"] + f["length"]]
+        b = ref_ds.split(g["split"])[g["offset"] : g["offset"] + g["length"]]
+        assert np.array_equal(a, b), name
