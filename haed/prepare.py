@@ -52,12 +52,6 @@ class _Task:
         if self.progress is not None:
             self.progress.update(self.id, **kw)
 
-    def done(self) -> None:
-        if self.progress is not None:
-            t = self.progress.tasks[[t.id for t in self.progress.tasks].index(self.id)]
-            if t.total is not None:
-                self.progress.update(self.id, completed=t.total)
-
 
 # --------------------------------------------------------------------------------------------
 # splitting a byte stream by position
