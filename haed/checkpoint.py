@@ -59,6 +59,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, con
     save_file(weights, str(tmp / "model.safetensors"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    # Dropout draws from torch's global generators: save them so that resume is exact.
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if final.exists():
@@ -87,6 +92,16 @@ def load_weights(model, checkpoint_dir: Path, strict: bool = True) -> None:
 def load_optimizer_state(checkpoint_dir: Path, device) -> dict | None:
     path = Path(checkpoint_dir) / "optimizer.pt"
     return torch.load(path, map_location=device, weights_only=True) if path.is_file() else None
+
+
+def restore_rng_state(checkpoint_dir: Path) -> None:
+    path = Path(checkpoint_dir) / "rng.pt"
+    if not path.is_file():
+        return
+    rng = torch.load(path, weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
 
 
 def resolve_sampling_run(run_dir: Path) -> Path:

@@ -101,10 +101,12 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.norm2 = nn.RMSNorm(cfg.dim)
         self.mlp = MLP(cfg)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.norm1(x), cos, sin, causal, cache, layer)
-        return x + self.mlp(self.norm2(x))
+        p = self.dropout if self.training else 0.0
+        x = x + F.dropout(self.attn(self.norm1(x), cos, sin, causal, cache, layer), p, self.training)
+        return x + F.dropout(self.mlp(self.norm2(x)), p, self.training)
 
 
 class Stack(nn.Module):

@@ -152,8 +152,14 @@ def _byte_metrics(loss: torch.Tensor) -> dict:
 
 def decoder_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):
     """Decoder phase: h_t from the frozen encoder and main model without autograd; byte cross-entropy."""
+    frozen = (model.encoder, model.main)
+    modes = [m.training for m in frozen]
+    for m in frozen:
+        m.eval()  # frozen parts run as they will at inference: no dropout
     with torch.no_grad():
         h = model.hidden(x)
+    for m, mode in zip(frozen, modes):
+        m.train(mode)
     K = model.patch_size
     logits = model.decoder(h.reshape(-1, h.shape[-1]).detach(), x.reshape(-1, K))
     loss = byte_cross_entropy(logits, x)

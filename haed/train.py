@@ -25,6 +25,7 @@ from haed.checkpoint import (
     load_run,
     load_weights,
     read_run_config,
+    restore_rng_state,
     save_checkpoint,
     write_text_atomic,
 )
@@ -243,6 +244,8 @@ def train(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     maybe_compile(model, objective, cfg.compile, dev)
+    if resume:
+        restore_rng_state(checkpoint)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))

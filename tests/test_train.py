@@ -24,6 +24,7 @@ def test_resume_continues_exactly(dataset, tmp_path, objective):
     recipe = debug_recipe(str(dataset), arch="flat" if objective == "flat" else "haed")
     cfg = recipe.full if objective == "flat" else getattr(recipe, objective)
     cfg.steps, cfg.ckpt_every, cfg.grad_accum = 6, 100, 2
+    recipe.model.main.dropout = 0.1  # resume must also restore the dropout generator
     straight = train(recipe, objective, tmp_path / "straight", show_progress=False)
     half = train(recipe, objective, tmp_path / "resumed", stop_after=3, show_progress=False)
     assert half.step == 3
@@ -72,7 +73,7 @@ def test_run_directory_layout_and_refusals(dataset, tmp_path):
     run = tmp_path / "run"
     step = latest_checkpoint(run)
     assert step.name == "step-000004"
-    assert {p.name for p in step.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json", "config.json"}
+    assert {p.name for p in step.iterdir()} == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"}
     assert json.loads((step / "state.json").read_text())["step"] == 4
     torch.load(step / "optimizer.pt", weights_only=True)
     assert (run / "metrics.png").stat().st_size > 0

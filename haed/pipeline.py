@@ -1,0 +1,66 @@
+"""The whole pipeline in one call: prepare, IEM, decoder phase, exact evaluation, a sample.
+
+`haed quickstart` runs it on the offline default corpus (the Python standard library's sources)
+with the `tiny` recipe, so a first run needs no download and no GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from haed.checkpoint import latest_checkpoint
+from haed.config import Recipe, load_recipe
+from haed.data import is_haed_dataset
+from haed.evaluate import evaluate_run
+from haed.generate import Generation, generate, load_for_sampling
+from haed.prepare import prepare_stdlib
+from haed.train import train
+
+
+@dataclass
+class PipelineResult:
+    dataset: Path
+    run_dir: Path
+    evaluation: dict
+    sample: Generation
+
+
+def quickstart(workdir: Path = Path("."), recipe: Recipe | str = "tiny", overrides: list[str] | None = None,
+               prompt: bytes = b"def ", device: str = "auto", console=None, progress_factory=None) -> PipelineResult:
+    """Prepare the stdlib corpus (unless present), train IEM then the decoder, evaluate test, sample.
+
+    Paths are `workdir/data/stdlib` and `workdir/runs/<recipe>`; finished steps are not redone, so
+    the call can be repeated after an interruption (training resumes from its last checkpoint).
+    """
+    workdir = Path(workdir)
+    say = console.print if console is not None else (lambda *a, **k: None)
+    if isinstance(recipe, str):
+        recipe = load_recipe(recipe, overrides)
+    dataset = workdir / "data" / "stdlib"
+    recipe.data.dataset = str(dataset)
+    if is_haed_dataset(dataset):
+        say(f"[bold]1/5 prepare[/]: {dataset} is already there")
+    else:
+        say(f"[bold]1/5 prepare[/]: the Python standard library's sources into {dataset}")
+        prepare_stdlib(dataset)
+
+    run_dir = workdir / "runs" / recipe.name
+    decoder_dir = run_dir / "decoder"
+    for number, objective, out, init_from in ((2, "iem", run_dir, None), (3, "decoder", decoder_dir, run_dir)):
+        cfg = getattr(recipe, objective)
+        last = latest_checkpoint(out)
+        done = int(last.name.split("-")[1]) if last else 0
+        if done >= cfg.steps:
+            say(f"[bold]{number}/5 {objective}[/]: {out} already finished ({done} steps)")
+            continue
+        say(f"[bold]{number}/5 {objective}[/]: {cfg.steps} steps into {out}")
+        train(recipe, objective, out, resume=last is not None, init_from=None if last else init_from, device=device)
+
+    say("[bold]4/5 evaluate[/]: exact bits per byte of the test split")
+    evaluation = evaluate_run(run_dir, "test", device=device)
+    say("[bold]5/5 generate[/]: a sample with the cached hierarchical sampler")
+    model, recipe_run, _, _ = load_for_sampling(run_dir, device)
+    g = recipe_run.generate
+    sample = generate(model, prompt, g.max_bytes, g.temperature, g.top_k, g.top_p, g.seed, recipe_run.data.seq_len)
+    return PipelineResult(dataset=dataset, run_dir=run_dir, evaluation=evaluation, sample=sample)
