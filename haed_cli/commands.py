@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from haed_cli.common import console, user_errors
+from haed_cli.common import console, err_console, user_errors
 
 RECIPE_HELP = "Recipe name (tiny, enwik8, speech) or path to a .toml file."
 SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
@@ -212,7 +212,7 @@ def generate(
         else:
             prompt_bytes = (prompt or "").encode("utf-8")
         n = max_bytes or g.max_bytes
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=err_console, transient=True) as progress:
         result = run_generation(
             model, prompt_bytes, n,
             temperature=g.temperature if temperature is None else temperature,
@@ -227,7 +227,7 @@ def generate(
         from haed.audio import write_wav
 
         path = write_wav(out or Path("sample.wav"), list(result.prompt + result.output), sample_rate)
-        console.print(f"wrote {path} ({len(result.prompt + result.output) / sample_rate:.2f} s at {sample_rate} Hz, "
+        err_console.print(f"wrote {path} ({len(result.prompt + result.output) / sample_rate:.2f} s at {sample_rate} Hz, "
                       f"{len(result.output) / sample_rate:.2f} s generated)")
     elif out is not None:
         from haed.checkpoint import write_text_atomic
@@ -235,11 +235,11 @@ def generate(
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_bytes(result.prompt + result.output)
         tmp.replace(out)
-        console.print(f"wrote {out}")
+        err_console.print(f"wrote {out}")
     else:
         sys.stdout.write((result.prompt + result.output).decode("utf-8", errors="replace") + "\n")
         sys.stdout.flush()
-    console.print(f"[dim]{len(result.output):,} {unit} in {result.seconds:.2f} s: "
+    err_console.print(f"[dim]{len(result.output):,} {unit} in {result.seconds:.2f} s: "
                   f"{result.bytes_per_second:,.0f} {unit}/s (prefill {result.prefill_seconds * 1e3:.0f} ms, {model_device(model)})[/]",
                   highlight=False)
 
