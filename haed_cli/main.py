@@ -36,5 +36,9 @@ from haed_cli import commands as _commands  # noqa: E402
 
 _commands.register(app)
 
+from haed_cli import profile as _profile  # noqa: E402
+
+_profile.register(app)
+
 if __name__ == "__main__":
     app()
