@@ -12,8 +12,8 @@ python3 -c "import torch, matplotlib; print('torch', torch.__version__, 'matplot
 echo "== smoke: tiny recipe on the enwik8 head, CUDA, compiled"
 W=/tmp/smoke
 time (
-haed train-iem --recipe tiny --dataset .dev/enwik8-head --out $W --steps 60 --set iem.eval_every=30 --set iem.compile=true &&
-haed train-decoder --run $W --steps 30 --set decoder.compile=true &&
+haed train-iem --recipe tiny --dataset .dev/enwik8-head --out $W --steps 40 --set iem.eval_every=20 --set iem.compile=true &&
+haed train-decoder --run $W --steps 20 --set decoder.compile=true &&
 haed evaluate --run $W --max-bytes 50000 &&
 haed generate --run $W --prompt "<page>" --max-bytes 200 ) > $OUT/smoke.log 2>&1
 echo "smoke rc=$?"; tail -n 25 $OUT/smoke.log
@@ -24,7 +24,7 @@ haed profile-memory --recipe enwik8 --compare-full --objectives iem,decoder,full
   --json $OUT/haed-seq-nocompile.json --plot $OUT/haed-seq-nocompile.png 2>&1 | tail -n 40
 echo "== sweep: haed, compiled, seq 8192"
 haed profile-memory --recipe enwik8 --compare-full --objectives iem,decoder,full \
-  --seq-lens 8192 --batch-sizes 4,8,16 --dataset .dev/enwik8-head \
+  --seq-lens 8192 --batch-sizes 16 --dataset .dev/enwik8-head \
   --json $OUT/haed-batch-compile.json --plot $OUT/haed-batch-compile.png 2>&1 | tail -n 30
 echo "== peer"
 python3 benchmarks/megabyte_peer.py --data .dev/enwik8-head --seq-lens 2048,4096,8192,16384 --batch-sizes 16 \
