@@ -1,0 +1,168 @@
+"""`haed profile-memory`: argument parsing and printing only (the work is in haed/profile.py).
+
+The lead registers it with `register(app)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from haed_cli.common import console, user_errors
+
+RECIPE_HELP = "Recipe name (tiny, enwik8, ...) or path to a .toml file."
+SET_HELP = "Override any recipe field, e.g. --set main.layers=12 --set iem.num_negatives=8192 (repeatable)."
+COMPARE = ("iem", "decoder", "full")
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    from haed.errors import HaedError
+
+    try:
+        values = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise HaedError(f"{option} expects comma-separated whole numbers, e.g. 2048,4096; got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise HaedError(f"{option} expects positive whole numbers, got {text!r}")
+    return values
+
+
+def choose_objectives(compare_full: bool, objectives: Optional[str]) -> list[str]:
+    """--compare-full: iem, decoder, full (plus any other --objectives, e.g. flat); else --objectives or iem."""
+    from haed.errors import HaedError
+    from haed.objectives import OBJECTIVES
+
+    given = [o.strip() for o in (objectives or "").split(",") if o.strip()]
+    unknown = [o for o in given if o not in OBJECTIVES]
+    if unknown:
+        raise HaedError(f"unknown objective {unknown[0]!r}: --objectives takes {', '.join(OBJECTIVES)}")
+    if compare_full:
+        return list(dict.fromkeys([*COMPARE, *given]))
+    return list(dict.fromkeys(given)) or ["iem"]
+
+
+def _num(value, fmt: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, fmt)
+
+
+def cells_table(result: dict, title: str | None = None) -> Table:
+    """One row per cell: objective, seq, batch, peak memory, median step, bytes/s, candidates, TFLOP/s."""
+    env = result.get("environment", {})
+    measured = env.get("memory_measured", True)
+    na = "n/m" if not measured else "-"
+    where = env.get("gpu") or "CPU"
+    table = Table(title=title or f"profile-memory: {result.get('recipe', {}).get('name', '')} on {where} "
+                                 f"({env.get('dtype', '')}, {result.get('data', '')})")
+    table.add_column("objective", no_wrap=True)
+    for name in ("seq", "batch", "peak alloc GiB", "peak reserved GiB", "median step ms", "bytes/s (M)", "candidates",
+                 "TFLOP/s", "% peak"):
+        table.add_column(name, justify="right")
+    for c in result["cells"]:
+        if c["status"] != "ok":
+            table.add_row(c["objective"], f"{c['seq_len']:,}", str(c["batch_size"]),
+                          f"[red]{c['status']}[/]", "", "", "", "", "", "")
+            continue
+        fraction = c.get("fraction_of_peak")
+        table.add_row(
+            c["objective"], f"{c['seq_len']:,}", str(c["batch_size"]),
+            _num(c.get("peak_allocated_gib"), ".2f", na), _num(c.get("peak_reserved_gib"), ".2f", na),
+            _num(c.get("median_step_ms"), ".1f"),
+            _num(None if c.get("bytes_per_second") is None else c["bytes_per_second"] / 1e6, ".3f"),
+            _num(c.get("candidates_mean"), ",.0f"),
+            _num(c.get("achieved_tflops"), ".1f" if (c.get("achieved_tflops") or 0) >= 1 else ".2g"),
+            _num(None if fraction is None else 100 * fraction, ".1f"),
+        )
+    return table
+
+
+def ratios_table(result: dict) -> Table | None:
+    ratios = result.get("ratios") or []
+    if not ratios:
+        return None
+    table = Table(title="ratios (numerator / denominator, same seq and batch)")
+    table.add_column("ratio", no_wrap=True)
+    for name in ("seq", "batch", "peak alloc", "peak reserved", "bytes/s", "step time"):
+        table.add_column(name, justify="right")
+    for r in ratios:
+        table.add_row(f"{r['numerator']} / {r['denominator']}", f"{r['seq_len']:,}", str(r["batch_size"]),
+                      _num(r.get("peak_allocated"), ".3f"), _num(r.get("peak_reserved"), ".3f"),
+                      _num(r.get("bytes_per_second"), ".2f"), _num(r.get("median_step_ms"), ".2f"))
+    return table
+
+
+def print_profile(result: dict) -> None:
+    console.print(cells_table(result))
+    env = result.get("environment", {})
+    if not env.get("memory_measured", True):
+        console.print(f"[dim]memory {env.get('memory_note') or 'not measured'}[/]")
+    table = ratios_table(result)
+    if table is not None:
+        console.print(table)
+    for c in result["cells"]:
+        if c["status"] == "error":
+            console.print(f"[red]error[/] in {c['objective']} seq {c['seq_len']} batch {c['batch_size']}: {c['error']}",
+                          highlight=False)
+    for entry in result.get("max_context") or []:
+        from haed.profile import describe_max_context
+
+        console.print(describe_max_context(entry), highlight=False)
+
+
+def profile_memory(
+    recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
+    compare_full: bool = typer.Option(False, "--compare-full", help="Profile iem, decoder and full (plus any --objectives, e.g. flat)."),
+    objectives: Optional[str] = typer.Option(None, "--objectives", help="Comma-separated: iem, decoder, full, flat (default: iem)."),
+    seq_lens: str = typer.Option("2048,4096,8192,16384", "--seq-lens", help="Comma-separated window lengths in bytes."),
+    batch_sizes: str = typer.Option("4,8,16", "--batch-sizes", help="Comma-separated batch sizes."),
+    steps: int = typer.Option(5, "--steps", help="Timed optimizer steps per cell (the median is reported)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed optimizer steps per cell first (compilation happens here)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory whose train split gives the windows (default: the recipe's, if it exists; else random bytes)."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    json_out: Path = typer.Option(Path("profile-memory.json"), "--json", help="Write every number and the environment here."),
+    plot: Path = typer.Option(Path("profile-memory.png"), "--plot", help="Write the plot (memory and bytes/s against sequence length) here."),
+    device: str = typer.Option("auto", "--device", help="auto or cuda (GPU memory measured), or cpu (timed only)."),
+    no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the model (CUDA)."),
+    compile_scope: str = typer.Option("objective", "--compile-scope", help="objective: compile afresh per objective, letting torch.compile recompile (dynamic shapes) for its other cells (about 2 compilations per objective); cell: compile every cell afresh for its static shapes (30-80 s per cell at the enwik8 size)."),
+    stop_on_error: bool = typer.Option(False, "--stop-on-error", help="Stop at a cell that fails other than by OOM (default: record it as 'error' and go on)."),
+    max_context: bool = typer.Option(False, "--max-context", help="Also find, per objective and batch size, the longest window that trains without OOM."),
+    max_seq_len: int = typer.Option(1 << 22, "--max-seq-len", help="--max-context: stop doubling here (bytes)."),
+    refine_steps: int = typer.Option(4, "--refine-steps", help="--max-context: bisection steps between the last fit and the first OOM."),
+    peak_tflops: float = typer.Option(800.0, "--peak-tflops", help="The GPU's bf16 matrix ceiling, for the '% peak' column."),
+    merge: List[Path] = typer.Option([], "--merge", help="Add the cells of another profile JSON (e.g. benchmarks/megabyte_peer.py's) to the table, ratios and plot (repeatable)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the windows and the models."),
+):
+    """Peak GPU memory and speed of a few real training steps per objective, sequence length and batch size.
+
+    Example: haed profile-memory --recipe enwik8 --compare-full --dataset data/enwik8 --seq-lens 2048,4096,8192,16384 --batch-sizes 4,8,16
+    """
+    from haed.config import load_recipe
+    from haed.profile import command_line, merge_profiles, plot_profile, profile_device, read_profile_json, write_profile_json
+    from haed.profile import profile_memory as run_profile
+
+    chosen = choose_objectives(compare_full, objectives)
+    seqs = parse_int_list(seq_lens, "--seq-lens")
+    batches = parse_int_list(batch_sizes, "--batch-sizes")
+    profile_device(device)  # no CUDA: one line and a non-zero exit, before any work
+    others = [read_profile_json(p) for p in merge]
+    r = load_recipe(recipe, list(overrides))
+    console.print(f"[bold]profile-memory[/] of recipe [bold]{r.name}[/]: {', '.join(chosen)}; seq {seq_lens}; batch {batch_sizes}; "
+                  f"{warmup} warm-up + {steps} timed steps per cell", highlight=False)
+    result = run_profile(
+        r, chosen, seqs, batches, steps=steps, warmup=warmup, device=device, dataset=dataset, compile=not no_compile,
+        max_context_search=max_context, max_seq_len=max_seq_len, refine_steps=refine_steps, peak_tflops=peak_tflops,
+        compile_scope=compile_scope, keep_going=not stop_on_error, seed=seed, console=console,
+    )
+    result["command"] = command_line()
+    if others:
+        result = merge_profiles(result, *others)
+    print_profile(result)
+    write_profile_json(result, json_out)
+    plot_profile(result, plot)
+    console.print(f"wrote {json_out} and {plot}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile-memory")(user_errors(profile_memory))
