@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 haed() { python3 -c "from haed_cli.main import app; app()" "$@"; }
 T=/tmp/runs
 TEXT="--set model.patch_size=4 --set data.seq_len=4096 --set main.dim=512 --set main.layers=8 --set main.heads=8
- --set main.dropout=0.15 --set encoder.dim=128 --set decoder.dim=256 --set decoder.layers=3
+ --set main.dropout=0.15 --set encoder.dim=128 --set model.decoder.dim=256 --set model.decoder.layers=3
  --set iem.lr=1e-3 --set iem.warmup_steps=100 --set iem.eval_every=500 --set iem.ckpt_every=250 --set iem.compile=false
  --set decoder.lr=1e-3 --set decoder.eval_every=200 --set decoder.ckpt_every=100 --set decoder.compile=false"
 echo "== text: enwik8 head"
