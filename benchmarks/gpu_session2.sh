@@ -5,7 +5,8 @@
 #   haed prepare audio ../shared/data/fsdd --out .dev/fsdd --sample-rate 8000 --split-rule fsdd
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
-haed() { python3 -c "from haed_cli.main import app; app()" "$@"; }
+mkdir -p /tmp/bin; printf '#!/bin/sh\nexec python3 -c "from haed_cli.main import app; app()" "$@"\n' > /tmp/bin/haed
+chmod +x /tmp/bin/haed; export PATH=/tmp/bin:$PATH
 T=/tmp/runs
 TEXT="--set model.patch_size=4 --set data.seq_len=4096 --set main.dim=512 --set main.layers=8 --set main.heads=8
  --set main.dropout=0.15 --set encoder.dim=128 --set model.decoder.dim=256 --set model.decoder.layers=3
