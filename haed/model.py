@@ -20,6 +20,10 @@ import torch.nn.functional as F
 
 from haed.config import ModelConfig, StackConfig
 
+# PyTorch's fused attention kernels refuse a batch of 65,536 or more; the encoder and decoder use
+# patches as the batch, so larger batches are attended in pieces.
+MAX_ATTENTION_BATCH = 32768
+
 START = 256  # the decoder's (and flat model's) start-of-sequence token, beyond the 256 byte values
 
 
@@ -62,7 +66,11 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            y = torch.cat([
+                F.scaled_dot_product_attention(q[i : i + MAX_ATTENTION_BATCH], k[i : i + MAX_ATTENTION_BATCH],
+                                               v[i : i + MAX_ATTENTION_BATCH], is_causal=causal)
+                for i in range(0, B, MAX_ATTENTION_BATCH)
+            ]) if B > MAX_ATTENTION_BATCH else F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
             start = cache.length
             cache.k[layer][:, :, start : start + L] = k

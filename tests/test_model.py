@@ -76,3 +76,22 @@ def test_unique_patches_round_trip(k):
     assert torch.equal(uniq[inverse], patches)
     assert len(set(map(tuple, patches.tolist()))) == uniq.shape[0]
     assert int(counts.sum()) == 50
+
+
+def test_attention_over_a_batch_too_large_for_one_kernel_call_is_split_exactly(monkeypatch):
+    import haed.model as model_module
+
+    model = tiny_model(patch_size=4)
+    patches = random_bytes(10, 4)
+    whole = model.encoder(patches)
+    monkeypatch.setattr(model_module, "MAX_ATTENTION_BATCH", 3)
+    batches = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        batches.append(q.shape[0])
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    torch.testing.assert_close(model.encoder(patches), whole, rtol=0, atol=1e-6)
+    assert batches == [3, 3, 3, 1]  # one encoder layer, 10 patches in pieces of at most 3
