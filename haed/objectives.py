@@ -27,9 +27,8 @@ class _SampledSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, cand, pos, target_col, logq_cand, logq_pos, chunk: int):
+    def forward(ctx, q, cand, pos, target_col, logq_cand, logq_pos, chunk: int, needs_grad: bool):
         R, C = q.shape[0], cand.shape[0]
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         grad_q = torch.empty_like(q) if needs_grad else None
         grad_pos = torch.empty_like(pos) if needs_grad else None
         grad_cand = torch.zeros(cand.shape, dtype=torch.float32, device=cand.device) if needs_grad else None
@@ -69,7 +68,7 @@ class _SampledSoftmax(torch.autograd.Function):
             grad_q * scale.to(grad_q.dtype),
             (grad_cand * scale).to(ctx.cand_dtype),
             grad_pos * scale.to(grad_pos.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -79,7 +78,10 @@ def sampled_softmax_loss(q, cand, pos, target_col, logq_cand=None, logq_pos=None
     q (R, D) queries; cand (C, D) candidate vectors; pos (R, D) each row's positive vector; target_col
     (R,) the positive's column among the candidates (-1 if absent) so it is counted once.
     """
-    return _SampledSoftmax.apply(q, cand, pos, target_col, logq_cand, logq_pos, max(1, chunk))
+    # Gradients are computed inside the forward pass, so skip them where no backward will follow
+    # (validation under torch.no_grad).
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or cand.requires_grad or pos.requires_grad)
+    return _SampledSoftmax.apply(q, cand, pos, target_col, logq_cand, logq_pos, max(1, chunk), needs_grad)
 
 
 def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None,

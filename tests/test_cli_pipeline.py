@@ -115,3 +115,18 @@ def test_help_lists_working_commands():
         assert command in out
     for command in ("train-iem", "train-decoder", "evaluate", "generate", "quickstart"):
         assert "Example" in _ok([command, "--help"])
+
+
+def test_quickstart_pipeline_runs_and_skips_finished_steps(tmp_path):
+    from haed.pipeline import quickstart
+
+    recipe = debug_recipe()
+    recipe.name = "debug"
+    first = quickstart(tmp_path, recipe, prompt=b"def ")
+    assert (tmp_path / "data" / "stdlib" / "meta.json").is_file()
+    assert (tmp_path / "runs" / "debug" / "decoder" / "step-000004").is_dir()
+    assert 0 < first.evaluation["bits_per_byte"] < 9 and first.evaluation["split"] == "test"
+    assert len(first.sample.output) == recipe.generate.max_bytes
+    second = quickstart(tmp_path, recipe, prompt=b"def ")  # everything finished: nothing retrained
+    assert second.evaluation["bits_per_byte"] == first.evaluation["bits_per_byte"]
+    assert second.sample.output == first.sample.output
