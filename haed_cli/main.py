@@ -12,6 +12,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    epilog=(
+        "Examples:\n\n"
+        "haed quickstart\n\n"
+        "haed prepare stdlib --out data/stdlib\n\n"
+        "haed train-iem --recipe tiny --dataset data/stdlib --out runs/tiny\n\n"
+        "haed train-decoder --run runs/tiny\n\n"
+        "haed evaluate --run runs/tiny --split test\n\n"
+        'haed generate --run runs/tiny --prompt "def " --max-bytes 300\n\n'
+        "haed profile-memory --recipe enwik8 --compare-full"
+    ),
 )
 
 
