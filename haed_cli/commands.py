@@ -63,7 +63,7 @@ def _train(objective: str, recipe, out: Optional[Path], resume: bool, device: st
 def train_iem(
     recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
     dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<recipe>-<objective>)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/RECIPE-OBJECTIVE)."),
     objective: str = typer.Option("iem", "--objective", help="iem (default), or full: end-to-end byte cross-entropy (same as train-full)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe)."),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch (overrides the recipe)."),
@@ -86,7 +86,7 @@ def train_iem(
 def train_full(
     recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
     dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/<recipe>-full or -flat)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/RECIPE-full or runs/RECIPE-flat)."),
     arch: str = typer.Option("haed", help="haed: the hierarchy end to end; flat: a byte-level transformer (the recipe's main stack over bytes)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe's [full] section)."),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
@@ -109,7 +109,7 @@ def train_full(
 
 def train_decoder(
     run: Path = typer.Option(..., "--run", help="The IEM run whose encoder and main model are frozen."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: <run>/decoder)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: RUN/decoder)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe's [decoder] section)."),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
     overrides: List[str] = typer.Option([], "--set", help="Override decoder-phase fields, e.g. --set decoder.lr=3e-4."),
@@ -141,7 +141,7 @@ def train_decoder(
 
 
 def evaluate(
-    run: Path = typer.Option(..., "--run", help="A decoder-phase, full or flat run (an IEM run uses its <run>/decoder)."),
+    run: Path = typer.Option(..., "--run", help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder)."),
     split: str = typer.Option("test", help="test, valid or train."),
     batch_size: int = typer.Option(8, help="Windows per forward pass."),
     max_bytes: Optional[int] = typer.Option(None, help="Evaluate only the first N bytes of the split."),
@@ -172,7 +172,7 @@ def evaluate(
 
 
 def generate(
-    run: Path = typer.Option(..., "--run", help="A decoder-phase, full or flat run (an IEM run uses its <run>/decoder)."),
+    run: Path = typer.Option(..., "--run", help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text prompt."),
     prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt bytes from a file (text runs) or a WAV/FLAC (audio runs)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the output here (text: prompt + sample; audio: a WAV). Default: stdout for text, sample.wav for audio."),
@@ -245,7 +245,7 @@ def generate(
 
 
 def quickstart(
-    workdir: Path = typer.Option(Path("."), "--workdir", "-w", help="Where data/stdlib and runs/<recipe> go."),
+    workdir: Path = typer.Option(Path("."), "--workdir", "-w", help="Where data/stdlib and runs/RECIPE go."),
     recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     prompt: str = typer.Option("def ", "--prompt", "-p", help="Prompt of the final sample."),
