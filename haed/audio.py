@@ -128,9 +128,10 @@ def write_wav(path, codes_or_float, sample_rate: int) -> Path:
     """Write 16-bit PCM mono WAV, atomically (temporary file in the same folder, then rename).
 
     ``codes_or_float``: mu-law codes (an integer array or tensor, decoded to PCM) or a float
-    waveform in [-1, 1].
+    waveform in [-1, 1]. Uses the standard library's `wave`, so writing needs no audio package
+    (GPU images often lack libsndfile).
     """
-    import soundfile as sf
+    import wave
 
     path = Path(path)
     pcm = to_pcm16(codes_or_float).reshape(-1)
@@ -139,7 +140,11 @@ def write_wav(path, codes_or_float, sample_rate: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        sf.write(str(tmp), pcm, int(sample_rate), subtype="PCM_16", format="WAV")
+        with wave.open(str(tmp), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(int(sample_rate))
+            w.writeframes(pcm.astype("<i2").tobytes())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
