@@ -34,9 +34,24 @@ def rotary(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.T
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of the last dimension by the position angles, in float32."""
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm whose weight follows the input's dtype, so bf16 autocast keeps the fused kernel.
+
+    (nn.RMSNorm with a float32 weight and a bf16 input falls back to several separate kernels.)
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype))
 
 
 class KVCache:
@@ -63,8 +78,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together: half the kernels
+        v = qkv[2]
         if cache is None:
             y = torch.cat([
                 F.scaled_dot_product_attention(q[i : i + MAX_ATTENTION_BATCH], k[i : i + MAX_ATTENTION_BATCH],
@@ -105,16 +121,21 @@ class Block(nn.Module):
 
     def __init__(self, cfg: StackConfig):
         super().__init__()
-        self.norm1 = nn.RMSNorm(cfg.dim)
+        self.norm1 = RMSNorm(cfg.dim)
         self.attn = Attention(cfg)
-        self.norm2 = nn.RMSNorm(cfg.dim)
+        self.norm2 = RMSNorm(cfg.dim)
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
-        p = self.dropout if self.training else 0.0
-        x = x + F.dropout(self.attn(self.norm1(x), cos, sin, causal, cache, layer), p, self.training)
-        return x + F.dropout(self.mlp(self.norm2(x)), p, self.training)
+        y = self.attn(self.norm1(x), cos, sin, causal, cache, layer)
+        if self.training and self.dropout > 0:
+            y = F.dropout(y, self.dropout)
+        x = x + y
+        y = self.mlp(self.norm2(x))
+        if self.training and self.dropout > 0:
+            y = F.dropout(y, self.dropout)
+        return x + y
 
 
 class Stack(nn.Module):
@@ -126,7 +147,7 @@ class Stack(nn.Module):
         self.causal = causal
         self.rope_base = rope_base
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.norm = nn.RMSNorm(cfg.dim)
+        self.norm = RMSNorm(cfg.dim)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         start = cache.length if cache is not None else 0
