@@ -31,6 +31,7 @@ class StackConfig:
     heads: int = 4
     mlp_ratio: float = 4.0  # hidden = mlp_ratio * dim (the gated MLP uses 2/3 of it per branch)
     dropout: float = 0.0  # on each residual branch while training (small datasets overfit without it)
+    checkpoint: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from haed.config import ModelConfig, StackConfig
 
@@ -153,8 +154,12 @@ class Stack(nn.Module):
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.shape[1], device=x.device)
         cos, sin = rotary(positions, self.cfg.dim // self.cfg.heads, self.rope_base)
+        recompute = self.cfg.checkpoint and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, self.causal, cache, i)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.causal, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, self.causal, cache, i)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)

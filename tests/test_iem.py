@@ -117,3 +117,25 @@ def test_capped_candidates_keep_every_rows_positive():
         ref = (torch.logsumexp(torch.cat((pos_logit[:, None], other), 1), 1) - pos_logit).mean()
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(loss)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
+    import torch.utils.checkpoint as ckpt
+
+    calls = []
+    original = ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *a, **k: calls.append(fn) or original(fn, *a, **k))
+    x = random_bytes(2, 32, seed=4)
+    results = []
+    for checkpoint in (False, True):
+        model = tiny_model(patch_size=4)
+        model.main.cfg.checkpoint = checkpoint
+        model.encoder.stack.cfg.checkpoint = checkpoint
+        model.train()
+        loss, _ = iem_loss(model, x, TrainConfig())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert len(calls) == 3  # 2 main-model blocks + 1 encoder block, recomputed in the backward pass
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
