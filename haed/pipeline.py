@@ -27,7 +27,7 @@ class PipelineResult:
 
 
 def quickstart(workdir: Path = Path("."), recipe: Recipe | str = "tiny", overrides: list[str] | None = None,
-               prompt: bytes = b"def ", device: str = "auto", console=None, progress_factory=None) -> PipelineResult:
+               prompt: bytes = b"def ", device: str = "auto", console=None) -> PipelineResult:
     """Prepare the stdlib corpus (unless present), train IEM then the decoder, evaluate test, sample.
 
     Paths are `workdir/data/stdlib` and `workdir/runs/<recipe>`; finished steps are not redone, so

@@ -180,7 +180,6 @@ def train(
     device: str = "auto",
     stop_after: int | None = None,
     show_progress: bool = True,
-    console=None,
 ) -> TrainResult:
     """Train `recipe`'s model with `objective` ("iem", "decoder", "full", "flat") into `run_dir`.
 
