@@ -98,9 +98,9 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     targets = p.reshape(-1, K)
     uniq, inverse, counts = unique_patches(targets)
     vectors = model.encoder(uniq)
-    h = model.main(model.main_inputs(vectors[inverse].view(B, T, -1)[:, :-1]))
+    pos = vectors[inverse]  # every target patch's vector: the positives, and (shifted) the main model's inputs
+    h = model.main(model.main_inputs(pos.view(B, T, -1)[:, :-1]))
     q = model.score_proj(h).reshape(B * T, -1) / cfg.tau
-    pos = vectors[inverse]
     logq_pos = counts.float().log()[inverse] if cfg.logq else None
     U = uniq.shape[0]
     if candidates is not None:
