@@ -24,19 +24,82 @@ class HierarchicalSampler:
     """Next-byte distributions of a HAED model, one byte at a time, with both caches.
 
     `start(prompt)` then alternately read `logits` (for the next byte) and `feed(byte)`.
+
+    After the prefill, every step has fixed shapes: the main model writes its new patch at a device-side
+    position and attends over its whole (masked) cache, and decoder position k has its own step. On CUDA
+    these K + 1 steps are captured once as CUDA graphs, so a byte costs one graph replay instead of a
+    few hundred kernel launches from Python. Elsewhere (or with `cuda_graphs=False`) the same steps run
+    eagerly.
     """
 
-    def __init__(self, model: HAED, context_patches: int):
+    def __init__(self, model: HAED, context_patches: int, cuda_graphs: bool = True):
         self.model = model
         self.K = model.patch_size
         self.context_patches = max(2, context_patches)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.main_cache = model.main.new_cache(1, self.context_patches, self.device, self.dtype)
+        # One slot more than the context: graph capture writes its warm-up step there, where no real
+        # position ever looks.
+        self.main_cache = model.main.new_cache(1, self.context_patches + 1, self.device, self.dtype)
         self.decoder_cache = model.decoder.stack.new_cache(1, self.K, self.device, self.dtype)
         self.history: list[torch.Tensor] = []  # complete patches fed to the main model, (K,) each
-        self.patch: list[torch.Tensor] = []  # bytes of the current patch so far, (1,) each
+        self.filled = 0  # bytes of the current patch so far
         self.logits: torch.Tensor | None = None
+        # Static inputs of the fixed-shape steps.
+        self.patch_bytes = torch.zeros(1, 1, self.K, dtype=torch.uint8, device=self.device)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.start_token = torch.full((1, 1), START, dtype=torch.long, device=self.device)
+        self.position = torch.zeros((), dtype=torch.long, device=self.device)
+        self.cond: torch.Tensor | None = None  # decoder conditioning of the current patch (made by the prefill)
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: list | None = None
+
+    # -- the fixed-shape steps: 0 is the main model's step, 1 + k the decoder's step at position k
+    def _main_step(self) -> None:
+        vector = self.model.encoder(self.patch_bytes)
+        h = self.model.main(vector, self.main_cache, pos=self.position)[:, -1]
+        self.cond.copy_(self.model.decoder.conditioning_vectors(h))
+
+    def _decoder_step(self, k: int) -> torch.Tensor:
+        self.decoder_cache.length = k
+        tokens = self.start_token if k == 0 else self.token
+        return self.model.decoder.step(self.cond, tokens, self.decoder_cache)[0, -1]
+
+    def _step(self, i: int):
+        if self.use_graphs:
+            if self.graphs is None:
+                self._capture()
+            graph, out = self.graphs[i]
+            graph.replay()
+            return None if out is None else out.clone()
+        return self._main_step() if i == 0 else self._decoder_step(i - 1)
+
+    def _capture(self) -> None:
+        """Record every step as a CUDA graph (after a warm-up run on a side stream, as CUDA requires)."""
+        steps = [self._main_step] + [lambda k=k: self._decoder_step(k) for k in range(self.K)]
+        saved = (self.main_cache.length, self.cond.clone(), self.position.clone())
+        # Weights cast by autocast inside the graph must not come from autocast's cache, which is
+        # freed when the autocast region ends; so capture with the cache off (the casts are replayed).
+        amp = torch.is_autocast_enabled("cuda")
+        ctx = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False)
+        self.position.fill_(self.context_patches)  # the spare slot
+        graphs = []
+        with ctx:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for f in steps:
+                    f()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for f in steps:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = f()
+                graphs.append((graph, out))
+        self.graphs = graphs
+        self.main_cache.length, self.decoder_cache.length = saved[0], 0
+        self.cond.copy_(saved[1])
+        self.position.copy_(saved[2])
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -52,41 +115,44 @@ class HierarchicalSampler:
         return self.logits
 
     def _prefill_main(self, patches: torch.Tensor) -> None:
+        """Run the main model over `patches` at once (shapes vary: never in a graph); begin the next patch."""
         self.main_cache.reset()
         vectors = self.model.encoder(patches.view(1, -1, self.K)) if len(patches) else None
         inputs = self.model.start.to(self.dtype).view(1, 1, -1)
         if vectors is not None:
             inputs = torch.cat((inputs, vectors), dim=1)
         h = self.model.main(inputs, self.main_cache)[:, -1]
-        self._begin_patch(h)
-
-    def _begin_patch(self, h: torch.Tensor) -> None:
-        self.cond = self.model.decoder.conditioning_vectors(h)
-        self.decoder_cache.reset()
-        self.patch = []
-        start = torch.full((1, 1), START, dtype=torch.long, device=self.device)
-        self.logits = self.model.decoder.step(self.cond, start, self.decoder_cache)[0, -1]
+        cond = self.model.decoder.conditioning_vectors(h)
+        if self.cond is None or self.cond.dtype != cond.dtype:
+            self.cond = torch.empty_like(cond)
+            self.graphs = None
+        self.cond.copy_(cond)
+        self.filled = 0
+        self.logits = self._step(1)
 
     @torch.no_grad()
     def feed(self, byte: torch.Tensor) -> torch.Tensor:
         """Append one byte (a (1,) tensor); returns the logits of the byte after it."""
         byte = byte.to(self.device).view(1)
-        self.patch.append(byte)
-        if len(self.patch) < self.K:
-            self.logits = self.model.decoder.step(self.cond, byte.view(1, 1).long(), self.decoder_cache)[0, -1]
+        self.patch_bytes.view(-1)[self.filled : self.filled + 1].copy_(byte)
+        self.filled += 1
+        if self.filled < self.K:
+            self.token.copy_(byte.view(1, 1))
+            self.logits = self._step(1 + self.filled)
             return self.logits
-        patch = torch.cat(self.patch).to(torch.uint8)
-        self.history.append(patch)
-        if self.main_cache.length >= self.main_cache.max_len:
+        self.history.append(self.patch_bytes.view(-1).clone())
+        if self.main_cache.length >= self.context_patches:
             # The main model's context is full: start again from the last half of it (rotary
             # positions cannot be shifted in place, so the kept patches are re-encoded once).
             keep = torch.stack(self.history[-(self.context_patches // 2):])
             self.history = list(keep)
             self._prefill_main(keep)
             return self.logits
-        vector = self.model.encoder(patch.view(1, 1, self.K))
-        h = self.model.main(vector, self.main_cache)[:, -1]
-        self._begin_patch(h)
+        self.position.fill_(self.main_cache.length)
+        self._step(0)
+        self.main_cache.length += 1
+        self.filled = 0
+        self.logits = self._step(1)
         return self.logits
 
 
@@ -124,9 +190,9 @@ class FlatSampler:
         return self.logits
 
 
-def make_sampler(model, context_bytes: int):
+def make_sampler(model, context_bytes: int, cuda_graphs: bool = True):
     if isinstance(model, HAED):
-        return HierarchicalSampler(model, context_bytes // model.patch_size)
+        return HierarchicalSampler(model, context_bytes // model.patch_size, cuda_graphs)
     return FlatSampler(model, context_bytes)
 
 
@@ -162,12 +228,12 @@ class Generation:
 
 @torch.no_grad()
 def generate(model, prompt: bytes, max_bytes: int, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95,
-             seed: int = 0, context_bytes: int = 8192, progress=None) -> Generation:
+             seed: int = 0, context_bytes: int = 8192, progress=None, cuda_graphs: bool = True) -> Generation:
     """Sample `max_bytes` bytes after `prompt`. Seeded: the same seed gives the same bytes."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    sampler = make_sampler(model, context_bytes)
+    sampler = make_sampler(model, context_bytes, cuda_graphs)
     prompt_tensor = torch.tensor(list(prompt), dtype=torch.uint8)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()

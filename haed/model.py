@@ -77,12 +77,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0,
+                pos: torch.Tensor | None = None):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together: half the kernels
         v = qkv[2]
-        if cache is None:
+        if pos is not None:
+            # One new position given as a device tensor: every shape is fixed whatever the position
+            # (the whole cache is attended to, masked), so the step can be captured in a CUDA graph.
+            cache.k[layer].index_copy_(2, pos.view(1), k)
+            cache.v[layer].index_copy_(2, pos.view(1), v)
+            visible = (torch.arange(cache.max_len, device=x.device) <= pos).view(1, cache.max_len)
+            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=visible)
+        elif cache is None:
             y = torch.cat([
                 F.scaled_dot_product_attention(q[i : i + MAX_ATTENTION_BATCH], k[i : i + MAX_ATTENTION_BATCH],
                                                v[i : i + MAX_ATTENTION_BATCH], is_causal=causal)
@@ -128,8 +136,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0):
-        y = self.attn(self.norm1(x), cos, sin, causal, cache, layer)
+    def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0,
+                pos: torch.Tensor | None = None):
+        y = self.attn(self.norm1(x), cos, sin, causal, cache, layer, pos)
         if self.training and self.dropout > 0:
             y = F.dropout(y, self.dropout)
         x = x + y
@@ -150,17 +159,25 @@ class Stack(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, dim). With a cache, x continues the cached sequence at `cache.length`; or, with
+        `pos` (a 0-d device tensor) and L = 1, x is written at position `pos` and `cache.length` is
+        left to the caller (fixed shapes for CUDA graphs)."""
+        if pos is not None:
+            if cache is None or x.shape[1] != 1:
+                raise ValueError("a step at a tensor position needs a cache and one position")
+            positions = pos.view(1)
+        else:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
         cos, sin = rotary(positions, self.cfg.dim // self.cfg.heads, self.rope_base)
         recompute = self.cfg.checkpoint and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.causal, use_reentrant=False)
             else:
-                x = block(x, cos, sin, self.causal, cache, i)
-        if cache is not None:
+                x = block(x, cos, sin, self.causal, cache, i, pos)
+        if cache is not None and pos is None:
             cache.length += x.shape[1]
         return self.norm(x)
 
@@ -237,6 +254,16 @@ class ByteDecoder(nn.Module):
         return self.head(self.stack(x, cache))
 
 
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a (U, D) table, with a backward pass that stays fast when rows repeat.
+
+    The backward of advanced indexing (index_put_ with accumulate) serialises repeated indices on
+    CUDA (pytorch/pytorch#41162), and real text repeats a few patches thousands of times per batch
+    (runs of spaces, markup). The embedding backward sums repeated rows in parallel segments.
+    """
+    return F.embedding(index, table)
+
+
 def unique_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distinct patches of a (N, K) uint8 tensor: (unique (U, K), inverse (N,), counts (U,)).
 
@@ -286,7 +313,7 @@ class HAED(nn.Module):
         inputs = p[:, :-1].reshape(-1, K)
         if dedup and inputs.shape[0] > 0:
             uniq, inverse, _ = unique_patches(inputs)
-            vectors = self.encoder(uniq)[inverse]
+            vectors = gather_rows(self.encoder(uniq), inverse)
         else:
             vectors = self.encoder(inputs)
         return self.main(self.main_inputs(vectors.view(B, T - 1, -1)))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from haed.config import TrainConfig
-from haed.model import HAED, FlatTransformer, unique_patches
+from haed.model import HAED, FlatTransformer, gather_rows, unique_patches
 
 LN2 = math.log(2.0)
 
@@ -98,7 +98,7 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     targets = p.reshape(-1, K)
     uniq, inverse, counts = unique_patches(targets)
     vectors = model.encoder(uniq)
-    pos = vectors[inverse]  # every target patch's vector: the positives, and (shifted) the main model's inputs
+    pos = gather_rows(vectors, inverse)  # every target patch's vector: the positives, and (shifted) the main model's inputs
     h = model.main(model.main_inputs(pos.view(B, T, -1)[:, :-1]))
     q = model.score_proj(h).reshape(B * T, -1) / cfg.tau
     logq_pos = counts.float().log()[inverse] if cfg.logq else None

@@ -51,3 +51,23 @@ def test_sampling_filters():
     assert draws == {0, 1}  # top-k = 2
     draws = {int(sample_next(logits, 1.0, 0, 0.5, g)) for _ in range(100)}
     assert draws == {0}  # byte 0 alone holds over half the mass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_steps_equal_eager_steps(dtype):
+    """Replayed CUDA graphs give the eager steps' distributions, and bf16 autocast sampling the same bytes."""
+    model = tiny_model(patch_size=4).cuda()
+    x = random_bytes(1, 48, seed=3).cuda()
+    got = {}
+    for graphs in (True, False):
+        sampler = make_sampler(model, context_bytes=24, cuda_graphs=graphs)  # 6 patches: re-prefills on the way
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            rows = [sampler.start(x[0, :6])]
+            rows += [sampler.feed(x[0, i : i + 1]) for i in range(6, 48)]
+        got[graphs] = torch.stack([r.float() for r in rows])
+    torch.testing.assert_close(got[True], got[False], rtol=0, atol=1e-5)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = generate(model, b"hello", 60, seed=5, context_bytes=24, cuda_graphs=True)
+        b = generate(model, b"hello", 60, seed=5, context_bytes=24, cuda_graphs=False)
+    assert a.output == b.output

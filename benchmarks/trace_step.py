@@ -1,0 +1,117 @@
+"""Where the time of one training step goes: median step time and a torch.profiler table per objective.
+
+Builds the model of a recipe exactly as `haed profile-memory` does (same trainer step, optimizer,
+autocast, compilation), runs warm-up steps, times `--steps` steps with CUDA synchronisation, then
+profiles `--profile-steps` more with torch.profiler and writes the kernels sorted by CUDA time.
+
+    python3 benchmarks/trace_step.py --recipe recipes/enwik8.toml --dataset .dev/enwik8-head \
+        --objectives iem,full --seq-len 8192 --batch-size 16 --out $OUT/trace [--no-compile] [--legacy-gather]
+
+`--legacy-gather` puts back plain advanced indexing (`table[index]`) for the gather of patch vectors,
+to measure before/after the embedding-backward gather (see haed.model.gather_rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import haed.model  # noqa: E402
+import haed.objectives  # noqa: E402
+from haed.config import load_recipe  # noqa: E402
+from haed.model import build_model  # noqa: E402
+from haed.objectives import OBJECTIVES  # noqa: E402
+from haed.profile import WindowSource, objective_model_config, objective_train_config  # noqa: E402
+from haed.train import make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--recipe", default="recipes/enwik8.toml")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--objectives", default="iem,full")
+    p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--legacy-gather", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of this script")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    if a.legacy_gather:
+        legacy = lambda table, index: table[index]  # noqa: E731
+        haed.model.gather_rows = legacy
+        haed.objectives.gather_rows = legacy
+    a.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    recipe = load_recipe(a.recipe, a.overrides)
+    source = WindowSource.for_recipe(recipe, a.dataset)
+    tag = ("eager" if a.no_compile else "compiled") + ("-legacy-gather" if a.legacy_gather else "")
+    results = []
+    for objective in a.objectives.split(","):
+        torch._dynamo.reset()
+        cfg = objective_train_config(recipe, objective, a.batch_size)
+        torch.manual_seed(0)
+        model = build_model(objective_model_config(recipe, objective)).to(device).train()
+        params = set_trainable(model, objective)
+        optimizer = make_optimizer(params, cfg, device)
+        maybe_compile(model, objective, not a.no_compile, device)
+        loss_fn = OBJECTIVES[objective]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+        def step(i):
+            x = to_device(source.windows(i, a.batch_size, a.seq_len), device)
+            return train_step(model, optimizer, params, loss_fn, cfg, [(x, torch_generator(0, i, 0))], device)
+
+        t_start = time.perf_counter()
+        for i in range(a.warmup):
+            step(i)
+        sync()
+        warmup_s = time.perf_counter() - t_start
+        times = []
+        for i in range(a.warmup, a.warmup + a.steps):
+            sync()
+            t0 = time.perf_counter()
+            step(i)
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for i in range(a.warmup + a.steps, a.warmup + a.steps + a.profile_steps):
+                step(i)
+            sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90)
+        name = f"{objective}-{tag}"
+        (a.out / f"{name}.txt").write_text(table)
+        median = statistics.median(times)
+        row = {"objective": objective, "variant": tag, "seq_len": a.seq_len, "batch_size": a.batch_size,
+               "median_step_ms": median, "step_ms": times, "bytes_per_second": a.batch_size * a.seq_len / median * 1e3,
+               "peak_allocated_gib": peak, "warmup_s": warmup_s, "overrides": a.overrides, "data": source.description}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del model, optimizer, params
+        if cuda:
+            torch.cuda.empty_cache()
+    with open(a.out / "trace-steps.jsonl", "a") as f:
+        for row in results:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
