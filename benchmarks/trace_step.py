@@ -30,7 +30,7 @@ from haed.config import load_recipe  # noqa: E402
 from haed.model import build_model  # noqa: E402
 from haed.objectives import OBJECTIVES  # noqa: E402
 from haed.profile import WindowSource, objective_model_config, objective_train_config  # noqa: E402
-from haed.train import make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step  # noqa: E402
+from haed.train import apply_recompute, make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -67,6 +67,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(objective_model_config(recipe, objective)).to(device).train()
         params = set_trainable(model, objective)
+        apply_recompute(model, cfg)
         optimizer = make_optimizer(params, cfg, device)
         maybe_compile(model, objective, not a.no_compile, device)
         loss_fn = OBJECTIVES[objective]

@@ -73,6 +73,10 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     compile: bool = False  # torch.compile the model's stacks (CUDA only)
+    # Stacks whose activations this phase recomputes in the backward pass instead of storing
+    # ("main", "encoder", "decoder", comma-separated; "" for none): less memory, more compute.
+    # Adds to each stack's own `checkpoint` setting.
+    recompute: str = ""
     # IEM only
     num_negatives: int = 0  # cap on shared candidates per step (0: every distinct target patch of the batch)
     logq: bool = True  # subtract log(count) of each candidate (sampled-softmax correction)
@@ -117,9 +121,17 @@ class Recipe:
             s = getattr(m, name)
             if s.dim % s.heads or (s.dim // s.heads) % 2:
                 raise HaedError(f"model.{name}.dim ({s.dim}) must split into {s.heads} heads of even width")
+        for phase in ("iem", "decoder", "full"):
+            bad = set(recompute_stacks(getattr(self, phase).recompute)) - {"encoder", "main", "decoder"}
+            if bad:
+                raise HaedError(f"{phase}.recompute names unknown stacks {sorted(bad)}: use encoder, main, decoder")
         if m.arch == "haed" and self.data.seq_len % m.patch_size:
             raise HaedError(f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})")
         return self
+
+
+def recompute_stacks(text: str) -> list[str]:
+    return [name.strip() for name in str(text).split(",") if name.strip()]
 
 
 def debug_recipe(dataset: str = "", patch_size: int = 4, arch: str = "haed") -> Recipe:

@@ -38,10 +38,7 @@ class HierarchicalSampler:
         self.context_patches = max(2, context_patches)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # One slot more than the context: graph capture writes its warm-up step there, where no real
-        # position ever looks.
-        self.main_cache = model.main.new_cache(1, self.context_patches + 1, self.device, self.dtype)
-        self.decoder_cache = model.decoder.stack.new_cache(1, self.K, self.device, self.dtype)
+        self.main_cache = self.decoder_cache = None  # made by start(), in the dtype of the activations
         self.history: list[torch.Tensor] = []  # complete patches fed to the main model, (K,) each
         self.filled = 0  # bytes of the current patch so far
         self.logits: torch.Tensor | None = None
@@ -101,9 +98,22 @@ class HierarchicalSampler:
         self.cond.copy_(saved[1])
         self.position.copy_(saved[2])
 
+    def _make_caches(self) -> None:
+        """Key/value caches in the dtype attention will see: bf16 under CUDA autocast, else the weights'."""
+        amp = self.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if amp else self.dtype
+        if self.main_cache is not None and self.main_cache.k[0].dtype == dtype:
+            return
+        # One slot more than the context: graph capture writes its warm-up step there, where no real
+        # position ever looks.
+        self.main_cache = self.model.main.new_cache(1, self.context_patches + 1, self.device, dtype)
+        self.decoder_cache = self.model.decoder.stack.new_cache(1, self.K, self.device, dtype)
+        self.graphs = None
+
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
         """Prefill with `prompt` (a 1-D uint8 tensor); returns the logits of the next byte."""
+        self._make_caches()
         prompt = prompt.to(self.device).view(-1)
         full = len(prompt) // self.K
         patches = prompt[: full * self.K].view(full, self.K)

@@ -35,10 +35,24 @@ def rotary(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.T
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of the last dimension by the position angles, in float32."""
+    """Rotate the two halves of the last dimension by the position angles, in float32.
+
+    x (B, L, ..., head_dim) with cos and sin (L, 1, ..., head_dim / 2) broadcasting over the middle."""
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
+
+
+def use_fast_attention_kernels() -> None:
+    """Turn off PyTorch's cuDNN attention backend (flash attention and memory-efficient attention remain).
+
+    cuDNN builds an execution plan for every new shape, and haed's shapes change all the time: the
+    encoder attends over the batch's distinct patches (a different count every step) and cached
+    generation over a growing cache. Measured on an H100 (torch 2.11, docs/performance.md), planning
+    cost about 70 ms of host time per attention call, which made every IEM and full step host-bound.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 class RMSNorm(nn.Module):
@@ -80,14 +94,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0,
                 pos: torch.Tensor | None = None):
         B, L, D = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(qkv[:2], cos, sin)  # q and k rotated together: half the kernels
-        v = qkv[2]
+        qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
+        # Rotate q and k together in the layout the projection wrote (reads and writes stay
+        # contiguous), then view them as (B, heads, L, head_dim) for attention.
+        qk = apply_rotary(qkv[:, :, :2], cos.view(L, 1, 1, -1), sin.view(L, 1, 1, -1))
+        q, k = qk.permute(2, 0, 3, 1, 4)
+        v = qkv[:, :, 2].transpose(1, 2)
         if pos is not None:
             # One new position given as a device tensor: every shape is fixed whatever the position
             # (the whole cache is attended to, masked), so the step can be captured in a CUDA graph.
-            cache.k[layer].index_copy_(2, pos.view(1), k)
-            cache.v[layer].index_copy_(2, pos.view(1), v)
+            cache.k[layer].index_copy_(2, pos.view(1), k.to(cache.k[layer].dtype))
+            cache.v[layer].index_copy_(2, pos.view(1), v.to(cache.v[layer].dtype))
             visible = (torch.arange(cache.max_len, device=x.device) <= pos).view(1, cache.max_len)
             y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=visible)
         elif cache is None:
@@ -151,13 +168,28 @@ class Block(nn.Module):
 class Stack(nn.Module):
     """A stack of blocks with a final norm. `causal` picks causal (main, decoder, flat) or bidirectional (encoder)."""
 
-    def __init__(self, cfg: StackConfig, causal: bool, rope_base: float):
+    def __init__(self, cfg: StackConfig, causal: bool, rope_base: float, max_positions: int = 64):
         super().__init__()
         self.cfg = cfg
         self.causal = causal
         self.rope_base = rope_base
+        self.recompute = cfg.checkpoint  # a training phase may turn recomputation on for itself
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim)
+        # Rotary angles are computed once for the positions in use (not stored in checkpoints).
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self._grow_rope(max_positions)
+
+    def _grow_rope(self, length: int) -> None:
+        length = max(length, 2 * self.rope_cos.shape[0])
+        cos, sin = rotary(torch.arange(length, device=self.rope_cos.device), self.cfg.dim // self.cfg.heads, self.rope_base)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + length > self.rope_cos.shape[0]:
+            self._grow_rope(start + length)
+        return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, dim). With a cache, x continues the cached sequence at `cache.length`; or, with
@@ -166,12 +198,12 @@ class Stack(nn.Module):
         if pos is not None:
             if cache is None or x.shape[1] != 1:
                 raise ValueError("a step at a tensor position needs a cache and one position")
-            positions = pos.view(1)
+            if cache.max_len > self.rope_cos.shape[0]:
+                self._grow_rope(cache.max_len)
+            cos, sin = self.rope_cos.index_select(0, pos.view(1)), self.rope_sin.index_select(0, pos.view(1))
         else:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + x.shape[1], device=x.device)
-        cos, sin = rotary(positions, self.cfg.dim // self.cfg.heads, self.rope_base)
-        recompute = self.cfg.checkpoint and self.training and cache is None and torch.is_grad_enabled()
+            cos, sin = self.rope(cache.length if cache is not None else 0, x.shape[1])
+        recompute = self.recompute and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.causal, use_reentrant=False)
@@ -194,7 +226,7 @@ class PatchEncoder(nn.Module):
         k, d = cfg.patch_size, cfg.encoder.dim
         self.pooling = cfg.pooling
         self.byte_embedding = nn.Embedding(256, d)
-        self.stack = Stack(cfg.encoder, causal=False, rope_base=cfg.rope_base)
+        self.stack = Stack(cfg.encoder, causal=False, rope_base=cfg.rope_base, max_positions=k)
         self.proj = nn.Linear(k * d if cfg.pooling == "concat" else d, cfg.main.dim, bias=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
@@ -222,7 +254,7 @@ class ByteDecoder(nn.Module):
         self.token_embedding = nn.Embedding(257, d)
         out = k * d if cfg.conditioning == "add" else d
         self.condition = nn.Linear(cfg.main.dim, out, bias=False)
-        self.stack = Stack(cfg.decoder, causal=True, rope_base=cfg.rope_base)
+        self.stack = Stack(cfg.decoder, causal=True, rope_base=cfg.rope_base, max_positions=k)
         self.head = nn.Linear(d, 256, bias=False)
 
     def conditioning_vectors(self, h: torch.Tensor) -> torch.Tensor:
@@ -290,7 +322,8 @@ class HAED(nn.Module):
         self.patch_size = cfg.patch_size
         self.encoder = PatchEncoder(cfg)
         self.start = nn.Parameter(torch.zeros(cfg.main.dim))
-        self.main = Stack(cfg.main, causal=True, rope_base=cfg.rope_base)
+        self.main = Stack(cfg.main, causal=True, rope_base=cfg.rope_base,
+                          max_positions=cfg.max_seq_len // cfg.patch_size + 1)
         self.score_proj = nn.Linear(cfg.main.dim, cfg.main.dim, bias=False)  # W in s_t(P) = <W h_t, E(P)> / tau
         self.decoder = ByteDecoder(cfg)
         init_weights(self)
@@ -333,7 +366,7 @@ class FlatTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(257, cfg.main.dim)
-        self.stack = Stack(cfg.main, causal=True, rope_base=cfg.rope_base)
+        self.stack = Stack(cfg.main, causal=True, rope_base=cfg.rope_base, max_positions=cfg.max_seq_len + 1)
         self.head = nn.Linear(cfg.main.dim, 256, bias=False)
         init_weights(self)
 
@@ -359,6 +392,7 @@ def init_weights(model: nn.Module) -> None:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
+    use_fast_attention_kernels()
     return HAED(cfg) if cfg.arch == "haed" else FlatTransformer(cfg)
 
 

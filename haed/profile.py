@@ -40,7 +40,7 @@ from haed.data import open_dataset, random_windows
 from haed.errors import HaedError
 from haed.model import HAED, build_model, count_parameters
 from haed.objectives import OBJECTIVES
-from haed.train import batch_rng, make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step
+from haed.train import apply_recompute, batch_rng, make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step
 
 SCHEMA = "haed-profile-memory/1"
 GIB = float(1 << 30)
@@ -386,6 +386,7 @@ def objective_cell(recipe: Recipe, objective: str, seq_len: int, batch_size: int
         torch.manual_seed(cfg.seed)
         model = build_model(model_cfg).to(device).train()
         params = set_trainable(model, objective)
+        apply_recompute(model, cfg)
         optimizer = make_optimizer(params, cfg, device)
         maybe_compile(model, objective, compile, device)
         return model, optimizer, params

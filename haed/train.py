@@ -29,7 +29,7 @@ from haed.checkpoint import (
     save_checkpoint,
     write_text_atomic,
 )
-from haed.config import Recipe, TrainConfig, recipe_from_dict
+from haed.config import Recipe, TrainConfig, recipe_from_dict, recompute_stacks
 from haed.data import open_dataset, random_windows
 from haed.errors import HaedError
 from haed.model import HAED, build_model, count_parameters
@@ -82,6 +82,17 @@ def to_device(windows: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True)
     return x
+
+
+def apply_recompute(model, cfg: TrainConfig) -> None:
+    """Recompute the activations of the stacks the phase names (plus those whose config asks for it)."""
+    names = set(recompute_stacks(cfg.recompute))
+    if isinstance(model, HAED):
+        stacks = {"encoder": model.encoder.stack, "main": model.main, "decoder": model.decoder.stack}
+    else:
+        stacks = {"main": model.stack}
+    for name, stack in stacks.items():
+        stack.recompute = stack.cfg.checkpoint or name in names
 
 
 def set_trainable(model, objective: str) -> list:
@@ -239,6 +250,7 @@ def train(
 
     model.to(dev).train()
     params = set_trainable(model, objective)
+    apply_recompute(model, cfg)
     optimizer = make_optimizer(params, cfg, dev)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)

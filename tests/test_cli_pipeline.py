@@ -96,6 +96,7 @@ def test_full_and_flat_baselines_and_resume(setup):
         (["train-iem", "--recipe", "tiny", "--dataset", "/nonexistent/data"], "dataset not found"),
         (["train-iem", "--recipe", "tiny", "--set", "main.no_such_field=3"], "unknown recipe field"),
         (["train-iem", "--recipe", "tiny", "--set", "model.patch_size=3"], "multiple of model.patch_size"),
+        (["train-iem", "--recipe", "tiny", "--set", "iem.recompute=main,head"], "iem.recompute names unknown stacks"),
         (["evaluate", "--run", "/nonexistent/run"], "not a haed run directory"),
         (["train-decoder", "--run", "/nonexistent/run"], "not a haed run directory"),
     ],

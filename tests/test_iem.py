@@ -2,11 +2,13 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from _tiny import random_bytes, tiny_model
 from haed.config import TrainConfig
+from haed.train import apply_recompute
 from haed.model import unique_patches
 from haed.objectives import capped_candidates, iem_loss, sampled_softmax_loss
 
@@ -129,8 +131,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
     results = []
     for checkpoint in (False, True):
         model = tiny_model(patch_size=4)
-        model.main.cfg.checkpoint = checkpoint
-        model.encoder.stack.cfg.checkpoint = checkpoint
+        apply_recompute(model, TrainConfig(recompute="main,encoder" if checkpoint else ""))
+        assert (model.main.recompute, model.encoder.stack.recompute, model.decoder.stack.recompute) == (
+            checkpoint, checkpoint, False)
         model.train()
         loss, _ = iem_loss(model, x, TrainConfig())
         loss.backward()
@@ -139,3 +142,22 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the chunk softmax is used on CUDA only")
+def test_compiled_chunk_softmax_matches_eager():
+    torch.manual_seed(0)
+    q = torch.randn(300, 32, device="cuda", requires_grad=True)
+    cand = torch.randn(77, 32, device="cuda", requires_grad=True)
+    pos = torch.randn(300, 32, device="cuda", requires_grad=True)
+    target_col = torch.randint(-1, 77, (300,), device="cuda")
+    logq = torch.rand(77, device="cuda")
+    results = []
+    for compiled in (False, True):
+        loss, correct = sampled_softmax_loss(q, cand, pos, target_col, logq, None, chunk=128, compiled=compiled)
+        grads = torch.autograd.grad(loss, (q, cand, pos))
+        results.append((loss, correct, grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(results[1][1], results[0][1])
+    for a, b in zip(results[1][2], results[0][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
