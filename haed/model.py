@@ -25,6 +25,12 @@ from haed.config import ModelConfig, StackConfig
 # patches as the batch, so larger batches are attended in pieces.
 MAX_ATTENTION_BATCH = 32768
 
+# Sequences this short (the encoder's and decoder's K positions) are attended with plain matrix
+# products: the fused kernels work in tiles of 64-128 positions and waste most of them. Measured on an
+# H100, 16,384 patches x 4 heads x 8 positions, fwd + bwd: flash 7.8 ms, memory-efficient 2.7 ms,
+# plain 1.8 ms (benchmarks/attention_small.py, docs/performance.md).
+SHORT_SEQUENCE = 16
+
 START = 256  # the decoder's (and flat model's) start-of-sequence token, beyond the 256 byte values
 
 
@@ -107,6 +113,8 @@ class Attention(nn.Module):
             cache.v[layer].index_copy_(2, pos.view(1), v.to(cache.v[layer].dtype))
             visible = (torch.arange(cache.max_len, device=x.device) <= pos).view(1, cache.max_len)
             y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=visible)
+        elif cache is None and L <= SHORT_SEQUENCE:
+            y = short_attention(q, k, v, causal)
         elif cache is None:
             y = torch.cat([
                 F.scaled_dot_product_attention(q[i : i + MAX_ATTENTION_BATCH], k[i : i + MAX_ATTENTION_BATCH],
@@ -125,6 +133,15 @@ class Attention(nn.Module):
                 mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(diagonal=start)
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Softmax attention as two matrix products (softmax in float32), for a handful of positions."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if causal:
+        L = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
 class MLP(nn.Module):
@@ -322,8 +339,9 @@ class HAED(nn.Module):
         self.patch_size = cfg.patch_size
         self.encoder = PatchEncoder(cfg)
         self.start = nn.Parameter(torch.zeros(cfg.main.dim))
+        # Rotary tables for generous lengths up front: growing one inside a compiled step would recompile.
         self.main = Stack(cfg.main, causal=True, rope_base=cfg.rope_base,
-                          max_positions=cfg.max_seq_len // cfg.patch_size + 1)
+                          max_positions=max(cfg.max_seq_len // cfg.patch_size + 1, 1 << 15))
         self.score_proj = nn.Linear(cfg.main.dim, cfg.main.dim, bias=False)  # W in s_t(P) = <W h_t, E(P)> / tau
         self.decoder = ByteDecoder(cfg)
         init_weights(self)
@@ -366,7 +384,7 @@ class FlatTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(257, cfg.main.dim)
-        self.stack = Stack(cfg.main, causal=True, rope_base=cfg.rope_base, max_positions=cfg.max_seq_len + 1)
+        self.stack = Stack(cfg.main, causal=True, rope_base=cfg.rope_base, max_positions=max(cfg.max_seq_len + 1, 1 << 15))
         self.head = nn.Linear(cfg.main.dim, 256, bias=False)
         init_weights(self)
 

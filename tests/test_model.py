@@ -84,6 +84,7 @@ def test_attention_over_a_batch_too_large_for_one_kernel_call_is_split_exactly(m
     model = tiny_model(patch_size=4)
     patches = random_bytes(10, 4)
     whole = model.encoder(patches)
+    monkeypatch.setattr(model_module, "SHORT_SEQUENCE", 0)  # through the fused kernels, as for longer patches
     monkeypatch.setattr(model_module, "MAX_ATTENTION_BATCH", 3)
     batches = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -95,3 +96,13 @@ def test_attention_over_a_batch_too_large_for_one_kernel_call_is_split_exactly(m
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     torch.testing.assert_close(model.encoder(patches), whole, rtol=0, atol=1e-6)
     assert batches == [3, 3, 3, 1]  # one encoder layer, 10 patches in pieces of at most 3
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_short_attention_equals_fused_attention(causal):
+    """The plain-product attention used for a patch's few positions is the same function as SDPA."""
+    from haed.model import short_attention
+
+    q, k, v = (torch.randn(5, 3, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(short_attention(q, k, v, causal), reference, rtol=1e-5, atol=1e-6)

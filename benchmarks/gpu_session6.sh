@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Device call 6 (nvidia-h100-x1, 2026-11-23 session 2): IEM without recompute over the same sweep,
+# generation speed (CUDA graphs vs eager) with the FSDD speech model's weights and a WAV, and
+# profiler tables of one IEM and one full step. Carry .whl, .dev/enwik8-head, .dev/audio-weights.
+set -u
+source benchmarks/device_setup.sh || exit 1
+haed() { python3 -c "from haed_cli.main import app; app()" "$@"; }
+echo "== IEM without recompute"
+timeout 150 haed profile-memory --recipe enwik8 --objectives iem --set iem.recompute= --seq-lens 2048,4096,8192,16384 \
+  --batch-sizes 16 --dataset .dev/enwik8-head --json $OUT/iem-norecompute.json --plot $OUT/iem-norecompute.png 2>&1 | grep -v Warn | tail -n 12
+echo "== generation"
+timeout 100 python3 benchmarks/generation_speed.py --model audio=.dev/audio-weights \
+  --model text=docs/gpu-2026-11-23/text-config.json --out $OUT/generation --wav audio --bytes 3000 2>&1 | tail -n 6
+echo "== step profiles"
+timeout 150 python3 benchmarks/trace_step.py --dataset .dev/enwik8-head --objectives iem,full --out $OUT/trace 2>&1 | grep "^{"
