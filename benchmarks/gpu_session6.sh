@@ -4,7 +4,9 @@
 # profiler tables of one IEM and one full step. Carry .whl, .dev/enwik8-head, .dev/audio-weights.
 set -u
 source benchmarks/device_setup.sh || exit 1
-haed() { python3 -c "from haed_cli.main import app; app()" "$@"; }
+# a real executable (not a shell function), so that `timeout` can run it
+mkdir -p /tmp/bin; printf '#!/bin/sh\nexec python3 -c "from haed_cli.main import app; app()" "$@"\n' > /tmp/bin/haed
+chmod +x /tmp/bin/haed; export PATH=/tmp/bin:$PATH
 echo "== IEM without recompute"
 timeout 150 haed profile-memory --recipe enwik8 --objectives iem --set iem.recompute= --seq-lens 2048,4096,8192,16384 \
   --batch-sizes 16 --dataset .dev/enwik8-head --json $OUT/iem-norecompute.json --plot $OUT/iem-norecompute.png 2>&1 | grep -v Warn | tail -n 12
