@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from haed.config import TrainConfig
-from haed.model import HAED, FlatTransformer, gather_rows, unique_patches
+from haed.model import HAED, FlatTransformer, gather_rows, pad_rows, row_bucket, unique_patches
 
 LN2 = math.log(2.0)
 
@@ -116,7 +116,7 @@ def sampled_softmax_loss(q, cand, pos, target_col, logq_cand=None, logq_pos=None
 
 
 def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None,
-             candidates: torch.Tensor | None = None):
+             candidates: torch.Tensor | None = None, pad_multiple: int | None = None):
     """IEM: sampled softmax over patches, scored <W h_t, E(P)> / tau, the decoder never built.
 
     Candidates are the distinct target patches of the batch (or an explicit (C, K) set of patches);
@@ -128,12 +128,15 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     B, T, K = p.shape
     targets = p.reshape(-1, K)
     uniq, inverse, counts = unique_patches(targets)
-    vectors = model.encoder(uniq)
+    U = uniq.shape[0]
+    # Padding rows (zero patches) give the encoder and the score products recurring shapes; as
+    # candidates they are shifted to -inf below, so they change neither the loss nor a gradient.
+    padded = pad_rows(uniq, pad_multiple or row_bucket(x.device))
+    vectors = model.encoder(padded)
     pos = gather_rows(vectors, inverse)  # every target patch's vector: the positives, and (shifted) the main model's inputs
     h = model.main(model.main_inputs(pos.view(B, T, -1)[:, :-1]))
     q = model.score_proj(h).reshape(B * T, -1) / cfg.tau
     logq_pos = counts.float().log()[inverse] if cfg.logq else None
-    U = uniq.shape[0]
     if candidates is not None:
         cand = model.encoder(candidates.to(x.device))
         cand_keys = _keys(candidates.to(x.device))
@@ -155,10 +158,14 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
         cand = vectors
         col_of_uniq = torch.arange(U, device=x.device)
         logq_cand = counts.float().log() if cfg.logq else None
+        if cand.shape[0] > U:
+            real = logq_cand if logq_cand is not None else torch.zeros(U, device=x.device)
+            logq_cand = torch.cat((real, real.new_full((cand.shape[0] - U,), float("inf"))))
+    num_candidates = min(cand.shape[0], U) if candidates is None else cand.shape[0]  # padding not counted
     target_col = col_of_uniq[inverse]
     loss, correct = sampled_softmax_loss(q, cand, pos, target_col, logq_cand, logq_pos, cfg.logits_chunk,
                                          compiled=cfg.compile and x.is_cuda)
-    return loss, {"loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": cand.shape[0]}
+    return loss, {"loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": num_candidates}
 
 
 def capped_candidates(num_distinct: int, cap: int, generator: torch.Generator | None) -> torch.Tensor:

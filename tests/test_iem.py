@@ -161,3 +161,21 @@ def test_compiled_chunk_softmax_matches_eager():
     assert torch.equal(results[1][1], results[0][1])
     for a, b in zip(results[1][2], results[0][2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("logq", [True, False])
+def test_padding_rows_change_neither_loss_nor_gradients(logq):
+    """The zero patches that pad the distinct-patch count (on CUDA) are inert candidates."""
+    x = random_bytes(2, 64, seed=9)
+    results = []
+    for multiple in (1, 48):
+        model = tiny_model(patch_size=4)
+        loss, metrics = iem_loss(model, x, TrainConfig(logq=logq, logits_chunk=5), pad_multiple=multiple)
+        loss.backward()
+        results.append((loss.detach(), metrics["candidates"],
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss1, c1, g1), (loss48, c48, g48) = results
+    assert c1 == c48 == len({bytes(p.tolist()) for p in x.view(-1, 4)})
+    torch.testing.assert_close(loss48, loss1, rtol=1e-6, atol=1e-7)
+    for name, g in g1.items():
+        torch.testing.assert_close(g48[name], g, rtol=1e-5, atol=1e-7)
