@@ -183,6 +183,7 @@ def generate(
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass (1: off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same output."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as a CUDA graph (captured during the prefill); off: the same steps eagerly."),
 ):
     """Sample with cached hierarchical generation (main-model and decoder key/value caches).
 
@@ -221,6 +222,7 @@ def generate(
             seed=g.seed if seed is None else seed,
             context_bytes=recipe.data.seq_len,
             progress=progress,
+            cuda_graphs=cuda_graphs,
         )
     unit = "samples" if kind == "audio" else "bytes"
     if kind == "audio":
@@ -240,7 +242,8 @@ def generate(
         sys.stdout.write((result.prompt + result.output).decode("utf-8", errors="replace") + "\n")
         sys.stdout.flush()
     err_console.print(f"[dim]{len(result.output):,} {unit} in {result.seconds:.2f} s: "
-                  f"{result.bytes_per_second:,.0f} {unit}/s (prefill {result.prefill_seconds * 1e3:.0f} ms, {model_device(model)})[/]",
+                  f"{result.bytes_per_second:,.0f} {unit}/s (prefill {result.prefill_seconds * 1e3:.0f} ms, {model_device(model)}"
+                  f"{', CUDA graphs' if cuda_graphs and model_device(model).startswith('cuda') else ''})[/]",
                   highlight=False)
 
 
