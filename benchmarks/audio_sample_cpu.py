@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from haed.audio import write_wav  # noqa: E402
-from haed.config import recipe_from_dict  # noqa: E402
 from haed.generate import generate  # noqa: E402
-from haed.model import build_model  # noqa: E402
+from generation_speed import load as load_weights  # noqa: E402  (this folder; weight shards + audio-config.json)
 
 
 def main() -> None:
@@ -32,14 +30,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.5)
     p.add_argument("--seed", type=int, default=1)
     a = p.parse_args()
-    config = json.loads((a.weights / "audio-config.json").read_text())
-    recipe = recipe_from_dict(config["recipe"])
-    model = build_model(recipe.model)
-    state = {}
-    for shard in sorted(a.weights.glob("w*.safetensors")):
-        state.update({k: v.float() for k, v in load_file(str(shard)).items()})
-    model.load_state_dict(state)
-    model.eval()
+    model, recipe, config, _ = load_weights(a.weights, torch.device("cpu"))
     sr = config["dataset"]["sample_rate"]
     torch.set_num_threads(2)
     t = time.perf_counter()

@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import haed.model  # noqa: E402
 import haed.objectives  # noqa: E402
 from haed.config import load_recipe  # noqa: E402
-from haed.model import build_model  # noqa: E402
 from haed.objectives import OBJECTIVES  # noqa: E402
-from haed.profile import WindowSource, objective_model_config, objective_train_config  # noqa: E402
-from haed.train import apply_recompute, make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step  # noqa: E402
+from haed.profile import WindowSource, build_for_objective, objective_train_config  # noqa: E402
+from haed.train import to_device, torch_generator, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -64,12 +63,7 @@ def main() -> None:
     for objective in a.objectives.split(","):
         torch._dynamo.reset()
         cfg = objective_train_config(recipe, objective, a.batch_size)
-        torch.manual_seed(0)
-        model = build_model(objective_model_config(recipe, objective)).to(device).train()
-        params = set_trainable(model, objective)
-        apply_recompute(model, cfg)
-        optimizer = make_optimizer(params, cfg, device)
-        maybe_compile(model, objective, not a.no_compile, device)
+        model, optimizer, params = build_for_objective(recipe, objective, cfg, device, not a.no_compile)
         loss_fn = OBJECTIVES[objective]
         if cuda:
             torch.cuda.reset_peak_memory_stats()

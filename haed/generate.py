@@ -47,7 +47,7 @@ class HierarchicalSampler:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.start_token = torch.full((1, 1), START, dtype=torch.long, device=self.device)
         self.position = torch.zeros((), dtype=torch.long, device=self.device)
-        self.cond: torch.Tensor | None = None  # decoder conditioning of the current patch (made by the prefill)
+        self.cond: torch.Tensor | None = None  # decoder conditioning of the current patch
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: list | None = None
 
@@ -99,7 +99,8 @@ class HierarchicalSampler:
         self.position.copy_(saved[2])
 
     def _make_caches(self) -> None:
-        """Key/value caches in the dtype attention will see: bf16 under CUDA autocast, else the weights'."""
+        """Key/value caches and the conditioning buffer in the activations' dtype: bf16 under CUDA
+        autocast, else the weights'."""
         amp = self.device.type == "cuda" and torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda") if amp else self.dtype
         if self.main_cache is not None and self.main_cache.k[0].dtype == dtype:
@@ -108,6 +109,9 @@ class HierarchicalSampler:
         # position ever looks.
         self.main_cache = self.model.main.new_cache(1, self.context_patches + 1, self.device, dtype)
         self.decoder_cache = self.model.decoder.stack.new_cache(1, self.K, self.device, dtype)
+        decoder = self.model.decoder
+        width = decoder.token_embedding.embedding_dim
+        self.cond = torch.zeros(1, decoder.condition.out_features // width, width, device=self.device, dtype=dtype)
         self.graphs = None
 
     @torch.no_grad()
@@ -132,11 +136,7 @@ class HierarchicalSampler:
         if vectors is not None:
             inputs = torch.cat((inputs, vectors), dim=1)
         h = self.model.main(inputs, self.main_cache)[:, -1]
-        cond = self.model.decoder.conditioning_vectors(h)
-        if self.cond is None or self.cond.dtype != cond.dtype:
-            self.cond = torch.empty_like(cond)
-            self.graphs = None
-        self.cond.copy_(cond)
+        self.cond.copy_(self.model.decoder.conditioning_vectors(h))
         self.filled = 0
         self.logits = self._step(1)
 

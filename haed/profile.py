@@ -364,6 +364,17 @@ def _check_sweep(recipe: Recipe, objectives, seq_lens, batch_sizes, steps, warmu
         raise HaedError("--steps must be >= 1 and --warmup >= 0")
 
 
+def build_for_objective(recipe: Recipe, objective: str, cfg: TrainConfig, device: torch.device, compile: bool):
+    """(model, optimizer, trained parameters) set up as `haed train-*` sets them up for `objective`."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(objective_model_config(recipe, objective)).to(device).train()
+    params = set_trainable(model, objective)
+    apply_recompute(model, cfg)
+    optimizer = make_optimizer(params, cfg, device)
+    maybe_compile(model, objective, compile, device)
+    return model, optimizer, params
+
+
 def objective_cell(recipe: Recipe, objective: str, seq_len: int, batch_size: int, *, device: torch.device,
                    source: WindowSource, steps: int, warmup: int, compile: bool,
                    step_fn: Callable = train_step, flops_model: nn.Module | None = None,
@@ -383,13 +394,7 @@ def objective_cell(recipe: Recipe, objective: str, seq_len: int, batch_size: int
     def setup():
         if compile and device.type == "cuda" and reset_compiler:
             torch._dynamo.reset()
-        torch.manual_seed(cfg.seed)
-        model = build_model(model_cfg).to(device).train()
-        params = set_trainable(model, objective)
-        apply_recompute(model, cfg)
-        optimizer = make_optimizer(params, cfg, device)
-        maybe_compile(model, objective, compile, device)
-        return model, optimizer, params
+        return build_for_objective(recipe, objective, cfg, device, compile)
 
     def make_batch(i):
         windows = source.windows(i, batch_size, seq_len)
