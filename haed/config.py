@@ -57,7 +57,11 @@ class DataConfig:
 class TrainConfig:
     """One training phase. The same fields serve IEM, the decoder phase and full training."""
 
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps the schedule runs over (without a time budget)
+    # Seconds of training (0: off). With a budget the warm-up still counts steps, the cosine decay
+    # runs over the budget's seconds, and the run ends when they are spent; `steps` is then only a
+    # cap. Validation and checkpoint writing are not charged to it.
+    time_budget: float = 0.0
     batch_size: int = 8  # windows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
@@ -67,7 +71,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 200
+    eval_every: int = 200  # validate every N steps, and at the end of the phase (0 and no eval_every_seconds: never)
+    eval_every_seconds: float = 0.0  # also validate every N seconds of training (0: off)
     eval_batches: int = 8
     ckpt_every: int = 500
     log_every: int = 10

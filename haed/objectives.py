@@ -7,11 +7,14 @@ trainer is the same for all of them.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from haed.config import TrainConfig
+from haed.errors import HaedError
 from haed.model import HAED, FlatTransformer, gather_rows, pad_rows, row_bucket, unique_patches
 
 LN2 = math.log(2.0)
@@ -218,14 +221,57 @@ def flat_loss(model: FlatTransformer, x: torch.Tensor, cfg: TrainConfig, generat
     return loss, _byte_metrics(loss)
 
 
-OBJECTIVES = {"iem": iem_loss, "decoder": decoder_loss, "full": full_loss, "flat": flat_loss}
+def _all_parameters(model):
+    return list(model.parameters())
+
+
+def _iem_parameters(model):
+    skip = {id(p) for p in model.decoder.parameters()}
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def _decoder_parameters(model):
+    return list(model.decoder.parameters())
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Everything the rest of haed needs to know about one training objective.
+
+    Calling the record computes its loss: `OBJECTIVES[name](model, x, cfg, generator)`.
+    """
+
+    name: str
+    loss: Callable
+    trained_parameters: Callable  # model -> the parameters this objective trains
+    section: str  # the recipe section that holds its TrainConfig
+    arch: str  # the model architecture it trains ("haed" or "flat")
+    selection_metric: str  # validation metric (lower is better) that picks the best checkpoint
+    parent_objective: str | None = None  # the objective of the run whose weights it starts from
+    trains_decoder: bool = True  # False: the run's byte decoder is untrained (evaluate and sample its decoder phase)
+
+    def __call__(self, model, x, cfg, generator=None):
+        return self.loss(model, x, cfg, generator)
+
+
+OBJECTIVES = {
+    o.name: o
+    for o in (
+        Objective("iem", iem_loss, _iem_parameters, "iem", "haed", "loss", trains_decoder=False),
+        Objective("decoder", decoder_loss, _decoder_parameters, "decoder", "haed", "bits_per_byte",
+                  parent_objective="iem"),
+        Objective("full", full_loss, _all_parameters, "full", "haed", "bits_per_byte"),
+        Objective("flat", flat_loss, _all_parameters, "full", "flat", "bits_per_byte"),
+    )
+}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise HaedError(f"unknown objective {name!r}: one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 def trainable_parameters(model, objective: str):
     """The parameters an objective trains: IEM never touches the decoder; the decoder phase only it."""
-    if objective == "decoder":
-        return list(model.decoder.parameters())
-    if objective == "iem":
-        skip = {id(p) for p in model.decoder.parameters()}
-        return [p for p in model.parameters() if id(p) not in skip]
-    return list(model.parameters())
+    return get_objective(objective).trained_parameters(model)

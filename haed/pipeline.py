@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from haed.checkpoint import latest_checkpoint
+from haed.checkpoint import latest_intact_checkpoint
 from haed.config import Recipe, load_recipe
 from haed.data import is_haed_dataset
 from haed.evaluate import evaluate_run
 from haed.generate import Generation, generate, load_for_sampling
 from haed.prepare import prepare_stdlib
-from haed.train import train
+from haed.train import phase_finished, train
 
 
 @dataclass
@@ -27,11 +27,13 @@ class PipelineResult:
 
 
 def quickstart(workdir: Path = Path("."), recipe: Recipe | str = "tiny", overrides: list[str] | None = None,
-               prompt: bytes = b"def ", device: str = "auto", console=None) -> PipelineResult:
+               prompt: bytes = b"def ", device: str = "auto", console=None,
+               on_event=None) -> PipelineResult:
     """Prepare the stdlib corpus (unless present), train IEM then the decoder, evaluate test, sample.
 
     Paths are `workdir/data/stdlib` and `workdir/runs/<recipe>`; finished steps are not redone, so
     the call can be repeated after an interruption (training resumes from its last checkpoint).
+    `on_event` receives the trainer's progress events (see `haed.train.train`).
     """
     workdir = Path(workdir)
     say = console.print if console is not None else (lambda *a, **k: None)
@@ -49,13 +51,14 @@ def quickstart(workdir: Path = Path("."), recipe: Recipe | str = "tiny", overrid
     decoder_dir = run_dir / "decoder"
     for number, objective, out, init_from in ((2, "iem", run_dir, None), (3, "decoder", decoder_dir, run_dir)):
         cfg = getattr(recipe, objective)
-        last = latest_checkpoint(out)
-        done = int(last.name.split("-")[1]) if last else 0
-        if done >= cfg.steps:
-            say(f"[bold]{number}/5 {objective}[/]: {out} already finished ({done} steps)")
+        if phase_finished(out, cfg):
+            say(f"[bold]{number}/5 {objective}[/]: {out} already finished")
             continue
-        say(f"[bold]{number}/5 {objective}[/]: {cfg.steps} steps into {out}")
-        train(recipe, objective, out, resume=last is not None, init_from=None if last else init_from, device=device)
+        started = latest_intact_checkpoint(out) is not None
+        say(f"[bold]{number}/5 {objective}[/]: " + (f"{cfg.time_budget:g} s" if cfg.time_budget else f"{cfg.steps} steps")
+            + f" into {out}")
+        train(recipe, objective, out, resume=started, init_from=None if started else init_from, device=device,
+              on_event=on_event)
 
     say("[bold]4/5 evaluate[/]: exact bits per byte of the test split")
     evaluation = evaluate_run(run_dir, "test", device=device)

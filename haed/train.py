@@ -11,29 +11,37 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from haed import __version__
 from haed.checkpoint import (
-    latest_checkpoint,
+    BEST,
+    RunLock,
+    checkpoint_step,
+    latest_intact_checkpoint,
     load_optimizer_state,
-    load_run,
     load_weights,
     read_run_config,
     restore_rng_state,
     save_checkpoint,
+    select_checkpoint,
+    step_dirs,
     write_text_atomic,
 )
-from haed.config import Recipe, TrainConfig, recipe_from_dict, recompute_stacks
+from haed.config import Recipe, TrainConfig, apply_overrides, load_recipe, recipe_from_dict, recompute_stacks
 from haed.data import open_dataset, random_windows
 from haed.errors import HaedError
 from haed.model import HAED, build_model, count_parameters
-from haed.objectives import OBJECTIVES, trainable_parameters
+from haed.objectives import OBJECTIVES, get_objective, trainable_parameters
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -51,11 +59,17 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to lr * min_lr_ratio.
+
+    The decay runs over the steps, or with a time budget over `progress` (the fraction of the
+    budget's seconds spent).
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if progress is None:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
@@ -129,6 +143,9 @@ class TrainResult:
     step: int
     last_metrics: dict = field(default_factory=dict)
     last_eval: dict = field(default_factory=dict)
+    best: dict | None = None  # {"step", "metric", "value", "path"} of the best validation point
+    train_seconds: float = 0.0  # seconds of training (validation and checkpoints not counted)
+    interrupted: str | None = None  # the signal that stopped the run early ("SIGINT", "SIGTERM"), if any
 
 
 def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
@@ -160,59 +177,207 @@ def evaluate_objective(model, objective: str, data: np.ndarray, cfg: TrainConfig
     return {k: v / cfg.eval_batches for k, v in totals.items()}
 
 
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
+def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None) -> Recipe:
+    """The recipe of a decoder phase on top of an IEM run: the run's own recipe, plus overrides."""
+    parent = read_run_config(parent_run)
+    wanted = get_objective("decoder").parent_objective
+    if parent.get("objective") != wanted:
+        raise HaedError(f"{parent_run} is a {parent.get('objective')} run: the decoder phase starts from an {wanted} run")
+    values = parent["recipe"]
+    apply_overrides(values, list(overrides or []))
+    return recipe_from_dict(values)
 
 
-def _format_rate(bytes_per_second: float) -> str:
-    if bytes_per_second >= 1e6:
-        return f"{bytes_per_second / 1e6:.2f} MB/s"
-    return f"{bytes_per_second / 1e3:.1f} kB/s"
+def recipe_for_run(run_dir: Path | None, recipe: str = "tiny", overrides: list[str] | None = None) -> Recipe:
+    """`run_dir`'s own recipe (when given) or the named recipe, with `--set`-style overrides applied."""
+    if run_dir is None:
+        return load_recipe(recipe, overrides)
+    values = read_run_config(run_dir)["recipe"]
+    apply_overrides(values, list(overrides or []))
+    return recipe_from_dict(values)
+
+
+def phase_finished(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether the run in `run_dir` has run its schedule to the end (its steps, or its time budget)."""
+    checkpoint = latest_intact_checkpoint(run_dir)
+    if checkpoint is None:
+        return False
+    state = json.loads((checkpoint / "state.json").read_text())
+    return state["step"] >= cfg.steps or bool(cfg.time_budget and state.get("train_seconds", 0.0) >= cfg.time_budget)
+
+
+class _StopRequests:
+    """Turns SIGINT and SIGTERM into a request to stop after the current step (and checkpoint).
+
+    A second Ctrl-C interrupts at once. Only the main thread can install signal handlers; elsewhere
+    signals keep their usual effect.
+    """
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signal == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+class _NonFinite:
+    """Remembers, on the device, the first step whose loss or gradient norm was not finite.
+
+    Checking costs a host synchronisation, so it is read only where the loop synchronises anyway (logging,
+    validation, checkpoints), and always before weights are written.
+    """
+
+    def __init__(self, device):
+        self.step = torch.full((2,), -1, dtype=torch.long, device=device)  # [loss, grad norm]
+        self.value = torch.zeros(2, dtype=torch.float32, device=device)
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        values = torch.stack((loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())))
+        first = (self.step < 0) & ~torch.isfinite(values)
+        self.step.copy_(torch.where(first, torch.full_like(self.step, step), self.step))
+        self.value.copy_(torch.where(first, values, self.value))
+
+    def check(self, last_checkpoint: str) -> None:
+        steps, values = self.step.tolist(), self.value.tolist()
+        for name, step, value in zip(("loss", "gradient norm"), steps, values):
+            if step >= 0:
+                raise HaedError(f"step {step}: the {name} is {value} (not finite); training stopped without saving "
+                                f"these weights ({last_checkpoint}). Lower the learning rate or check the data.")
+
+
+def _checkpoint_bytes(model, with_optimizer: bool) -> int:
+    weights = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    return weights * (3 if with_optimizer else 1)  # AdamW keeps two float32 moments per parameter
+
+
+def _preflight(run_dir: Path, model, cfg: TrainConfig, splits: dict, seq_len: int) -> None:
+    """Everything that can fail later but can be checked now, each with one line naming the cause."""
+    for name, data in splits.items():
+        if len(data) < seq_len:
+            raise HaedError(f"the {name} split has {len(data):,} bytes, fewer than one window of seq_len={seq_len:,}: "
+                            f"use a smaller --seq-len or more data")
+    # Two step checkpoints, the best one and one being written may coexist.
+    needed = 2 * _checkpoint_bytes(model, True) + 2 * _checkpoint_bytes(model, False)
+    where = run_dir
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free < needed:
+        raise HaedError(f"{where} has {free / 1e6:,.0f} MB free, checkpoints of this model need about {needed / 1e6:,.0f} MB")
+
+
+def _emit(on_event, event: str, **fields) -> None:
+    if on_event is not None:
+        on_event({"event": event, **fields})
+
+
+def _recipe_differences(a: dict, b: dict, where: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _recipe_differences(va, vb, f"{where}{key}.")
+        elif va != vb:
+            out.append(f"{where}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def _comparable(recipe: dict) -> dict:
+    recipe = json.loads(json.dumps(recipe))
+    recipe["data"]["dataset"] = str(Path(recipe["data"]["dataset"]).resolve())
+    return recipe
 
 
 def train(
-    recipe: Recipe,
+    recipe: Recipe | None,
     objective: str,
     run_dir: Path,
     *,
     resume: bool = False,
+    allow_changes: bool = False,
     init_from: Path | None = None,
     device: str = "auto",
     stop_after: int | None = None,
-    show_progress: bool = True,
+    compile: bool | None = None,
+    on_event: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train `recipe`'s model with `objective` ("iem", "decoder", "full", "flat") into `run_dir`.
 
-    `init_from`: the IEM run whose encoder and main model the decoder phase starts from (frozen).
-    `stop_after`: stop (with a checkpoint) after this many steps although the schedule runs to
-    `steps`; a later `resume=True` continues exactly where it stopped.
+    `resume`: continue the run in `run_dir` from its newest intact checkpoint, with the run's own
+    recipe (`recipe=None`), or with `recipe` if it equals the run's; a different recipe is refused
+    unless `allow_changes` (for example to extend `steps` or `time_budget`).
+    `init_from`: the IEM run whose encoder and main model the decoder phase starts from (frozen):
+    its best checkpoint by validation loss, else its last.
+    `stop_after`: stop (with a checkpoint) after this many steps although the schedule runs on;
+    a later `resume=True` continues exactly where it stopped.
+    `compile`: override the phase's `compile` setting (it changes speed, not results).
+    `on_event`: called with a dict per event ("start", "log", "valid", "best", "checkpoint",
+    "message", "progress", "end"); the library itself prints nothing.
     """
-    if objective not in OBJECTIVES:
-        raise HaedError(f"unknown objective {objective!r}: one of {', '.join(OBJECTIVES)}")
-    if objective == "flat" and recipe.model.arch != "flat":
-        raise HaedError("the flat objective needs model.arch = 'flat'")
-    if objective != "flat" and recipe.model.arch == "flat":
-        raise HaedError(f"model.arch = 'flat' trains only with the flat objective, not {objective!r}")
-    if objective == "decoder" and init_from is None and not resume:
-        raise HaedError("the decoder phase needs an IEM run to start from")
-    cfg: TrainConfig = recipe.full if objective == "flat" else getattr(recipe, objective)
+    spec = get_objective(objective)
     run_dir = Path(run_dir)
+    if spec.parent_objective and init_from is None and not resume:
+        raise HaedError(f"the {objective} phase needs a {spec.parent_objective} run to start from")
+    if recipe is None and not resume:
+        raise HaedError("a recipe is needed to start a run")
+    if resume and latest_intact_checkpoint(run_dir) is None:
+        raise HaedError(f"--resume: {run_dir} has no checkpoint to resume from")
+    created = run_dir.absolute()  # the outermost folder this call creates, if any
+    while not created.parent.exists():
+        created = created.parent
+    created = None if created.exists() else created
+    try:
+        with RunLock(run_dir):
+            return _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, device, stop_after,
+                                 compile, on_event)
+    except HaedError:
+        # A run refused before its first checkpoint leaves nothing behind.
+        if created is not None and not step_dirs(run_dir) and not (run_dir / BEST).exists():
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, device, stop_after, compile,
+                  on_event) -> TrainResult:
+    objective = spec.name
+    previous = checkpoint = None
+    if resume:
+        checkpoint = latest_intact_checkpoint(run_dir)
+        previous = read_run_config(run_dir)
+        if previous.get("objective") != objective:
+            raise HaedError(f"--resume: {run_dir} was trained with {previous.get('objective')}, not {objective}")
+        if recipe is None:
+            recipe = recipe_from_dict(previous["recipe"])
+        else:
+            changes = _recipe_differences(_comparable(previous["recipe"]), _comparable(recipe.to_dict()))
+            if changes and not allow_changes:
+                raise HaedError(f"--resume: the recipe differs from the run's own ({'; '.join(changes)}); "
+                                f"resume without recipe options, or allow the change explicitly")
+    elif step_dirs(run_dir):
+        raise HaedError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
+    if recipe.model.arch != spec.arch:
+        raise HaedError(f"the {objective} objective trains model.arch = {spec.arch!r}, not {recipe.model.arch!r}")
+    cfg: TrainConfig = getattr(recipe, spec.section)
     dev = resolve_device(device)
     torch.manual_seed(cfg.seed)
 
     dataset = open_dataset(recipe.data.dataset)
-    train_data, valid_data = dataset.split("train"), dataset.split("valid")
+    train_data = dataset.split("train")
+    validating = bool(cfg.eval_every or cfg.eval_every_seconds)
+    valid_data = dataset.split("valid") if validating else None
     seq_len = recipe.data.seq_len
 
     model = build_model(recipe.model)
@@ -224,29 +389,30 @@ def train(
                     "sample_rate": dataset.sample_rate},
         "parameters": count_parameters(model),
         "parent_run": str(Path(init_from).resolve()) if init_from else None,
+        "parent_checkpoint": None,
+        "time_budget": cfg.time_budget,
+        "train_seconds": 0.0,
     }
+    _preflight(run_dir, model, cfg, {"train": train_data, **({"valid": valid_data} if validating else {})}, seq_len)
 
-    start_step = 0
-    optimizer_state = None
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise HaedError(f"--resume: {run_dir} has no checkpoint to resume from")
-        previous = read_run_config(run_dir)
-        if previous.get("objective") != objective:
-            raise HaedError(f"--resume: {run_dir} was trained with {previous.get('objective')}, not {objective}")
+    start_step, train_seconds, optimizer_state = 0, 0.0, None
+    if checkpoint is not None:
         load_weights(model, checkpoint)
         optimizer_state = load_optimizer_state(checkpoint, dev)
-        start_step = json.loads((checkpoint / "state.json").read_text())["step"]
+        state = json.loads((checkpoint / "state.json").read_text())
+        start_step, train_seconds = state["step"], float(state.get("train_seconds", 0.0))
         config["parent_run"] = previous.get("parent_run")
-    else:
-        if latest_checkpoint(run_dir) is not None:
-            raise HaedError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
-        if init_from is not None:
-            parent, _, parent_config = load_run(Path(init_from))
-            if parent_config["recipe"]["model"] != recipe.to_dict()["model"]:
-                raise HaedError(f"the model configuration differs from the run {init_from}")
-            model.load_state_dict(parent.state_dict())
+        config["parent_checkpoint"] = previous.get("parent_checkpoint")
+        spent = f", {train_seconds:.1f} s of training done" + (f" of a {cfg.time_budget:g} s budget" if cfg.time_budget else "")
+        _emit(on_event, "message", text=f"resuming {run_dir} from step {start_step} ({checkpoint.name}{spent})")
+    elif init_from is not None:
+        parent_checkpoint = select_checkpoint(Path(init_from), BEST)
+        parent_config = read_run_config(Path(init_from))
+        if parent_config["recipe"]["model"] != recipe.to_dict()["model"]:
+            raise HaedError(f"the model configuration differs from the run {init_from}")
+        load_weights(model, parent_checkpoint)
+        config["parent_checkpoint"] = str(parent_checkpoint.resolve())
+        _emit(on_event, "message", text=f"starting from {parent_checkpoint}")
 
     model.to(dev).train()
     params = set_trainable(model, objective)
@@ -254,8 +420,8 @@ def train(
     optimizer = make_optimizer(params, cfg, dev)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    maybe_compile(model, objective, cfg.compile, dev)
-    if resume:
+    maybe_compile(model, objective, cfg.compile if compile is None else compile, dev)
+    if checkpoint is not None:
         restore_rng_state(checkpoint)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -263,19 +429,38 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
     _truncate_metrics(metrics_path, start_step)
 
-    loss_fn = OBJECTIVES[objective]
+    best = _read_best(run_dir, spec.selection_metric)
+    budget = cfg.time_budget
+    # With a budget (or timed validation) each step is timed to the end of its GPU work; otherwise the
+    # host runs ahead and the pending work is charged to training whenever the loop synchronises.
+    timed_steps = dev.type == "cuda" and bool(budget or cfg.eval_every_seconds)
     bytes_per_step = cfg.batch_size * cfg.grad_accum * seq_len
-    end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    result = TrainResult(run_dir=run_dir, step=start_step)
-    progress = _progress() if show_progress else None
-    task = None
-    if progress is not None:
-        progress.start()
-        task = progress.add_task(f"{objective}", total=cfg.steps, completed=start_step, loss="-", rate="")
-    window_start, window_steps = time.perf_counter(), 0
-    try:
-        for step in range(start_step, end_step):
-            lr = lr_at(step, cfg)
+    max_steps = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    result = TrainResult(run_dir=run_dir, step=start_step, train_seconds=train_seconds,
+                         best=best if best["value"] < math.inf else None)
+    nonfinite = _NonFinite(dev)
+    last_checkpoint = f"the last checkpoint is {checkpoint.name}" if checkpoint is not None else "no checkpoint was written"
+    next_eval_seconds = _next_multiple(train_seconds, cfg.eval_every_seconds)
+    window_seconds, window_steps = 0.0, 0
+    _emit(on_event, "start", objective=objective, run_dir=str(run_dir), unit="seconds" if budget else "steps",
+          total=budget if budget else cfg.steps, completed=train_seconds if budget else start_step,
+          parameters=config["parameters"])
+
+    def synchronise() -> float:
+        """Wait for queued GPU work; return the seconds waited (charged to training)."""
+        if dev.type != "cuda":
+            return 0.0
+        t = time.perf_counter()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    done = start_step
+    with _StopRequests() as stop:
+        while done < max_steps and not (budget and train_seconds >= budget) and stop.signal is None:
+            step = done
+            t0 = time.perf_counter()
+            progress = train_seconds / budget if budget else None
+            lr = lr_at(step, cfg, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [
@@ -283,46 +468,83 @@ def train(
                  torch_generator(cfg.seed, step, micro))
                 for micro in range(cfg.grad_accum)
             ]
-            sums, grad_norm = train_step(model, optimizer, params, loss_fn, cfg, batches, dev)
-            window_steps += 1
+            sums, grad_norm = train_step(model, optimizer, params, OBJECTIVES[objective], cfg, batches, dev)
             done = step + 1
+            nonfinite.update(done, sums["loss"], grad_norm)
+            if timed_steps:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            train_seconds += elapsed
+            window_seconds += elapsed
+            window_steps += 1
 
-            if done % cfg.log_every == 0 or done == end_step:
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - window_start
-                rate = bytes_per_step * window_steps / max(elapsed, 1e-9)
-                window_start, window_steps = time.perf_counter(), 0
+            schedule_done = done >= cfg.steps or bool(budget and train_seconds >= budget)
+            last = done >= max_steps or schedule_done
+            log_now = done % cfg.log_every == 0 or last
+            eval_now = validating and (
+                (cfg.eval_every and done % cfg.eval_every == 0) or schedule_done
+                or (cfg.eval_every_seconds and train_seconds >= next_eval_seconds))
+            ckpt_now = done % cfg.ckpt_every == 0 or last or stop.signal is not None
+            if log_now or eval_now or ckpt_now:
+                waited = synchronise()
+                train_seconds += waited
+                window_seconds += waited
+                nonfinite.check(last_checkpoint)
+            if log_now:
+                rate = bytes_per_step * window_steps / max(window_seconds, 1e-9)
+                window_seconds, window_steps = 0.0, 0
                 record = {"step": done, "split": "train", "lr": lr, "grad_norm": float(grad_norm),
-                          "bytes_per_second": rate, **{k: float(v) for k, v in sums.items()}}
+                          "bytes_per_second": rate, "train_seconds": round(train_seconds, 4),
+                          **{k: float(v) for k, v in sums.items()}}
                 _append_metrics(metrics_path, record)
                 result.last_metrics = record
-                if progress is not None:
-                    progress.update(task, loss=f"{record['loss']:.4f}", rate=_format_rate(rate))
-            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-                record = {"step": done, "split": "valid", **evaluate_objective(model, objective, valid_data, cfg, seq_len, dev)}
+                _emit(on_event, "log", **record)
+            if eval_now:
+                next_eval_seconds = _next_multiple(train_seconds, cfg.eval_every_seconds)
+                record = {"step": done, "split": "valid", "train_seconds": round(train_seconds, 4),
+                          **evaluate_objective(model, objective, valid_data, cfg, seq_len, dev)}
                 _append_metrics(metrics_path, record)
                 result.last_eval = record
-                if progress is not None:
-                    progress.console.log(_format_eval(record))
-                window_start = time.perf_counter()
-            if done % cfg.ckpt_every == 0 or done == end_step:
-                state = {"step": done, "objective": objective, "bytes_seen": done * bytes_per_step}
-                save_checkpoint(run_dir, done, model, optimizer, state, config)
-                window_start = time.perf_counter()
-            if progress is not None:
-                progress.update(task, completed=done)
-            result.step = done
-    finally:
-        if progress is not None:
-            progress.stop()
+                _emit(on_event, "valid", **record)
+                value = record.get(spec.selection_metric, math.inf)
+                if value < best["value"]:
+                    best = {"step": done, "metric": spec.selection_metric, "value": value,
+                            "train_seconds": round(train_seconds, 4)}
+                    save_checkpoint(run_dir, done, model, None, {**best, "objective": objective}, config, name=BEST)
+                    result.best = {**best, "path": str(run_dir / BEST)}
+                    _emit(on_event, "best", **result.best)
+            if ckpt_now:
+                state = {"step": done, "objective": objective, "bytes_seen": done * bytes_per_step,
+                         "train_seconds": train_seconds}
+                path = save_checkpoint(run_dir, done, model, optimizer, state, config)
+                last_checkpoint = f"the last checkpoint is {path.name}"
+                _emit(on_event, "checkpoint", step=done, path=str(path))
+            result.step, result.train_seconds = done, train_seconds
+            _emit(on_event, "progress", completed=train_seconds if budget else done)
+        result.interrupted = stop.signal
+    if result.interrupted:
+        _emit(on_event, "message", text=f"stopped by {result.interrupted} at step {done}: checkpoint written; "
+                                        f"continue with --resume")
+    config["train_seconds"] = round(train_seconds, 4)
+    config["steps_done"] = done
+    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+    _emit(on_event, "end", step=done, train_seconds=train_seconds)
     plot_metrics(metrics_path, run_dir / "metrics.png")
     return result
 
 
-def _format_eval(record: dict) -> str:
-    parts = [f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "split", "candidates")]
-    return f"step {record['step']} valid: " + ", ".join(parts)
+def _next_multiple(seconds: float, every: float) -> float:
+    return math.inf if not every else (math.floor(seconds / every) + 1) * every
+
+
+def _read_best(run_dir: Path, metric: str) -> dict:
+    """The best validation point kept so far in `run_dir` (value inf when there is none)."""
+    path = Path(run_dir) / BEST / "state.json"
+    if path.is_file():
+        state = json.loads(path.read_text())
+        if state.get("metric") == metric:
+            return {k: state[k] for k in ("step", "metric", "value", "train_seconds") if k in state}
+    return {"step": None, "metric": metric, "value": math.inf}
 
 
 def _append_metrics(path: Path, record: dict) -> None:
@@ -334,7 +556,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop records from beyond the checkpoint (steps that will be run again)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by a crash mid-write
+            continue
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 

@@ -10,16 +10,14 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from haed_cli.common import console, err_console, user_errors
+from haed_cli.common import TrainingDisplay, console, err_console, user_errors
 
 RECIPE_HELP = "Recipe name (tiny, enwik8, speech) or path to a .toml file."
 SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
 
 
-def _recipe(recipe: str, overrides: list[str], dataset: Optional[Path], steps: Optional[int], batch_size: Optional[int],
-            seq_len: Optional[int], section: str, extra: list[str] = ()):
-    from haed.config import load_recipe
-
+def _recipe_sets(overrides: list[str], dataset: Optional[Path], steps: Optional[int], batch_size: Optional[int],
+                 seq_len: Optional[int], time_budget: Optional[float], section: str) -> list[str]:
     sets = list(overrides or [])
     if dataset is not None:
         sets.append(f'data.dataset="{dataset}"')
@@ -29,47 +27,61 @@ def _recipe(recipe: str, overrides: list[str], dataset: Optional[Path], steps: O
         sets.append(f"{section}.steps={steps}")
     if batch_size is not None:
         sets.append(f"{section}.batch_size={batch_size}")
-    return load_recipe(recipe, [*sets, *extra])
-
-
-def _print_parameters(config_parameters: dict) -> None:
-    console.print("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in config_parameters.items()))
+    if time_budget is not None:
+        sets.append(f"{section}.time_budget={float(time_budget)}")
+    return sets
 
 
 def _print_train_result(result, objective: str) -> None:
     m = result.last_metrics
-    line = f"[green]done[/] {objective}: step {result.step}, run {result.run_dir}"
+    line = f"[green]done[/] {objective}: step {result.step}, {result.train_seconds:.1f} s of training, run {result.run_dir}"
     if m:
         line += f", train loss {m.get('loss', float('nan')):.4f}, {m.get('bytes_per_second', 0) / 1e3:.1f} kB/s"
     console.print(line)
     if result.last_eval:
-        console.print("valid: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items() if k not in ("step", "split", "candidates")))
+        console.print("valid: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()
+                                            if k not in ("step", "split", "candidates", "train_seconds")))
+    if result.best:
+        console.print(f"best: {result.best['metric']} {result.best['value']:.4f} at step {result.best['step']} "
+                      f"({result.best['path']})")
 
 
-def _train(objective: str, recipe, out: Optional[Path], resume: bool, device: str, no_compile: bool, init_from=None):
-    from haed.model import build_model, count_parameters
-    from haed.train import train
+def _train(objective: str, recipe_name: Optional[str], sets: list[str], out: Optional[Path], resume: bool,
+           allow_changes: bool, device: str, no_compile: bool, init_from=None, recipe=None):
+    from haed.train import recipe_for_run, train
 
-    if no_compile:
-        getattr(recipe, "full" if objective == "flat" else objective).compile = False
-    run_dir = out or Path("runs") / f"{recipe.name}-{objective}"
-    console.print(f"[bold]{objective}[/] training of recipe [bold]{recipe.name}[/] into {run_dir}")
-    _print_parameters(count_parameters(build_model(recipe.model)))
-    result = train(recipe, objective, run_dir, resume=resume, device=device, init_from=init_from)
+    run_dir = out or Path("runs") / f"{recipe_name or 'tiny'}-{objective}"
+    if recipe is None and (not resume or recipe_name or sets):
+        recipe = recipe_for_run(run_dir if resume and not recipe_name else None, recipe_name or "tiny", sets)
+    console.print(f"[bold]{objective}[/] training into {run_dir}" + (" (resuming)" if resume else ""))
+    with TrainingDisplay() as display:
+        result = train(recipe, objective, run_dir, resume=resume, allow_changes=allow_changes, device=device,
+                       init_from=init_from, compile=False if no_compile else None, on_event=display)
     _print_train_result(result, objective)
+    if result.interrupted:
+        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
     return result
 
 
+RESUME_HELP = ("Continue the run in --out from its newest intact checkpoint, with the run's own recipe, dataset and "
+               "seed (recipe options that differ are refused unless --allow-changes).")
+ALLOW_HELP = "With --resume: accept recipe options that differ from the run's (e.g. a longer --time-budget)."
+BUDGET_HELP = ("Seconds of training (validation and checkpoints not counted): the schedule runs over the budget and "
+               "the run ends when it is spent.")
+
+
 def train_iem(
-    recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " Default: tiny."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/RECIPE-OBJECTIVE)."),
     objective: str = typer.Option("iem", "--objective", help="iem (default), or full: end-to-end byte cross-entropy (same as train-full)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help=BUDGET_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch (overrides the recipe)."),
     seq_len: Optional[int] = typer.Option(None, help="Window length in bytes (overrides the recipe)."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    allow_changes: bool = typer.Option(False, "--allow-changes", help=ALLOW_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the model (CUDA)."),
 ):
@@ -79,20 +91,22 @@ def train_iem(
     """
     if objective not in ("iem", "full"):
         raise typer.BadParameter("--objective is iem or full")
-    r = _recipe(recipe, overrides, dataset, steps, batch_size, seq_len, objective)
-    _train(objective, r, out, resume, device, no_compile)
+    sets = _recipe_sets(overrides, dataset, steps, batch_size, seq_len, time_budget, objective)
+    _train(objective, recipe, sets, out, resume, allow_changes, device, no_compile)
 
 
 def train_full(
-    recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " Default: tiny."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/RECIPE-full or runs/RECIPE-flat)."),
     arch: str = typer.Option("haed", help="haed: the hierarchy end to end; flat: a byte-level transformer (the recipe's main stack over bytes)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe's [full] section)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help=BUDGET_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
     seq_len: Optional[int] = typer.Option(None, help="Window length in bytes."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    allow_changes: bool = typer.Option(False, "--allow-changes", help=ALLOW_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the model (CUDA)."),
 ):
@@ -103,41 +117,34 @@ def train_full(
     if arch not in ("haed", "flat"):
         raise typer.BadParameter("--arch is haed or flat")
     objective = "flat" if arch == "flat" else "full"
-    r = _recipe(recipe, overrides, dataset, steps, batch_size, seq_len, "full", [f"model.arch={arch}"])
-    _train(objective, r, out, resume, device, no_compile)
+    sets = _recipe_sets(overrides, dataset, steps, batch_size, seq_len, time_budget, "full")
+    if not resume or recipe is not None or sets:
+        sets.append(f"model.arch={arch}")
+    _train(objective, recipe, sets, out, resume, allow_changes, device, no_compile)
 
 
 def train_decoder(
     run: Path = typer.Option(..., "--run", help="The IEM run whose encoder and main model are frozen."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: RUN/decoder)."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe's [decoder] section)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help=BUDGET_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
     overrides: List[str] = typer.Option([], "--set", help="Override decoder-phase fields, e.g. --set decoder.lr=3e-4."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the decoder phase in --out from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
+    allow_changes: bool = typer.Option(False, "--allow-changes", help=ALLOW_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the decoder (CUDA)."),
 ):
-    """Decoder phase: freeze an IEM run's encoder and main model, train the byte decoder.
+    """Decoder phase: freeze an IEM run's encoder and main model (its best checkpoint), train the byte decoder.
 
     Example: haed train-decoder --run runs/tiny
     """
-    from haed.checkpoint import read_run_config
-    from haed.config import apply_overrides, recipe_from_dict
+    from haed.train import decoder_phase_recipe
 
-    parent = read_run_config(run)
-    if parent.get("objective") != "iem":
-        from haed.errors import HaedError
-
-        raise HaedError(f"{run} is a {parent.get('objective')} run: the decoder phase starts from an IEM run")
-    values = parent["recipe"]
-    sets = list(overrides)
-    if steps is not None:
-        sets.append(f"decoder.steps={steps}")
-    if batch_size is not None:
-        sets.append(f"decoder.batch_size={batch_size}")
-    apply_overrides(values, sets)
-    recipe = recipe_from_dict(values)
-    _train("decoder", recipe, out or Path(run) / "decoder", resume, device, no_compile, init_from=None if resume else run)
+    sets = _recipe_sets(overrides, None, steps, batch_size, None, time_budget, "decoder")
+    recipe = None if resume and not sets else decoder_phase_recipe(run, sets)
+    _train("decoder", None, [], out or Path(run) / "decoder", resume, allow_changes, device, no_compile,
+           init_from=None if resume else run, recipe=recipe)
 
 
 def evaluate(
@@ -260,7 +267,9 @@ def quickstart(
     """
     from haed.pipeline import quickstart as run_pipeline
 
-    result = run_pipeline(workdir, recipe, overrides, prompt.encode("utf-8"), device, console=console)
+    with TrainingDisplay() as display:
+        result = run_pipeline(workdir, recipe, overrides, prompt.encode("utf-8"), device, console=console,
+                              on_event=display)
     ev = result.evaluation
     console.rule("sample")
     sys.stdout.write((result.sample.prompt + result.sample.output).decode("utf-8", errors="replace") + "\n")

@@ -1,15 +1,18 @@
-"""Shared CLI plumbing: one console, and one way to turn a HaedError into a clean exit."""
+"""Shared CLI plumbing: one console, one way to turn a HaedError into a clean exit, warnings as one line,
+and the display of training progress."""
 
 from __future__ import annotations
 
 import functools
 import sys
+import time
+import warnings
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from haed.errors import HaedError
+from haed.errors import HaedError, HaedWarning
 
 console = Console()
 err_console = Console(stderr=True)
@@ -34,3 +37,98 @@ def user_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, HaedWarning):
+        err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+warnings.showwarning = _show_warning
+
+
+def _format_rate(bytes_per_second: float) -> str:
+    if bytes_per_second >= 1e6:
+        return f"{bytes_per_second / 1e6:.2f} MB/s"
+    return f"{bytes_per_second / 1e3:.1f} kB/s"
+
+
+def _format_metrics(record: dict) -> str:
+    skip = ("event", "step", "split", "candidates", "train_seconds", "lr", "grad_norm", "bytes_per_second")
+    return ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in skip and isinstance(v, (int, float)))
+
+
+class TrainingDisplay:
+    """Renders the trainer's events: a live bar on a terminal, one plain line per log interval otherwise.
+
+    Use as a context manager and pass it as `on_event`.
+    """
+
+    def __init__(self, out: Console = console):
+        self.console = out
+        self.live = out.is_terminal
+        self.progress = None
+        self.task = None
+        self.unit = "steps"
+        self.total = 0.0
+        self.started = time.perf_counter()
+        self.completed_at_start = 0.0
+
+    def __enter__(self) -> "TrainingDisplay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def _say(self, text: str) -> None:
+        (self.progress.console if self.progress is not None else self.console).print(text, highlight=False)
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "start":
+            self.unit, self.total = event["unit"], float(event["total"])
+            self.started, self.completed_at_start = time.perf_counter(), float(event["completed"])
+            self._say("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in event["parameters"].items()))
+            if self.live:
+                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+                self.progress = Progress(
+                    TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.fields[done]}"), TextColumn("loss {task.fields[loss]}"),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=self.console,
+                )
+                self.progress.start()
+                self.task = self.progress.add_task(event["objective"], total=self.total, completed=event["completed"],
+                                                   loss="-", rate="", done="")
+        elif kind == "progress" and self.progress is not None:
+            done = event["completed"]
+            label = f"{done:.0f}/{self.total:.0f} s" if self.unit == "seconds" else f"{done}/{self.total:.0f}"
+            self.progress.update(self.task, completed=done, done=label)
+        elif kind == "log":
+            if self.progress is not None:
+                self.progress.update(self.task, loss=f"{event['loss']:.4f}", rate=_format_rate(event["bytes_per_second"]))
+            else:
+                self._say(self._plain_line(event))
+        elif kind == "valid":
+            self._say(f"step {event['step']} valid: {_format_metrics(event)}")
+        elif kind == "best" and not self.live:
+            self._say(f"step {event['step']}: best {event['metric']} so far ({event['value']:.4f}) kept in {event['path']}")
+        elif kind == "message":
+            self._say(event["text"])
+        elif kind == "end":
+            self.__exit__()
+
+    def _plain_line(self, event: dict) -> str:
+        done = event["train_seconds"] if self.unit == "seconds" else event["step"]
+        fraction = (done - self.completed_at_start) / max(self.total - self.completed_at_start, 1e-9)
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
+        where = f"{event['train_seconds']:.0f}/{self.total:.0f} s" if self.unit == "seconds" else f"{event['step']}/{self.total:.0f}"
+        return (f"step {event['step']} ({where}): loss {event['loss']:.4f}, {_format_rate(event['bytes_per_second'])}, "
+                f"ETA {eta:.0f} s")

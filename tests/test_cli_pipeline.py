@@ -86,7 +86,10 @@ def test_full_and_flat_baselines_and_resume(setup):
     _ok(["evaluate", "--run", str(root / "flat"), "--max-bytes", "100"])
     result = runner.invoke(app, ["train-full", "--recipe", str(recipe), "--out", str(root / "full"), "--steps", "2"])
     assert result.exit_code == 1 and "--resume" in result.output
-    _ok(["train-full", "--recipe", str(recipe), "--out", str(root / "full"), "--steps", "4", "--resume"])
+    # Resuming takes the run's own recipe; a different value is refused unless allowed explicitly.
+    result = runner.invoke(app, ["train-full", "--out", str(root / "full"), "--steps", "4", "--resume"])
+    assert result.exit_code == 1 and "full.steps: 2 -> 4" in result.output
+    _ok(["train-full", "--out", str(root / "full"), "--steps", "4", "--resume", "--allow-changes"])
     assert (root / "full" / "step-000004").is_dir()
 
 

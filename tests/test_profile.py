@@ -61,7 +61,7 @@ def oom_in(objective_loss, seq_len):
     """A step function that runs out of memory in the cell of (loss function, seq_len) only."""
 
     def step(model, optimizer, params, loss_fn, cfg, batches, device):
-        if loss_fn is objective_loss and batches[0][0].shape[1] == seq_len:
+        if getattr(loss_fn, "loss", loss_fn) is objective_loss and batches[0][0].shape[1] == seq_len:
             waste = torch.zeros(1000)  # something the failed cell holds when it fails
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 80.00 GiB ({waste.numel()})")
         return train_step(model, optimizer, params, loss_fn, cfg, batches, device)

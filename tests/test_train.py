@@ -25,10 +25,10 @@ def test_resume_continues_exactly(dataset, tmp_path, objective):
     cfg = recipe.full if objective == "flat" else getattr(recipe, objective)
     cfg.steps, cfg.ckpt_every, cfg.grad_accum = 6, 100, 2
     recipe.model.main.dropout = 0.1  # resume must also restore the dropout generator
-    straight = train(recipe, objective, tmp_path / "straight", show_progress=False)
-    half = train(recipe, objective, tmp_path / "resumed", stop_after=3, show_progress=False)
+    straight = train(recipe, objective, tmp_path / "straight")
+    half = train(recipe, objective, tmp_path / "resumed", stop_after=3)
     assert half.step == 3
-    resumed = train(recipe, objective, tmp_path / "resumed", resume=True, show_progress=False)
+    resumed = train(recipe, objective, tmp_path / "resumed", resume=True)
     assert resumed.step == straight.step == 6
     a = load_file(str(latest_checkpoint(tmp_path / "straight") / "model.safetensors"))
     b = load_file(str(latest_checkpoint(tmp_path / "resumed") / "model.safetensors"))
@@ -40,10 +40,10 @@ def test_resume_continues_exactly(dataset, tmp_path, objective):
 
 def test_seeded_runs_are_reproducible_and_seed_matters(dataset, tmp_path):
     recipe = debug_recipe(str(dataset))
-    train(recipe, "iem", tmp_path / "a", show_progress=False)
-    train(recipe, "iem", tmp_path / "b", show_progress=False)
+    train(recipe, "iem", tmp_path / "a")
+    train(recipe, "iem", tmp_path / "b")
     recipe.iem.seed = 1
-    train(recipe, "iem", tmp_path / "c", show_progress=False)
+    train(recipe, "iem", tmp_path / "c")
     w = {k: load_file(str(latest_checkpoint(tmp_path / k) / "model.safetensors")) for k in "abc"}
     assert all(torch.equal(w["a"][n], w["b"][n]) for n in w["a"])
     assert not all(torch.equal(w["a"][n], w["c"][n]) for n in w["a"])
@@ -51,8 +51,8 @@ def test_seeded_runs_are_reproducible_and_seed_matters(dataset, tmp_path):
 
 def test_decoder_phase_leaves_encoder_and_main_bit_identical(dataset, tmp_path):
     recipe = debug_recipe(str(dataset))
-    train(recipe, "iem", tmp_path / "iem", show_progress=False)
-    train(recipe, "decoder", tmp_path / "iem" / "decoder", init_from=tmp_path / "iem", show_progress=False)
+    train(recipe, "iem", tmp_path / "iem")
+    train(recipe, "decoder", tmp_path / "iem" / "decoder", init_from=tmp_path / "iem")
     before = load_file(str(latest_checkpoint(tmp_path / "iem") / "model.safetensors"))
     after = load_file(str(latest_checkpoint(tmp_path / "iem" / "decoder") / "model.safetensors"))
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -69,22 +69,23 @@ def test_decoder_phase_leaves_encoder_and_main_bit_identical(dataset, tmp_path):
 
 def test_run_directory_layout_and_refusals(dataset, tmp_path):
     recipe = debug_recipe(str(dataset))
-    train(recipe, "iem", tmp_path / "run", show_progress=False)
+    train(recipe, "iem", tmp_path / "run")
     run = tmp_path / "run"
     step = latest_checkpoint(run)
     assert step.name == "step-000004"
-    assert {p.name for p in step.iterdir()} == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json"}
+    assert {p.name for p in step.iterdir()} == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json",
+                                                "manifest.json"}
     assert json.loads((step / "state.json").read_text())["step"] == 4
     torch.load(step / "optimizer.pt", weights_only=True)
     assert (run / "metrics.png").stat().st_size > 0
     records = read_metrics(run / "metrics.jsonl")
     assert {"train", "valid"} <= {r["split"] for r in records}
     assert all("patch_accuracy" in r for r in records)
-    assert not list(run.glob(".tmp-*"))
+    assert not list(run.glob(".*.tmp"))
     with pytest.raises(HaedError, match="already holds a run"):
-        train(recipe, "iem", run, show_progress=False)
+        train(recipe, "iem", run)
     with pytest.raises(HaedError, match="trained with iem"):
-        train(recipe, "full", run, resume=True, show_progress=False)
+        train(recipe, "full", run, resume=True)
 
 
 def test_learning_rate_schedule():
@@ -100,6 +101,6 @@ def test_learning_rate_schedule():
 def test_training_reduces_loss(dataset, tmp_path):
     recipe = debug_recipe(str(dataset))
     recipe.full.steps, recipe.full.eval_every = 40, 0
-    train(recipe, "full", tmp_path / "full", show_progress=False)
+    train(recipe, "full", tmp_path / "full")
     losses = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["split"] == "train"]
     assert losses[-1] < losses[0] - 1.0
