@@ -69,18 +69,45 @@ def bits_per_byte(model, data: np.ndarray, seq_len: int, batch_size: int = 8, de
     }
 
 
+def read_eval_data(path: Path, split: str, kind: str, sample_rate: int | None) -> tuple[np.ndarray, str]:
+    """Bytes to evaluate from `path`: a dataset directory's split, a WAV/FLAC file (audio runs: mono,
+    resampled, mu-law encoded as in training), or any other file's raw bytes. Returns (bytes, description)."""
+    path = Path(path)
+    if path.is_dir():
+        dataset = open_dataset(path)
+        if dataset.kind != kind:
+            raise HaedError(f"{path} is a {dataset.kind} dataset, but the run models {kind}")
+        return dataset.split(split), f"{path} ({split} split)"
+    if not path.is_file():
+        raise HaedError(f"--data {path} does not exist")
+    if kind == "audio" and path.suffix.lower() in (".wav", ".flac"):
+        from haed.audio import encode_to_bytes, read_audio
+
+        return encode_to_bytes(read_audio(path, sample_rate)), f"{path} (mu-law at {sample_rate} Hz)"
+    return np.fromfile(path, dtype=np.uint8), f"{path} (raw bytes)"
+
+
 def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 8, device: str = "auto",
-                 max_bytes: int | None = None, seq_len: int | None = None, progress=None) -> dict:
-    """Exact bits per byte of a run's dataset split (an IEM run is evaluated through its decoder phase)."""
+                 max_bytes: int | None = None, seq_len: int | None = None, progress=None,
+                 checkpoint: str = "best", data: Path | None = None) -> dict:
+    """Exact bits per byte of a run's dataset split, or of `data` (a file or a dataset directory).
+
+    An IEM run is evaluated through its decoder phase. `checkpoint`: "best" (the best validation point,
+    else the last), "last" or "step-N".
+    """
     run_dir = resolve_sampling_run(Path(run_dir))
     dev = resolve_device(device)
-    model, recipe, config = load_run(run_dir, dev)
-    dataset = open_dataset(config["dataset"]["path"])
+    model, recipe, config = load_run(run_dir, dev, checkpoint)
+    kind, sample_rate = config["dataset"]["kind"], config["dataset"].get("sample_rate")
+    if data is None:
+        values, source = open_dataset(config["dataset"]["path"]).split(split), f"{split} split"
+    else:
+        values, source = read_eval_data(data, split, kind, sample_rate)
     seq_len = seq_len or recipe.data.seq_len
     if isinstance(model, HAED) and seq_len % model.patch_size:
         raise HaedError(f"--seq-len must be a multiple of the patch size {model.patch_size}")
-    result = bits_per_byte(model, dataset.split(split), seq_len, batch_size, dev, max_bytes, progress)
-    unit = "bits per 8-bit sample" if dataset.kind == "audio" else "bits per byte"
-    result.update({"run": str(run_dir), "checkpoint": config["checkpoint"], "split": split, "kind": dataset.kind,
-                   "unit": unit, "device": str(dev)})
+    result = bits_per_byte(model, values, seq_len, batch_size, dev, max_bytes, progress)
+    unit = "bits per 8-bit sample" if kind == "audio" else "bits per byte"
+    result.update({"run": str(run_dir), "checkpoint": config["checkpoint"], "split": split if data is None else None,
+                   "data": source, "kind": kind, "unit": unit, "device": str(dev)})
     return result

@@ -13,6 +13,7 @@ from rich.table import Table
 from haed_cli.common import TrainingDisplay, console, err_console, user_errors
 
 RECIPE_HELP = "Recipe name (tiny, enwik8, speech) or path to a .toml file."
+CHECKPOINT_HELP = "Which weights: best (the best validation point; the last if none), last, or step-N."
 SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
 
 
@@ -154,9 +155,11 @@ def evaluate(
     max_bytes: Optional[int] = typer.Option(None, help="Evaluate only the first N bytes of the split."),
     seq_len: Optional[int] = typer.Option(None, help="Window length (default: the training window)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
+    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate other bytes: a file (raw bytes; a WAV/FLAC for audio runs) or a dataset directory (its --split)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
-    """Exact bits per byte of a split (every byte through the decoder; bits per sample for audio).
+    """Exact bits per byte of a split or other data (every byte through the decoder; bits per sample for audio).
 
     Example: haed evaluate --run runs/tiny --split test
     """
@@ -166,8 +169,8 @@ def evaluate(
     from haed.evaluate import evaluate_run
 
     with Progress(console=console, transient=True) as progress:
-        result = evaluate_run(run, split, batch_size, device, max_bytes, seq_len, progress)
-    table = Table(title=f"exact evaluation: {result['split']} split")
+        result = evaluate_run(run, split, batch_size, device, max_bytes, seq_len, progress, checkpoint, data)
+    table = Table(title=f"exact evaluation: {result['data']}, checkpoint {Path(result['checkpoint']).name}")
     table.add_column("run")
     table.add_column(result["unit"], justify="right")
     table.add_column("bytes", justify="right")
