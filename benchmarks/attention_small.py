@@ -3,7 +3,7 @@
 The decoder attends within one patch: batch = patches (16,384 at seq 8192 x batch 16), length K = 8.
 Compares PyTorch's SDPA backends with plain matrix-product attention (eager and compiled).
 
-    python3 benchmarks/attention_small.py --json $OUT/attention-small.json
+    python benchmarks/attention_small.py --json attention-small.json
 """
 
 from __future__ import annotations

@@ -6,17 +6,17 @@ untimed, median of the timed steps between torch.cuda.synchronize() calls, OOM c
 reported), bf16 autocast, fused AdamW, gradient clipping at 1.0, and the same JSON field names, with
 objective "megabyte-peer", so that `haed profile-memory --merge` puts it beside haed's objectives.
 
-Matched configuration (issue 4): a 12-layer 768-wide global model over patches of 8 bytes and a
-4-layer 256-wide local model (83.1M parameters), MEGABYTE's own defaults otherwise (8 heads of 64,
-feed-forward x4, flash_attn=True, no absolute position embeddings).
+Matched configuration (haed's enwik8 recipe): a 12-layer 768-wide global model over patches of 8
+bytes and a 4-layer 256-wide local model (83.1M parameters), MEGABYTE's own defaults otherwise (8
+heads of 64, feed-forward x4, flash_attn=True, no absolute position embeddings).
 
-On the device (see benchmarks/README.md):
+On a CUDA machine (see benchmarks/README.md):
 
-    source benchmarks/device_setup.sh
-    python3 benchmarks/megabyte_peer.py --data data/enwik8 --seq-lens 2048,4096,8192,16384 \
-        --batch-sizes 4,8,16 --json $OUT/megabyte-peer.json
+    pip install MEGABYTE-pytorch==0.3.6
+    python benchmarks/megabyte_peer.py --data data/enwik8 --seq-lens 2048,4096,8192,16384 \
+        --batch-sizes 4,8,16 --json megabyte-peer.json
 
-Needs `MEGABYTE-pytorch==0.3.6` and `beartype` (einops, tqdm and packaging are on the GPU image).
+Needs `MEGABYTE-pytorch==0.3.6` and its dependencies (beartype, einops, packaging, tqdm).
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def megabyte_class():
     try:
         from MEGABYTE_pytorch import MEGABYTE
     except ImportError as e:
-        raise HaedError(f"{PACKAGE}=={VERSION} is not importable ({e}): install its wheels "
-                        "(source benchmarks/device_setup.sh) or `pip install MEGABYTE-pytorch==0.3.6 beartype`") from None
+        raise HaedError(f"{PACKAGE}=={VERSION} is not importable ({e}): `pip install MEGABYTE-pytorch==0.3.6` "
+                        "(benchmarks/README.md: without network)") from None
     return MEGABYTE
 
 

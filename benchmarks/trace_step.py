@@ -4,8 +4,8 @@ Builds the model of a recipe exactly as `haed profile-memory` does (same trainer
 autocast, compilation), runs warm-up steps, times `--steps` steps with CUDA synchronisation, then
 profiles `--profile-steps` more with torch.profiler and writes the kernels sorted by CUDA time.
 
-    python3 benchmarks/trace_step.py --recipe recipes/enwik8.toml --dataset .dev/enwik8-head \
-        --objectives iem,full --seq-len 8192 --batch-size 16 --out $OUT/trace [--no-compile] [--legacy-gather]
+    python benchmarks/trace_step.py --recipe recipes/enwik8.toml --dataset data/enwik8-head \
+        --objectives iem,full --seq-len 8192 --batch-size 16 --out trace [--no-compile] [--legacy-gather]
 
 `--legacy-gather` puts back plain advanced indexing (`table[index]`) for the gather of patch vectors,
 to measure before/after the embedding-backward gather (see haed.model.gather_rows).
