@@ -430,6 +430,8 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     _truncate_metrics(metrics_path, start_step)
 
     best = _read_best(run_dir, spec.selection_metric)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     budget = cfg.time_budget
     # With a budget (or timed validation) each step is timed to the end of its GPU work; otherwise the
     # host runs ahead and the pending work is charged to training whenever the loop synchronises.
@@ -527,6 +529,8 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
                                         f"continue with --resume")
     config["train_seconds"] = round(train_seconds, 4)
     config["steps_done"] = done
+    if dev.type == "cuda":
+        config["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
     write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
     _emit(on_event, "end", step=done, train_seconds=train_seconds)
     plot_metrics(metrics_path, run_dir / "metrics.png")

@@ -257,6 +257,48 @@ def generate(
                   highlight=False)
 
 
+def compare(
+    recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."),
+    budget: float = typer.Option(..., "--time-budget", "--budget", help="Seconds of training for each system (IEM + decoder phase together get the same)."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Where the runs, compare.json and compare.png go."),
+    systems: str = typer.Option("iem,full,flat", help="Comma-separated: iem (IEM + decoder phase), full, flat."),
+    decoder_fraction: float = typer.Option(0.1, help="Share of the IEM system's budget given to the decoder phase."),
+    evals: int = typer.Option(10, help="Validation points per phase (evenly spaced in training seconds)."),
+    eval_data: List[Path] = typer.Option([], "--eval-data", help="Also score this file or dataset directory (repeatable)."),
+    eval_bytes: Optional[int] = typer.Option(None, help="Score only the first N bytes of each test split or file."),
+    seq_len: Optional[int] = typer.Option(None, help="Window length in bytes (overrides the recipe)."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    flat_overrides: List[str] = typer.Option([], "--flat-set", help="Override the flat baseline's recipe, e.g. --flat-set main.layers=6 (default: depth matched to the hierarchy's parameter count)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the stacks (CUDA); off by default so compilation is not charged to short budgets."),
+):
+    """Which objective should I train? IEM + decoder phase, full and flat for the same seconds, then test bits per byte.
+
+    Example: haed compare --recipe tiny --dataset data/stdlib --time-budget 120 --out runs/compare
+    """
+    from haed.compare import compare as run_compare
+    from haed.train import recipe_for_run
+
+    sets = _recipe_sets(overrides, dataset, None, None, seq_len, None, "iem")
+    r = recipe_for_run(None, recipe, sets)
+    with TrainingDisplay() as display:
+        result = run_compare(r, out, budget, systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
+                             decoder_fraction=decoder_fraction, evals=evals, flat_overrides=flat_overrides,
+                             eval_data=eval_data, eval_bytes=eval_bytes, device=device, compile=compile,
+                             on_event=display)
+    table = Table(title=f"{result['recipe']}: {result['budget_seconds']:g} s of training each, {result['device']}")
+    for column in ("system", "parameters", "train s", f"test {result['unit']}", *result["rows"][0]["other_data"]):
+        table.add_column(column, justify="left" if column == "system" else "right")
+    for row in result["rows"]:
+        table.add_row(row["label"], f"{row['parameters'] / 1e6:.2f}M", f"{row['train_seconds']:.1f}",
+                      f"{row['test_bits_per_byte']:.4f}", *(f"{v:.4f}" for v in row["other_data"].values()))
+    console.print(table)
+    if result["iem_vs_full"] is not None:
+        console.print(f"IEM + decoder phase / full: {result['iem_vs_full']:.3f}")
+    console.print(f"written: {Path(out) / 'compare.json'}, {Path(out) / 'compare.png'} ({result['windowing']})")
+
+
 def quickstart(
     workdir: Path = typer.Option(Path("."), "--workdir", "-w", help="Where data/stdlib and runs/RECIPE go."),
     recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
@@ -289,5 +331,5 @@ def model_device(model) -> str:
 
 def register(app: typer.Typer) -> None:
     for name, fn in (("train-iem", train_iem), ("train-decoder", train_decoder), ("train-full", train_full),
-                     ("evaluate", evaluate), ("generate", generate), ("quickstart", quickstart)):
+                     ("evaluate", evaluate), ("generate", generate), ("compare", compare), ("quickstart", quickstart)):
         app.command(name)(user_errors(fn))

@@ -1,0 +1,193 @@
+"""`haed compare`: which objective should I train? IEM + decoder phase, full and flat at one time budget.
+
+Every system gets the same seconds of training on the same device (validation and checkpoint writing
+not counted), its best validation checkpoint is kept, and each is scored by exact bits per byte on the
+test split (and on any other data given). The IEM system splits its budget between the IEM phase and
+the decoder phase (`decoder_fraction`). The flat baseline is the recipe's main stack over bytes, its
+depth chosen so that its parameter count is closest to the hierarchical model's.
+
+    out_dir/
+      iem/ (and iem/decoder/), full/, flat/    the runs
+      compare.json                             every number, the budget split, parameter counts
+      compare.png                              validation bits per byte against training seconds
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+from haed.checkpoint import latest_intact_checkpoint, read_run_config, write_text_atomic
+from haed.config import Recipe, apply_overrides, recipe_from_dict
+from haed.errors import HaedError
+from haed.evaluate import evaluate_run
+from haed.model import build_model, count_parameters
+from haed.objectives import get_objective
+from haed.train import phase_finished, read_metrics, train
+
+SYSTEMS = ("iem", "full", "flat")
+UNCAPPED_STEPS = 10**9  # with a time budget, `steps` only caps the run
+
+
+def flat_recipe(recipe: Recipe, overrides: list[str] | None = None) -> Recipe:
+    """The flat baseline: the recipe's main stack over bytes, as deep as makes its parameter count
+    closest to the hierarchical model's (unless `overrides` set the layers themselves)."""
+    values = recipe.to_dict()
+    values["model"]["arch"] = "flat"
+    if not any(o.split("=", 1)[0].strip() in ("main.layers", "model.main.layers") for o in overrides or []):
+        target = count_parameters(build_model(recipe.model))["total"]
+        sizes = {}
+        for layers in (1, 2):
+            trial = copy.deepcopy(values)
+            trial["model"]["main"]["layers"] = layers
+            sizes[layers] = count_parameters(build_model(recipe_from_dict(trial).model))["total"]
+        per_layer = sizes[2] - sizes[1]
+        values["model"]["main"]["layers"] = max(1, round((target - (sizes[1] - per_layer)) / per_layer))
+    apply_overrides(values, list(overrides or []))
+    return recipe_from_dict(values)
+
+
+def _budgeted(cfg, seconds: float, evals: int):
+    return dataclasses.replace(cfg, time_budget=seconds, steps=UNCAPPED_STEPS, eval_every=0,
+                               eval_every_seconds=seconds / max(1, evals), ckpt_every=UNCAPPED_STEPS)
+
+
+def _run_phase(recipe: Recipe, objective: str, run_dir: Path, device: str, compile: bool, on_event,
+               init_from: Path | None = None) -> None:
+    cfg = getattr(recipe, get_objective(objective).section)
+    if phase_finished(run_dir, cfg):
+        if on_event:
+            on_event({"event": "message", "text": f"{run_dir} already finished"})
+        return
+    started = latest_intact_checkpoint(run_dir) is not None
+    train(recipe, objective, run_dir, resume=started, init_from=None if started else init_from, device=device,
+          compile=compile, on_event=on_event)
+
+
+def _valid_curve(run_dir: Path, offset: float = 0.0) -> list[list[float]]:
+    return [[offset + r["train_seconds"], r["bits_per_byte"]] for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["split"] == "valid" and "bits_per_byte" in r]
+
+
+def compare(recipe: Recipe, out_dir: Path, budget: float, *, systems: tuple[str, ...] = SYSTEMS,
+            decoder_fraction: float = 0.1, evals: int = 10, flat_overrides: list[str] | None = None,
+            eval_data: list[Path] | None = None, eval_bytes: int | None = None, device: str = "auto",
+            compile: bool = False, on_event: Callable[[dict], None] | None = None) -> dict:
+    """Train each system for `budget` seconds into `out_dir`, score it, write compare.json and compare.png.
+
+    Finished runs are not retrained, so an interrupted comparison continues where it stopped.
+    `eval_bytes`: score only the first N bytes of each split or file (all by default).
+    """
+    if budget <= 0:
+        raise HaedError(f"the time budget must be positive, not {budget}")
+    if not 0 < decoder_fraction < 1:
+        raise HaedError(f"--decoder-fraction must lie between 0 and 1, not {decoder_fraction}")
+    unknown = [s for s in systems if s not in SYSTEMS]
+    if unknown or not systems:
+        raise HaedError(f"unknown system {unknown[0] if unknown else '(none)'}: choose from {', '.join(SYSTEMS)}")
+    if recipe.model.arch != "haed":
+        raise HaedError("compare starts from a hierarchical recipe (model.arch = 'haed')")
+    for path in eval_data or []:
+        if not Path(path).exists():
+            raise HaedError(f"--eval-data {path} does not exist")
+    out_dir = Path(out_dir)
+
+    def say(text: str) -> None:
+        if on_event:
+            on_event({"event": "message", "text": text})
+
+    plans = {}
+    if "iem" in systems:
+        r = copy.deepcopy(recipe)
+        r.iem = _budgeted(r.iem, budget * (1 - decoder_fraction), evals)
+        r.decoder = _budgeted(r.decoder, budget * decoder_fraction, evals)
+        plans["iem"] = r
+    if "full" in systems:
+        r = copy.deepcopy(recipe)
+        r.full = _budgeted(r.full, budget, evals)
+        plans["full"] = r
+    if "flat" in systems:
+        r = flat_recipe(recipe, flat_overrides)
+        r.full = _budgeted(r.full, budget, evals)
+        plans["flat"] = r
+
+    rows = []
+    for system, r in plans.items():
+        run_dir = out_dir / system
+        if system == "iem":
+            say(f"iem + decoder phase: {r.iem.time_budget:g} s + {r.decoder.time_budget:g} s into {run_dir}")
+            _run_phase(r, "iem", run_dir, device, compile, on_event)
+            _run_phase(r, "decoder", run_dir / "decoder", device, compile, on_event, init_from=run_dir)
+            scored = run_dir / "decoder"
+            iem_seconds = read_run_config(run_dir)["train_seconds"]
+            curve = _valid_curve(scored, offset=iem_seconds)
+            seconds = iem_seconds + read_run_config(scored)["train_seconds"]
+            label = "IEM + decoder phase"
+        else:
+            say(f"{system}: {budget:g} s into {run_dir}")
+            _run_phase(r, system, run_dir, device, compile, on_event)
+            scored = run_dir
+            curve = _valid_curve(run_dir)
+            seconds = read_run_config(run_dir)["train_seconds"]
+            label = "full (end to end)" if system == "full" else f"flat {r.model.main.layers}x{r.model.main.dim}"
+        config = read_run_config(scored)
+        test = evaluate_run(scored, "test", device=device, max_bytes=eval_bytes)
+        row = {
+            "system": system, "label": label, "run": str(scored), "train_seconds": seconds,
+            "parameters": config["parameters"]["total"],
+            "peak_memory_gib": config.get("peak_memory_gib"),
+            "checkpoint": test["checkpoint"], "test_bits_per_byte": test["bits_per_byte"], "test_bytes": test["bytes"],
+            "valid_curve": curve,
+            "other_data": {},
+        }
+        for path in eval_data or []:
+            other = evaluate_run(scored, device=device, max_bytes=eval_bytes, data=Path(path))
+            row["other_data"][str(path)] = other["bits_per_byte"]
+        rows.append(row)
+
+    best_haed = min((r["test_bits_per_byte"] for r in rows if r["system"] != "flat"), default=None)
+    result = {
+        "budget_seconds": budget, "decoder_fraction": decoder_fraction, "dataset": recipe.data.dataset,
+        "recipe": recipe.name, "device": test["device"], "unit": test["unit"], "windowing": test["windowing"],
+        "rows": rows,
+        "iem_vs_full": _ratio(rows, "iem", "full"), "best_haed_vs_flat": None if best_haed is None or "flat" not in plans
+        else best_haed / next(r["test_bits_per_byte"] for r in rows if r["system"] == "flat"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "compare.json", json.dumps(result, indent=2))
+    plot_comparison(result, out_dir / "compare.png")
+    return result
+
+
+def _ratio(rows: list[dict], a: str, b: str) -> float | None:
+    values = {r["system"]: r["test_bits_per_byte"] for r in rows}
+    return values[a] / values[b] if a in values and b in values else None
+
+
+def plot_comparison(result: dict, png_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in result["rows"]:
+        if row["valid_curve"]:
+            x, y = zip(*row["valid_curve"])
+            ax.plot(x, y, "o-", markersize=3, label=f"{row['label']}: test {row['test_bits_per_byte']:.3f}")
+    ax.set_xlabel("training seconds (validation and checkpoints not counted)")
+    ax.set_ylabel(f"validation {result['unit']}")
+    ax.set_title(f"{result['recipe']} on {Path(result['dataset']).name}: {result['budget_seconds']:g} s each, "
+                 f"{result['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path
