@@ -1,4 +1,4 @@
-"""`haed profile-memory`: argument parsing and printing only (the work is in haed/profile.py).
+"""`haed profile-memory`: argument parsing and printing only (the work is in haed/profile/).
 
 The lead registers it with `register(app)`.
 """
@@ -105,21 +105,22 @@ def print_profile(result: dict) -> None:
         if c["status"] == "error":
             console.print(f"[red]error[/] in {c['objective']} seq {c['seq_len']} batch {c['batch_size']}: {c['error']}",
                           highlight=False)
-    for entry in result.get("max_context") or []:
-        from haed.profile import describe_max_context
+    from haed.profile import describe_max_context, describe_measured
 
+    for entry in result.get("max_context") or []:
         console.print(describe_max_context(entry), highlight=False)
+    console.print(describe_measured(result), highlight=False)
 
 
 def profile_memory(
-    recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " Default: enwik8 on CUDA (the README's headline configuration), tiny with --device cpu."),
     compare_full: bool = typer.Option(False, "--compare-full", help="Profile iem, decoder and full (plus any --objectives, e.g. flat)."),
     objectives: Optional[str] = typer.Option(None, "--objectives", help="Comma-separated: iem, decoder, full, flat (default: iem)."),
-    seq_lens: str = typer.Option("2048,4096,8192,16384", "--seq-lens", help="Comma-separated window lengths in bytes."),
-    batch_sizes: str = typer.Option("4,8,16", "--batch-sizes", help="Comma-separated batch sizes."),
+    seq_lens: Optional[str] = typer.Option(None, "--seq-lens", help="Comma-separated window lengths in bytes (default: 2048,4096,8192,16384)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default: 16 on CUDA, 4,8,16 with --device cpu)."),
     steps: int = typer.Option(5, "--steps", help="Timed optimizer steps per cell (the median is reported)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed optimizer steps per cell first (compilation happens here)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory whose train split gives the windows (default: the recipe's, if it exists; else random bytes)."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory whose train split gives the windows (default: the recipe's, if it exists; else synthetic random bytes, said so in the output and JSON)."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
     json_out: Path = typer.Option(Path("profile-memory.json"), "--json", help="Write every number and the environment here."),
     plot: Path = typer.Option(Path("profile-memory.png"), "--plot", help="Write the plot (memory and bytes/s against sequence length) here."),
@@ -136,24 +137,31 @@ def profile_memory(
 ):
     """Peak GPU memory and speed of a few real training steps per objective, sequence length and batch size.
 
-    Example: haed profile-memory --recipe enwik8 --compare-full --dataset data/enwik8 --seq-lens 2048,4096,8192,16384 --batch-sizes 4,8,16
+    With no --recipe, --seq-lens or --batch-sizes, on CUDA it measures the README's headline configuration
+    (the enwik8 recipe, batch 16, seq 2048 to 16384: a few minutes); with --device cpu, the tiny recipe, CPU-timed.
+
+    Example: haed profile-memory --compare-full --dataset data/enwik8
     """
-    from haed.config import load_recipe
-    from haed.profile import command_line, merge_profiles, plot_profile, profile_device, read_profile_json, write_profile_json
+    from haed.profile import command_line, describe_defaults, merge_profiles, plan_sweep, plot_profile, read_profile_json, write_profile_json
     from haed.profile import profile_memory as run_profile
 
     chosen = choose_objectives(compare_full, objectives)
-    seqs = parse_int_list(seq_lens, "--seq-lens")
-    batches = parse_int_list(batch_sizes, "--batch-sizes")
-    profile_device(device)  # no CUDA: one line and a non-zero exit, before any work
+    seqs = None if seq_lens is None else parse_int_list(seq_lens, "--seq-lens")
+    batches = None if batch_sizes is None else parse_int_list(batch_sizes, "--batch-sizes")
+    # the device first: no CUDA gives one line and a non-zero exit, before any work
+    plan = plan_sweep(device, recipe, overrides, seqs, batches)
     others = [read_profile_json(p) for p in merge]
-    r = load_recipe(recipe, list(overrides))
-    console.print(f"[bold]profile-memory[/] of recipe [bold]{r.name}[/]: {', '.join(chosen)}; seq {seq_lens}; batch {batch_sizes}; "
+    console.print(f"[bold]profile-memory[/] of recipe [bold]{plan.recipe.name}[/] on {plan.device}: {', '.join(chosen)}; "
+                  f"seq {','.join(map(str, plan.seq_lens))}; batch {','.join(map(str, plan.batch_sizes))}; "
                   f"{warmup} warm-up + {steps} timed steps per cell", highlight=False)
+    note = describe_defaults(plan.defaults)
+    if note:
+        console.print(note, highlight=False)
     result = run_profile(
-        r, chosen, seqs, batches, steps=steps, warmup=warmup, device=device, dataset=dataset, compile=not no_compile,
-        max_context_search=max_context, max_seq_len=max_seq_len, refine_steps=refine_steps, peak_tflops=peak_tflops,
-        compile_scope=compile_scope, keep_going=not stop_on_error, seed=seed, console=console,
+        plan.recipe, chosen, plan.seq_lens, plan.batch_sizes, steps=steps, warmup=warmup, device=device, dataset=dataset,
+        compile=not no_compile, max_context_search=max_context, max_seq_len=max_seq_len, refine_steps=refine_steps,
+        peak_tflops=peak_tflops, compile_scope=compile_scope, keep_going=not stop_on_error, seed=seed, console=console,
+        defaults=plan.defaults,
     )
     result["command"] = command_line()
     if others:

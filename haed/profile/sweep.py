@@ -1,0 +1,372 @@
+"""The sweep: every objective x sequence length x batch size, each cell a few real optimizer steps;
+and the search for the longest window each objective trains without running out of memory.
+
+For every cell a fresh model is built from the recipe, moved to the device, and trained for
+`warmup` + `steps` real optimizer steps through the trainer's own `train_step` (same freezing,
+optimizer, autocast and compilation as `haed train-*`). An out-of-memory cell is reported as "OOM"
+and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from haed.config import Recipe, TrainConfig
+from haed.errors import HaedError
+from haed.model import build_model, count_parameters
+from haed.objectives import OBJECTIVES
+from haed.profile.flops import DEFAULT_PEAK_TFLOPS, FLOPS_CONVENTION, add_fraction_of_peak, step_flops
+from haed.profile.harness import environment, measure_cell, profile_device
+from haed.profile.report import SCHEMA, compute_ratios, describe_cell, describe_max_context
+from haed.profile.windows import WindowSource, distinct_patches
+from haed.train import apply_recompute, make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step
+
+# --------------------------------------------------------------------------------------------
+# one haed cell
+
+
+def objective_model_config(recipe: Recipe, objective: str):
+    """The model an objective trains: the recipe's hierarchy, or its main stack over bytes for "flat"."""
+    if objective not in OBJECTIVES:
+        raise HaedError(f"unknown objective {objective!r}: one of {', '.join(OBJECTIVES)}")
+    return dataclasses.replace(recipe.model, arch="flat" if objective == "flat" else "haed")
+
+
+def objective_train_config(recipe: Recipe, objective: str, batch_size: int) -> TrainConfig:
+    cfg = recipe.full if objective == "flat" else getattr(recipe, objective)
+    return dataclasses.replace(cfg, batch_size=batch_size, grad_accum=1)
+
+
+def _check_sweep(recipe: Recipe, objectives, seq_lens, batch_sizes, steps, warmup) -> None:
+    if not objectives:
+        raise HaedError("no objectives to profile")
+    for o in objectives:
+        objective_model_config(recipe, o)
+    if not seq_lens or not batch_sizes:
+        raise HaedError("give at least one sequence length and one batch size")
+    if any(n <= 0 for n in seq_lens) or any(b <= 0 for b in batch_sizes):
+        raise HaedError("sequence lengths and batch sizes must be positive")
+    K = recipe.model.patch_size
+    if any(o != "flat" for o in objectives):
+        bad = [n for n in seq_lens if n % K or n < 2 * K]
+        if bad:
+            raise HaedError(f"sequence lengths must be multiples of the patch size {K} (and at least two patches): {bad}")
+    if steps < 1 or warmup < 0:
+        raise HaedError("--steps must be >= 1 and --warmup >= 0")
+
+
+def build_for_objective(recipe: Recipe, objective: str, cfg: TrainConfig, device: torch.device, compile: bool):
+    """(model, optimizer, trained parameters) set up as `haed train-*` sets them up for `objective`."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(objective_model_config(recipe, objective)).to(device).train()
+    params = set_trainable(model, objective)
+    apply_recompute(model, cfg)
+    optimizer = make_optimizer(params, cfg, device)
+    maybe_compile(model, objective, compile, device)
+    return model, optimizer, params
+
+
+def objective_cell(recipe: Recipe, objective: str, seq_len: int, batch_size: int, *, device: torch.device,
+                   source: WindowSource, steps: int, warmup: int, compile: bool,
+                   step_fn: Callable = train_step, flops_model: nn.Module | None = None,
+                   reset_compiler: bool = True, keep_going: bool = False) -> dict:
+    """Measure one cell of one haed objective through the trainer's own pieces.
+
+    `reset_compiler`: forget earlier compilations first (torch._dynamo.reset()), so that this cell
+    compiles for its own static shapes; else recompilations for new shapes may reuse or generalise
+    (dynamic shapes) what earlier cells compiled.
+    """
+    model_cfg = objective_model_config(recipe, objective)
+    cfg = objective_train_config(recipe, objective, batch_size)
+    loss_fn = OBJECTIVES[objective]
+    K = model_cfg.patch_size
+    hierarchical = objective != "flat"
+
+    def setup():
+        if compile and device.type == "cuda" and reset_compiler:
+            torch._dynamo.reset()
+        return build_for_objective(recipe, objective, cfg, device, compile)
+
+    def make_batch(i):
+        windows = source.windows(i, batch_size, seq_len)
+        extra = {"distinct_patches": distinct_patches(windows, K)} if hierarchical else {}
+        return [(to_device(windows, device), torch_generator(cfg.seed, i, 0))], extra
+
+    def step(state, batches):
+        model, optimizer, params = state
+        metrics, _ = step_fn(model, optimizer, params, loss_fn, cfg, batches, device)
+        extra = {"loss": metrics.get("loss")}
+        if objective == "iem":
+            extra["candidates"] = metrics.get("candidates")
+        return extra
+
+    cell = measure_cell(objective, seq_len, batch_size, setup=setup, step=step, make_batch=make_batch, device=device,
+                        steps=steps, warmup=warmup, keep_going=keep_going)
+    cell["compiled"] = bool(compile and device.type == "cuda")
+    cell.setdefault("candidates_mean", None)
+    cell.setdefault("distinct_patches_mean", None)
+    if cell["status"] == "ok" and flops_model is not None:
+        flops = step_flops(flops_model, objective, batch_size, seq_len, cell.get("distinct_patches_mean"),
+                           cell.get("candidates_mean"))
+        cell["flops_per_step"] = flops
+        cell["achieved_tflops"] = flops / (cell["median_step_ms"] / 1e3) / 1e12 if cell["median_step_ms"] else None
+    else:
+        cell["flops_per_step"] = cell["achieved_tflops"] = None
+    return cell
+
+
+def _meta_model(model_cfg) -> nn.Module:
+    with torch.device("meta"):
+        return build_model(model_cfg)
+
+
+def parameter_counts(recipe: Recipe, objectives: Iterable[str]) -> dict:
+    """count_parameters of the model each objective trains (built on the meta device: no memory)."""
+    out = {}
+    for o in objectives:
+        arch = "flat" if o == "flat" else "haed"
+        if arch not in out:
+            out[arch] = count_parameters(_meta_model(objective_model_config(recipe, o)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep
+
+
+def progress_bar(console=None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def profile_memory(
+    recipe: Recipe,
+    objectives: Iterable[str] = ("iem",),
+    seq_lens: Iterable[int] = (2048, 4096, 8192, 16384),
+    batch_sizes: Iterable[int] = (8,),
+    steps: int = 5,
+    warmup: int = 2,
+    device: str = "auto",
+    dataset: str | os.PathLike | None = None,
+    compile: bool = True,
+    *,
+    max_context_search: bool = False,
+    max_seq_len: int = 1 << 22,
+    refine_steps: int = 4,
+    peak_tflops: float | None = DEFAULT_PEAK_TFLOPS,
+    compile_scope: str = "objective",
+    keep_going: bool = False,
+    seed: int = 0,
+    step_fn: Callable = train_step,
+    show_progress: bool = True,
+    console=None,
+    defaults: dict | None = None,
+) -> dict:
+    """Profile every objective x seq_len x batch_size cell; optionally the largest context per objective.
+
+    Returns a JSON-ready dict (see `write_profile_json`). `step_fn` (default: the trainer's
+    `train_step`) is the one optimizer step; tests pass one that raises to simulate an OOM.
+    `compile_scope` (CUDA with `compile`): "objective" (default) starts each objective's compilation
+    afresh and lets torch.compile recompile for the later cells (it turns the changed sizes dynamic
+    after the second shape, so it compiles about twice per objective); "cell" compiles every cell
+    afresh for its own static shapes (about 30-80 s per cell at the enwik8 size). On an H100 the
+    two gave the same peak memory and step times within 1.5% (12x768 main model, seq 4096-8192).
+    `keep_going`: record a cell that fails other than by OOM as "error" and go on.
+    `defaults`: which of the device's defaults the run took (`plan_sweep`), kept in the JSON.
+    """
+    objectives = list(dict.fromkeys(objectives))
+    seq_lens = sorted(dict.fromkeys(int(n) for n in seq_lens))
+    batch_sizes = sorted(dict.fromkeys(int(b) for b in batch_sizes))
+    _check_sweep(recipe, objectives, seq_lens, batch_sizes, steps, warmup)
+    _check_scope(compile_scope)
+    dev = profile_device(device)
+    use_compile = bool(compile and dev.type == "cuda")
+    if use_compile and compile_scope == "objective":
+        _allow_recompiles()
+    source = WindowSource.for_recipe(recipe, dataset, seed)
+    if source.max_len is not None and source.max_len < max(seq_lens):
+        raise HaedError(f"the train split of {source.path} has {source.max_len:,} bytes, fewer than seq_len {max(seq_lens):,}")
+    flops_models = {o: _meta_model(objective_model_config(recipe, o)) for o in objectives}
+
+    result = {
+        "schema": SCHEMA,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": None,
+        "environment": environment(dev, use_compile),
+        "recipe": recipe.to_dict(),
+        "data": source.description,
+        "dataset": source.path,
+        "data_note": source.note,
+        "defaults": defaults,
+        "settings": {"objectives": objectives, "seq_lens": seq_lens, "batch_sizes": batch_sizes, "steps": steps,
+                     "warmup": warmup, "seed": seed, "grad_accum": 1, "peak_tflops": peak_tflops,
+                     "compile_scope": compile_scope if use_compile else None, "keep_going": keep_going,
+                     "timing": "median over the timed steps of the host clock between torch.cuda.synchronize() "
+                               "calls; drawing the windows and copying them to the device is not timed",
+                     "flops": FLOPS_CONVENTION},
+        "parameters": parameter_counts(recipe, objectives),
+        "cells": [],
+        "ratios": [],
+        "max_context": None,
+    }
+    grid = [(o, n, b) for o in objectives for b in batch_sizes for n in seq_lens]
+    progress = progress_bar(console) if show_progress else None
+    if progress is not None:
+        progress.start()
+    try:
+        task = progress.add_task("profile", total=len(grid)) if progress is not None else None
+        previous = None
+        for objective, seq_len, batch_size in grid:
+            if progress is not None:
+                progress.update(task, description=f"{objective} seq {seq_len} batch {batch_size}")
+            cell = objective_cell(recipe, objective, seq_len, batch_size, device=dev, source=source, steps=steps,
+                                  warmup=warmup, compile=use_compile, step_fn=step_fn, flops_model=flops_models[objective],
+                                  reset_compiler=compile_scope == "cell" or objective != previous, keep_going=keep_going)
+            previous = objective
+            add_fraction_of_peak(cell, peak_tflops if dev.type == "cuda" else None)
+            result["cells"].append(cell)
+            if progress is not None:
+                progress.console.print(describe_cell(cell), highlight=False)
+                progress.advance(task)
+        if progress is not None:
+            progress.update(task, description="profile")
+    finally:
+        if progress is not None:
+            progress.stop()
+    result["ratios"] = compute_ratios(result["cells"])
+    if max_context_search:
+        result["max_context"] = max_context(
+            recipe, objectives, batch_sizes, start_seq_len=seq_lens[0], device=device, dataset=dataset,
+            compile=compile, max_seq_len=max_seq_len, refine_steps=refine_steps, compile_scope=compile_scope,
+            keep_going=keep_going, seed=seed, step_fn=step_fn, show_progress=show_progress, console=console)
+    return result
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ("cell", "objective"):
+        raise HaedError(f"compile scope must be 'cell' or 'objective', not {scope!r}")
+
+
+def _allow_recompiles(limit: int = 64) -> None:
+    """Room for one compiled graph per shape when many cells share a compilation."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(int(getattr(config, name)), limit))
+            break
+
+
+# --------------------------------------------------------------------------------------------
+# largest context
+
+
+def max_context(
+    recipe: Recipe,
+    objectives: Iterable[str],
+    batch_sizes: Iterable[int],
+    start_seq_len: int,
+    device: str = "auto",
+    dataset: str | os.PathLike | None = None,
+    compile: bool = True,
+    *,
+    max_seq_len: int = 1 << 22,
+    refine_steps: int = 4,
+    compile_scope: str = "objective",
+    keep_going: bool = False,
+    seed: int = 0,
+    step_fn: Callable = train_step,
+    show_progress: bool = True,
+    console=None,
+) -> list[dict]:
+    """Per objective and batch size: the longest window (bytes) that trains one step without OOM.
+
+    Doubles from `start_seq_len` until a step runs out of memory (or `max_seq_len`, or the data's
+    length, is reached), then halves the interval between the last fit and the first OOM
+    `refine_steps` times; every probed length stays a multiple of the patch size x 2^k. With
+    `keep_going`, a probe that fails other than by OOM counts as not fitting (its error is kept).
+    """
+    objectives, batch_sizes = list(objectives), [int(b) for b in batch_sizes]
+    _check_sweep(recipe, objectives, [start_seq_len], batch_sizes, 1, 0)
+    _check_scope(compile_scope)
+    dev = profile_device(device)
+    use_compile = bool(compile and dev.type == "cuda")
+    if use_compile and compile_scope == "objective":
+        _allow_recompiles()
+    source = WindowSource.for_recipe(recipe, dataset, seed)
+    cap = max_seq_len if source.max_len is None else min(max_seq_len, source.max_len)
+    K = recipe.model.patch_size
+    results = []
+    progress = progress_bar(console) if show_progress else None
+    if progress is not None:
+        progress.start()
+    try:
+        task = progress.add_task("max context", total=len(objectives) * len(batch_sizes)) if progress else None
+
+        for objective in objectives:
+            for batch_size in batch_sizes:
+                probes: list[dict] = []
+
+                def fits(n: int) -> bool:
+                    if progress is not None:
+                        progress.update(task, description=f"max context {objective} batch {batch_size}: seq {n}")
+                    cell = objective_cell(recipe, objective, n, batch_size, device=dev, source=source, steps=1,
+                                          warmup=0, compile=use_compile, step_fn=step_fn, keep_going=keep_going,
+                                          reset_compiler=compile_scope == "cell" or not probes)
+                    probes.append({"seq_len": n, "status": cell["status"], "peak_allocated_gib": cell["peak_allocated_gib"],
+                                   "peak_reserved_gib": cell["peak_reserved_gib"], "step_ms": cell["median_step_ms"],
+                                   "error": cell["error"]})
+                    return cell["status"] == "ok"
+
+                fit, failed = _search(fits, start_seq_len, cap, refine_steps, minimum=2 * K, granularity=K)
+                failure = next((p["status"] for p in probes if p["seq_len"] == failed), None)
+                entry = {"objective": objective, "batch_size": batch_size, "max_seq_len": fit, "first_failure": failed,
+                         "failure": failure, "capped": failed is None and fit is not None, "cap": cap, "probes": probes}
+                results.append(entry)
+                if progress is not None:
+                    progress.console.print(describe_max_context(entry), highlight=False)
+                    progress.advance(task)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return results
+
+
+def _search(fits: Callable[[int], bool], start: int, cap: int, refine_steps: int, minimum: int, granularity: int):
+    """(largest length that fits, smallest that did not) by doubling then bisection."""
+    fit, oom = None, None
+    n = min(start, cap)
+    if fits(n):
+        fit = n
+        while fit * 2 <= cap:
+            if fits(fit * 2):
+                fit *= 2
+            else:
+                oom = fit * 2
+                break
+    else:
+        oom = n
+        while n // 2 >= minimum and n % 2 == 0:
+            n //= 2
+            if fits(n):
+                fit = n
+                break
+            oom = n
+    if fit is None or oom is None:
+        return fit, oom
+    for _ in range(refine_steps):
+        mid = (fit + oom) // 2 // granularity * granularity
+        if mid <= fit or mid >= oom:
+            break
+        if fits(mid):
+            fit = mid
+        else:
+            oom = mid
+    return fit, oom
