@@ -108,7 +108,7 @@ class TrainingDisplay:
                                                    loss="-", rate="", done="")
         elif kind == "progress" and self.progress is not None:
             done = event["completed"]
-            label = f"{done:.0f}/{self.total:.0f} s" if self.unit == "seconds" else f"{done}/{self.total:.0f}"
+            label = f"{done:.1f}/{self.total:g} s" if self.unit == "seconds" else f"{done}/{self.total:.0f}"
             self.progress.update(self.task, completed=done, done=label)
         elif kind == "log":
             if self.progress is not None:
@@ -129,6 +129,6 @@ class TrainingDisplay:
         fraction = (done - self.completed_at_start) / max(self.total - self.completed_at_start, 1e-9)
         elapsed = time.perf_counter() - self.started
         eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
-        where = f"{event['train_seconds']:.0f}/{self.total:.0f} s" if self.unit == "seconds" else f"{event['step']}/{self.total:.0f}"
+        where = f"{event['train_seconds']:.1f}/{self.total:g} s" if self.unit == "seconds" else f"{event['step']}/{self.total:.0f}"
         return (f"step {event['step']} ({where}): loss {event['loss']:.4f}, {_format_rate(event['bytes_per_second'])}, "
                 f"ETA {eta:.0f} s")

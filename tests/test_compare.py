@@ -1,0 +1,85 @@
+"""`haed compare`: every system trained for the same seconds, scored on test bytes, written as JSON and PNG."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from _tiny import make_text_dataset
+from haed.compare import compare, flat_recipe
+from haed.config import debug_recipe
+from haed.errors import HaedError
+from haed.model import build_model, count_parameters
+from haed_cli.main import app
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_text_dataset(tmp_path_factory.mktemp("data") / "words")
+
+
+def test_flat_baseline_is_sized_to_the_hierarchys_parameter_count(dataset):
+    recipe = debug_recipe(str(dataset))
+    haed = count_parameters(build_model(recipe.model))["total"]
+    flat = flat_recipe(recipe)
+    sizes = {}
+    for layers in range(1, 12):
+        trial = flat_recipe(recipe, [f"main.layers={layers}"])
+        sizes[layers] = count_parameters(build_model(trial.model))["total"]
+    assert flat.model.arch == "flat"
+    assert flat.model.main.layers == min(sizes, key=lambda n: abs(sizes[n] - haed))
+    assert flat_recipe(recipe, ["main.layers=1"]).model.main.layers == 1
+
+
+def test_compare_gives_every_system_the_budget_and_a_test_score(dataset, tmp_path):
+    recipe = debug_recipe(str(dataset))
+    other = tmp_path / "other.txt"
+    other.write_bytes(b"the cat sat on the mat " * 40)
+    result = compare(recipe, tmp_path / "cmp", 1.0, evals=2, eval_data=[other], device="cpu")
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"iem", "full", "flat"}
+    for row in rows.values():
+        assert row["train_seconds"] >= 0.9 * 1.0  # the IEM system's two phases share one budget
+        assert 0 < row["test_bits_per_byte"] < 9 and row["test_bytes"] == 600
+        assert 0 < row["other_data"][str(other)] < 9
+        assert row["valid_curve"] and all(len(p) == 2 for p in row["valid_curve"])
+    # The IEM system's curve starts after its IEM phase: the decoder phase is where bits per byte exist.
+    iem_seconds = json.loads((tmp_path / "cmp" / "iem" / "config.json").read_text())["train_seconds"]
+    assert rows["iem"]["valid_curve"][0][0] > iem_seconds
+    assert rows["iem"]["run"].endswith("decoder") and rows["iem"]["checkpoint"].endswith("best")
+    assert result["iem_vs_full"] == pytest.approx(rows["iem"]["test_bits_per_byte"] / rows["full"]["test_bits_per_byte"])
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["rows"][0]["test_bits_per_byte"] == result["rows"][0]["test_bits_per_byte"]
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    # Finished runs are kept: a second call only re-scores them.
+    again = compare(recipe, tmp_path / "cmp", 1.0, evals=2, device="cpu")
+    assert [r["train_seconds"] for r in again["rows"]] == [r["train_seconds"] for r in result["rows"]]
+
+
+def test_compare_refuses_bad_options(dataset, tmp_path):
+    recipe = debug_recipe(str(dataset))
+    with pytest.raises(HaedError, match="time budget must be positive"):
+        compare(recipe, tmp_path / "a", 0)
+    with pytest.raises(HaedError, match="decoder-fraction"):
+        compare(recipe, tmp_path / "a", 1, decoder_fraction=1.5)
+    with pytest.raises(HaedError, match="unknown system"):
+        compare(recipe, tmp_path / "a", 1, systems=("iem", "mystery"))
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_compare_and_plain_progress_lines(dataset, tmp_path):
+    recipe = tmp_path / "debug.toml"
+    recipe.write_text(
+        f'name = "debug"\n[data]\ndataset = "{dataset}"\nseq_len = 64\n'
+        "[model]\npatch_size = 4\nencoder = { dim = 16, layers = 1, heads = 2 }\n"
+        "main = { dim = 32, layers = 2, heads = 2 }\ndecoder = { dim = 16, layers = 2, heads = 2 }\n"
+        "[iem]\nbatch_size = 2\nlog_every = 1\n[decoder]\nbatch_size = 2\nlog_every = 1\n[full]\nbatch_size = 2\nlog_every = 1\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["compare", "--recipe", str(recipe), "--time-budget", "0.5", "--out", str(tmp_path / "c"),
+                                 "--systems", "iem,full", "--evals", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "IEM + decoder phase" in result.output and "full (end to end)" in result.output
+    # Not a terminal: one plain line per log interval, with the budget's seconds, and no source locations.
+    assert "step 1 (0." in result.output and "/0.45 s): loss " in result.output
+    assert "train.py:" not in result.output
+    assert json.loads((tmp_path / "c" / "compare.json").read_text())["budget_seconds"] == 0.5
