@@ -293,6 +293,9 @@ class RunLock:
         f.write(f"pid {os.getpid()} on host {socket.gethostname()}")
         f.flush()
         self.file = f
+        # Temporaries of a writer that was killed mid-write: nobody else can be writing them now.
+        for leftover in self.path.parent.glob(".*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -217,3 +217,57 @@ def test_time_budget_ends_the_run_on_time_and_resume_uses_what_is_left(dataset, 
     lrs = [r["lr"] for r in records]
     assert max(lrs) == pytest.approx(cfg.lr) and lrs[-1] < 0.3 * cfg.lr and lrs[-1] >= cfg.lr * cfg.min_lr_ratio
     assert not math.isnan(records[-1]["loss"])
+
+
+_CHILD = """
+import os, sys, signal
+sys.path.insert(0, {tests!r})
+import haed.checkpoint as checkpoint
+from haed.config import debug_recipe
+from haed.train import train
+
+kill_in_write = int(os.environ.get("KILL_IN_WRITE", "0"))
+if kill_in_write:
+    real_save, calls = checkpoint.save_file, []
+    def save_file(weights, path):
+        calls.append(path)
+        real_save(weights, path)
+        if len(calls) == kill_in_write:  # weights written, manifest and rename not yet
+            os.kill(os.getpid(), signal.SIGKILL)
+    checkpoint.save_file = save_file
+recipe = debug_recipe({dataset!r})
+recipe.full.steps, recipe.full.ckpt_every, recipe.full.eval_every = 12, 1, 3
+resume = os.path.exists(os.path.join({run!r}, "config.json"))
+train(None if resume else recipe, "full", {run!r}, resume=resume,
+      on_event=lambda e: print(e["event"], e.get("step", ""), flush=True))
+"""
+
+
+def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_weights(dataset, tmp_path):
+    import subprocess
+    import sys
+
+    recipe = debug_recipe(str(dataset))
+    recipe.full.steps, recipe.full.ckpt_every, recipe.full.eval_every = 12, 1, 3
+    train(recipe, "full", tmp_path / "straight")
+    run = tmp_path / "run"
+    script = _CHILD.format(tests=str(Path(__file__).parent), dataset=str(dataset), run=str(run))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Killed inside a checkpoint write (the 3rd), then after the 7th step's log line, then left to finish.
+    first = subprocess.run([sys.executable, "-c", script], env={**env, "KILL_IN_WRITE": "3"}, capture_output=True)
+    assert first.returncode == -signal.SIGKILL
+    assert [p.name for p in step_dirs(run)] == ["step-000001", "step-000002"]
+    second = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    for line in second.stdout:
+        if line.split() == ["log", "7"]:
+            second.kill()
+            break
+    second.wait()
+    assert second.returncode == -signal.SIGKILL
+    third = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr
+    assert latest_checkpoint(run).name == "step-000012" and not list(run.glob(".*.tmp"))
+    a, b = _weights(tmp_path / "straight"), _weights(run)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    train_losses = lambda r: [(m["step"], m["loss"]) for m in read_metrics(r / "metrics.jsonl") if m["split"] == "train"]
+    assert train_losses(run) == train_losses(tmp_path / "straight")
