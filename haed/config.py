@@ -43,6 +43,9 @@ class ModelConfig:
     decoder: StackConfig = field(default_factory=lambda: StackConfig(dim=128, layers=2, heads=4))
     pooling: str = "concat"  # how the encoder turns K byte vectors into one: "concat" (linear of the concatenation) or "mean"
     conditioning: str = "add"  # how h_t enters the decoder: "add" (K per-position vectors) or "prefix" (one extra position)
+    # IEM's patch score: "dot" <W h_t, E(P)> / tau, or "cosine": the cosine of W h_t and E(P) times a
+    # learned scale (starts at 10, at most 100), so that the first loss is near ln(candidates).
+    score: str = "dot"
     max_seq_len: int = 8192  # longest window in bytes that rotary tables are built for (grown on demand)
     rope_base: float = 10000.0
 
@@ -86,6 +89,11 @@ class TrainConfig:
     num_negatives: int = 0  # cap on shared candidates per step (0: every distinct target patch of the batch)
     logq: bool = True  # subtract log(count) of each candidate (sampled-softmax correction)
     tau: float = 1.0  # temperature of the patch scores
+    # Byte-level loss during IEM: the decoder's cross-entropy on this fraction of the patches (0: off,
+    # the decoder is not in the graph), added with this weight. It trains the decoder alongside, and
+    # its gradient teaches the main model what the decoder needs, for a fraction of full training's memory.
+    byte_loss_fraction: float = 0.0
+    byte_loss_weight: float = 1.0
     logits_chunk: int = 4096  # rows of the steps x candidates logits computed at once
 
 
@@ -122,6 +130,10 @@ class Recipe:
             raise HaedError(f"model.pooling must be 'concat' or 'mean', not {m.pooling!r}")
         if m.conditioning not in ("add", "prefix"):
             raise HaedError(f"model.conditioning must be 'add' or 'prefix', not {m.conditioning!r}")
+        if m.score not in ("dot", "cosine"):
+            raise HaedError(f"model.score must be 'dot' or 'cosine', not {m.score!r}")
+        if not 0.0 <= self.iem.byte_loss_fraction <= 1.0:
+            raise HaedError(f"iem.byte_loss_fraction must lie in [0, 1], not {self.iem.byte_loss_fraction}")
         for name in ("encoder", "main", "decoder"):
             s = getattr(m, name)
             if s.dim % s.heads or (s.dim // s.heads) % 2:

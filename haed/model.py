@@ -362,9 +362,20 @@ class HAED(nn.Module):
         self.main = Stack(cfg.main, causal=True, rope_base=cfg.rope_base,
                           max_positions=max(cfg.max_seq_len // cfg.patch_size + 1, 1 << 15))
         self.score_proj = nn.Linear(cfg.main.dim, cfg.main.dim, bias=False)  # W in s_t(P) = <W h_t, E(P)> / tau
+        if cfg.score == "cosine":
+            self.score_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.decoder = ByteDecoder(cfg)
         init_weights(self)
         nn.init.normal_(self.start, std=0.02)
+
+    def score_vectors(self, h: torch.Tensor, patch_vectors: torch.Tensor, candidates: torch.Tensor, tau: float):
+        """IEM's score as a dot product: (queries from h_t, positives, candidates) such that q . v is the score."""
+        q = self.score_proj(h)
+        if self.cfg.score == "cosine":
+            scale = self.score_log_scale.clamp(max=math.log(100.0)).exp()
+            return (F.normalize(q, dim=-1) * scale.to(q.dtype), F.normalize(patch_vectors, dim=-1),
+                    F.normalize(candidates, dim=-1))
+        return q / tau, patch_vectors, candidates
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         B, N = x.shape
@@ -442,6 +453,8 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         }
         counts = {name: sum(p.numel() for p in m.parameters()) for name, m in parts.items()}
         counts["main"] += model.start.numel() + model.score_proj.weight.numel()
+        if hasattr(model, "score_log_scale"):
+            counts["main"] += 1
     else:
         counts = {"flat": sum(p.numel() for p in model.parameters())}
     counts["total"] = sum(p.numel() for p in model.parameters())

@@ -120,7 +120,10 @@ def sampled_softmax_loss(q, cand, pos, target_col, logq_cand=None, logq_pos=None
 
 def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None,
              candidates: torch.Tensor | None = None, pad_multiple: int | None = None):
-    """IEM: sampled softmax over patches, scored <W h_t, E(P)> / tau, the decoder never built.
+    """IEM: sampled softmax over patches, scored <W h_t, E(P)> / tau (or by `model.score_vectors`' cosine).
+
+    The decoder is not in the graph, unless `cfg.byte_loss_fraction` adds its byte loss on a sample of
+    the patches.
 
     Candidates are the distinct target patches of the batch (or an explicit (C, K) set of patches);
     `cfg.num_negatives` caps the shared candidates by uniform subsampling, and every row keeps its
@@ -138,10 +141,12 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     vectors = model.encoder(padded)
     pos = gather_rows(vectors, inverse)  # every target patch's vector: the positives, and (shifted) the main model's inputs
     h = model.main(model.main_inputs(pos.view(B, T, -1)[:, :-1]))
-    q = model.score_proj(h).reshape(B * T, -1) / cfg.tau
+    explicit = model.encoder(candidates.to(x.device)) if candidates is not None else None
+    q, pos_scored, vectors = model.score_vectors(h.reshape(B * T, -1), pos, explicit if explicit is not None else vectors,
+                                                 cfg.tau)
     logq_pos = counts.float().log()[inverse] if cfg.logq else None
     if candidates is not None:
-        cand = model.encoder(candidates.to(x.device))
+        cand = vectors
         cand_keys = _keys(candidates.to(x.device))
         order = torch.argsort(cand_keys)
         where = torch.searchsorted(cand_keys[order], _keys(uniq)).clamp(max=len(order) - 1)
@@ -166,9 +171,30 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
             logq_cand = torch.cat((real, real.new_full((cand.shape[0] - U,), float("inf"))))
     num_candidates = min(cand.shape[0], U) if candidates is None else cand.shape[0]  # padding not counted
     target_col = col_of_uniq[inverse]
-    loss, correct = sampled_softmax_loss(q, cand, pos, target_col, logq_cand, logq_pos, cfg.logits_chunk,
+    loss, correct = sampled_softmax_loss(q, cand, pos_scored, target_col, logq_cand, logq_pos, cfg.logits_chunk,
                                          compiled=cfg.compile and x.is_cuda)
-    return loss, {"loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": num_candidates}
+    metrics = {"softmax_loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": num_candidates}
+    if cfg.byte_loss_fraction > 0:
+        byte_loss = sampled_byte_loss(model, h.reshape(B * T, -1), targets, cfg.byte_loss_fraction, generator)
+        loss = loss + cfg.byte_loss_weight * byte_loss
+        metrics["byte_bits_per_byte"] = byte_loss.detach() / LN2
+    metrics["loss"] = loss.detach()
+    return loss, metrics
+
+
+def sampled_byte_loss(model: HAED, h: torch.Tensor, targets: torch.Tensor, fraction: float,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """The decoder's byte cross-entropy on a uniform random `fraction` of the patches (at least one).
+
+    h (R, D) and targets (R, K): every patch's h_t and bytes. Only the chosen rows enter the decoder,
+    so its activations cost `fraction` of full training's.
+    """
+    rows = h.shape[0]
+    count = max(1, min(rows, round(fraction * rows)))
+    chosen = torch.randperm(rows, generator=generator)[:count].to(h.device) if count < rows else None
+    if chosen is not None:
+        h, targets = h[chosen], targets[chosen]
+    return byte_cross_entropy(model.decoder(h, targets), targets)
 
 
 def capped_candidates(num_distinct: int, cap: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -221,16 +247,18 @@ def flat_loss(model: FlatTransformer, x: torch.Tensor, cfg: TrainConfig, generat
     return loss, _byte_metrics(loss)
 
 
-def _all_parameters(model):
+def _all_parameters(model, cfg=None):
     return list(model.parameters())
 
 
-def _iem_parameters(model):
+def _iem_parameters(model, cfg=None):
+    if cfg is not None and cfg.byte_loss_fraction > 0:
+        return list(model.parameters())
     skip = {id(p) for p in model.decoder.parameters()}
     return [p for p in model.parameters() if id(p) not in skip]
 
 
-def _decoder_parameters(model):
+def _decoder_parameters(model, cfg=None):
     return list(model.decoder.parameters())
 
 
@@ -243,7 +271,7 @@ class Objective:
 
     name: str
     loss: Callable
-    trained_parameters: Callable  # model -> the parameters this objective trains
+    trained_parameters: Callable  # (model, phase config) -> the parameters this objective trains
     section: str  # the recipe section that holds its TrainConfig
     arch: str  # the model architecture it trains ("haed" or "flat")
     selection_metric: str  # validation metric (lower is better) that picks the best checkpoint
@@ -272,6 +300,7 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
-def trainable_parameters(model, objective: str):
-    """The parameters an objective trains: IEM never touches the decoder; the decoder phase only it."""
-    return get_objective(objective).trained_parameters(model)
+def trainable_parameters(model, objective: str, cfg: TrainConfig | None = None):
+    """The parameters an objective trains: IEM not the decoder (unless its byte loss is on); the decoder
+    phase only the decoder."""
+    return get_objective(objective).trained_parameters(model, cfg)

@@ -109,9 +109,9 @@ def apply_recompute(model, cfg: TrainConfig) -> None:
         stack.recompute = stack.cfg.checkpoint or name in names
 
 
-def set_trainable(model, objective: str) -> list:
+def set_trainable(model, objective: str, cfg: TrainConfig | None = None) -> list:
     """Freeze what the objective does not train; return the trained parameters."""
-    params = trainable_parameters(model, objective)
+    params = trainable_parameters(model, objective, cfg)
     trainable = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -415,7 +415,7 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
         _emit(on_event, "message", text=f"starting from {parent_checkpoint}")
 
     model.to(dev).train()
-    params = set_trainable(model, objective)
+    params = set_trainable(model, objective, cfg)
     apply_recompute(model, cfg)
     optimizer = make_optimizer(params, cfg, dev)
     if optimizer_state is not None:

@@ -179,3 +179,55 @@ def test_padding_rows_change_neither_loss_nor_gradients(logq):
     torch.testing.assert_close(loss48, loss1, rtol=1e-6, atol=1e-7)
     for name, g in g1.items():
         torch.testing.assert_close(g48[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_cosine_score_starts_near_ln_candidates_and_learns_its_scale():
+    """The normalised score: q and E(P) unit vectors times a learned scale; at initialisation every
+    candidate scores about the same, so the loss is about ln(number of candidates)."""
+    x = random_bytes(4, 256, seed=3)
+    model = tiny_model(patch_size=4, score="cosine")
+    model.train()
+    cfg = TrainConfig(logq=False)
+    loss, metrics = iem_loss(model, x, cfg)
+    n = metrics["candidates"]
+    assert n == 4 * 64  # random bytes: every patch distinct
+    # logits ~ 10 * N(0, 1/dim): the log-sum-exp sits a little above ln n (by about 50 / dim).
+    assert abs(float(loss.detach()) - math.log(n)) < 0.3 + 50 / model.cfg.main.dim
+    loss.backward()
+    assert model.score_log_scale.grad is not None and float(model.score_log_scale.grad) != 0.0
+    assert "score_log_scale" in model.state_dict()
+    # Its scores are exactly scale * cosine: compare with an explicit computation.
+    with torch.no_grad():
+        B, N = x.shape
+        K = model.patch_size
+        targets = x.view(B, N // K, K)
+        vectors = model.encoder(targets.reshape(-1, K)).view(B, N // K, -1)
+        h = model.main(model.main_inputs(vectors[:, :-1])).reshape(-1, vectors.shape[-1])
+        q = F.normalize(model.score_proj(h), dim=-1) * model.score_log_scale.exp()
+        logits = q @ F.normalize(vectors.reshape(-1, vectors.shape[-1]), dim=-1).T
+        exact = F.cross_entropy(logits, torch.arange(logits.shape[0]))  # distinct patches: column r is row r's
+    torch.testing.assert_close(loss.detach(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_byte_loss_during_iem_is_the_decoders_loss_on_the_sampled_patches():
+    from haed.objectives import LN2, full_loss, trainable_parameters
+
+    x = random_bytes(2, 64, seed=4)
+    model = tiny_model(patch_size=4)
+    model.train()
+    off = iem_loss(model, x, TrainConfig())[1]
+    every = TrainConfig(byte_loss_fraction=1.0, byte_loss_weight=0.5)
+    loss, metrics = iem_loss(model, x, every)
+    full, _ = full_loss(model, x, every)
+    # Over every patch the byte term is full training's loss, added with its weight.
+    torch.testing.assert_close(metrics["byte_bits_per_byte"] * LN2, full.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), off["softmax_loss"] + 0.5 * full.detach(), rtol=1e-5, atol=1e-6)
+    # A fraction: the decoder gets a gradient, from the sampled patches only, and is trained by IEM.
+    quarter = TrainConfig(byte_loss_fraction=0.25)
+    loss, _ = iem_loss(model, x, quarter, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert model.decoder.head.weight.grad is not None and model.decoder.head.weight.grad.abs().sum() > 0
+    names = {id(p) for p in trainable_parameters(model, "iem", quarter)}
+    assert all(id(p) in names for p in model.decoder.parameters())
+    assert not any(id(p) in {id(q) for q in trainable_parameters(model, "iem", TrainConfig())}
+                   for p in model.decoder.parameters())

@@ -65,7 +65,7 @@ def build_for_objective(recipe: Recipe, objective: str, cfg: TrainConfig, device
     """(model, optimizer, trained parameters) set up as `haed train-*` sets them up for `objective`."""
     torch.manual_seed(cfg.seed)
     model = build_model(objective_model_config(recipe, objective)).to(device).train()
-    params = set_trainable(model, objective)
+    params = set_trainable(model, objective, cfg)
     apply_recompute(model, cfg)
     optimizer = make_optimizer(params, cfg, device)
     maybe_compile(model, objective, compile, device)
