@@ -51,7 +51,6 @@ def main() -> None:
     if a.legacy_gather:
         legacy = lambda table, index: table[index]  # noqa: E731
         haed.model.gather_rows = legacy
-        haed.objectives.gather_rows = legacy
     a.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
     cuda = device.type == "cuda"

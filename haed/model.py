@@ -332,23 +332,42 @@ def pad_rows(rows: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.cat((rows, rows.new_zeros((extra, *rows.shape[1:]))))
 
 
-def unique_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct patches of a (N, K) uint8 tensor: (unique (U, K), inverse (N,), counts (U,)).
-
-    Patches of up to 8 bytes are packed into one int64 key (a reinterpretation of the bytes, so it is
-    exact), which makes deduplication one sort on the device.
-    """
+def patch_keys(patches: torch.Tensor) -> torch.Tensor:
+    """One int64 per patch of up to 8 bytes: the bytes reinterpreted (zero-padded), so equal keys mean
+    equal patches and deduplication or lookup is one sort on the device."""
     n, k = patches.shape
+    if k > 8:
+        raise ValueError(f"patch keys need patch_size <= 8, not {k}")
+    packed = patches.to(torch.uint8)
+    if k < 8:
+        packed = F.pad(packed, (0, 8 - k))
+    return packed.contiguous().view(torch.int64).view(n)
+
+
+def unique_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct patches of a (N, K) uint8 tensor: (unique (U, K), inverse (N,), counts (U,))."""
+    k = patches.shape[1]
     if k <= 8:
-        packed = patches.to(torch.uint8)
-        if k < 8:
-            packed = F.pad(packed, (0, 8 - k))
-        keys = packed.contiguous().view(torch.int64).view(n)
-        uniq_keys, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-        uniq = uniq_keys.view(torch.uint8).view(-1, 8)[:, :k]
-        return uniq, inverse, counts
-    uniq, inverse, counts = torch.unique(patches, dim=0, return_inverse=True, return_counts=True)
-    return uniq, inverse, counts
+        uniq_keys, inverse, counts = torch.unique(patch_keys(patches), return_inverse=True, return_counts=True)
+        return uniq_keys.view(torch.uint8).view(-1, 8)[:, :k], inverse, counts
+    return torch.unique(patches, dim=0, return_inverse=True, return_counts=True)
+
+
+@dataclass
+class EncodedPatches:
+    """The encoder's vectors of a set of patches, each distinct patch encoded once.
+
+    `vectors` has one row per distinct patch, then zero-patch padding rows up to `row_bucket`'s
+    multiple (recurring shapes on CUDA); `per_patch()` gives every patch's own vector.
+    """
+
+    distinct: torch.Tensor  # (U, K) bytes
+    inverse: torch.Tensor  # (N,) row of each patch in `distinct`
+    counts: torch.Tensor  # (U,) occurrences of each distinct patch
+    vectors: torch.Tensor  # (U + padding, D)
+
+    def per_patch(self) -> torch.Tensor:
+        return gather_rows(self.vectors, self.inverse)
 
 
 class HAED(nn.Module):
@@ -387,17 +406,22 @@ class HAED(nn.Module):
         start = self.start.to(patch_vectors.dtype).expand(B, 1, -1)
         return torch.cat((start, patch_vectors), dim=1)
 
-    def hidden(self, x: torch.Tensor, dedup: bool = True) -> torch.Tensor:
+    def encode_patches(self, patches: torch.Tensor) -> EncodedPatches:
+        """Encode (N, K) patches, each distinct one once (real text repeats many patches)."""
+        distinct, inverse, counts = unique_patches(patches)
+        vectors = self.encoder(pad_rows(distinct, row_bucket(patches.device)))
+        return EncodedPatches(distinct, inverse, counts, vectors)
+
+    def hidden_from_vectors(self, patch_vectors: torch.Tensor) -> torch.Tensor:
+        """h_t for every patch from the (B, T, D) vectors of the patches themselves (shifted: h_t sees < t)."""
+        return self.main(self.main_inputs(patch_vectors[:, :-1]))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """h_t for every patch of the byte windows x (B, N): (B, T, main_dim)."""
         p = self.patches(x)
         B, T, K = p.shape
-        inputs = p[:, :-1].reshape(-1, K)
-        if dedup and inputs.shape[0] > 0:
-            uniq, inverse, _ = unique_patches(inputs)
-            vectors = gather_rows(self.encoder(pad_rows(uniq, row_bucket(x.device))), inverse)
-        else:
-            vectors = self.encoder(inputs)
-        return self.main(self.main_inputs(vectors.view(B, T - 1, -1)))
+        vectors = self.encode_patches(p.reshape(-1, K)).per_patch()
+        return self.hidden_from_vectors(vectors.view(B, T, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Byte logits (B, N, 256) for the windows x (B, N): position i predicts byte i."""

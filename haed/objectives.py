@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from haed.config import TrainConfig
 from haed.errors import HaedError
-from haed.model import HAED, FlatTransformer, gather_rows, pad_rows, row_bucket, unique_patches
+from haed.model import HAED, FlatTransformer, patch_keys
 
 LN2 = math.log(2.0)
 
@@ -119,7 +119,7 @@ def sampled_softmax_loss(q, cand, pos, target_col, logq_cand=None, logq_pos=None
 
 
 def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None,
-             candidates: torch.Tensor | None = None, pad_multiple: int | None = None):
+             candidates: torch.Tensor | None = None):
     """IEM: sampled softmax over patches, scored <W h_t, E(P)> / tau (or by `model.score_vectors`' cosine).
 
     The decoder is not in the graph, unless `cfg.byte_loss_fraction` adds its byte loss on a sample of
@@ -133,24 +133,23 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     p = model.patches(x)
     B, T, K = p.shape
     targets = p.reshape(-1, K)
-    uniq, inverse, counts = unique_patches(targets)
+    encoded = model.encode_patches(targets)
+    uniq, inverse, counts, vectors = encoded.distinct, encoded.inverse, encoded.counts, encoded.vectors
     U = uniq.shape[0]
     # Padding rows (zero patches) give the encoder and the score products recurring shapes; as
     # candidates they are shifted to -inf below, so they change neither the loss nor a gradient.
-    padded = pad_rows(uniq, pad_multiple or row_bucket(x.device))
-    vectors = model.encoder(padded)
-    pos = gather_rows(vectors, inverse)  # every target patch's vector: the positives, and (shifted) the main model's inputs
-    h = model.main(model.main_inputs(pos.view(B, T, -1)[:, :-1]))
+    pos = encoded.per_patch()  # every target patch's vector: the positives, and (shifted) the main model's inputs
+    h = model.hidden_from_vectors(pos.view(B, T, -1))
     explicit = model.encoder(candidates.to(x.device)) if candidates is not None else None
     q, pos_scored, vectors = model.score_vectors(h.reshape(B * T, -1), pos, explicit if explicit is not None else vectors,
                                                  cfg.tau)
     logq_pos = counts.float().log()[inverse] if cfg.logq else None
     if candidates is not None:
         cand = vectors
-        cand_keys = _keys(candidates.to(x.device))
+        cand_keys = patch_keys(candidates.to(x.device))
         order = torch.argsort(cand_keys)
-        where = torch.searchsorted(cand_keys[order], _keys(uniq)).clamp(max=len(order) - 1)
-        found = cand_keys[order][where] == _keys(uniq)
+        where = torch.searchsorted(cand_keys[order], patch_keys(uniq)).clamp(max=len(order) - 1)
+        found = cand_keys[order][where] == patch_keys(uniq)
         col_of_uniq = torch.where(found, order[where], torch.full_like(where, -1))
         logq_cand = None
         if cfg.logq:
@@ -200,16 +199,6 @@ def sampled_byte_loss(model: HAED, h: torch.Tensor, targets: torch.Tensor, fract
 def capped_candidates(num_distinct: int, cap: int, generator: torch.Generator | None) -> torch.Tensor:
     """A uniform random subset of `cap` of the distinct patches (indices), shared by every row."""
     return torch.randperm(num_distinct, generator=generator)[:cap]
-
-
-def _keys(patches: torch.Tensor) -> torch.Tensor:
-    n, k = patches.shape
-    packed = patches.to(torch.uint8)
-    if k > 8:
-        raise ValueError("explicit candidate sets support patch_size <= 8")
-    if k < 8:
-        packed = F.pad(packed, (0, 8 - k))
-    return packed.contiguous().view(torch.int64).view(n)
 
 
 def byte_cross_entropy(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

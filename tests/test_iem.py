@@ -164,13 +164,16 @@ def test_compiled_chunk_softmax_matches_eager():
 
 
 @pytest.mark.parametrize("logq", [True, False])
-def test_padding_rows_change_neither_loss_nor_gradients(logq):
+def test_padding_rows_change_neither_loss_nor_gradients(logq, monkeypatch):
     """The zero patches that pad the distinct-patch count (on CUDA) are inert candidates."""
+    import haed.model
+
     x = random_bytes(2, 64, seed=9)
     results = []
     for multiple in (1, 48):
+        monkeypatch.setattr(haed.model, "row_bucket", lambda device: multiple)
         model = tiny_model(patch_size=4)
-        loss, metrics = iem_loss(model, x, TrainConfig(logq=logq, logits_chunk=5), pad_multiple=multiple)
+        loss, metrics = iem_loss(model, x, TrainConfig(logq=logq, logits_chunk=5))
         loss.backward()
         results.append((loss.detach(), metrics["candidates"],
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))

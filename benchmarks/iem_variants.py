@@ -1,0 +1,90 @@
+"""IEM variants against full training and the flat baseline, each at the same time budget.
+
+Runs `haed.compare.compare` once for the baselines (full, flat) and once per IEM variant (the IEM
+system only, with the variant's recipe overrides), then writes one table (markdown), one JSON and one
+PNG of validation bits per byte against training seconds. Every run stays in `--out`, so an
+interrupted sweep continues where it stopped.
+
+    python benchmarks/iem_variants.py --recipe tiny --dataset data/enwik8-head --budget 120 \\
+        --variant baseline: --variant cosine:model.score=cosine \\
+        --variant byte-loss:iem.byte_loss_fraction=0.125 --out runs/iem-variants
+
+A variant is `name:override,override,...` (recipe overrides as with `--set`); `decoder_fraction=F`
+among them sets the share of the budget given to the decoder phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from haed.compare import compare, plot_comparison  # noqa: E402
+from haed.config import load_recipe  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, list[str], float]:
+    name, _, rest = text.partition(":")
+    overrides, fraction = [], 0.1
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        if item.startswith("decoder_fraction="):
+            fraction = float(item.split("=", 1)[1])
+        else:
+            overrides.append(item)
+    return name, overrides, fraction
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="tiny")
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--budget", type=float, required=True, help="seconds of training per system")
+    ap.add_argument("--variant", action="append", default=[], help="name:override,... (repeatable)")
+    ap.add_argument("--set", action="append", default=[], help="overrides for every system")
+    ap.add_argument("--baselines", default="full,flat", help="comma-separated, or '' for none")
+    ap.add_argument("--evals", type=int, default=5)
+    ap.add_argument("--eval-bytes", type=int, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+
+    def say(event: dict) -> None:
+        if event["event"] in ("message", "valid"):
+            print(event.get("text") or f"  step {event['step']} valid {event.get('bits_per_byte', event.get('loss')):.4f}",
+                  flush=True)
+
+    base = [*a.set, f'data.dataset="{a.dataset}"']
+    rows = []
+    common = dict(evals=a.evals, eval_bytes=a.eval_bytes, device=a.device, compile=a.compile, on_event=say)
+    systems = tuple(s for s in a.baselines.split(",") if s)
+    if systems:
+        result = compare(load_recipe(a.recipe, base), a.out / "baselines", a.budget, systems=systems, **common)
+        rows += [{**r, "variant": r["label"], "overrides": []} for r in result["rows"]]
+    for text in a.variant:
+        name, overrides, fraction = parse_variant(text)
+        print(f"== {name}: {' '.join(overrides) or '(recipe as is)'}, decoder phase {fraction:.0%} of the budget", flush=True)
+        result = compare(load_recipe(a.recipe, [*base, *overrides]), a.out / name, a.budget, systems=("iem",),
+                         decoder_fraction=fraction, **common)
+        rows += [{**r, "variant": f"IEM {name}", "overrides": overrides, "decoder_fraction": fraction}
+                 for r in result["rows"]]
+    reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
+    lines = [f"| system | overrides | train s | test {result['unit']} | vs full |", "|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['test_bits_per_byte'] / reference:.3f}" if reference else "-"
+        lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['train_seconds']:.1f} | "
+                     f"{r['test_bits_per_byte']:.4f} | {ratio} |")
+    table = "\n".join(lines)
+    print(table)
+    summary = {"recipe": a.recipe, "dataset": a.dataset, "budget_seconds": a.budget, "device": result["device"],
+               "unit": result["unit"], "windowing": result["windowing"], "command": " ".join(sys.argv), "rows": rows}
+    (a.out / "variants.json").write_text(json.dumps(summary, indent=2))
+    (a.out / "variants.md").write_text(table + "\n")
+    plot_comparison({**summary, "rows": [{**r, "label": r["variant"]} for r in rows]}, a.out / "variants.png")
+
+
+if __name__ == "__main__":
+    main()
