@@ -25,7 +25,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import haed.model  # noqa: E402
-import haed.objectives  # noqa: E402
 from haed.config import load_recipe  # noqa: E402
 from haed.objectives import OBJECTIVES  # noqa: E402
 from haed.profile import WindowSource, build_for_objective, objective_train_config  # noqa: E402
