@@ -50,7 +50,8 @@ from haed.profile import (  # noqa: E402
     progress_bar,
     write_profile_json,
 )
-from haed.train import autocast, to_device  # noqa: E402
+from haed.device import autocast  # noqa: E402
+from haed.train import to_device  # noqa: E402
 
 OBJECTIVE = "megabyte-peer"
 PACKAGE = "MEGABYTE-pytorch"

@@ -13,7 +13,7 @@ from haed.checkpoint import load_run, resolve_sampling_run
 from haed.data import open_dataset
 from haed.errors import HaedError
 from haed.model import HAED
-from haed.train import autocast, resolve_device
+from haed.device import autocast, resolve_device
 
 
 def _window_nll(model, x: torch.Tensor, counted: int) -> torch.Tensor:

@@ -49,18 +49,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.type_as(x)
 
 
-def use_fast_attention_kernels() -> None:
-    """Turn off PyTorch's cuDNN attention backend (flash attention and memory-efficient attention remain).
-
-    cuDNN builds an execution plan for every new shape, and haed's shapes change all the time: the
-    encoder attends over the batch's distinct patches (a different count every step) and cached
-    generation over a growing cache. Measured on an H100 (torch 2.11, docs/performance.md), planning
-    cost about 70 ms of host time per attention call, which made every IEM and full step host-bound.
-    """
-    if torch.cuda.is_available():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm whose weight follows the input's dtype, so bf16 autocast keeps the fused kernel.
 
@@ -464,7 +452,6 @@ def init_weights(model: nn.Module) -> None:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    use_fast_attention_kernels()
     return HAED(cfg) if cfg.arch == "haed" else FlatTransformer(cfg)
 
 

@@ -8,7 +8,6 @@ batches the uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -26,7 +25,6 @@ from haed import __version__
 from haed.checkpoint import (
     BEST,
     RunLock,
-    checkpoint_step,
     latest_intact_checkpoint,
     load_optimizer_state,
     load_weights,
@@ -39,24 +37,10 @@ from haed.checkpoint import (
 )
 from haed.config import Recipe, TrainConfig, apply_overrides, load_recipe, recipe_from_dict, recompute_stacks
 from haed.data import open_dataset, random_windows
+from haed.device import autocast, resolve_device
 from haed.errors import HaedError
 from haed.model import HAED, build_model, count_parameters
 from haed.objectives import OBJECTIVES, get_objective, trainable_parameters
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HaedError("--device cuda was asked for but CUDA is not available here")
-    return torch.device(device)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain float32 elsewhere (CPU bf16 is slow and changes results)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:

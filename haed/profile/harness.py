@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from haed import __version__
+from haed.device import configure_cuda, is_oom
 from haed.errors import HaedError
 
 GIB = float(1 << 30)
@@ -36,6 +37,7 @@ def profile_device(device: str = "auto") -> torch.device:
     if device in ("auto", "cuda") or device.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise HaedError(NO_CUDA_MESSAGE)
+        configure_cuda()
         return torch.device("cuda" if device == "auto" else device)
     if device != "cpu":
         raise HaedError(f"--device must be auto, cuda, cuda:N or cpu, not {device!r}")
@@ -80,20 +82,6 @@ def _free(device: torch.device, force: bool = False) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-
-
-def is_oom(error: BaseException) -> bool:
-    """True for a CUDA out-of-memory error, also when wrapped (torch.compile) or raised as RuntimeError."""
-    seen = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, torch.OutOfMemoryError):
-            return True
-        if isinstance(e, RuntimeError) and "out of memory" in str(e).lower():
-            return True
-        e = e.__cause__ or e.__context__
-    return False
 
 
 # --------------------------------------------------------------------------------------------
