@@ -12,10 +12,11 @@ Bytes are drawn on the device (Gumbel-max: the arg-max of the filtered, tempered
 standard Gumbel noise) and copied to the host once per chunk, not once per byte. The noise is
 counter-based: the value for stream seed s, output position t and byte value j is a fixed
 function of (s, t, j), an integer hash computed with tensor operations on the device. So a stream
-draws the same random numbers whatever else is in the batch and on any device, and stream i of a
-batch reproduces a single run with seed `seed + i`, as far as the model's arithmetic gives that
-row the same logits (on a CPU in float32 it does, to the last bit in the tests; matrix products of
-a batch may round a row differently from a single row, which changes a draw only at a near tie).
+draws the same random numbers whatever else is in the batch (the uniforms bit for bit, on any
+device), and stream i of a batch reproduces a single run with seed `seed + i`, as far as the
+model's arithmetic gives that row the same logits: on a CPU in float32 it does, to the last bit in
+the tests; on a GPU a batch's matrix products may round a row differently from a single row's,
+which changes a draw only at a near tie (and the stream goes its own way from there).
 """
 
 from __future__ import annotations
@@ -90,12 +91,17 @@ class StreamNoise:
 
     def uniform(self, start: int, length: int) -> torch.Tensor:
         """(streams, length, 256) uniforms in (0, 1) for positions start .. start + length - 1."""
-        positions = torch.arange(start, start + length, dtype=torch.int64, device=self.device) & _MASK32
-        w = mix32(mix32(positions.view(1, -1) ^ self.k0) ^ self.k1)[..., None]  # one word per (stream, position)
+        return self.uniform_at(torch.arange(start, start + length, dtype=torch.int64, device=self.device))
+
+    def uniform_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """(streams, L, 256) uniforms for the positions in a (L,) int64 device tensor: no host value is
+        read, so the same kernels can be recorded in a CUDA graph with positions kept on the device."""
+        w = mix32(mix32((positions & _MASK32).view(1, -1) ^ self.k0) ^ self.k1)[..., None]  # one word per (stream, position)
         h = mix32(w ^ self.byte_keys)  # 256 distinct inputs per (stream, position): a bijection keeps them apart
         return ((h >> 9).float() + 0.5) * 2.0 ** -23
 
     def gumbel(self, start: int, length: int) -> torch.Tensor:
+        """(streams, length, 256) standard Gumbel noise for positions start .. start + length - 1."""
         return -torch.log(-torch.log(self.uniform(start, length)))
 
 
