@@ -150,3 +150,55 @@ def write_wav(path, codes_or_float, sample_rate: int) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+class WavWriter:
+    """A 16-bit PCM mono WAV written as it grows, valid and playable at every moment.
+
+    The 44-byte header is written first with no samples; each `write` appends samples, flushes
+    them, and only then rewrites the header's two sizes (so the header never counts samples that
+    are not in the file yet) and flushes again. A reader that opens the file mid-way sees a complete
+    WAV of the samples so far; `close` leaves the final header. (The standard library's `wave`
+    writer fixes its header only when closed.)
+    """
+
+    def __init__(self, path, sample_rate: int):
+        if sample_rate <= 0:
+            raise HaedError(f"sample rate must be positive (got {sample_rate})")
+        self.path = Path(path)
+        self.sample_rate = int(sample_rate)
+        self.frames = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "wb")
+        self._file.write(self._header(0))
+        self._file.flush()
+
+    def _header(self, frames: int) -> bytes:
+        import struct
+
+        data = 2 * frames
+        return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + data, b"WAVE", b"fmt ", 16, 1, 1, self.sample_rate,
+                           2 * self.sample_rate, 2, 16, b"data", data)
+
+    def write(self, codes_or_float) -> None:
+        """Append mu-law codes or a float waveform in [-1, 1] (see `to_pcm16`)."""
+        pcm = to_pcm16(codes_or_float).reshape(-1)
+        if not pcm.size:
+            return
+        self._file.seek(0, os.SEEK_END)
+        self._file.write(pcm.astype("<i2").tobytes())
+        self._file.flush()
+        self.frames += int(pcm.size)
+        self._file.seek(0)
+        self._file.write(self._header(self.frames))
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "WavWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

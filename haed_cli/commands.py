@@ -185,13 +185,19 @@ def generate(
     run: Path = typer.Option(..., "--run", help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text prompt."),
     prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt bytes from a file (text runs) or a WAV/FLAC (audio runs)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the output here (text: prompt + sample; audio: a WAV). Default: stdout for text, sample.wav for audio."),
-    max_bytes: Optional[int] = typer.Option(None, help="Bytes (audio: samples) to generate."),
-    seconds: Optional[float] = typer.Option(None, help="Audio: seconds to generate (instead of --max-bytes)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="One stream: the output file (text: prompt + sample; audio: a WAV). "
+                                       "Several: a folder of sample-000.txt / sample-000.wav ... Default: stdout for text; "
+                                       "sample.wav (or sample-000.wav ...) here for audio."),
+    max_bytes: Optional[int] = typer.Option(None, help="Bytes (audio: samples) to generate per stream."),
+    seconds: Optional[float] = typer.Option(None, help="Audio: seconds to generate per stream (instead of --max-bytes)."),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0: greedy)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the k most likely bytes (0: off)."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass (1: off)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same output."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass, in (0, 1] (1: off)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same output; stream i uses seed + i."),
+    num_samples: int = typer.Option(1, "--num-samples", "-n", help="Independent continuations generated in one batch; "
+                                    "stream i equals a single run with --seed SEED+i."),
+    stream: bool = typer.Option(False, "--stream", help="Text: write to stdout as it is generated, one patch at a time. "
+                                "(WAV files are always written as they are generated, valid at every moment.)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as a CUDA graph (captured during the prefill); off: the same steps eagerly."),
 ):
@@ -199,62 +205,40 @@ def generate(
 
     Example: haed generate --run runs/tiny --prompt "def main(" --max-bytes 300
     """
+    from contextlib import nullcontext
+
     from rich.progress import Progress
 
-    from haed.errors import HaedError
-    from haed.generate import audio_prompt_bytes, generate as run_generation, load_for_sampling
+    from haed.generate import prepare_generation, run_generation
 
-    model, recipe, config, run_dir = load_for_sampling(run, device)
-    g = recipe.generate
-    kind = config["dataset"]["kind"]
-    sample_rate = config["dataset"].get("sample_rate")
-    if prompt is not None and prompt_file is not None:
-        raise HaedError("give --prompt or --prompt-file, not both")
-    if kind == "audio":
-        if prompt is not None:
-            raise HaedError("this is an audio run: give the prompt as --prompt-file a.wav")
-        prompt_bytes = audio_prompt_bytes(prompt_file, sample_rate) if prompt_file is not None else b""
-        n = int(seconds * sample_rate) if seconds is not None else (max_bytes or g.max_bytes)
-    else:
-        if prompt_file is not None:
-            if not prompt_file.is_file():
-                raise HaedError(f"prompt file {prompt_file} does not exist")
-            prompt_bytes = prompt_file.read_bytes()
-        else:
-            prompt_bytes = (prompt or "").encode("utf-8")
-        n = max_bytes or g.max_bytes
-    with Progress(console=err_console, transient=True) as progress:
-        result = run_generation(
-            model, prompt_bytes, n,
-            temperature=g.temperature if temperature is None else temperature,
-            top_k=g.top_k if top_k is None else top_k,
-            top_p=g.top_p if top_p is None else top_p,
-            seed=g.seed if seed is None else seed,
-            context_bytes=recipe.data.seq_len,
-            progress=progress,
-            cuda_graphs=cuda_graphs,
-        )
-    unit = "samples" if kind == "audio" else "bytes"
-    if kind == "audio":
-        from haed.audio import write_wav
-
-        path = write_wav(out or Path("sample.wav"), list(result.prompt + result.output), sample_rate)
-        err_console.print(f"wrote {path} ({len(result.prompt + result.output) / sample_rate:.2f} s at {sample_rate} Hz, "
-                      f"{len(result.output) / sample_rate:.2f} s generated)")
-    elif out is not None:
-        from haed.checkpoint import write_text_atomic
-
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_bytes(result.prompt + result.output)
-        tmp.replace(out)
-        err_console.print(f"wrote {out}")
-    else:
-        sys.stdout.write((result.prompt + result.output).decode("utf-8", errors="replace") + "\n")
-        sys.stdout.flush()
-    err_console.print(f"[dim]{len(result.output):,} {unit} in {result.seconds:.2f} s: "
-                  f"{result.bytes_per_second:,.0f} {unit}/s (prefill {result.prefill_seconds * 1e3:.0f} ms, {model_device(model)}"
-                  f"{', CUDA graphs' if cuda_graphs and model_device(model).startswith('cuda') else ''})[/]",
-                  highlight=False)
+    plan = prepare_generation(
+        run, device=device, prompt=prompt, prompt_file=prompt_file, out=out, max_bytes=max_bytes, seconds=seconds,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples, stream=stream,
+    )
+    # Streamed text is its own progress display: a bar on stderr would tear it.
+    show_bar = not (plan.kind == "text" and plan.stream)
+    with (Progress(console=err_console, transient=True) if show_bar else nullcontext()) as progress:
+        done = run_generation(plan, cuda_graphs=cuda_graphs, progress=progress, stdout=sys.stdout)
+    result = done.result
+    n = plan.num_samples
+    if plan.kind == "audio":
+        sr = plan.sample_rate
+        each = f"{len(plan.prompt + result.output) / sr:.2f} s at {sr} Hz, {len(result.output) / sr:.2f} s generated"
+        where = str(done.files[0]) if n == 1 else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
+        err_console.print(f"wrote {where} ({'each ' if n > 1 else ''}{each})", highlight=False, soft_wrap=True)
+    elif done.files:
+        where = str(done.files[0]) if n == 1 else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
+        err_console.print(f"wrote {where}", highlight=False, soft_wrap=True)
+    unit = "samples" if plan.kind == "audio" else "bytes"
+    rate = f"{result.bytes_per_second:,.0f} {unit}/s"
+    if n > 1:
+        rate += f" aggregate over {n} streams ({result.bytes_per_second_per_stream:,.0f} per stream, seeds {plan.seed}..{plan.seed + n - 1})"
+    if plan.kind == "audio":
+        rtf = done.real_time_factor
+        rate += f", real-time factor {rtf:.3f}" + (f" per stream ({rtf * n:.2f} for all {n})" if n > 1 else "")
+    err_console.print(f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
+                      f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''})[/]",
+                      highlight=False, soft_wrap=True)
 
 
 def compare(
@@ -323,10 +307,6 @@ def quickstart(
     console.print(f"[dim]{len(result.sample.output)} bytes at {result.sample.bytes_per_second:,.0f} bytes/s[/]")
     console.print(f"[bold green]test bits per byte: {ev['bits_per_byte']:.4f}[/] over {ev['bytes']:,} bytes "
                   f"({ev['windowing']}); run: {result.run_dir}")
-
-
-def model_device(model) -> str:
-    return str(next(model.parameters()).device)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,37 +1,52 @@
-"""Cached hierarchical generation against the uncached forward pass."""
+"""Cached hierarchical generation against the uncached forward pass; streams, device-side sampling, chunks."""
 
 import pytest
 import torch
 
 from _tiny import random_bytes, tiny_model
-from haed.generate import generate, make_sampler, sample_next
+from haed.generate import SamplingOptions, StreamNoise, generate, make_sampler, mix32, sample_bytes
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("conditioning", ["add", "prefix"])
 @pytest.mark.parametrize("prompt_len", [0, 1, 4, 6, 11])
-def test_cached_distributions_equal_uncached_forward(conditioning, prompt_len):
-    """Every next-byte distribution of the cached sampler equals the full forward's, prompt mid-patch too."""
+def test_cached_distributions_equal_uncached_forward(conditioning, prompt_len, batch):
+    """Every next-byte distribution of the cached sampler equals the full forward's, prompt mid-patch too,
+    for every stream of a batch (each stream teacher-forced through its own bytes)."""
     model = tiny_model(patch_size=4, conditioning=conditioning)
-    x = random_bytes(1, 48, seed=prompt_len)
+    x = random_bytes(batch, 48, seed=prompt_len)
     with torch.no_grad():
-        reference = torch.log_softmax(model(x)[0].double(), -1)
-    sampler = make_sampler(model, context_bytes=64)
-    logits = sampler.start(x[0, :prompt_len])
+        reference = torch.log_softmax(model(x).double(), -1)
+    sampler = make_sampler(model, context_bytes=64, batch=batch)
+    logits = sampler.start(x[:, :prompt_len])
     for i in range(prompt_len, 48):
-        torch.testing.assert_close(torch.log_softmax(logits.double(), -1), reference[i], rtol=0, atol=1e-5)
-        logits = sampler.feed(x[0, i : i + 1])
+        torch.testing.assert_close(torch.log_softmax(logits.double(), -1), reference[:, i], rtol=0, atol=1e-5)
+        logits = sampler.feed(x[:, i])
 
 
-def test_flat_cached_distributions_equal_uncached_forward():
+@pytest.mark.parametrize("batch", [1, 3])
+def test_flat_cached_distributions_equal_uncached_forward(batch):
     model = tiny_model(arch="flat")
-    x = random_bytes(1, 40)
+    x = random_bytes(batch, 40)
     with torch.no_grad():
-        reference = torch.log_softmax(model(x)[0].double(), -1)
-    sampler = make_sampler(model, context_bytes=64)
-    logits = sampler.start(x[0, :7])
+        reference = torch.log_softmax(model(x).double(), -1)
+    sampler = make_sampler(model, context_bytes=64, batch=batch)
+    logits = sampler.start(x[:, :7])
     for i in range(7, 40):
-        torch.testing.assert_close(torch.log_softmax(logits.double(), -1), reference[i], rtol=0, atol=1e-5)
-        logits = sampler.feed(x[0, i : i + 1])
+        torch.testing.assert_close(torch.log_softmax(logits.double(), -1), reference[:, i], rtol=0, atol=1e-5)
+        logits = sampler.feed(x[:, i])
+
+
+def test_shared_prompt_prefill_equals_per_stream_prefill():
+    """A prompt shared by the streams is prefilled once and copied to every row: the same distributions
+    as giving each stream the prompt itself."""
+    model = tiny_model(patch_size=4)
+    prompt = random_bytes(10, seed=1)
+    shared, own = make_sampler(model, 64, batch=3), make_sampler(model, 64, batch=3)
+    a, b = shared.start(prompt), own.start(prompt.expand(3, -1))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    for byte in random_bytes(3, 9, seed=2).t():
+        torch.testing.assert_close(shared.feed(byte), own.feed(byte), rtol=0, atol=1e-6)
 
 
 def test_generation_is_seeded_and_runs_past_the_context():
@@ -40,34 +55,113 @@ def test_generation_is_seeded_and_runs_past_the_context():
     b = generate(model, b"hello wor", 100, seed=7, context_bytes=32)
     c = generate(model, b"hello wor", 100, seed=8, context_bytes=32)
     assert len(a.output) == 100 and a.output == b.output and a.output != c.output
-    assert a.bytes_per_second > 0
+    assert a.bytes_per_second > 0 and a.seeds == [7]
+
+
+@pytest.mark.parametrize("arch, options", [
+    ("haed", dict(temperature=1.0, top_k=0, top_p=1.0)),
+    ("haed", dict(temperature=0.8, top_k=0, top_p=0.95)),
+    ("haed", dict(temperature=1.3, top_k=20, top_p=1.0)),
+    ("haed", dict(temperature=0.0, top_k=0, top_p=1.0)),
+    ("flat", dict(temperature=0.9, top_k=40, top_p=0.9)),
+])
+def test_batched_streams_equal_single_runs(arch, options):
+    """Stream i of a batch of 5 (seed 11 + i) gives the bytes of a single run with seed 11 + i: through a
+    prompt that ends mid-patch and past the context (so the streams' histories are re-prefilled)."""
+    model = tiny_model(patch_size=4, arch=arch)
+    batch = generate(model, b"the cat", 90, seed=11, context_bytes=32, num_samples=5, **options)
+    assert batch.seeds == [11, 12, 13, 14, 15] and [len(o) for o in batch.outputs] == [90] * 5
+    for i, seed in enumerate(batch.seeds):
+        assert generate(model, b"the cat", 90, seed=seed, context_bytes=32, **options).output == batch.outputs[i]
+    if options["temperature"] > 0:
+        assert len(set(batch.outputs)) == 5  # the streams are independent draws
+    else:
+        assert len(set(batch.outputs)) == 1  # greedy: every stream the same
+
+
+def test_chunks_arrive_in_order_and_add_up_to_the_output():
+    model = tiny_model(patch_size=4)
+    chunks = []
+    g = generate(model, b"ab", 23, seed=3, context_bytes=32, num_samples=2, on_chunk=chunks.append, chunk_bytes=5)
+    assert [len(c[0]) for c in chunks] == [5, 5, 5, 5, 3] and all(len(c) == 2 for c in chunks)
+    assert [b"".join(c[i] for c in chunks) for i in range(2)] == g.outputs
+    per_patch = []
+    generate(model, b"ab", 10, seed=3, context_bytes=32, on_chunk=per_patch.append)  # default: one patch
+    assert [len(c[0]) for c in per_patch] == [4, 4, 2]
+
+
+def test_mix32_is_murmur3_finalizer():
+    def fmix32(h):
+        h ^= h >> 16
+        h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+        h ^= h >> 13
+        h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+
+    values = [0, 1, 2, 255, 12345, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, 0xFFFFFFFF]
+    assert mix32(torch.tensor(values)).tolist() == [fmix32(v) for v in values]
+
+
+def test_noise_depends_on_seed_position_and_byte_only():
+    """A stream's noise is the same whatever the other streams and however positions are grouped."""
+    batch = StreamNoise([5, 6, 7], "cpu")
+    alone = StreamNoise([6], "cpu")
+    assert torch.equal(batch.uniform(10, 20)[1], alone.uniform(0, 40)[0, 10:30])
+    assert torch.equal(batch.gumbel(3, 1)[2], StreamNoise([7], "cpu").gumbel(3, 1)[0])
+    u = StreamNoise(range(64), "cpu").uniform(0, 64)  # 64 x 64 x 256 values
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.002 and abs(float(u.var()) - 1 / 12) < 0.001
+    # neighbouring seeds, positions and bytes are uncorrelated
+    for a, b in ((u[:-1], u[1:]), (u[:, :-1], u[:, 1:]), (u[..., :-1], u[..., 1:])):
+        assert abs(float(torch.corrcoef(torch.stack((a.flatten(), b.flatten())))[0, 1])) < 0.01
+
+
+def test_device_sampling_follows_the_filtered_distribution():
+    """Gumbel-max draws over many streams have the frequencies of the tempered, top-k / top-p filtered
+    distribution (within 5 standard errors)."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5] + [-4.0] * 250)
+    cases = [
+        (SamplingOptions(1.0, 0, 1.0), torch.softmax(logits, -1)),
+        (SamplingOptions(0.5, 0, 1.0), torch.softmax(logits / 0.5, -1)),
+        (SamplingOptions(1.0, 3, 1.0), torch.softmax(torch.cat((logits[:3], torch.full((253,), float("-inf")))), -1)),
+    ]
+    p = torch.softmax(logits, -1)
+    keep = int((p.cumsum(-1) - p <= 0.7).sum())  # the smallest set of top bytes reaching 0.7
+    cases.append((SamplingOptions(1.0, 0, 0.7), torch.softmax(logits.masked_fill(torch.arange(256) >= keep, float("-inf")), -1)))
+    n = 20000
+    noise = StreamNoise(range(n), "cpu").gumbel(0, 1)[:, 0]  # one draw from each of n streams
+    for options, expected in cases:
+        freq = torch.bincount(sample_bytes(logits.expand(n, -1), options, noise), minlength=256).double() / n
+        bound = 5 * (expected.double() * (1 - expected.double()) / n).sqrt() + 1e-12
+        assert ((freq - expected.double()).abs() <= bound).all(), options
+        assert (freq[expected == 0] == 0).all(), options
 
 
 def test_sampling_filters():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.tensor([5.0, 4.0, 0.0, -1.0] + [-30.0] * 252)
-    assert int(sample_next(logits, 0.0, 0, 1.0, g)) == 0  # greedy
-    draws = {int(sample_next(logits, 1.0, 2, 1.0, g)) for _ in range(200)}
-    assert draws == {0, 1}  # top-k = 2
-    draws = {int(sample_next(logits, 1.0, 0, 0.5, g)) for _ in range(100)}
-    assert draws == {0}  # byte 0 alone holds over half the mass
+    logits = torch.tensor([5.0, 4.0, 0.0, -1.0] + [-30.0] * 252).expand(200, -1)
+    noise = StreamNoise(range(200), "cpu").gumbel(0, 1)[:, 0]
+    assert set(sample_bytes(logits, SamplingOptions(0.0, 0, 1.0), None).tolist()) == {0}  # greedy
+    assert set(sample_bytes(logits, SamplingOptions(1.0, 2, 1.0), noise).tolist()) == {0, 1}  # top-k = 2
+    assert set(sample_bytes(logits, SamplingOptions(1.0, 0, 0.5), noise).tolist()) == {0}  # byte 0 alone holds over half the mass
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_steps_equal_eager_steps(dtype):
-    """Replayed CUDA graphs give the eager steps' distributions, and bf16 autocast sampling the same bytes."""
+def test_cuda_graph_steps_equal_eager_steps(dtype, batch):
+    """Replayed CUDA graphs give the eager steps' distributions over whole patches and re-prefills, for a
+    batch of streams too, and bf16 autocast sampling the same bytes."""
     model = tiny_model(patch_size=4).cuda()
-    x = random_bytes(1, 48, seed=3).cuda()
+    x = random_bytes(batch, 48, seed=3).cuda()
     got = {}
     for graphs in (True, False):
-        sampler = make_sampler(model, context_bytes=24, cuda_graphs=graphs)  # 6 patches: re-prefills on the way
+        sampler = make_sampler(model, context_bytes=24, cuda_graphs=graphs, batch=batch)  # 6 patches: re-prefills on the way
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            rows = [sampler.start(x[0, :6])]
-            rows += [sampler.feed(x[0, i : i + 1]) for i in range(6, 48)]
+            rows = [sampler.start(x[:, :6])]
+            rows += [sampler.feed(x[:, i]) for i in range(6, 48)]
         got[graphs] = torch.stack([r.float() for r in rows])
     torch.testing.assert_close(got[True], got[False], rtol=0, atol=1e-5)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        a = generate(model, b"hello", 60, seed=5, context_bytes=24, cuda_graphs=True)
-        b = generate(model, b"hello", 60, seed=5, context_bytes=24, cuda_graphs=False)
-    assert a.output == b.output
+        a = generate(model, b"hello", 60, seed=5, context_bytes=24, cuda_graphs=True, num_samples=batch)
+        b = generate(model, b"hello", 60, seed=5, context_bytes=24, cuda_graphs=False, num_samples=batch)
+    assert a.outputs == b.outputs
