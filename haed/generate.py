@@ -32,11 +32,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from haed.checkpoint import latest_checkpoint, load_run, read_run_config, resolve_sampling_run
+from haed.checkpoint import load_run, read_run_config, resolve_sampling_run, select_checkpoint
 from haed.config import Recipe, recipe_from_dict
 from haed.errors import HaedError
 from haed.model import HAED, START, FlatTransformer
-from haed.train import autocast, resolve_device
+from haed.device import autocast, resolve_device
 
 # -- counter-based random numbers ------------------------------------------------------------------
 
@@ -494,10 +494,11 @@ def generate(model, prompt: bytes, max_bytes: int, temperature: float = 0.8, top
     return Generation(prompt=prompt, outputs=outputs, seeds=seeds, seconds=t2 - t1, prefill_seconds=t1 - t0)
 
 
-def load_for_sampling(run_dir: Path, device: str = "auto"):
+def load_for_sampling(run_dir: Path, device: str = "auto", checkpoint: str = "best"):
+    """(model, recipe, run config, run directory) of the run to sample from (an IEM run's decoder phase)."""
     run_dir = resolve_sampling_run(Path(run_dir))
     dev = resolve_device(device)
-    model, recipe, config = load_run(run_dir, dev)
+    model, recipe, config = load_run(run_dir, dev, checkpoint)
     return model, recipe, config, run_dir
 
 
@@ -548,6 +549,7 @@ class GenerationPlan:
     sample_rate: int | None = None
     context_bytes: int = 8192
     run_dir: Path | None = None  # set by prepare_generation
+    checkpoint: Path | None = None  # the weights to sample with (set by prepare_generation)
     device: str = "cpu"
 
     @property
@@ -676,15 +678,15 @@ class RunGeneration:
         return self.result.bytes_per_second_per_stream / self.plan.sample_rate
 
 
-def prepare_generation(run: Path, device: str = "auto", **options) -> GenerationPlan:
-    """`haed generate`, part 1: find the run, check every option against it (`plan_generation`) and the
-    device, read the prompt. Nothing is loaded or written yet, so bad input fails at once, cleanly."""
+def prepare_generation(run: Path, device: str = "auto", checkpoint: str = "best", **options) -> GenerationPlan:
+    """`haed generate`, part 1: find the run and its checkpoint ("best", "last" or "step-N"), check every
+    option against it (`plan_generation`) and the device, read the prompt. Nothing is loaded or written
+    yet, so bad input fails at once, cleanly."""
     run_dir = resolve_sampling_run(Path(run))
     config = read_run_config(run_dir)
-    if latest_checkpoint(run_dir) is None:
-        raise HaedError(f"{run_dir} has no checkpoint yet (no step-N directory)")
+    chosen = select_checkpoint(run_dir, checkpoint)
     plan = plan_generation(recipe_from_dict(config["recipe"]), config["dataset"], **options)
-    plan.run_dir, plan.device = run_dir, str(resolve_device(device))
+    plan.run_dir, plan.checkpoint, plan.device = run_dir, chosen, str(resolve_device(device))
     return plan
 
 
@@ -696,7 +698,7 @@ def run_generation(plan: GenerationPlan, cuda_graphs: bool = True, progress=None
     written as they are generated: valid at every moment, their header rewritten after each chunk.
     """
     dev = torch.device(plan.device)
-    model, _, _ = load_run(plan.run_dir, dev)
+    model, _, _ = load_run(plan.run_dir, dev, plan.checkpoint.name)
     files: list[Path] = []
     writers = []
     on_chunk = None

@@ -200,6 +200,7 @@ def generate(
                                 "(WAV files are always written as they are generated, valid at every moment.)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as a CUDA graph (captured during the prefill); off: the same steps eagerly."),
+    checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
 ):
     """Sample with cached hierarchical generation (main-model and decoder key/value caches).
 
@@ -212,7 +213,7 @@ def generate(
     from haed.generate import prepare_generation, run_generation
 
     plan = prepare_generation(
-        run, device=device, prompt=prompt, prompt_file=prompt_file, out=out, max_bytes=max_bytes, seconds=seconds,
+        run, device=device, checkpoint=checkpoint, prompt=prompt, prompt_file=prompt_file, out=out, max_bytes=max_bytes, seconds=seconds,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples, stream=stream,
     )
     # Streamed text is its own progress display: a bar on stderr would tear it.
@@ -237,7 +238,8 @@ def generate(
         rtf = done.real_time_factor
         rate += f", real-time factor {rtf:.3f}" + (f" per stream ({rtf * n:.2f} for all {n})" if n > 1 else "")
     err_console.print(f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
-                      f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''})[/]",
+                      f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}; "
+                      f"weights {plan.checkpoint})[/]",
                       highlight=False, soft_wrap=True)
 
 

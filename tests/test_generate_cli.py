@@ -23,7 +23,7 @@ RATE = 1000  # the tiny audio dataset's sample rate: a streamed WAV grows by 100
 
 def _train(dataset, run_dir):
     recipe = debug_recipe(str(dataset))
-    train(recipe, "full", run_dir, device="cpu", show_progress=False)
+    train(recipe, "full", run_dir, device="cpu")
     return run_dir
 
 
@@ -174,3 +174,11 @@ def test_audio_streams_are_files_equal_to_single_runs(runs, tmp_path, monkeypatc
         assert frames == 150 and _frames(tmp_path / f"one-{i}.wav") == (frames, data)
     _ok("--run", runs["audio"], "--max-bytes", 20, "--num-samples", 3)  # default: sample-000.wav .. here
     assert all((tmp_path / f"sample-00{i}.wav").is_file() for i in range(3))
+
+
+def test_generate_names_the_checkpoint_and_takes_another(runs):
+    result = _ok("--run", runs["text"], "--prompt", "the ", "--max-bytes", "8", "--checkpoint", "last")
+    assert "weights " in result.stderr and "step-000004" in result.stderr
+    assert "best" in _ok("--run", runs["text"], "--prompt", "the ", "--max-bytes", "8").stderr
+    bad = _invoke("--run", runs["text"], "--prompt", "the ", "--checkpoint", "step-999")
+    assert bad.exit_code == 1 and "no checkpoint step-999" in bad.stderr
