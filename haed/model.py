@@ -470,3 +470,42 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         counts = {"flat": sum(p.numel() for p in model.parameters())}
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+def linear_weights(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def attention_flops(layers: int, dim: int, rows: int, context: int, causal: bool) -> float:
+    """Forward FLOPs of the attention products (QK^T and AV) of a stack."""
+    return 4.0 * rows * context * dim * layers * (0.5 if causal else 1.0)
+
+
+def forward_flops(model: nn.Module, batch_size: int, seq_len: int, distinct: float | None = None,
+                  candidates: float | None = None) -> dict[str, float]:
+    """Matrix FLOPs of one forward pass over (batch_size, seq_len) bytes, per part of the model.
+
+    2 x linear weights x rows, attention 4 x rows x context x dim per layer (halved when causal);
+    embedding lookups, norms and elementwise work are not counted. The encoder runs on the `distinct`
+    patches (default: every patch); IEM's "scores" are W h_t and the rows x `candidates` products.
+    A flat model has one part, "flat".
+    """
+    B, N = batch_size, seq_len
+    if not isinstance(model, HAED):
+        s = model.cfg.main
+        flat = 2.0 * (linear_weights(model.stack) + model.head.weight.numel()) * B * N
+        return {"flat": flat + attention_flops(s.layers, s.dim, B * N, N, True)}
+    cfg = model.cfg
+    K = cfg.patch_size
+    T = N // K
+    U = float(distinct if distinct is not None else B * T)
+    C = float(candidates if candidates is not None else U)
+    return {
+        "encoder": (2.0 * linear_weights(model.encoder.stack) * U * K + 2.0 * model.encoder.proj.weight.numel() * U
+                    + attention_flops(cfg.encoder.layers, cfg.encoder.dim, int(U * K), K, False)),
+        "main": 2.0 * linear_weights(model.main) * B * T + attention_flops(cfg.main.layers, cfg.main.dim, B * T, T, True),
+        "decoder": (2.0 * model.decoder.condition.weight.numel() * B * T
+                    + 2.0 * (linear_weights(model.decoder.stack) + model.decoder.head.weight.numel()) * B * N
+                    + attention_flops(cfg.decoder.layers, cfg.decoder.dim, B * N, K, True)),
+        "scores": 2.0 * model.score_proj.weight.numel() * B * T + 2.0 * B * T * C * cfg.main.dim,
+    }

@@ -264,6 +264,9 @@ class Objective:
     section: str  # the recipe section that holds its TrainConfig
     arch: str  # the model architecture it trains ("haed" or "flat")
     selection_metric: str  # validation metric (lower is better) that picks the best checkpoint
+    # Parts of the model a step runs, each with its multiple of forward FLOPs: 3 trained (forward +
+    # backward), 1 frozen (forward only). Names as in `haed.model.forward_flops`.
+    step_parts: tuple[tuple[str, int], ...] = ()
     parent_objective: str | None = None  # the objective of the run whose weights it starts from
     trains_decoder: bool = True  # False: the run's byte decoder is untrained (evaluate and sample its decoder phase)
 
@@ -274,11 +277,13 @@ class Objective:
 OBJECTIVES = {
     o.name: o
     for o in (
-        Objective("iem", iem_loss, _iem_parameters, "iem", "haed", "loss", trains_decoder=False),
+        Objective("iem", iem_loss, _iem_parameters, "iem", "haed", "loss",
+                  step_parts=(("encoder", 3), ("main", 3), ("scores", 3)), trains_decoder=False),
         Objective("decoder", decoder_loss, _decoder_parameters, "decoder", "haed", "bits_per_byte",
-                  parent_objective="iem"),
-        Objective("full", full_loss, _all_parameters, "full", "haed", "bits_per_byte"),
-        Objective("flat", flat_loss, _all_parameters, "full", "flat", "bits_per_byte"),
+                  step_parts=(("encoder", 1), ("main", 1), ("decoder", 3)), parent_objective="iem"),
+        Objective("full", full_loss, _all_parameters, "full", "haed", "bits_per_byte",
+                  step_parts=(("encoder", 3), ("main", 3), ("decoder", 3))),
+        Objective("flat", flat_loss, _all_parameters, "full", "flat", "bits_per_byte", step_parts=(("flat", 3),)),
     )
 }
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 from haed.config import Recipe, TrainConfig
 from haed.errors import HaedError
 from haed.model import build_model, count_parameters
-from haed.objectives import OBJECTIVES
+from haed.objectives import OBJECTIVES, get_objective
 from haed.profile.flops import DEFAULT_PEAK_TFLOPS, FLOPS_CONVENTION, add_fraction_of_peak, step_flops
 from haed.profile.harness import environment, measure_cell, profile_device
 from haed.profile.report import SCHEMA, compute_ratios, describe_cell, describe_max_context
@@ -32,14 +32,12 @@ from haed.train import apply_recompute, make_optimizer, maybe_compile, set_train
 
 
 def objective_model_config(recipe: Recipe, objective: str):
-    """The model an objective trains: the recipe's hierarchy, or its main stack over bytes for "flat"."""
-    if objective not in OBJECTIVES:
-        raise HaedError(f"unknown objective {objective!r}: one of {', '.join(OBJECTIVES)}")
-    return dataclasses.replace(recipe.model, arch="flat" if objective == "flat" else "haed")
+    """The model an objective trains: the recipe's hierarchy, or its main stack over bytes (flat)."""
+    return dataclasses.replace(recipe.model, arch=get_objective(objective).arch)
 
 
 def objective_train_config(recipe: Recipe, objective: str, batch_size: int) -> TrainConfig:
-    cfg = recipe.full if objective == "flat" else getattr(recipe, objective)
+    cfg = getattr(recipe, get_objective(objective).section)
     return dataclasses.replace(cfg, batch_size=batch_size, grad_accum=1)
 
 
@@ -53,7 +51,7 @@ def _check_sweep(recipe: Recipe, objectives, seq_lens, batch_sizes, steps, warmu
     if any(n <= 0 for n in seq_lens) or any(b <= 0 for b in batch_sizes):
         raise HaedError("sequence lengths and batch sizes must be positive")
     K = recipe.model.patch_size
-    if any(o != "flat" for o in objectives):
+    if any(get_objective(o).arch == "haed" for o in objectives):
         bad = [n for n in seq_lens if n % K or n < 2 * K]
         if bad:
             raise HaedError(f"sequence lengths must be multiples of the patch size {K} (and at least two patches): {bad}")
@@ -86,7 +84,7 @@ def objective_cell(recipe: Recipe, objective: str, seq_len: int, batch_size: int
     cfg = objective_train_config(recipe, objective, batch_size)
     loss_fn = OBJECTIVES[objective]
     K = model_cfg.patch_size
-    hierarchical = objective != "flat"
+    hierarchical = model_cfg.arch == "haed"
 
     def setup():
         if compile and device.type == "cuda" and reset_compiler:
@@ -102,8 +100,8 @@ def objective_cell(recipe: Recipe, objective: str, seq_len: int, batch_size: int
         model, optimizer, params = state
         metrics, _ = step_fn(model, optimizer, params, loss_fn, cfg, batches, device)
         extra = {"loss": metrics.get("loss")}
-        if objective == "iem":
-            extra["candidates"] = metrics.get("candidates")
+        if "candidates" in metrics:  # the sampled softmax's candidate count (IEM)
+            extra["candidates"] = metrics["candidates"]
         return extra
 
     cell = measure_cell(objective, seq_len, batch_size, setup=setup, step=step, make_batch=make_batch, device=device,
@@ -130,7 +128,7 @@ def parameter_counts(recipe: Recipe, objectives: Iterable[str]) -> dict:
     """count_parameters of the model each objective trains (built on the meta device: no memory)."""
     out = {}
     for o in objectives:
-        arch = "flat" if o == "flat" else "haed"
+        arch = get_objective(o).arch
         if arch not in out:
             out[arch] = count_parameters(_meta_model(objective_model_config(recipe, o)))
     return out
