@@ -11,19 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def plain(q, k, v, causal: bool):
-    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-    if causal:
-        L = q.shape[-2]
-        scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+from haed.layers import short_attention as plain  # noqa: E402  (haed's own attention for short sequences)
 
 
 def time_it(fn, q, k, v, steps=20, warmup=5):

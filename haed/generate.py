@@ -35,7 +35,8 @@ import torch
 from haed.checkpoint import load_run, read_run_config, resolve_sampling_run, select_checkpoint
 from haed.config import Recipe, recipe_from_dict
 from haed.errors import HaedError
-from haed.model import HAED, START, FlatTransformer
+from haed.layers import START
+from haed.model import HAED, FlatTransformer
 from haed.device import autocast, resolve_device
 
 # -- counter-based random numbers ------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_unique_patches_round_trip(k):
 
 
 def test_attention_over_a_batch_too_large_for_one_kernel_call_is_split_exactly(monkeypatch):
-    import haed.model as model_module
+    import haed.layers as model_module
 
     model = tiny_model(patch_size=4)
     patches = random_bytes(10, 4)
@@ -102,7 +102,7 @@ def test_attention_over_a_batch_too_large_for_one_kernel_call_is_split_exactly(m
 @pytest.mark.parametrize("causal", [True, False])
 def test_short_attention_equals_fused_attention(causal):
     """The plain-product attention used for a patch's few positions is the same function as SDPA."""
-    from haed.model import short_attention
+    from haed.layers import short_attention
 
     q, k, v = (torch.randn(5, 3, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
