@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from haed.atomic import atomic_path
 from haed.errors import HaedError
 
 MU = 255  # quantization_channels - 1
@@ -138,17 +138,12 @@ def write_wav(path, codes_or_float, sample_rate: int) -> Path:
     if sample_rate <= 0:
         raise HaedError(f"sample rate must be positive (got {sample_rate})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(path) as tmp:
         with wave.open(str(tmp), "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(int(sample_rate))
             w.writeframes(pcm.astype("<i2").tobytes())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

@@ -22,12 +22,12 @@ import json
 import os
 import shutil
 import socket
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from haed.atomic import temporary_sibling
 from haed.config import Recipe, recipe_from_dict
 from haed.errors import HaedError, warn
 from haed.model import build_model
@@ -36,31 +36,6 @@ from haed.objectives import get_objective
 STEP_PREFIX = "step-"
 BEST = "best"
 MANIFEST = "manifest.json"
-
-
-def _temporary_sibling(path: Path) -> Path:
-    """A name beside `path` that no other writer (process or thread) can be using."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
@@ -127,7 +102,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, con
     """Write `run_dir/step-NNNNNN` (or `run_dir/<name>`) atomically, with its manifest; keep the last step dirs."""
     run_dir = Path(run_dir)
     final = run_dir / (name or f"{STEP_PREFIX}{step:06d}")
-    tmp = _temporary_sibling(final)
+    tmp = temporary_sibling(final)
     tmp.mkdir(parents=True)
     try:
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -146,7 +121,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, con
         if final.exists():
             # Replacing a directory is two renames: move the old one aside first, so that a crash
             # between them leaves either the old or the new checkpoint under a findable name.
-            old = _temporary_sibling(final)
+            old = temporary_sibling(final)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from haed.checkpoint import latest_intact_checkpoint, read_run_config, write_text_atomic
+from haed.atomic import save_figure, write_text_atomic
+from haed.checkpoint import latest_intact_checkpoint, read_run_config
 from haed.config import Recipe, apply_overrides, recipe_from_dict
 from haed.errors import HaedError
 from haed.evaluate import evaluate_run
@@ -185,9 +186,4 @@ def plot_comparison(result: dict, png_path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return save_figure(fig, png_path)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from haed.atomic import temporary_sibling
 from haed import __version__
 from haed.errors import HaedError
 
@@ -205,7 +206,7 @@ class DatasetWriter:
         except OSError as e:
             raise HaedError(f"cannot create {parent}: {_one_line(e)}") from None
         self._created_parents = missing  # deepest first
-        self.tmp = parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = temporary_sibling(self.out)
         try:
             self.tmp.mkdir()
         except OSError as e:

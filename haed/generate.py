@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import codecs
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from haed.atomic import write_bytes_atomic
 from haed.checkpoint import load_run, read_run_config, resolve_sampling_run, select_checkpoint
 from haed.config import Recipe, recipe_from_dict
 from haed.errors import HaedError
@@ -654,16 +654,6 @@ def text_blocks(prompt: bytes, outputs: list[bytes], seeds: list[int]) -> str:
     return "\n".join(f"--- sample {i} (seed {s}) ---\n{text}" for i, (s, text) in enumerate(zip(seeds, texts)))
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 @dataclass
 class RunGeneration:
     plan: GenerationPlan
@@ -735,7 +725,7 @@ def run_generation(plan: GenerationPlan, cuda_graphs: bool = True, progress=None
         if plan.outputs is not None:
             for path, output in zip(plan.outputs, result.outputs):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                _write_bytes_atomic(path, plan.prompt + output)
+                write_bytes_atomic(path, plan.prompt + output)
             files = list(plan.outputs)
         elif plan.stream:
             stdout.write(decoder.decode(b"", final=True) + "\n")

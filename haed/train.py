@@ -33,9 +33,9 @@ from haed.checkpoint import (
     save_checkpoint,
     select_checkpoint,
     step_dirs,
-    write_text_atomic,
 )
 from haed.config import Recipe, TrainConfig, apply_overrides, load_recipe, recipe_from_dict, recompute_stacks
+from haed.atomic import save_figure, write_text_atomic
 from haed.data import open_dataset, random_windows
 from haed.device import autocast, resolve_device
 from haed.errors import HaedError
@@ -583,8 +583,4 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return png_path
+    return save_figure(fig, png_path)

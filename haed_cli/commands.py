@@ -165,7 +165,7 @@ def evaluate(
     """
     from rich.progress import Progress
 
-    from haed.checkpoint import write_text_atomic
+    from haed.atomic import write_text_atomic
     from haed.evaluate import evaluate_run
 
     with Progress(console=console, transient=True) as progress:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from haed.checkpoint import write_text_atomic
+from haed.atomic import save_figure, write_text_atomic
 from haed.errors import HaedError
 from haed.profile.harness import CPU_MEMORY_NOTE
 
@@ -242,13 +242,7 @@ def plot_profile(result: dict, path: str | os.PathLike, title: str | None = None
     data = result.get("data", "")
     fig.suptitle(title or f"{result.get('recipe', {}).get('name', '')}: {where}, {env.get('dtype', '')}, {data}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    if path.parent != Path(""):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def command_line() -> str:
