@@ -68,9 +68,9 @@ def _run_phase(recipe: Recipe, objective: str, run_dir: Path, device: str, compi
           compile=compile, on_event=on_event)
 
 
-def _valid_curve(run_dir: Path, offset: float = 0.0) -> list[list[float]]:
-    return [[offset + r["train_seconds"], r["bits_per_byte"]] for r in read_metrics(run_dir / "metrics.jsonl")
-            if r["split"] == "valid" and "bits_per_byte" in r]
+def _valid_curve(run_dir: Path, offset: float = 0.0, metric: str = "bits_per_byte") -> list[list[float]]:
+    return [[offset + r["train_seconds"], r[metric]] for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["split"] == "valid" and metric in r]
 
 
 def compare(recipe: Recipe, out_dir: Path, budget: float, *, systems: tuple[str, ...] = SYSTEMS,
@@ -124,7 +124,8 @@ def compare(recipe: Recipe, out_dir: Path, budget: float, *, systems: tuple[str,
             _run_phase(r, "decoder", run_dir / "decoder", device, compile, on_event, init_from=run_dir)
             scored = run_dir / "decoder"
             iem_seconds = read_run_config(run_dir)["train_seconds"]
-            curve = _valid_curve(scored, offset=iem_seconds)
+            # With IEM's byte loss on, its validation estimates bits per byte on a sample of the patches.
+            curve = _valid_curve(run_dir, metric="byte_bits_per_byte") + _valid_curve(scored, offset=iem_seconds)
             seconds = iem_seconds + read_run_config(scored)["train_seconds"]
             label = "IEM + decoder phase"
         else:
