@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from haed.config import TrainConfig
+from haed.distributed import global_candidates
 from haed.errors import HaedError
 from haed.model import HAED, FlatTransformer, gather_rows, pad_rows, row_bucket, unique_patches
 
@@ -137,6 +138,9 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     padded = pad_rows(uniq, pad_multiple or row_bucket(x.device))
     vectors = model.encoder(padded)
     pos = gather_rows(vectors, inverse)  # every target patch's vector: the positives, and (shifted) the main model's inputs
+    if candidates is None:  # with several ranks: the distinct patches of the global batch (log-Q counts too)
+        uniq, vectors, counts, inverse = global_candidates(uniq, vectors, counts, inverse, cfg.candidates)
+        U = uniq.shape[0]
     h = model.main(model.main_inputs(pos.view(B, T, -1)[:, :-1]))
     q = model.score_proj(h).reshape(B * T, -1) / cfg.tau
     logq_pos = counts.float().log()[inverse] if cfg.logq else None
