@@ -459,7 +459,7 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     bytes_per_step = config["global_batch"]["bytes"]
     max_steps = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     result = TrainResult(run_dir=run_dir, step=start_step, train_seconds=train_seconds,
-                         best=best if best["value"] < math.inf else None)
+                         best={**best, "path": str(run_dir / BEST)} if best["value"] < math.inf else None)
     nonfinite = _NonFinite(dev)
     last_checkpoint = f"the last checkpoint is {checkpoint.name}" if checkpoint is not None else "no checkpoint was written"
     next_eval_seconds = _next_multiple(train_seconds, cfg.eval_every_seconds)
