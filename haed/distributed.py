@@ -31,6 +31,7 @@ import pickle
 import shutil
 import signal
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -317,8 +318,10 @@ class World:
             model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to load into
             wanted = {"model": model_state, "optimizer": optimizer_state["state"]}
             try:
-                dcp.load(wanted, storage_reader=_ShardReader(checkpoint / SHARDS), planner=_TensorsOnlyPlanner(),
-                         no_dist=self.size == 1)
+                with warnings.catch_warnings():  # alone, DCP warns that it assumes a single process: it is one
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load(wanted, storage_reader=_ShardReader(checkpoint / SHARDS), planner=_TensorsOnlyPlanner(),
+                             no_dist=self.size == 1)
             except HaedError:
                 raise
             except Exception as e:  # a missing entry or a shape that does not match

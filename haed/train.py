@@ -419,8 +419,9 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
         _emit(on_event, "message", text=f"resuming {run_dir} from step {start_step} ({checkpoint.name}{spent})")
         before = state.get("world_size", 1)  # recorded by multi-process checkpoints only
         if before != world.size:
-            _emit(on_event, "message", text=f"the checkpoint was written by {before} process(es), this run has "
-                                            f"{world.size}: {config['global_batch']['windows']} windows per step now")
+            _emit(on_event, "message", text=f"the checkpoint was written by {before} process{'es' * (before > 1)}, "
+                                            f"this run has {world.size}: the global batch is now "
+                                            f"{config['global_batch']['windows']} windows per step")
     elif init_from is not None:
         parent_checkpoint = select_checkpoint(Path(init_from), BEST)
         parent_config = read_run_config(Path(init_from))
