@@ -315,6 +315,9 @@ class World:
         if is_sharded(checkpoint):
             import torch.distributed.checkpoint as dcp
 
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            _ShardReader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
             model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to load into
             wanted = {"model": model_state, "optimizer": optimizer_state["state"]}
             try:
@@ -322,10 +325,12 @@ class World:
                     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                     dcp.load(wanted, storage_reader=_ShardReader(checkpoint / SHARDS), planner=_TensorsOnlyPlanner(),
                              no_dist=self.size == 1)
-            except HaedError:
-                raise
-            except Exception as e:  # a missing entry or a shape that does not match
-                raise HaedError(f"cannot load the shards of {checkpoint}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+            except CheckpointException as e:  # DCP gathers each rank's failure: report the first
+                cause = next(iter(e.failures.values()))[0] if e.failures else e
+                if isinstance(cause, HaedError):
+                    raise HaedError(str(cause)) from None
+                text = str(cause).strip().splitlines()
+                raise HaedError(f"cannot load the shards of {checkpoint}: {text[0] if text else type(cause).__name__}") from None
             set_state_dict(model, optimizer, model_state_dict=wanted["model"],
                            optim_state_dict={"state": wanted["optimizer"], "param_groups": optimizer_state["param_groups"]})
             return

@@ -419,9 +419,10 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
         _emit(on_event, "message", text=f"resuming {run_dir} from step {start_step} ({checkpoint.name}{spent})")
         before = state.get("world_size", 1)  # recorded by multi-process checkpoints only
         if before != world.size:
+            was, now = previous.get("global_batch", {}).get("windows"), config["global_batch"]["windows"]
             _emit(on_event, "message", text=f"the checkpoint was written by {before} process{'es' * (before > 1)}, "
-                                            f"this run has {world.size}: the global batch is now "
-                                            f"{config['global_batch']['windows']} windows per step")
+                                            f"this run has {world.size}: the global batch is {now} windows per step"
+                                            + (f" (it was {was})" if was and was != now else ""))
     elif init_from is not None:
         parent_checkpoint = select_checkpoint(Path(init_from), BEST)
         parent_config = read_run_config(Path(init_from))
