@@ -84,9 +84,6 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def describe(self) -> str:
-        return "1 process" if self.size == 1 else f"{self.size} processes ({self.backend})"
-
     # -- collectives -------------------------------------------------------------------------
 
     def barrier(self) -> None:
@@ -241,7 +238,10 @@ class World:
 
         if self.size == 1:
             return save_checkpoint(run_dir, step, model, optimizer, state, config, name=name)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         if optimizer is None:
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -255,9 +255,19 @@ class World:
                       keep_last: int = 2) -> Path:
         import torch.distributed.checkpoint as dcp
         from safetensors.torch import save_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_state_dict,
+        )
 
-        from haed.checkpoint import MANIFEST, STEP_PREFIX, _sha256, _temporary_sibling, step_dirs
+        from haed.checkpoint import (
+            MANIFEST,
+            STEP_PREFIX,
+            _sha256,
+            _temporary_sibling,
+            step_dirs,
+        )
 
         final = run_dir / f"{STEP_PREFIX}{step:06d}"
         tmp = Path(self.broadcast_object(str(_temporary_sibling(final)) if self.is_main else None))
@@ -314,16 +324,15 @@ class World:
         checkpoint = Path(checkpoint)
         if is_sharded(checkpoint):
             import torch.distributed.checkpoint as dcp
-
             from torch.distributed.checkpoint.api import CheckpointException
 
-            _ShardReader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
+            _shard_reader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
             model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to load into
             wanted = {"model": model_state, "optimizer": optimizer_state["state"]}
             try:
                 with warnings.catch_warnings():  # alone, DCP warns that it assumes a single process: it is one
                     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                    dcp.load(wanted, storage_reader=_ShardReader(checkpoint / SHARDS), planner=_TensorsOnlyPlanner(),
+                    dcp.load(wanted, storage_reader=_shard_reader(checkpoint / SHARDS), planner=_tensors_only_planner(),
                              no_dist=self.size == 1)
             except CheckpointException as e:  # DCP gathers each rank's failure: report the first
                 cause = next(iter(e.failures.values()))[0] if e.failures else e
@@ -474,11 +483,11 @@ def _reader_class():
     return ShardReader
 
 
-def _ShardReader(path: Path):
+def _shard_reader(path: Path):
     return _reader_class()(str(path))
 
 
-def _TensorsOnlyPlanner():
+def _tensors_only_planner():
     from torch.distributed.checkpoint import DefaultLoadPlanner
 
     class TensorsOnlyPlanner(DefaultLoadPlanner):

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from _tiny import make_text_dataset, write_recipe_toml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from _tiny import make_text_dataset, write_recipe_toml
 from haed.checkpoint import checkpoint_problem, latest_checkpoint
 from haed.config import debug_recipe, load_recipe
 from haed.data import random_windows
