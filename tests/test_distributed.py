@@ -41,11 +41,13 @@ REPO = TESTS.parent
 B = 2  # windows per rank and micro-batch; the 1-process runs take 2 x B
 
 
-def torchrun(*args) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 ARGS` with this checkout importable, on CPU."""
+def torchrun(*args, cpu: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 ARGS` with this checkout importable (on CPU: gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "250"}
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -235,3 +237,31 @@ def test_ranks_take_blocks_of_one_global_draw():
     blocks = [World(device=torch.device("cpu"), rank=r, size=3).windows(data, 2, 8, np.random.default_rng(1))
               for r in range(3)]
     assert np.array_equal(np.concatenate(blocks), random_windows(data, 6, 8, np.random.default_rng(1)))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_with_nccl_follow_one_gpu(tmp_path):
+    """The same checks on GPUs: NCCL, bf16 FSDP2 (so losses agree to bf16 precision, not exactly),
+    a compiled run, and a 2-GPU checkpoint resumed on one GPU."""
+    recipe = debug_recipe(str(make_text_dataset(tmp_path / "words")))
+    recipe.iem.steps = recipe.full.steps = 4
+    recipe.iem.batch_size = recipe.full.batch_size = B
+    path = write_recipe_toml(tmp_path / "debug.toml", recipe)
+    for objective in ("iem", "full"):
+        one_process(tmp_path, path, objective, f"{objective}-1")
+    plan = {"commands": [
+        ["train-iem", "--recipe", str(path), "--out", str(tmp_path / "iem-2")],
+        ["train-full", "--recipe", str(path), "--out", str(tmp_path / "full-2")],
+        ["train-iem", "--recipe", str(path), "--out", str(tmp_path / "iem-2-compiled"), "--set", "iem.compile=true"],
+    ]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    ok(torchrun(str(TESTS / "_torchrun_commands.py"), str(tmp_path / "plan.json"), cpu=False))
+    for two, one in (("iem-2", "iem-1"), ("full-2", "full-1"), ("iem-2-compiled", "iem-1")):
+        a, b = losses(tmp_path / two), losses(tmp_path / one)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key]["loss"] == pytest.approx(b[key]["loss"], rel=2e-2), (two, key)
+        assert is_sharded(latest_checkpoint(tmp_path / two))
+    shutil.rmtree(tmp_path / "iem-2" / "step-000004")
+    train(load_recipe(str(path), [f"iem.batch_size={2 * B}"]), "iem", tmp_path / "iem-2", resume=True, allow_changes=True)
+    assert losses(tmp_path / "iem-2")[(4, "train")]["loss"] == pytest.approx(losses(tmp_path / "iem-1")[(4, "train")]["loss"], rel=2e-2)
