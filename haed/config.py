@@ -95,6 +95,9 @@ class TrainConfig:
     byte_loss_fraction: float = 0.0
     byte_loss_weight: float = 1.0
     logits_chunk: int = 4096  # rows of the steps x candidates logits computed at once
+    # With several processes (torchrun): "global" scores against the distinct patches of every rank's
+    # batch (as one process with the whole batch would), "local" against each rank's own only.
+    candidates: str = "global"
 
 
 @dataclass
@@ -142,6 +145,8 @@ class Recipe:
             bad = set(recompute_stacks(getattr(self, phase).recompute)) - {"encoder", "main", "decoder"}
             if bad:
                 raise HaedError(f"{phase}.recompute names unknown stacks {sorted(bad)}: use encoder, main, decoder")
+            if getattr(self, phase).candidates not in ("global", "local"):
+                raise HaedError(f"{phase}.candidates must be 'global' or 'local', not {getattr(self, phase).candidates!r}")
         if m.arch == "haed" and self.data.seq_len % m.patch_size:
             raise HaedError(f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})")
         return self

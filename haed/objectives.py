@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from haed.config import TrainConfig
+from haed.distributed import global_candidates
 from haed.errors import HaedError
 from haed.model import HAED, FlatTransformer, patch_keys
 
@@ -139,6 +140,9 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     # Padding rows (zero patches) give the encoder and the score products recurring shapes; as
     # candidates they are shifted to -inf below, so they change neither the loss nor a gradient.
     pos = encoded.per_patch()  # every target patch's vector: the positives, and (shifted) the main model's inputs
+    if candidates is None:  # with several ranks: the distinct patches of the global batch (log-Q counts too)
+        uniq, vectors, counts, inverse = global_candidates(uniq, vectors, counts, inverse, cfg.candidates)
+        U = uniq.shape[0]
     h = model.hidden_from_vectors(pos.view(B, T, -1))
     explicit = model.encoder(candidates.to(x.device)) if candidates is not None else None
     q, pos_scored, vectors = model.score_vectors(h.reshape(B * T, -1), pos, explicit if explicit is not None else vectors,

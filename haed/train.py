@@ -24,13 +24,9 @@ import torch
 from haed import __version__
 from haed.checkpoint import (
     BEST,
-    RunLock,
     latest_intact_checkpoint,
-    load_optimizer_state,
     load_weights,
     read_run_config,
-    restore_rng_state,
-    save_checkpoint,
     select_checkpoint,
     step_dirs,
 )
@@ -38,6 +34,7 @@ from haed.config import Recipe, TrainConfig, apply_overrides, load_recipe, recip
 from haed.atomic import save_figure, write_text_atomic
 from haed.data import open_dataset, random_windows
 from haed.device import autocast, resolve_device
+from haed.distributed import init_world
 from haed.errors import HaedError
 from haed.model import HAED, build_model, count_parameters
 from haed.objectives import OBJECTIVES, get_objective, trainable_parameters
@@ -145,20 +142,27 @@ def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate_objective(model, objective: str, data: np.ndarray, cfg: TrainConfig, seq_len: int, device) -> dict:
-    """Mean metrics of the objective over `cfg.eval_batches` fixed validation batches."""
+def evaluate_objective(model, objective: str, data: np.ndarray, cfg: TrainConfig, seq_len: int, device,
+                       world=None, loss_fn=None) -> dict:
+    """Mean metrics of the objective over `cfg.eval_batches` fixed validation batches.
+
+    With a `world` of several ranks each rank takes its block of every batch (`loss_fn`: the
+    parallelized objective) and the metrics are averaged over the ranks.
+    """
     was_training = model.training
     model.eval()
-    loss_fn = OBJECTIVES[objective]
+    loss_fn = loss_fn or OBJECTIVES[objective]
+    draw = world.windows if world is not None else random_windows
     totals: dict[str, float] = {}
     for i in range(cfg.eval_batches):
-        x = to_device(random_windows(data, cfg.batch_size, seq_len, batch_rng(cfg.seed, i, 0, stream=7)), device)
+        x = to_device(draw(data, cfg.batch_size, seq_len, batch_rng(cfg.seed, i, 0, stream=7)), device)
         with autocast(device):
             _, metrics = loss_fn(model, x, cfg, torch_generator(cfg.seed, i, 0))
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     model.train(was_training)
-    return {k: v / cfg.eval_batches for k, v in totals.items()}
+    means = {k: v / cfg.eval_batches for k, v in totals.items()}
+    return world.mean(means) if world is not None else means
 
 
 def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None) -> Recipe:
@@ -323,13 +327,14 @@ def train(
     while not created.parent.exists():
         created = created.parent
     created = None if created.exists() else created
+    world = init_world(resolve_device(device))  # this process alone, or one rank of a torchrun launch
     try:
-        with RunLock(run_dir):
+        with world.run_lock(run_dir):
             return _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, device, stop_after,
                                  compile, on_event)
     except HaedError:
         # A run refused before its first checkpoint leaves nothing behind.
-        if created is not None and not step_dirs(run_dir) and not (run_dir / BEST).exists():
+        if world.is_main and created is not None and not step_dirs(run_dir) and not (run_dir / BEST).exists():
             shutil.rmtree(created, ignore_errors=True)
         raise
 
@@ -355,7 +360,10 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     if recipe.model.arch != spec.arch:
         raise HaedError(f"the {objective} objective trains model.arch = {spec.arch!r}, not {recipe.model.arch!r}")
     cfg: TrainConfig = getattr(recipe, spec.section)
-    dev = resolve_device(device)
+    world = init_world(resolve_device(device))
+    dev = world.device  # with several ranks on CUDA, this rank's GPU
+    if not world.is_main:
+        on_event = None  # rank 0 reports and writes for every rank
     torch.manual_seed(cfg.seed)
 
     dataset = open_dataset(recipe.data.dataset)
@@ -376,19 +384,29 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
         "parent_checkpoint": None,
         "time_budget": cfg.time_budget,
         "train_seconds": 0.0,
+        # Windows (and bytes) per optimizer step over all processes: batch_size x grad_accum x world_size.
+        "global_batch": {"windows": cfg.batch_size * cfg.grad_accum * world.size,
+                         "bytes": cfg.batch_size * cfg.grad_accum * world.size * seq_len,
+                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": world.size},
     }
     _preflight(run_dir, model, cfg, {"train": train_data, **({"valid": valid_data} if validating else {})}, seq_len)
 
     start_step, train_seconds, optimizer_state = 0, 0.0, None
     if checkpoint is not None:
         load_weights(model, checkpoint)
-        optimizer_state = load_optimizer_state(checkpoint, dev)
+        optimizer_state = world.load_optimizer_state(checkpoint, dev)
         state = json.loads((checkpoint / "state.json").read_text())
         start_step, train_seconds = state["step"], float(state.get("train_seconds", 0.0))
         config["parent_run"] = previous.get("parent_run")
         config["parent_checkpoint"] = previous.get("parent_checkpoint")
         spent = f", {train_seconds:.1f} s of training done" + (f" of a {cfg.time_budget:g} s budget" if cfg.time_budget else "")
         _emit(on_event, "message", text=f"resuming {run_dir} from step {start_step} ({checkpoint.name}{spent})")
+        before = state.get("world_size", 1)  # recorded by multi-process checkpoints only
+        if before != world.size:
+            was, now = previous.get("global_batch", {}).get("windows"), config["global_batch"]["windows"]
+            _emit(on_event, "message", text=f"the checkpoint was written by {before} process{'es' * (before > 1)}, "
+                                            f"this run has {world.size}: the global batch is {now} windows per step"
+                                            + (f" (it was {was})" if was and was != now else ""))
     elif init_from is not None:
         parent_checkpoint = select_checkpoint(Path(init_from), BEST)
         parent_config = read_run_config(Path(init_from))
@@ -401,17 +419,21 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     model.to(dev).train()
     params = set_trainable(model, objective, cfg)
     apply_recompute(model, cfg)
+    loss_fn, params = world.parallelize(model, OBJECTIVES[objective], params, cfg.seed)  # FSDP2 with several ranks
     optimizer = make_optimizer(params, cfg, dev)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    elif checkpoint is not None:
+        world.load_training_state(checkpoint, model, optimizer)  # DCP shards, or a one-process checkpoint on several ranks
     maybe_compile(model, objective, cfg.compile if compile is None else compile, dev)
     if checkpoint is not None:
-        restore_rng_state(checkpoint)
+        world.restore_rng_state(checkpoint)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
     metrics_path = run_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start_step)
+    if world.is_main:
+        write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+        _truncate_metrics(metrics_path, start_step)
 
     best = _read_best(run_dir, spec.selection_metric)
     if dev.type == "cuda":
@@ -420,10 +442,10 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     # With a budget (or timed validation) each step is timed to the end of its GPU work; otherwise the
     # host runs ahead and the pending work is charged to training whenever the loop synchronises.
     timed_steps = dev.type == "cuda" and bool(budget or cfg.eval_every_seconds)
-    bytes_per_step = cfg.batch_size * cfg.grad_accum * seq_len
+    bytes_per_step = config["global_batch"]["bytes"]
     max_steps = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     result = TrainResult(run_dir=run_dir, step=start_step, train_seconds=train_seconds,
-                         best=best if best["value"] < math.inf else None)
+                         best={**best, "path": str(run_dir / BEST)} if best["value"] < math.inf else None)
     nonfinite = _NonFinite(dev)
     last_checkpoint = f"the last checkpoint is {checkpoint.name}" if checkpoint is not None else "no checkpoint was written"
     next_eval_seconds = _next_multiple(train_seconds, cfg.eval_every_seconds)
@@ -442,6 +464,7 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
 
     done = start_step
     with _StopRequests() as stop:
+        world.defer_stop_requests(stop)
         while done < max_steps and not (budget and train_seconds >= budget) and stop.signal is None:
             step = done
             t0 = time.perf_counter()
@@ -450,11 +473,12 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [
-                (to_device(random_windows(train_data, cfg.batch_size, seq_len, batch_rng(cfg.seed, step, micro)), dev),
+                (to_device(world.windows(train_data, cfg.batch_size, seq_len, batch_rng(cfg.seed, step, micro)), dev),
                  torch_generator(cfg.seed, step, micro))
                 for micro in range(cfg.grad_accum)
             ]
-            sums, grad_norm = train_step(model, optimizer, params, OBJECTIVES[objective], cfg, batches, dev)
+            sums, grad_norm = train_step(model, optimizer, params, loss_fn, cfg, batches, dev)
+            sums, grad_norm = world.reduce_step(sums, grad_norm)
             done = step + 1
             nonfinite.update(done, sums["loss"], grad_norm)
             if timed_steps:
@@ -463,6 +487,7 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
             train_seconds += elapsed
             window_seconds += elapsed
             window_steps += 1
+            train_seconds = world.agree(train_seconds, stop)  # rank 0's clock and any rank's stop request
 
             schedule_done = done >= cfg.steps or bool(budget and train_seconds >= budget)
             last = done >= max_steps or schedule_done
@@ -475,6 +500,7 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
                 waited = synchronise()
                 train_seconds += waited
                 window_seconds += waited
+                train_seconds = world.agree(train_seconds)
                 nonfinite.check(last_checkpoint)
             if log_now:
                 rate = bytes_per_step * window_steps / max(window_seconds, 1e-9)
@@ -482,27 +508,29 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
                 record = {"step": done, "split": "train", "lr": lr, "grad_norm": float(grad_norm),
                           "bytes_per_second": rate, "train_seconds": round(train_seconds, 4),
                           **{k: float(v) for k, v in sums.items()}}
-                _append_metrics(metrics_path, record)
+                if world.is_main:
+                    _append_metrics(metrics_path, record)
                 result.last_metrics = record
                 _emit(on_event, "log", **record)
             if eval_now:
                 next_eval_seconds = _next_multiple(train_seconds, cfg.eval_every_seconds)
                 record = {"step": done, "split": "valid", "train_seconds": round(train_seconds, 4),
-                          **evaluate_objective(model, objective, valid_data, cfg, seq_len, dev)}
-                _append_metrics(metrics_path, record)
+                          **evaluate_objective(model, objective, valid_data, cfg, seq_len, dev, world, loss_fn)}
+                if world.is_main:
+                    _append_metrics(metrics_path, record)
                 result.last_eval = record
                 _emit(on_event, "valid", **record)
                 value = record.get(spec.selection_metric, math.inf)
                 if value < best["value"]:
                     best = {"step": done, "metric": spec.selection_metric, "value": value,
                             "train_seconds": round(train_seconds, 4)}
-                    save_checkpoint(run_dir, done, model, None, {**best, "objective": objective}, config, name=BEST)
+                    world.save_checkpoint(run_dir, done, model, None, {**best, "objective": objective}, config, name=BEST)
                     result.best = {**best, "path": str(run_dir / BEST)}
                     _emit(on_event, "best", **result.best)
             if ckpt_now:
                 state = {"step": done, "objective": objective, "bytes_seen": done * bytes_per_step,
                          "train_seconds": train_seconds}
-                path = save_checkpoint(run_dir, done, model, optimizer, state, config)
+                path = world.save_checkpoint(run_dir, done, model, optimizer, state, config)
                 last_checkpoint = f"the last checkpoint is {path.name}"
                 _emit(on_event, "checkpoint", step=done, path=str(path))
             result.step, result.train_seconds = done, train_seconds
@@ -515,9 +543,11 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     config["steps_done"] = done
     if dev.type == "cuda":
         config["peak_memory_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
+    if world.is_main:
+        write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
     _emit(on_event, "end", step=done, train_seconds=train_seconds)
-    plot_metrics(metrics_path, run_dir / "metrics.png")
+    if world.is_main:
+        plot_metrics(metrics_path, run_dir / "metrics.png")
     return result
 
 

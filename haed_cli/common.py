@@ -12,9 +12,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from haed.distributed import is_main_process
 from haed.errors import HaedError, HaedWarning
 
-console = Console()
+console = Console(quiet=not is_main_process())  # under torchrun only rank 0 prints progress and results
 err_console = Console(stderr=True)
 
 

@@ -40,3 +40,26 @@ def tiny_model(patch_size: int = 4, arch: str = "haed", seed: int = 0, **model_o
 def random_bytes(*shape, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+
+
+def write_recipe_toml(path: Path, recipe) -> Path:
+    """`recipe` (a Recipe) as a TOML file that `--recipe PATH` loads back to the same recipe."""
+
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+
+    lines = []
+    for key, v in recipe.to_dict().items():
+        if not isinstance(v, dict):
+            lines.append(f"{key} = {value(v)}")
+    for key, v in recipe.to_dict().items():
+        if isinstance(v, dict):
+            lines += ["", f"[{key}]"] + [f"{k} = {value(x)}" for k, x in v.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)

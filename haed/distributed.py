@@ -1,0 +1,574 @@
+"""Training on several processes under torchrun: process group, FSDP2, per-rank data, sharded checkpoints.
+
+Every process of a `torchrun` launch reads its place from the environment torchrun sets (RANK,
+WORLD_SIZE, LOCAL_RANK, and MASTER_ADDR / MASTER_PORT for the rendezvous) and joins one process
+group: NCCL between GPUs, each rank on cuda:LOCAL_RANK, or gloo between CPU processes. A process
+started without torchrun, or as the only one, is a world of one: no process group is created and
+every helper here does exactly what the single-process code does.
+
+- Model: FSDP2 (`fully_shard`) on every transformer block and on the root, the root being the model
+  and its objective as one module, so that the root's parameters are gathered around the whole loss
+  (the objectives call the encoder, the main model and the decoder separately, not `model.forward`).
+  On CUDA the gathered parameters are bf16 and gradients are reduced in float32; on CPU all float32.
+- Data: the windows of step s, micro-batch m are one draw of batch_size x world size windows from
+  (seed, s, m); rank r trains on the r-th block of them. An N-rank run therefore sees exactly the
+  batches of a one-process run with N times the batch size, and resumes exactly.
+- IEM: the candidates of the sampled softmax are the distinct target patches of the global batch
+  (`global_candidates`); the gradient of each candidate vector flows back to the rank that encoded it.
+- Checkpoints: `step-N/` holds DCP shards of the model and the optimizer (`dcp/`, loadable at any
+  world size), each rank's generator states (`rng/`), and `model.safetensors` with the whole weights
+  (gathered to rank 0), so that evaluate and generate need no process group. Rank 0 writes the rest,
+  the manifest, and renames the directory into place after a barrier, as a one-process save does.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from haed.data import random_windows
+from haed.errors import HaedError
+from haed.layers import Block
+from haed.model import gather_rows, pad_rows, row_bucket, unique_patches
+
+SHARDS = "dcp"  # the DCP directory inside a step checkpoint of a multi-process run
+RNG_DIR = "rng"
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        if default is None:
+            raise HaedError(f"WORLD_SIZE is set but {name} is not: launch several processes with torchrun")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise HaedError(f"the environment variable {name}={value!r} is not an integer") from None
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
+def is_main_process() -> bool:
+    """Whether this process prints and writes: rank 0 of a torchrun launch, or a process on its own."""
+    return launched_world_size() <= 1 or _env_int("RANK", 0) == 0
+
+
+@dataclass
+class World:
+    """The processes training one run together, as seen from one of them (`rank` of `size`)."""
+
+    device: torch.device
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives -------------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def broadcast_object(self, value):
+        """Rank 0's `value`, on every rank."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, values: dict) -> dict:
+        """Floats averaged over the ranks (validation metrics, each rank's over its own windows)."""
+        if self.size == 1:
+            return values
+        keys = list(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.size for k, v in zip(keys, t.tolist())}
+
+    def reduce_step(self, sums: dict, grad_norm: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """A step's metrics averaged over the ranks (every rank trains on as many windows), and the
+        gradient norm as a plain tensor. They stay on the device."""
+        if self.size == 1:
+            return sums, grad_norm
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2's norm is a DTensor over the shards
+            grad_norm = grad_norm.full_tensor()
+        keys = list(sums)
+        t = torch.stack([torch.as_tensor(sums[k]).to(self.device, torch.float64).reshape(()) for k in keys])
+        dist.all_reduce(t)
+        t /= self.size
+        return dict(zip(keys, t.unbind())), grad_norm
+
+    def agree(self, train_seconds: float, stop=None) -> float:
+        """Rank 0's seconds of training, and (with `stop`) a stop request received by any rank.
+
+        Every rank then decides the same: whether the time budget is spent, when to validate and
+        whether to stop, so all ranks run the same steps and meet in the same collectives.
+        """
+        if self.size == 1:
+            return train_seconds
+        received = getattr(stop, "_received", None) if stop is not None else None
+        code = _SIGNALS.index(received) + 1 if received in _SIGNALS else 0
+        t = torch.tensor([train_seconds if self.is_main else 0.0, float(code)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)  # seconds are >= 0: the maximum is rank 0's
+        seconds, code = t.tolist()
+        if stop is not None and code and stop.signal is None:
+            stop.signal = _SIGNALS[int(code) - 1]
+        return seconds
+
+    def defer_stop_requests(self, stop) -> None:
+        """With several ranks, a SIGINT or SIGTERM is only noted when it arrives: `agree` turns it into
+        `stop.signal` on every rank at the same step. (A second SIGINT still interrupts at once.)"""
+        if self.size == 1 or threading.current_thread() is not threading.main_thread():
+            return
+
+        def note(signum, frame):
+            name = signal.Signals(signum).name
+            if name == "SIGINT" and "SIGINT" in (stop.signal, getattr(stop, "_received", None)):
+                raise KeyboardInterrupt
+            stop._received = name
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, note)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def windows(self, data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+        """This rank's `batch_size` windows: its block of one draw of batch_size x size windows."""
+        if self.size == 1:
+            return random_windows(data, batch_size, seq_len, rng)
+        return random_windows(data, batch_size * self.size, seq_len, rng)[self.rank * batch_size : (self.rank + 1) * batch_size]
+
+    # -- the run directory -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def run_lock(self, run_dir: Path):
+        """The run's lock, held by rank 0; every rank fails alike when it is taken."""
+        from haed.checkpoint import RunLock
+
+        if self.size == 1:
+            with RunLock(run_dir):
+                yield
+            return
+        lock, problem = RunLock(run_dir), None
+        if self.is_main:
+            try:
+                lock.__enter__()
+            except HaedError as e:
+                problem = str(e)
+        problem = self.broadcast_object(problem)
+        if problem is not None:
+            raise HaedError(problem)
+        try:
+            yield
+        finally:
+            if self.is_main:
+                lock.__exit__(None, None, None)
+
+    # -- the model -------------------------------------------------------------------------------
+
+    def parallelize(self, model: nn.Module, objective, params: list, seed: int):
+        """FSDP2 over `model` trained with `objective`: (loss function, trained parameters).
+
+        Alone: (`objective`, `params`) unchanged. Otherwise every transformer block and the root (the
+        model with its objective) are sharded; the returned loss function takes the same arguments as
+        an objective and the parameters are the sharded ones, in the same order.
+        """
+        if self.size == 1:
+            return objective, params
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        order = [name_of[id(p)] for p in params]
+        mesh = init_device_mesh(self.device.type, (self.size,))
+        if self.device.type == "cuda":
+            # bf16 parameters for compute, float32 gradient reduction; block inputs keep their dtype so
+            # that the rotary tables stay float32.
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                          cast_forward_inputs=False)
+        else:
+            policy = MixedPrecisionPolicy()
+        for module in model.modules():
+            if isinstance(module, Block):
+                fully_shard(module, mesh=mesh, mp_policy=policy)
+        root = fully_shard(_ModelWithObjective(model, objective), mesh=mesh, mp_policy=policy)
+        sharded = dict(model.named_parameters())
+        params = [sharded[n] for n in order]
+        if self.rank:
+            # Every rank built the same initial weights from `seed`; dropout should differ per rank.
+            torch.manual_seed(int(np.random.SeedSequence([seed, 3, self.rank]).generate_state(1, dtype=np.uint64)[0] >> 1))
+
+        def loss_fn(_model, x, cfg, generator=None):
+            return root(x, cfg, generator)
+
+        return loss_fn, params
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, run_dir: Path, step: int, model, optimizer, state: dict, config: dict,
+                        name: str | None = None) -> Path:
+        """`checkpoint.save_checkpoint` alone; with several ranks the same directory, sharded.
+
+        Without an optimizer (the best checkpoint) the whole weights are gathered to rank 0 and
+        written in the one-process format.
+        """
+        from haed.checkpoint import save_checkpoint
+
+        if self.size == 1:
+            return save_checkpoint(run_dir, step, model, optimizer, state, config, name=name)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        if optimizer is None:
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.is_main:
+                save_checkpoint(run_dir, step, _Weights(full), None, state, config, name=name)
+            self.barrier()
+            return Path(run_dir) / (name or f"step-{step:06d}")
+        return self._save_sharded(Path(run_dir), step, model, optimizer, state, config)
+
+    def _save_sharded(self, run_dir: Path, step: int, model, optimizer, state: dict, config: dict,
+                      keep_last: int = 2) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from safetensors.torch import save_file
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_state_dict,
+        )
+
+        from haed.atomic import temporary_sibling
+        from haed.checkpoint import MANIFEST, STEP_PREFIX, _sha256, step_dirs
+
+        final = run_dir / f"{STEP_PREFIX}{step:06d}"
+        tmp = Path(self.broadcast_object(str(temporary_sibling(final)) if self.is_main else None))
+        try:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            # Tensors only (the optimizer's hyperparameters come from the recipe), so that loading
+            # never unpickles anything but DCP's own metadata.
+            dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint_id=tmp / SHARDS)
+            (tmp / RNG_DIR).mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), tmp / RNG_DIR / f"rank-{self.rank:05d}.pt")
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            self.barrier()
+            if self.is_main:
+                save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
+                (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.size}, indent=2))
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
+                files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                         for p in sorted(tmp.rglob("*")) if p.is_file()}
+                (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+                if final.exists():
+                    old = temporary_sibling(final)
+                    os.replace(final, old)
+                    os.replace(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, final)
+                for old in step_dirs(run_dir)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+            self.barrier()
+        finally:
+            if self.is_main and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def load_optimizer_state(self, checkpoint: Path, device) -> dict | None:
+        """The optimizer state of a one-process checkpoint resumed by one process (else None: it is
+        loaded by `load_training_state` once the optimizer exists)."""
+        from haed.checkpoint import load_optimizer_state
+
+        if self.size == 1 and not is_sharded(checkpoint):
+            return load_optimizer_state(checkpoint, device)
+        return None
+
+    def load_training_state(self, checkpoint: Path, model, optimizer) -> None:
+        """Model and optimizer state from DCP shards (saved at any world size), or from a one-process
+        checkpoint onto several ranks."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_optimizer_state_dict,
+            set_state_dict,
+        )
+
+        checkpoint = Path(checkpoint)
+        if is_sharded(checkpoint):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            _shard_reader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
+            model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to load into
+            wanted = {"model": model_state, "optimizer": optimizer_state["state"]}
+            try:
+                with warnings.catch_warnings():  # alone, DCP warns that it assumes a single process: it is one
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load(wanted, storage_reader=_shard_reader(checkpoint / SHARDS), planner=_tensors_only_planner(),
+                             no_dist=self.size == 1)
+            except CheckpointException as e:  # DCP gathers each rank's failure: report the first
+                cause = next(iter(e.failures.values()))[0] if e.failures else e
+                if isinstance(cause, HaedError):
+                    raise HaedError(str(cause)) from None
+                text = str(cause).strip().splitlines()
+                raise HaedError(f"cannot load the shards of {checkpoint}: {text[0] if text else type(cause).__name__}") from None
+            set_state_dict(model, optimizer, model_state_dict=wanted["model"],
+                           optim_state_dict={"state": wanted["optimizer"], "param_groups": optimizer_state["param_groups"]})
+            return
+        from haed.checkpoint import load_optimizer_state
+
+        saved = load_optimizer_state(checkpoint, "cpu")
+        # A one-process optimizer state numbers the parameters in the optimizer's order; name them.
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        named = {
+            "state": {names[i]: s for i, s in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]],
+        }
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+    def restore_rng_state(self, checkpoint: Path) -> None:
+        """The generator states of this rank at the checkpoint. Ranks the checkpoint did not have (it was
+        saved by fewer processes) keep their own seeded generators."""
+        from haed.checkpoint import restore_rng_state
+
+        checkpoint = Path(checkpoint)
+        if not is_sharded(checkpoint):
+            if self.is_main:
+                restore_rng_state(checkpoint)
+            return
+        path = checkpoint / RNG_DIR / f"rank-{self.rank:05d}.pt"
+        if path.is_file():
+            rng = torch.load(path, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def init_world(device: torch.device) -> World:
+    """The world this process trains in, from torchrun's environment; joins the process group once.
+
+    Without torchrun (no WORLD_SIZE, or 1) a world of one on `device`, with no process group.
+    """
+    size = launched_world_size()
+    if size <= 1:
+        return World(device=device)
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", 0)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        atexit.register(_leave)
+    elif dist.get_backend() != backend:
+        raise HaedError(f"this process already joined a {dist.get_backend()} process group; "
+                        f"training on {device.type} needs {backend}")
+    return World(device=device, rank=rank, size=size, local_rank=local_rank, backend=backend)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    """Whether a step checkpoint was written by several processes (DCP shards)."""
+    return (Path(checkpoint) / SHARDS).is_dir()
+
+
+class _ModelWithObjective(nn.Module):
+    """The model and its objective as one module: FSDP's root gathers its parameters around the loss."""
+
+    def __init__(self, model: nn.Module, objective):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, x, cfg, generator=None):
+        return self.objective(self.model, x, cfg, generator)
+
+
+class _Weights:
+    """A whole state dict where `save_checkpoint` expects a model."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+def _rng_state() -> dict:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+# -- loading DCP shards without executing code ---------------------------------------------------
+
+# What DCP's metadata file may name: its own record types, torch sizes, dtypes and layouts, paths.
+_METADATA_MODULES = {"torch.distributed.checkpoint.metadata"}
+_METADATA_NAMES = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module in _METADATA_MODULES or (module, name) in _METADATA_NAMES
+                   or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                                     torch.memory_format))))
+        if not allowed:
+            raise HaedError(f"the checkpoint's shard metadata names {module}.{name}: refusing to load it")
+        return super().find_class(module, name)
+
+
+def _reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class ShardReader(FileSystemReader):
+        """DCP's file reader, with its metadata unpickled through an allow-list."""
+
+        def read_metadata(self, *args, **kwargs):
+            path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except HaedError:
+                raise
+            except Exception as e:
+                raise HaedError(f"cannot read the shard metadata {path}: {e}") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return ShardReader
+
+
+def _shard_reader(path: Path):
+    return _reader_class()(str(path))
+
+
+def _tensors_only_planner():
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class TensorsOnlyPlanner(DefaultLoadPlanner):
+        """haed's shards hold tensors only: a pickled object in their place is refused, not loaded."""
+
+        def load_bytes(self, read_item, value):
+            raise HaedError(f"the checkpoint shards hold a pickled object for {read_item.dest_index.fqn}: refusing to load it")
+
+    return TensorsOnlyPlanner()
+
+
+# -- IEM's candidates across ranks ----------------------------------------------------------------
+
+
+def global_candidates(uniq: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor, inverse: torch.Tensor,
+                      mode: str = "global"):
+    """The distinct patches of the global batch, as IEM's candidates: (uniq, vectors, counts, inverse).
+
+    `uniq` (U, K) are this rank's distinct target patches, `vectors` their encodings (U rows, then
+    any padding rows), `counts` their counts and `inverse` every target's row in `uniq`. With several
+    ranks and `mode` "global", the patches, encodings and counts of every rank are gathered: the
+    result holds the G distinct patches of all ranks in the order a single process would sort them,
+    one encoding each (from the first rank that has it; gradients flow back to that rank), their
+    counts over the global batch (log-Q), and `inverse` mapped to them. With "local", or alone,
+    the arguments are returned as they are.
+    """
+    if mode not in ("global", "local"):
+        raise HaedError(f"iem.candidates must be 'global' or 'local', not {mode!r}")
+    if mode == "local" or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return uniq, vectors, counts, inverse
+    U, device = uniq.shape[0], vectors.device
+    sizes = _gather_sizes(U, device)
+    keyed = torch.cat((uniq.to(device, torch.long), counts.to(device, torch.long)[:, None]), dim=1)
+    gathered = _gather_rows(keyed, sizes)
+    all_vectors = _GatherRows.apply(vectors[:U], sizes)
+    g_uniq, g_inverse, _ = unique_patches(gathered[:, :-1].to(uniq.dtype))
+    G = g_uniq.shape[0]
+    g_counts = torch.zeros(G, dtype=counts.dtype, device=device).index_add_(0, g_inverse, gathered[:, -1].to(counts.dtype))
+    rows = torch.arange(gathered.shape[0], device=device)
+    first = torch.full((G,), gathered.shape[0], dtype=torch.long, device=device).scatter_reduce_(0, g_inverse, rows, "amin")
+    g_vectors = pad_rows(gather_rows(all_vectors, first), row_bucket(device))
+    offset = sum(sizes[: dist.get_rank()])
+    local_to_global = g_inverse[offset : offset + U]
+    return g_uniq, g_vectors, g_counts, local_to_global[inverse.to(device)]
+
+
+def _gather_sizes(n: int, device) -> list[int]:
+    t = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [int(s) for s in torch.cat(out).tolist()]
+
+
+def _pad_to(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """rows (m, ...) followed by zero rows up to n."""
+    if rows.shape[0] == n:
+        return rows.contiguous()
+    return torch.cat((rows, rows.new_zeros((n - rows.shape[0], *rows.shape[1:]))))
+
+
+def _gather_rows(rows: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's `rows` (sizes[r] of them), concatenated in rank order."""
+    padded = _pad_to(rows, max(sizes))
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:n] for o, n in zip(out, sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of rows, whose backward returns each rank the gradient of its own rows summed over
+    every rank's loss (the data-parallel reduction then averages as for any parameter)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, sizes: list[int]):
+        ctx.sizes = sizes
+        return _gather_rows(rows, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sizes, rank, longest = ctx.sizes, dist.get_rank(), max(ctx.sizes)
+        stacked = torch.stack([_pad_to(part, longest) for part in torch.split(grad.float(), sizes)])
+        if dist.get_backend() == "nccl":
+            mine = torch.empty_like(stacked[0])
+            dist.reduce_scatter_tensor(mine, stacked.reshape(-1, *stacked.shape[2:]))
+        else:
+            dist.all_reduce(stacked)
+            mine = stacked[rank]
+        return mine[: sizes[rank]].to(grad.dtype), None
