@@ -51,7 +51,7 @@ from haed.profile import (  # noqa: E402
     write_profile_json,
 )
 from haed.device import autocast  # noqa: E402
-from haed.train import to_device  # noqa: E402
+from haed.steps import to_device  # noqa: E402
 
 OBJECTIVE = "megabyte-peer"
 PACKAGE = "MEGABYTE-pytorch"

@@ -28,7 +28,7 @@ import haed.model  # noqa: E402
 from haed.config import load_recipe  # noqa: E402
 from haed.objectives import OBJECTIVES  # noqa: E402
 from haed.profile import WindowSource, build_for_objective, objective_train_config  # noqa: E402
-from haed.train import to_device, torch_generator, train_step  # noqa: E402
+from haed.steps import to_device, torch_generator, train_step  # noqa: E402
 
 
 def main() -> None:

@@ -27,7 +27,8 @@ from haed.errors import HaedError
 from haed.evaluate import evaluate_run
 from haed.model import build_model, count_parameters
 from haed.objectives import get_objective
-from haed.train import phase_finished, read_metrics, train
+from haed.runs import phase_finished, read_metrics
+from haed.train import train
 
 SYSTEMS = ("iem", "full", "flat")
 UNCAPPED_STEPS = 10**9  # with a time budget, `steps` only caps the run

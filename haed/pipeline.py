@@ -15,7 +15,8 @@ from haed.data import is_haed_dataset
 from haed.evaluate import evaluate_run
 from haed.generate import Generation, generate, load_for_sampling
 from haed.prepare import prepare_stdlib
-from haed.train import phase_finished, train
+from haed.runs import phase_finished
+from haed.train import train
 
 
 @dataclass

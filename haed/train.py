@@ -18,104 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from haed import __version__
-from haed.checkpoint import (
-    BEST,
-    latest_intact_checkpoint,
-    load_weights,
-    read_run_config,
-    select_checkpoint,
-    step_dirs,
-)
-from haed.config import Recipe, TrainConfig, apply_overrides, load_recipe, recipe_from_dict, recompute_stacks
-from haed.atomic import save_figure, write_text_atomic
-from haed.data import open_dataset, random_windows
-from haed.device import autocast, resolve_device
+from haed.atomic import write_text_atomic
+from haed.checkpoint import BEST, latest_intact_checkpoint, load_weights, read_run_config, select_checkpoint, step_dirs
+from haed.config import Recipe, TrainConfig, recipe_from_dict
+from haed.data import open_dataset
+from haed.device import resolve_device
 from haed.distributed import init_world
 from haed.errors import HaedError
-from haed.model import HAED, build_model, count_parameters
-from haed.objectives import OBJECTIVES, get_objective, trainable_parameters
-
-
-def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to lr * min_lr_ratio.
-
-    The decay runs over the steps, or with a time budget over `progress` (the fraction of the
-    budget's seconds spent).
-    """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if progress is None:
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
-
-
-def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
-
-
-def batch_rng(seed: int, step: int, micro: int, stream: int = 0) -> np.random.Generator:
-    return np.random.default_rng([seed, stream, step, micro])
-
-
-def torch_generator(seed: int, step: int, micro: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(int(np.random.SeedSequence([seed, 1, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1))
-    return g
-
-
-def to_device(windows: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(windows))
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x
-
-
-def apply_recompute(model, cfg: TrainConfig) -> None:
-    """Recompute the activations of the stacks the phase names (plus those whose config asks for it)."""
-    names = set(recompute_stacks(cfg.recompute))
-    if isinstance(model, HAED):
-        stacks = {"encoder": model.encoder.stack, "main": model.main, "decoder": model.decoder.stack}
-    else:
-        stacks = {"main": model.stack}
-    for name, stack in stacks.items():
-        stack.recompute = stack.cfg.checkpoint or name in names
-
-
-def set_trainable(model, objective: str, cfg: TrainConfig | None = None) -> list:
-    """Freeze what the objective does not train; return the trained parameters."""
-    params = trainable_parameters(model, objective, cfg)
-    trainable = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
-    return params
-
-
-def train_step(model, optimizer, params, loss_fn, cfg: TrainConfig, batches, device) -> tuple[dict, torch.Tensor]:
-    """One optimizer step over the micro-batches [(x, generator), ...]: (mean metrics, grad norm).
-
-    Metrics stay on the device (no host synchronisation inside the step).
-    """
-    sums: dict[str, torch.Tensor] = {}
-    for x, generator in batches:
-        with autocast(device):
-            loss, metrics = loss_fn(model, x, cfg, generator)
-        (loss / len(batches)).backward()
-        for k, v in metrics.items():
-            v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
-            sums[k] = sums.get(k, 0.0) + v / len(batches)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return sums, grad_norm
+from haed.model import build_model, count_parameters
+from haed.objectives import OBJECTIVES, get_objective
+from haed.runs import append_metrics, plot_metrics, read_best, recipe_changes, truncate_metrics
+from haed.steps import apply_recompute, batch_rng, evaluate_objective, lr_at, make_optimizer, maybe_compile, \
+    set_trainable, to_device, torch_generator, train_step
 
 
 @dataclass
@@ -127,71 +44,6 @@ class TrainResult:
     best: dict | None = None  # {"step", "metric", "value", "path"} of the best validation point
     train_seconds: float = 0.0  # seconds of training (validation and checkpoints not counted)
     interrupted: str | None = None  # the signal that stopped the run early ("SIGINT", "SIGTERM"), if any
-
-
-def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
-    """Compile the transformer stacks (not the data-dependent IEM bookkeeping around them)."""
-    if not enabled or device.type != "cuda":
-        return
-    if isinstance(model, HAED):
-        model.main.compile()
-        model.decoder.stack.compile()
-        model.encoder.stack.compile(dynamic=True)  # the number of distinct patches changes every step
-    else:
-        model.stack.compile()
-
-
-@torch.no_grad()
-def evaluate_objective(model, objective: str, data: np.ndarray, cfg: TrainConfig, seq_len: int, device,
-                       world=None, loss_fn=None) -> dict:
-    """Mean metrics of the objective over `cfg.eval_batches` fixed validation batches.
-
-    With a `world` of several ranks each rank takes its block of every batch (`loss_fn`: the
-    parallelized objective) and the metrics are averaged over the ranks.
-    """
-    was_training = model.training
-    model.eval()
-    loss_fn = loss_fn or OBJECTIVES[objective]
-    draw = world.windows if world is not None else random_windows
-    totals: dict[str, float] = {}
-    for i in range(cfg.eval_batches):
-        x = to_device(draw(data, cfg.batch_size, seq_len, batch_rng(cfg.seed, i, 0, stream=7)), device)
-        with autocast(device):
-            _, metrics = loss_fn(model, x, cfg, torch_generator(cfg.seed, i, 0))
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    model.train(was_training)
-    means = {k: v / cfg.eval_batches for k, v in totals.items()}
-    return world.mean(means) if world is not None else means
-
-
-def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None) -> Recipe:
-    """The recipe of a decoder phase on top of an IEM run: the run's own recipe, plus overrides."""
-    parent = read_run_config(parent_run)
-    wanted = get_objective("decoder").parent_objective
-    if parent.get("objective") != wanted:
-        raise HaedError(f"{parent_run} is a {parent.get('objective')} run: the decoder phase starts from an {wanted} run")
-    values = parent["recipe"]
-    apply_overrides(values, list(overrides or []))
-    return recipe_from_dict(values)
-
-
-def recipe_for_run(run_dir: Path | None, recipe: str = "tiny", overrides: list[str] | None = None) -> Recipe:
-    """`run_dir`'s own recipe (when given) or the named recipe, with `--set`-style overrides applied."""
-    if run_dir is None:
-        return load_recipe(recipe, overrides)
-    values = read_run_config(run_dir)["recipe"]
-    apply_overrides(values, list(overrides or []))
-    return recipe_from_dict(values)
-
-
-def phase_finished(run_dir: Path, cfg: TrainConfig) -> bool:
-    """Whether the run in `run_dir` has run its schedule to the end (its steps, or its time budget)."""
-    checkpoint = latest_intact_checkpoint(run_dir)
-    if checkpoint is None:
-        return False
-    state = json.loads((checkpoint / "state.json").read_text())
-    return state["step"] >= cfg.steps or bool(cfg.time_budget and state.get("train_seconds", 0.0) >= cfg.time_budget)
 
 
 class _StopRequests:
@@ -272,23 +124,6 @@ def _emit(on_event, event: str, **fields) -> None:
         on_event({"event": event, **fields})
 
 
-def _recipe_differences(a: dict, b: dict, where: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _recipe_differences(va, vb, f"{where}{key}.")
-        elif va != vb:
-            out.append(f"{where}{key}: {va!r} -> {vb!r}")
-    return out
-
-
-def _comparable(recipe: dict) -> dict:
-    recipe = json.loads(json.dumps(recipe))
-    recipe["data"]["dataset"] = str(Path(recipe["data"]["dataset"]).resolve())
-    return recipe
-
-
 def train(
     recipe: Recipe | None,
     objective: str,
@@ -351,7 +186,7 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
         if recipe is None:
             recipe = recipe_from_dict(previous["recipe"])
         else:
-            changes = _recipe_differences(_comparable(previous["recipe"]), _comparable(recipe.to_dict()))
+            changes = recipe_changes(previous["recipe"], recipe)
             if changes and not allow_changes:
                 raise HaedError(f"--resume: the recipe differs from the run's own ({'; '.join(changes)}); "
                                 f"resume without recipe options, or allow the change explicitly")
@@ -433,9 +268,9 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     metrics_path = run_dir / "metrics.jsonl"
     if world.is_main:
         write_text_atomic(run_dir / "config.json", json.dumps(config, indent=2))
-        _truncate_metrics(metrics_path, start_step)
+        truncate_metrics(metrics_path, start_step)
 
-    best = _read_best(run_dir, spec.selection_metric)
+    best = read_best(run_dir, spec.selection_metric)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     budget = cfg.time_budget
@@ -509,7 +344,7 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
                           "bytes_per_second": rate, "train_seconds": round(train_seconds, 4),
                           **{k: float(v) for k, v in sums.items()}}
                 if world.is_main:
-                    _append_metrics(metrics_path, record)
+                    append_metrics(metrics_path, record)
                 result.last_metrics = record
                 _emit(on_event, "log", **record)
             if eval_now:
@@ -517,7 +352,7 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
                 record = {"step": done, "split": "valid", "train_seconds": round(train_seconds, 4),
                           **evaluate_objective(model, objective, valid_data, cfg, seq_len, dev, world, loss_fn)}
                 if world.is_main:
-                    _append_metrics(metrics_path, record)
+                    append_metrics(metrics_path, record)
                 result.last_eval = record
                 _emit(on_event, "valid", **record)
                 value = record.get(spec.selection_metric, math.inf)
@@ -555,62 +390,3 @@ def _next_multiple(seconds: float, every: float) -> float:
     return math.inf if not every else (math.floor(seconds / every) + 1) * every
 
 
-def _read_best(run_dir: Path, metric: str) -> dict:
-    """The best validation point kept so far in `run_dir` (value inf when there is none)."""
-    path = Path(run_dir) / BEST / "state.json"
-    if path.is_file():
-        state = json.loads(path.read_text())
-        if state.get("metric") == metric:
-            return {k: state[k] for k in ("step", "metric", "value", "train_seconds") if k in state}
-    return {"step": None, "metric": metric, "value": math.inf}
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop records from beyond the checkpoint (steps that will be run again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if line.strip() and json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by a crash mid-write
-            continue
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_metrics(metrics_path: Path, png_path: Path) -> Path | None:
-    """Training and validation loss against step, as a PNG beside the metrics."""
-    records = read_metrics(metrics_path)
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for split, style in (("train", "-"), ("valid", "o-")):
-        points = [(r["step"], r["loss"]) for r in records if r["split"] == split and "loss" in r]
-        if points:
-            steps, losses = zip(*points)
-            ax.plot(steps, losses, style, label=split, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.set_title(f"{Path(metrics_path).parent.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, png_path)

@@ -49,7 +49,8 @@ def _print_train_result(result, objective: str) -> None:
 
 def _train(objective: str, recipe_name: Optional[str], sets: list[str], out: Optional[Path], resume: bool,
            allow_changes: bool, device: str, no_compile: bool, init_from=None, recipe=None):
-    from haed.train import recipe_for_run, train
+    from haed.runs import recipe_for_run
+    from haed.train import train
 
     run_dir = out or Path("runs") / f"{recipe_name or 'tiny'}-{objective}"
     if recipe is None and (not resume or recipe_name or sets):
@@ -140,7 +141,7 @@ def train_decoder(
 
     Example: haed train-decoder --run runs/tiny
     """
-    from haed.train import decoder_phase_recipe
+    from haed.runs import decoder_phase_recipe
 
     sets = _recipe_sets(overrides, None, steps, batch_size, None, time_budget, "decoder")
     recipe = None if resume and not sets else decoder_phase_recipe(run, sets)
@@ -264,7 +265,7 @@ def compare(
     Example: haed compare --recipe tiny --dataset data/stdlib --time-budget 120 --out runs/compare
     """
     from haed.compare import compare as run_compare
-    from haed.train import recipe_for_run
+    from haed.runs import recipe_for_run
 
     sets = _recipe_sets(overrides, dataset, None, None, seq_len, None, "iem")
     r = recipe_for_run(None, recipe, sets)

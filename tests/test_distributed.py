@@ -30,7 +30,9 @@ from haed.data import random_windows
 from haed.distributed import World, global_candidates, is_main_process, is_sharded
 from haed.errors import HaedError
 from haed.model import build_model, unique_patches
-from haed.train import make_optimizer, read_metrics, train
+from haed.runs import read_metrics
+from haed.steps import make_optimizer
+from haed.train import train
 from haed_cli.main import app
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from _tiny import random_bytes, tiny_model
 from haed.config import TrainConfig
-from haed.train import apply_recompute
+from haed.steps import apply_recompute
 from haed.model import unique_patches
 from haed.objectives import capped_candidates, iem_loss, sampled_softmax_loss
 

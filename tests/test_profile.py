@@ -24,7 +24,7 @@ from haed.profile import (
     read_profile_json,
     write_profile_json,
 )
-from haed.train import train_step
+from haed.steps import train_step
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CELL_KEYS = {"objective", "seq_len", "batch_size", "status", "memory", "peak_allocated_gib", "peak_reserved_gib",

@@ -18,7 +18,8 @@ from haed.config import debug_recipe
 from haed.data import DatasetWriter
 from haed.errors import HaedError, HaedWarning
 from haed.objectives import OBJECTIVES
-from haed.train import read_metrics, train
+from haed.runs import read_metrics
+from haed.train import train
 
 
 @pytest.fixture(scope="module")

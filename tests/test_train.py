@@ -11,7 +11,9 @@ from haed.checkpoint import latest_checkpoint, load_run
 from haed.config import debug_recipe
 from haed.errors import HaedError
 from haed.model import build_model
-from haed.train import lr_at, read_metrics, train
+from haed.runs import read_metrics
+from haed.steps import lr_at
+from haed.train import train
 
 
 @pytest.fixture(scope="module")

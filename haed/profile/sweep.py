@@ -25,7 +25,7 @@ from haed.profile.flops import DEFAULT_PEAK_TFLOPS, FLOPS_CONVENTION, add_fracti
 from haed.profile.harness import environment, measure_cell, profile_device
 from haed.profile.report import SCHEMA, compute_ratios, describe_cell, describe_max_context
 from haed.profile.windows import WindowSource, distinct_patches
-from haed.train import apply_recompute, make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step
+from haed.steps import apply_recompute, make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step
 
 # --------------------------------------------------------------------------------------------
 # one haed cell

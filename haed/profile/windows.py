@@ -9,7 +9,7 @@ import numpy as np
 
 from haed.config import Recipe
 from haed.data import open_dataset, random_windows
-from haed.train import batch_rng
+from haed.steps import batch_rng
 
 RANDOM_BYTES = "random bytes"
 SYNTHETIC_NOTE = (

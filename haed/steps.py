@@ -1,0 +1,133 @@
+"""The pieces of a training step, shared by the trainer (`haed.train`) and the profiler (`haed.profile`).
+
+The optimizer and its schedule, the batches of step s drawn reproducibly from (seed, s, micro-batch),
+which parameters an objective trains, activation recomputation, compilation, one optimizer step and
+validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from haed.config import TrainConfig, recompute_stacks
+from haed.data import random_windows
+from haed.device import autocast
+from haed.model import HAED
+from haed.objectives import OBJECTIVES, trainable_parameters
+
+
+def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to lr * min_lr_ratio.
+
+    The decay runs over the steps, or with a time budget over `progress` (the fraction of the
+    budget's seconds spent).
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if progress is None:
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def batch_rng(seed: int, step: int, micro: int, stream: int = 0) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, step, micro])
+
+
+def torch_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence([seed, 1, step, micro]).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return g
+
+
+def to_device(windows: np.ndarray, device: torch.device) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(windows))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x
+
+
+def apply_recompute(model, cfg: TrainConfig) -> None:
+    """Recompute the activations of the stacks the phase names (plus those whose config asks for it)."""
+    names = set(recompute_stacks(cfg.recompute))
+    if isinstance(model, HAED):
+        stacks = {"encoder": model.encoder.stack, "main": model.main, "decoder": model.decoder.stack}
+    else:
+        stacks = {"main": model.stack}
+    for name, stack in stacks.items():
+        stack.recompute = stack.cfg.checkpoint or name in names
+
+
+def set_trainable(model, objective: str, cfg: TrainConfig | None = None) -> list:
+    """Freeze what the objective does not train; return the trained parameters."""
+    params = trainable_parameters(model, objective, cfg)
+    trainable = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    return params
+
+
+def train_step(model, optimizer, params, loss_fn, cfg: TrainConfig, batches, device) -> tuple[dict, torch.Tensor]:
+    """One optimizer step over the micro-batches [(x, generator), ...]: (mean metrics, grad norm).
+
+    Metrics stay on the device (no host synchronisation inside the step).
+    """
+    sums: dict[str, torch.Tensor] = {}
+    for x, generator in batches:
+        with autocast(device):
+            loss, metrics = loss_fn(model, x, cfg, generator)
+        (loss / len(batches)).backward()
+        for k, v in metrics.items():
+            v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
+            sums[k] = sums.get(k, 0.0) + v / len(batches)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
+
+
+def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
+    """Compile the transformer stacks (not the data-dependent IEM bookkeeping around them)."""
+    if not enabled or device.type != "cuda":
+        return
+    if isinstance(model, HAED):
+        model.main.compile()
+        model.decoder.stack.compile()
+        model.encoder.stack.compile(dynamic=True)  # the number of distinct patches changes every step
+    else:
+        model.stack.compile()
+
+
+@torch.no_grad()
+def evaluate_objective(model, objective: str, data: np.ndarray, cfg: TrainConfig, seq_len: int, device,
+                       world=None, loss_fn=None) -> dict:
+    """Mean metrics of the objective over `cfg.eval_batches` fixed validation batches.
+
+    With a `world` of several ranks each rank takes its block of every batch (`loss_fn`: the
+    parallelized objective) and the metrics are averaged over the ranks.
+    """
+    was_training = model.training
+    model.eval()
+    loss_fn = loss_fn or OBJECTIVES[objective]
+    draw = world.windows if world is not None else random_windows
+    totals: dict[str, float] = {}
+    for i in range(cfg.eval_batches):
+        x = to_device(draw(data, cfg.batch_size, seq_len, batch_rng(cfg.seed, i, 0, stream=7)), device)
+        with autocast(device):
+            _, metrics = loss_fn(model, x, cfg, torch_generator(cfg.seed, i, 0))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    model.train(was_training)
+    means = {k: v / cfg.eval_batches for k, v in totals.items()}
+    return world.mean(means) if world is not None else means
