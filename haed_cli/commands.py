@@ -211,7 +211,7 @@ def generate(
 
     from rich.progress import Progress
 
-    from haed.generate import prepare_generation, run_generation
+    from haed.generate_job import prepare_generation, run_generation
 
     plan = prepare_generation(
         run, device=device, checkpoint=checkpoint, prompt=prompt, prompt_file=prompt_file, out=out, max_bytes=max_bytes, seconds=seconds,

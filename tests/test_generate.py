@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from _tiny import random_bytes, tiny_model
-from haed.generate import SamplingOptions, StreamNoise, generate, make_sampler, mix32, sample_bytes
+from haed.generate import generate, make_sampler
+from haed.sampling import SamplingOptions, StreamNoise, mix32, sample_bytes
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -13,7 +13,7 @@ from conftest import CliResult
 from haed.config import debug_recipe
 from haed.data import DatasetWriter
 from haed.errors import HaedError
-from haed.generate import plan_generation
+from haed.generate_job import plan_generation
 from haed.train import train
 from haed_cli.main import app
 
