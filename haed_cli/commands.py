@@ -17,19 +17,14 @@ SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-
 
 
 def _recipe(recipe: str, overrides: list[str], dataset: Optional[Path], steps: Optional[int], batch_size: Optional[int],
-            seq_len: Optional[int], section: str, extra: list[str] = ()):
+            seq_len: Optional[int], section: str, extra: Optional[dict] = None):
     from haed.config import load_recipe
 
-    sets = list(overrides or [])
-    if dataset is not None:
-        sets.append(f'data.dataset="{dataset}"')
-    if seq_len is not None:
-        sets.append(f"data.seq_len={seq_len}")
-    if steps is not None:
-        sets.append(f"{section}.steps={steps}")
-    if batch_size is not None:
-        sets.append(f"{section}.batch_size={batch_size}")
-    return load_recipe(recipe, [*sets, *extra])
+    # Typed options are set as values, after --set: never re-parsed, so any path works.
+    values = {"data.dataset": None if dataset is None else str(dataset), "data.seq_len": seq_len,
+              f"{section}.steps": steps, f"{section}.batch_size": batch_size}
+    values = {key: value for key, value in values.items() if value is not None}
+    return load_recipe(recipe, list(overrides or []), {**values, **(extra or {})})
 
 
 def _print_parameters(config_parameters: dict) -> None:
@@ -103,7 +98,7 @@ def train_full(
     if arch not in ("haed", "flat"):
         raise typer.BadParameter("--arch is haed or flat")
     objective = "flat" if arch == "flat" else "full"
-    r = _recipe(recipe, overrides, dataset, steps, batch_size, seq_len, "full", [f"model.arch={arch}"])
+    r = _recipe(recipe, overrides, dataset, steps, batch_size, seq_len, "full", {"model.arch": arch})
     _train(objective, r, out, resume, device, no_compile)
 
 
@@ -122,7 +117,7 @@ def train_decoder(
     Example: haed train-decoder --run runs/tiny
     """
     from haed.checkpoint import read_run_config
-    from haed.config import apply_overrides, recipe_from_dict
+    from haed.config import apply_overrides, apply_values, recipe_from_dict
 
     parent = read_run_config(run)
     if parent.get("objective") != "iem":
@@ -130,12 +125,9 @@ def train_decoder(
 
         raise HaedError(f"{run} is a {parent.get('objective')} run: the decoder phase starts from an IEM run")
     values = parent["recipe"]
-    sets = list(overrides)
-    if steps is not None:
-        sets.append(f"decoder.steps={steps}")
-    if batch_size is not None:
-        sets.append(f"decoder.batch_size={batch_size}")
-    apply_overrides(values, sets)
+    apply_overrides(values, list(overrides))
+    apply_values(values, {key: value for key, value in (("decoder.steps", steps), ("decoder.batch_size", batch_size))
+                          if value is not None})
     recipe = recipe_from_dict(values)
     _train("decoder", recipe, out or Path(run) / "decoder", resume, device, no_compile, init_from=None if resume else run)
 
