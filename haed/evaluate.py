@@ -72,11 +72,14 @@ def bits_per_byte(model, data: np.ndarray, seq_len: int, batch_size: int = 8, de
 def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 8, device: str = "auto",
                  max_bytes: int | None = None, seq_len: int | None = None, progress=None) -> dict:
     """Exact bits per byte of a run's dataset split (an IEM run is evaluated through its decoder phase)."""
+    for option, value in (("--batch-size", batch_size), ("--max-bytes", max_bytes), ("--seq-len", seq_len)):
+        if value is not None and value < 1:
+            raise HaedError(f"{option} must be >= 1, not {value}")
     run_dir = resolve_sampling_run(Path(run_dir))
     dev = resolve_device(device)
     model, recipe, config = load_run(run_dir, dev)
     dataset = open_dataset(config["dataset"]["path"])
-    seq_len = seq_len or recipe.data.seq_len
+    seq_len = recipe.data.seq_len if seq_len is None else seq_len
     if isinstance(model, HAED) and seq_len % model.patch_size:
         raise HaedError(f"--seq-len must be a multiple of the patch size {model.patch_size}")
     result = bits_per_byte(model, dataset.split(split), seq_len, batch_size, dev, max_bytes, progress)

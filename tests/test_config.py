@@ -122,3 +122,4 @@ def test_dataset_path_with_quote_and_backslash(tmp_path):
                                  "--steps", "1", "--batch-size", "2", "--set", "iem.eval_batches=1"])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["recipe"]["data"]["dataset"] == str(odd)
+
