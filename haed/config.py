@@ -1,13 +1,18 @@
 """Typed configuration: one recipe (TOML) holds data, model, the three training phases and sampling.
 
 Every field has a default, so a recipe only states what it changes. `--set a.b=v` overrides any
-field from the command line (`main.layers=8` is short for `model.main.layers=8`).
+field from the command line (`main.layers=8` is short for `model.main.layers=8`). Every field is
+checked against its annotation and, where `FIELD_BOUNDS` names it, its range, so a bad value is
+one clear error before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from haed.errors import HaedError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# The built-in recipes are package data: installed with haed, found beside this file.
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 @dataclass
@@ -124,19 +130,17 @@ class Recipe:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Recipe":
+        """Check every field's type and range, then the rules that tie fields together."""
+        check_fields(self)
         m = self.model
         if m.arch not in ("haed", "flat"):
             raise HaedError(f"model.arch must be 'haed' or 'flat', not {m.arch!r}")
-        if m.patch_size < 1:
-            raise HaedError("model.patch_size must be >= 1")
         if m.pooling not in ("concat", "mean"):
             raise HaedError(f"model.pooling must be 'concat' or 'mean', not {m.pooling!r}")
         if m.conditioning not in ("add", "prefix"):
             raise HaedError(f"model.conditioning must be 'add' or 'prefix', not {m.conditioning!r}")
         if m.score not in ("dot", "cosine"):
             raise HaedError(f"model.score must be 'dot' or 'cosine', not {m.score!r}")
-        if not 0.0 <= self.iem.byte_loss_fraction <= 1.0:
-            raise HaedError(f"iem.byte_loss_fraction must lie in [0, 1], not {self.iem.byte_loss_fraction}")
         for name in ("encoder", "main", "decoder"):
             s = getattr(m, name)
             if s.dim % s.heads or (s.dim // s.heads) % 2:
@@ -150,6 +154,93 @@ class Recipe:
         if m.arch == "haed" and self.data.seq_len % m.patch_size:
             raise HaedError(f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})")
         return self
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric field: low and high, each included unless marked open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_1 = Bounds(1)
+AT_LEAST_0 = Bounds(0)
+POSITIVE = Bounds(0, low_open=True)
+
+# Ranges of the numeric fields, per config class. Every field is type-checked against its
+# annotation whether or not it is listed here.
+FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
+    StackConfig: dict(dim=AT_LEAST_1, layers=AT_LEAST_1, heads=AT_LEAST_1, mlp_ratio=POSITIVE,
+                      dropout=Bounds(0, 1, high_open=True)),
+    ModelConfig: dict(patch_size=AT_LEAST_1, max_seq_len=AT_LEAST_1, rope_base=POSITIVE),
+    DataConfig: dict(seq_len=AT_LEAST_1),
+    TrainConfig: dict(
+        steps=AT_LEAST_1, batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1, lr=POSITIVE, min_lr_ratio=Bounds(0, 1),
+        warmup_steps=AT_LEAST_0, weight_decay=AT_LEAST_0, beta1=Bounds(0, 1, high_open=True),
+        beta2=Bounds(0, 1, high_open=True), grad_clip=POSITIVE, eval_every=AT_LEAST_0, eval_batches=AT_LEAST_1,
+        ckpt_every=AT_LEAST_1, log_every=AT_LEAST_1, seed=AT_LEAST_0, num_negatives=AT_LEAST_0, tau=POSITIVE,
+        logits_chunk=AT_LEAST_1, time_budget=AT_LEAST_0, eval_every_seconds=AT_LEAST_0,
+        byte_loss_fraction=Bounds(0, 1), byte_loss_weight=AT_LEAST_0,
+    ),
+    GenerateConfig: dict(max_bytes=AT_LEAST_1, temperature=AT_LEAST_0, top_k=AT_LEAST_0,
+                         top_p=Bounds(0, 1, low_open=True), seed=AT_LEAST_0),
+}
+
+
+@functools.cache
+def field_types(cls) -> dict[str, Any]:
+    """A config class's field annotations, resolved (this module postpones annotations)."""
+    return typing.get_type_hints(cls)
+
+
+def check_fields(config, where: str = "") -> None:
+    """Check (and normalise: an int where a float is declared becomes a float) every field of a
+    config and of the configs inside it; the first bad value raises a HaedError naming the field."""
+    kinds = field_types(type(config))
+    bounds = FIELD_BOUNDS.get(type(config), {})
+    for f in dataclasses.fields(config):
+        name, kind, value = f"{where}{f.name}", kinds[f.name], getattr(config, f.name)
+        if dataclasses.is_dataclass(kind):
+            check_fields(value, f"{name}.")
+            continue
+        value = _typed(name, value, kind)
+        if f.name in bounds and value is not None and value not in bounds[f.name]:
+            raise HaedError(f"{name} must be {bounds[f.name]}, not {value!r}")
+        setattr(config, f.name, value)
+
+
+def _typed(name: str, value, kind):
+    args = typing.get_args(kind)
+    if (typing.get_origin(kind) in (typing.Union, getattr(types, "UnionType", None))
+            and type(None) in args and len(args) == 2):  # Optional[X]
+        return None if value is None else _typed(name, value, next(a for a in args if a is not type(None)))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise HaedError(f"{name} must be true or false, not {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HaedError(f"{name} must be an integer, not {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HaedError(f"{name} must be a finite number, not {value!r}")
+        return float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            raise HaedError(f"{name} must be a string, not {value!r}")
+    return value
 
 
 def recompute_stacks(text: str) -> list[str]:
@@ -172,30 +263,29 @@ def debug_recipe(dataset: str = "", patch_size: int = 4, arch: str = "haed") -> 
 
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
-        raise HaedError(f"recipe section [{where}] must be a table")
-    known = {f.name: f for f in dataclasses.fields(cls)}
+        raise HaedError(f"recipe section [{where}] must be a table, not {values!r}")
+    kinds = field_types(cls)
     kwargs = {}
     for key, value in values.items():
-        if key not in known:
-            raise HaedError(f"unknown recipe field {where + '.' if where else ''}{key} (known: {', '.join(known)})")
-        f = known[key]
-        sub = _SUBCONFIG.get((cls, key))
+        if key not in kinds:
+            raise HaedError(f"unknown recipe field {where + '.' if where else ''}{key} ({_suggest(cls, key)})")
+        sub = kinds[key] if dataclasses.is_dataclass(kinds[key]) else None
         kwargs[key] = _build(sub, value, f"{where}.{key}".strip(".")) if sub else value
-    obj = cls(**kwargs)
-    return obj
+    return cls(**kwargs)
 
 
-_SUBCONFIG = {
-    (Recipe, "data"): DataConfig,
-    (Recipe, "model"): ModelConfig,
-    (Recipe, "iem"): TrainConfig,
-    (Recipe, "decoder"): TrainConfig,
-    (Recipe, "full"): TrainConfig,
-    (Recipe, "generate"): GenerateConfig,
-    (ModelConfig, "encoder"): StackConfig,
-    (ModelConfig, "main"): StackConfig,
-    (ModelConfig, "decoder"): StackConfig,
-}
+def _field_paths(cls, prefix: str = ""):
+    for name, kind in field_types(cls).items():
+        yield f"{prefix}{name}", name
+        if dataclasses.is_dataclass(kind):
+            yield from _field_paths(kind, f"{prefix}{name}.")
+
+
+def _suggest(cls, key: str) -> str:
+    deeper = [path for path, name in _field_paths(cls) if name == key and "." in path]
+    if deeper:
+        return "did you mean " + " or ".join(deeper) + "?"
+    return "known: " + ", ".join(field_types(cls))
 
 
 def recipe_from_dict(values: dict) -> Recipe:
@@ -216,58 +306,85 @@ def _deep_update(target: dict, values: dict, where: str = "") -> None:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
+    """A .toml path as given, or the name of a built-in recipe (`tiny`, `enwik8`, `speech`)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (Path("recipes") / f"{name_or_path}.toml", RECIPES_DIR / f"{name_or_path}.toml"):
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
-    raise HaedError(f"no recipe {name_or_path!r}: give a .toml path or one of: {', '.join(known) or '(none found)'}")
+    builtin = RECIPES_DIR / f"{name_or_path}.toml"
+    if builtin.is_file():
+        return builtin
+    raise HaedError(f"no recipe {name_or_path!r}: give a .toml path or one of: {', '.join(builtin_recipes()) or '(none found)'}")
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+def builtin_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe, apply `overrides` (`key.path=value` strings, as `--set` takes them), then
+    `values` ({"key.path": value}, set as given: typed options need no quoting), and check it."""
     path = resolve_recipe_path(name_or_path)
     try:
-        values = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise HaedError(f"recipe {path} is not valid TOML: {e}") from None
-    values.setdefault("name", path.stem)
-    apply_overrides(values, overrides or [])
-    return recipe_from_dict(values)
+    table.setdefault("name", path.stem)
+    apply_overrides(table, overrides or [])
+    apply_values(table, values or {})
+    return recipe_from_dict(table)
 
 
 _SECTIONS = {"name", "description", "data", "model", "iem", "decoder", "full", "generate"}
 _MODEL_SHORTHAND = {f.name for f in dataclasses.fields(ModelConfig)} - {"decoder"}
 
 
-def _parse_value(text: str) -> Any:
+def _key_parts(key: str) -> list[str]:
+    parts = key.strip().split(".")
+    if parts[0] not in _SECTIONS and parts[0] in _MODEL_SHORTHAND:
+        parts = ["model", *parts]
+    return parts
+
+
+def _declared_type(parts: list[str]):
+    """The annotation of the recipe field at `parts`, or None where no field is there."""
+    cls = Recipe
+    for i, part in enumerate(parts):
+        kind = field_types(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if kind is None or i == len(parts) - 1:
+            return kind
+        cls = kind
+    return None
+
+
+def _parse_value(text: str, kind=None) -> Any:
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare word: a string
+    # A string field takes the text as written: `data.dataset=2024` is the folder "2024".
+    return text if kind is str and not isinstance(value, str) else value
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> None:
+def _set(table: dict, key: str, parts: list[str], value: Any) -> None:
+    node = table
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise HaedError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(table: dict, overrides: list[str]) -> None:
     """Apply `key.path=value` overrides (values parsed as TOML, bare words as strings) in place."""
     for item in overrides:
         if "=" not in item:
             raise HaedError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] not in _SECTIONS and parts[0] in _MODEL_SHORTHAND:
-            parts = ["model", *parts]
-        node = values
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise HaedError(f"--set {key}: {part} is not a section")
-        node[parts[-1]] = _parse_value(text.strip())
+        parts = _key_parts(key)
+        _set(table, key, parts, _parse_value(text.strip(), _declared_type(parts)))
 
 
-def recipe_to_json(recipe: Recipe) -> str:
-    return json.dumps(recipe.to_dict(), indent=2)
-
-
-def recipe_from_json(text: str) -> Recipe:
-    return recipe_from_dict(json.loads(text))
+def apply_values(table: dict, values: dict[str, Any]) -> None:
+    """Set {"key.path": value} in place, each value as given (no parsing)."""
+    for key, value in values.items():
+        _set(table, key, _key_parts(key), value)

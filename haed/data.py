@@ -49,11 +49,6 @@ class ByteDataset:
         self.sample_rate: int | None = meta.get("sample_rate") if self.kind == "audio" else None
         self._cache: dict[str, np.ndarray] = {}
 
-    def split_bytes(self, name: str) -> int:
-        """The byte count of a split as recorded in meta.json."""
-        self._check_split_name(name)
-        return int(self.meta["splits"][name]["bytes"])
-
     def _check_split_name(self, name: str) -> None:
         if name not in SPLITS:
             raise HaedError(f"unknown split {name!r}: a dataset has the splits {', '.join(SPLITS)}")

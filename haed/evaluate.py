@@ -95,6 +95,9 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 8, device
     An IEM run is evaluated through its decoder phase. `checkpoint`: "best" (the best validation point,
     else the last), "last" or "step-N".
     """
+    for option, value in (("--batch-size", batch_size), ("--max-bytes", max_bytes), ("--seq-len", seq_len)):
+        if value is not None and value < 1:
+            raise HaedError(f"{option} must be >= 1, not {value}")
     run_dir = resolve_sampling_run(Path(run_dir))
     dev = resolve_device(device)
     model, recipe, config = load_run(run_dir, dev, checkpoint)
@@ -103,7 +106,7 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 8, device
         values, source = open_dataset(config["dataset"]["path"]).split(split), f"{split} split"
     else:
         values, source = read_eval_data(data, split, kind, sample_rate)
-    seq_len = seq_len or recipe.data.seq_len
+    seq_len = recipe.data.seq_len if seq_len is None else seq_len
     if isinstance(model, HAED) and seq_len % model.patch_size:
         raise HaedError(f"--seq-len must be a multiple of the patch size {model.patch_size}")
     result = bits_per_byte(model, values, seq_len, batch_size, dev, max_bytes, progress)

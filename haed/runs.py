@@ -10,29 +10,33 @@ from pathlib import Path
 
 from haed.atomic import save_figure, write_text_atomic
 from haed.checkpoint import BEST, latest_intact_checkpoint, read_run_config
-from haed.config import Recipe, TrainConfig, apply_overrides, load_recipe, recipe_from_dict
+from haed.config import Recipe, TrainConfig, apply_overrides, apply_values, load_recipe, recipe_from_dict
 from haed.errors import HaedError
 from haed.objectives import get_objective
 
 
-def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None) -> Recipe:
-    """The recipe of a decoder phase on top of an IEM run: the run's own recipe, plus overrides."""
+def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None, values: dict | None = None) -> Recipe:
+    """The recipe of a decoder phase on top of an IEM run: the run's own recipe, plus overrides
+    (`--set` strings) and typed values ({"key.path": value})."""
     parent = read_run_config(parent_run)
     wanted = get_objective("decoder").parent_objective
     if parent.get("objective") != wanted:
         raise HaedError(f"{parent_run} is a {parent.get('objective')} run: the decoder phase starts from an {wanted} run")
-    values = parent["recipe"]
-    apply_overrides(values, list(overrides or []))
-    return recipe_from_dict(values)
+    table = parent["recipe"]
+    apply_overrides(table, list(overrides or []))
+    apply_values(table, values or {})
+    return recipe_from_dict(table)
 
 
-def recipe_for_run(run_dir: Path | None, recipe: str = "tiny", overrides: list[str] | None = None) -> Recipe:
-    """`run_dir`'s own recipe (when given) or the named recipe, with `--set`-style overrides applied."""
+def recipe_for_run(run_dir: Path | None, recipe: str = "tiny", overrides: list[str] | None = None,
+                   values: dict | None = None) -> Recipe:
+    """`run_dir`'s own recipe (when given) or the named recipe, with `--set` overrides and typed values."""
     if run_dir is None:
-        return load_recipe(recipe, overrides)
-    values = read_run_config(run_dir)["recipe"]
-    apply_overrides(values, list(overrides or []))
-    return recipe_from_dict(values)
+        return load_recipe(recipe, overrides, values)
+    table = read_run_config(run_dir)["recipe"]
+    apply_overrides(table, list(overrides or []))
+    apply_values(table, values or {})
+    return recipe_from_dict(table)
 
 
 def phase_finished(run_dir: Path, cfg: TrainConfig) -> bool:

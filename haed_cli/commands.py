@@ -17,20 +17,12 @@ CHECKPOINT_HELP = "Which weights: best (the best validation point; the last if n
 SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
 
 
-def _recipe_sets(overrides: list[str], dataset: Optional[Path], steps: Optional[int], batch_size: Optional[int],
-                 seq_len: Optional[int], time_budget: Optional[float], section: str) -> list[str]:
-    sets = list(overrides or [])
-    if dataset is not None:
-        sets.append(f'data.dataset="{dataset}"')
-    if seq_len is not None:
-        sets.append(f"data.seq_len={seq_len}")
-    if steps is not None:
-        sets.append(f"{section}.steps={steps}")
-    if batch_size is not None:
-        sets.append(f"{section}.batch_size={batch_size}")
-    if time_budget is not None:
-        sets.append(f"{section}.time_budget={float(time_budget)}")
-    return sets
+def _recipe_values(dataset: Optional[Path], steps: Optional[int], batch_size: Optional[int], seq_len: Optional[int],
+                   time_budget: Optional[float], section: str) -> dict:
+    """The typed recipe options given, as {"key.path": value}: set as values, never re-parsed, so any path works."""
+    values = {"data.dataset": None if dataset is None else str(dataset), "data.seq_len": seq_len,
+              f"{section}.steps": steps, f"{section}.batch_size": batch_size, f"{section}.time_budget": time_budget}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _print_train_result(result, objective: str) -> None:
@@ -47,14 +39,14 @@ def _print_train_result(result, objective: str) -> None:
                       f"({result.best['path']})")
 
 
-def _train(objective: str, recipe_name: Optional[str], sets: list[str], out: Optional[Path], resume: bool,
+def _train(objective: str, recipe_name: Optional[str], overrides: list[str], values: dict, out: Optional[Path], resume: bool,
            allow_changes: bool, device: str, no_compile: bool, init_from=None, recipe=None):
     from haed.runs import recipe_for_run
     from haed.train import train
 
     run_dir = out or Path("runs") / f"{recipe_name or 'tiny'}-{objective}"
-    if recipe is None and (not resume or recipe_name or sets):
-        recipe = recipe_for_run(run_dir if resume and not recipe_name else None, recipe_name or "tiny", sets)
+    if recipe is None and (not resume or recipe_name or overrides or values):
+        recipe = recipe_for_run(run_dir if resume and not recipe_name else None, recipe_name or "tiny", overrides, values)
     console.print(f"[bold]{objective}[/] training into {run_dir}" + (" (resuming)" if resume else ""))
     with TrainingDisplay() as display:
         result = train(recipe, objective, run_dir, resume=resume, allow_changes=allow_changes, device=device,
@@ -93,8 +85,8 @@ def train_iem(
     """
     if objective not in ("iem", "full"):
         raise typer.BadParameter("--objective is iem or full")
-    sets = _recipe_sets(overrides, dataset, steps, batch_size, seq_len, time_budget, objective)
-    _train(objective, recipe, sets, out, resume, allow_changes, device, no_compile)
+    values = _recipe_values(dataset, steps, batch_size, seq_len, time_budget, objective)
+    _train(objective, recipe, overrides, values, out, resume, allow_changes, device, no_compile)
 
 
 def train_full(
@@ -119,10 +111,10 @@ def train_full(
     if arch not in ("haed", "flat"):
         raise typer.BadParameter("--arch is haed or flat")
     objective = "flat" if arch == "flat" else "full"
-    sets = _recipe_sets(overrides, dataset, steps, batch_size, seq_len, time_budget, "full")
-    if not resume or recipe is not None or sets:
-        sets.append(f"model.arch={arch}")
-    _train(objective, recipe, sets, out, resume, allow_changes, device, no_compile)
+    values = _recipe_values(dataset, steps, batch_size, seq_len, time_budget, "full")
+    if not resume or recipe is not None or overrides or values:
+        values["model.arch"] = arch
+    _train(objective, recipe, overrides, values, out, resume, allow_changes, device, no_compile)
 
 
 def train_decoder(
@@ -143,9 +135,9 @@ def train_decoder(
     """
     from haed.runs import decoder_phase_recipe
 
-    sets = _recipe_sets(overrides, None, steps, batch_size, None, time_budget, "decoder")
-    recipe = None if resume and not sets else decoder_phase_recipe(run, sets)
-    _train("decoder", None, [], out or Path(run) / "decoder", resume, allow_changes, device, no_compile,
+    values = _recipe_values(None, steps, batch_size, None, time_budget, "decoder")
+    recipe = None if resume and not (overrides or values) else decoder_phase_recipe(run, overrides, values)
+    _train("decoder", None, [], {}, out or Path(run) / "decoder", resume, allow_changes, device, no_compile,
            init_from=None if resume else run, recipe=recipe)
 
 
@@ -267,8 +259,7 @@ def compare(
     from haed.compare import compare as run_compare
     from haed.runs import recipe_for_run
 
-    sets = _recipe_sets(overrides, dataset, None, None, seq_len, None, "iem")
-    r = recipe_for_run(None, recipe, sets)
+    r = recipe_for_run(None, recipe, overrides, _recipe_values(dataset, None, None, seq_len, None, "iem"))
     with TrainingDisplay() as display:
         result = run_compare(r, out, budget, systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
                              decoder_fraction=decoder_fraction, evals=evals, flat_overrides=flat_overrides,

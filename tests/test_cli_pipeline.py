@@ -3,12 +3,16 @@
 import json
 
 import pytest
-import tomllib
 from typer.testing import CliRunner
 
 from _tiny import make_text_dataset
 from haed.config import debug_recipe
 from haed_cli.main import app
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport haed depends on there
+    import tomli as tomllib
 
 runner = CliRunner()
 

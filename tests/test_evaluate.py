@@ -7,8 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from typer.testing import CliRunner
+
 from _tiny import random_bytes, tiny_model
+from conftest import CliResult
 from haed.evaluate import bits_per_byte
+from haed_cli.main import app
 
 
 @pytest.mark.parametrize("arch", ["haed", "flat"])
@@ -37,3 +41,10 @@ def test_an_untrained_model_is_near_eight_bits():
     model = tiny_model(patch_size=4)
     result = bits_per_byte(model, np.arange(256, dtype=np.uint8).repeat(2), seq_len=64)
     assert 7.5 < result["bits_per_byte"] < 8.5
+
+
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--max-bytes", "-5"), ("--seq-len", "0")])
+def test_bad_evaluate_option_is_one_line(option, value, tmp_path):
+    result = CliResult(CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path), option, value]))
+    assert result.exit_code == 1
+    assert result.error_lines() == [f"error: {option} must be >= 1, not {value}"]
