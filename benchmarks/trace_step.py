@@ -4,7 +4,7 @@ Builds the model of a recipe exactly as `haed profile-memory` does (same trainer
 autocast, compilation), runs warm-up steps, times `--steps` steps with CUDA synchronisation, then
 profiles `--profile-steps` more with torch.profiler and writes the kernels sorted by CUDA time.
 
-    python benchmarks/trace_step.py --recipe recipes/enwik8.toml --dataset data/enwik8-head \
+    python benchmarks/trace_step.py --recipe enwik8 --dataset data/enwik8-head \
         --objectives iem,full --seq-len 8192 --batch-size 16 --out trace [--no-compile] [--legacy-gather]
 
 `--legacy-gather` puts back plain advanced indexing (`table[index]`) for the gather of patch vectors,
@@ -33,7 +33,7 @@ from haed.steps import to_device, torch_generator, train_step  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--recipe", default="recipes/enwik8.toml")
+    p.add_argument("--recipe", default="enwik8")
     p.add_argument("--dataset", default=None)
     p.add_argument("--objectives", default="iem,full")
     p.add_argument("--seq-len", type=int, default=8192)
