@@ -72,10 +72,12 @@ def main() -> None:
         rows += [{**r, "variant": f"IEM {name}", "overrides": overrides, "decoder_fraction": fraction}
                  for r in result["rows"]]
     reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
-    lines = [f"| system | overrides | train s | test {result['unit']} | vs full |", "|---|---|---|---|---|"]
+    lines = [f"| system | overrides | decoder phase | train s | test {result['unit']} | vs full |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['test_bits_per_byte'] / reference:.3f}" if reference else "-"
-        lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {r['train_seconds']:.1f} | "
+        share = f"{r['decoder_fraction']:.0%}" if "decoder_fraction" in r else "-"
+        lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {share} | {r['train_seconds']:.1f} | "
                      f"{r['test_bits_per_byte']:.4f} | {ratio} |")
     table = "\n".join(lines)
     print(table)
