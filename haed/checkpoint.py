@@ -116,24 +116,43 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, con
             torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
-        if final.exists():
-            # Replacing a directory is two renames: move the old one aside first, so that a crash
-            # between them leaves either the old or the new checkpoint under a findable name.
-            old = temporary_sibling(final)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        write_manifest(tmp)
+        install_directory(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if name is None and keep_last > 0:
+    if name is None:
+        keep_newest(run_dir, keep_last)
+    return final
+
+
+def write_manifest(checkpoint_dir: Path) -> None:
+    """Record the size and sha256 of every file below `checkpoint_dir` in its manifest.json."""
+    files = {p.relative_to(checkpoint_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(checkpoint_dir.rglob("*")) if p.is_file()}
+    (checkpoint_dir / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+
+
+def install_directory(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary directory into place, replacing an older one of the same name.
+
+    Replacing a directory is two renames: the old one moves aside first, so that a crash between
+    them leaves either the old or the new checkpoint under a findable name.
+    """
+    if final.exists():
+        old = temporary_sibling(final)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def keep_newest(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` step checkpoints (0: keep every one)."""
+    if keep_last > 0:
         for old in step_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def read_run_config(run_dir: Path) -> dict:

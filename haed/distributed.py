@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import os
-import pickle
-import shutil
 import signal
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +41,6 @@ from haed.errors import HaedError
 from haed.layers import Block
 from haed.model import gather_rows, pad_rows, row_bucket, unique_patches
 
-SHARDS = "dcp"  # the DCP directory inside a step checkpoint of a multi-process run
-RNG_DIR = "rng"
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -226,7 +220,7 @@ class World:
 
         return loss_fn, params
 
-    # -- checkpoints -----------------------------------------------------------------------------
+    # -- checkpoints: one-process files alone, DCP shards with several ranks (haed.sharded) ----------
 
     def save_checkpoint(self, run_dir: Path, step: int, model, optimizer, state: dict, config: dict,
                         name: str | None = None) -> Path:
@@ -235,73 +229,20 @@ class World:
         Without an optimizer (the best checkpoint) the whole weights are gathered to rank 0 and
         written in the one-process format.
         """
+        from haed import sharded
         from haed.checkpoint import save_checkpoint
 
         if self.size == 1:
             return save_checkpoint(run_dir, step, model, optimizer, state, config, name=name)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
         if optimizer is None:
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if self.is_main:
-                save_checkpoint(run_dir, step, _Weights(full), None, state, config, name=name)
-            self.barrier()
-            return Path(run_dir) / (name or f"step-{step:06d}")
-        return self._save_sharded(Path(run_dir), step, model, optimizer, state, config)
-
-    def _save_sharded(self, run_dir: Path, step: int, model, optimizer, state: dict, config: dict,
-                      keep_last: int = 2) -> Path:
-        import torch.distributed.checkpoint as dcp
-        from safetensors.torch import save_file
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_state_dict,
-        )
-
-        from haed.atomic import temporary_sibling
-        from haed.checkpoint import MANIFEST, STEP_PREFIX, _sha256, step_dirs
-
-        final = run_dir / f"{STEP_PREFIX}{step:06d}"
-        tmp = Path(self.broadcast_object(str(temporary_sibling(final)) if self.is_main else None))
-        try:
-            model_state, optimizer_state = get_state_dict(model, optimizer)
-            # Tensors only (the optimizer's hyperparameters come from the recipe), so that loading
-            # never unpickles anything but DCP's own metadata.
-            dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint_id=tmp / SHARDS)
-            (tmp / RNG_DIR).mkdir(parents=True, exist_ok=True)
-            torch.save(_rng_state(), tmp / RNG_DIR / f"rank-{self.rank:05d}.pt")
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            self.barrier()
-            if self.is_main:
-                save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
-                (tmp / "state.json").write_text(json.dumps({**state, "world_size": self.size}, indent=2))
-                (tmp / "config.json").write_text(json.dumps(config, indent=2))
-                files = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-                         for p in sorted(tmp.rglob("*")) if p.is_file()}
-                (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
-                if final.exists():
-                    old = temporary_sibling(final)
-                    os.replace(final, old)
-                    os.replace(tmp, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(tmp, final)
-                for old in step_dirs(run_dir)[:-keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
-            self.barrier()
-        finally:
-            if self.is_main and tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return final
+            return sharded.save_gathered(self, Path(run_dir), step, model, state, config, name)
+        return sharded.save_sharded(self, Path(run_dir), step, model, optimizer, state, config)
 
     def load_optimizer_state(self, checkpoint: Path, device) -> dict | None:
         """The optimizer state of a one-process checkpoint resumed by one process (else None: it is
         loaded by `load_training_state` once the optimizer exists)."""
         from haed.checkpoint import load_optimizer_state
+        from haed.sharded import is_sharded
 
         if self.size == 1 and not is_sharded(checkpoint):
             return load_optimizer_state(checkpoint, device)
@@ -310,63 +251,23 @@ class World:
     def load_training_state(self, checkpoint: Path, model, optimizer) -> None:
         """Model and optimizer state from DCP shards (saved at any world size), or from a one-process
         checkpoint onto several ranks."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_state_dict,
-            set_optimizer_state_dict,
-            set_state_dict,
-        )
+        from haed import sharded
 
-        checkpoint = Path(checkpoint)
-        if is_sharded(checkpoint):
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.api import CheckpointException
-
-            _shard_reader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
-            model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to load into
-            wanted = {"model": model_state, "optimizer": optimizer_state["state"]}
-            try:
-                with warnings.catch_warnings():  # alone, DCP warns that it assumes a single process: it is one
-                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                    dcp.load(wanted, storage_reader=_shard_reader(checkpoint / SHARDS), planner=_tensors_only_planner(),
-                             no_dist=self.size == 1)
-            except CheckpointException as e:  # DCP gathers each rank's failure: report the first
-                cause = next(iter(e.failures.values()))[0] if e.failures else e
-                if isinstance(cause, HaedError):
-                    raise HaedError(str(cause)) from None
-                text = str(cause).strip().splitlines()
-                raise HaedError(f"cannot load the shards of {checkpoint}: {text[0] if text else type(cause).__name__}") from None
-            set_state_dict(model, optimizer, model_state_dict=wanted["model"],
-                           optim_state_dict={"state": wanted["optimizer"], "param_groups": optimizer_state["param_groups"]})
-            return
-        from haed.checkpoint import load_optimizer_state
-
-        saved = load_optimizer_state(checkpoint, "cpu")
-        # A one-process optimizer state numbers the parameters in the optimizer's order; name them.
-        name_of = {id(p): n for n, p in model.named_parameters()}
-        names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-        named = {
-            "state": {names[i]: s for i, s in saved["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]],
-        }
-        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+        if sharded.is_sharded(checkpoint):
+            sharded.load_sharded(self, Path(checkpoint), model, optimizer)
+        else:
+            sharded.load_one_process_optimizer(Path(checkpoint), model, optimizer)
 
     def restore_rng_state(self, checkpoint: Path) -> None:
         """The generator states of this rank at the checkpoint. Ranks the checkpoint did not have (it was
         saved by fewer processes) keep their own seeded generators."""
+        from haed import sharded
         from haed.checkpoint import restore_rng_state
 
-        checkpoint = Path(checkpoint)
-        if not is_sharded(checkpoint):
-            if self.is_main:
-                restore_rng_state(checkpoint)
-            return
-        path = checkpoint / RNG_DIR / f"rank-{self.rank:05d}.pt"
-        if path.is_file():
-            rng = torch.load(path, weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and self.device.type == "cuda":
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if sharded.is_sharded(checkpoint):
+            sharded.restore_rank_rng(self, Path(checkpoint))
+        elif self.is_main:
+            restore_rng_state(checkpoint)
 
 
 _SIGNALS = ("SIGINT", "SIGTERM")
@@ -399,11 +300,6 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def is_sharded(checkpoint: Path) -> bool:
-    """Whether a step checkpoint was written by several processes (DCP shards)."""
-    return (Path(checkpoint) / SHARDS).is_dir()
-
-
 class _ModelWithObjective(nn.Module):
     """The model and its objective as one module: FSDP's root gathers its parameters around the loss."""
 
@@ -414,85 +310,6 @@ class _ModelWithObjective(nn.Module):
 
     def forward(self, x, cfg, generator=None):
         return self.objective(self.model, x, cfg, generator)
-
-
-class _Weights:
-    """A whole state dict where `save_checkpoint` expects a model."""
-
-    def __init__(self, state: dict):
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
-
-
-def _rng_state() -> dict:
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return rng
-
-
-# -- loading DCP shards without executing code ---------------------------------------------------
-
-# What DCP's metadata file may name: its own record types, torch sizes, dtypes and layouts, paths.
-_METADATA_MODULES = {"torch.distributed.checkpoint.metadata"}
-_METADATA_NAMES = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        allowed = (module in _METADATA_MODULES or (module, name) in _METADATA_NAMES
-                   or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                                     torch.memory_format))))
-        if not allowed:
-            raise HaedError(f"the checkpoint's shard metadata names {module}.{name}: refusing to load it")
-        return super().find_class(module, name)
-
-
-def _reader_class():
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class ShardReader(FileSystemReader):
-        """DCP's file reader, with its metadata unpickled through an allow-list."""
-
-        def read_metadata(self, *args, **kwargs):
-            path = self._get_metadata_path(kwargs.get("rank"))
-            try:
-                with open(path, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except HaedError:
-                raise
-            except Exception as e:
-                raise HaedError(f"cannot read the shard metadata {path}: {e}") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return ShardReader
-
-
-def _shard_reader(path: Path):
-    return _reader_class()(str(path))
-
-
-def _tensors_only_planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class TensorsOnlyPlanner(DefaultLoadPlanner):
-        """haed's shards hold tensors only: a pickled object in their place is refused, not loaded."""
-
-        def load_bytes(self, read_item, value):
-            raise HaedError(f"the checkpoint shards hold a pickled object for {read_item.dest_index.fqn}: refusing to load it")
-
-    return TensorsOnlyPlanner()
 
 
 # -- IEM's candidates across ranks ----------------------------------------------------------------

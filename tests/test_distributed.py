@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 from haed.checkpoint import checkpoint_problem, latest_checkpoint
 from haed.config import debug_recipe, load_recipe
 from haed.data import random_windows
-from haed.distributed import World, global_candidates, is_main_process, is_sharded
+from haed.distributed import World, global_candidates, is_main_process
+from haed.sharded import is_sharded
 from haed.errors import HaedError
 from haed.model import build_model, unique_patches
 from haed.runs import read_metrics
