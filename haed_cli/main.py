@@ -21,6 +21,7 @@ app = typer.Typer(
         "haed train-decoder --run runs/tiny\n\n"
         "haed evaluate --run runs/tiny --split test\n\n"
         'haed generate --run runs/tiny --prompt "def " --max-bytes 300\n\n'
+        "haed compare --recipe tiny --dataset data/stdlib --time-budget 120\n\n"
         "haed profile-memory --recipe enwik8 --compare-full"
     ),
 )
@@ -39,17 +40,10 @@ def main(
     """Train and sample hierarchical (HAED) byte models of text and raw audio, with IEM."""
 
 
-from haed_cli import prepare as _prepare  # noqa: E402  (registers `haed prepare ...`)
+from haed_cli import commands, prepare, profile  # noqa: E402  (after `app`: each registers its commands on it)
 
-app.add_typer(_prepare.app, name="prepare")
-
-from haed_cli import commands as _commands  # noqa: E402
-
-_commands.register(app)
-
-from haed_cli import profile as _profile  # noqa: E402
-
-_profile.register(app)
+for _module in (prepare, commands, profile):
+    _module.register(app)
 
 if __name__ == "__main__":
     app()

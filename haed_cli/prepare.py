@@ -13,7 +13,7 @@ from rich.table import Table
 
 from haed_cli.common import console, user_errors
 
-app = typer.Typer(
+PREPARE_APP = dict(
     help=(
         "Turn enwik8, text files, the offline stdlib corpus or audio into a dataset directory "
         "(example: haed prepare stdlib --out data/stdlib)."
@@ -91,12 +91,6 @@ def print_summary(meta: dict, out: Path) -> None:
         console.print(f"{len(meta['files']):,} file(s), concatenated in the order listed in meta.json", highlight=False)
 
 
-@app.command(
-    "stdlib",
-    short_help="Offline default corpus: this Python's standard-library sources. Example: haed prepare stdlib --out data/stdlib",
-    epilog="Example: haed prepare stdlib --out data/stdlib",
-)
-@user_errors
 def stdlib(
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
     max_bytes: int = typer.Option(4_000_000, "--max-bytes", help="Cap: the first N bytes of the concatenated sources (0: no cap)."),
@@ -115,12 +109,6 @@ def stdlib(
     print_summary(meta, out)
 
 
-@app.command(
-    "text",
-    short_help="Files and folders of text, concatenated in sorted order. Example: haed prepare text notes/ --out data/notes",
-    epilog="Example: haed prepare text notes/ book.txt --out data/notes --valid-fraction 0.05 --test-fraction 0.05",
-)
-@user_errors
 def text(
     paths: List[Path] = typer.Argument(..., help="Files and folders (folders are read recursively).", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
@@ -139,12 +127,6 @@ def text(
     print_summary(meta, out)
 
 
-@app.command(
-    "enwik8",
-    short_help="enwik8 (100,000,000 bytes) split 90M/5M/5M. Example: haed prepare enwik8 --out data/enwik8",
-    epilog="Examples:\n\n  haed prepare enwik8 --out data/enwik8\n\n  haed prepare enwik8 --source ~/enwik8.zip --out data/enwik8",
-)
-@user_errors
 def enwik8(
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
     source: Optional[Path] = typer.Option(None, "--source", help="Local enwik8.zip or extracted enwik8 (otherwise it is downloaded)."),
@@ -161,15 +143,6 @@ def enwik8(
     print_summary(meta, out)
 
 
-@app.command(
-    "audio",
-    short_help="WAV/FLAC folder (or --hf dataset) to 8-bit mu-law. Example: haed prepare audio wavs/ --out data/speech --sample-rate 16000",
-    epilog=(
-        "Examples:\n\n  haed prepare audio ../shared/data/fsdd --out data/fsdd-8k --sample-rate 8000 --split-rule fsdd\n\n"
-        "  haed prepare audio --hf NAME --out data/speech --sample-rate 16000"
-    ),
-)
-@user_errors
 def audio(
     source: Optional[Path] = typer.Argument(None, help="Folder of WAV/FLAC files (searched recursively).", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
@@ -198,3 +171,32 @@ def audio(
             valid_fraction=valid_fraction, test_fraction=test_fraction, skip_bad=skip_bad, force=force, progress=p,
         )
     print_summary(meta, out)
+
+
+def register(app: typer.Typer) -> None:
+    """`haed prepare SOURCE`: one sub-command per data source."""
+    sub = typer.Typer(**PREPARE_APP)
+    sub.command(
+        "stdlib",
+        short_help="Offline default corpus: this Python's standard-library sources. Example: haed prepare stdlib --out data/stdlib",
+        epilog="Example: haed prepare stdlib --out data/stdlib",
+    )(user_errors(stdlib))
+    sub.command(
+        "text",
+        short_help="Files and folders of text, concatenated in sorted order. Example: haed prepare text notes/ --out data/notes",
+        epilog="Example: haed prepare text notes/ book.txt --out data/notes --valid-fraction 0.05 --test-fraction 0.05",
+    )(user_errors(text))
+    sub.command(
+        "enwik8",
+        short_help="enwik8 (100,000,000 bytes) split 90M/5M/5M. Example: haed prepare enwik8 --out data/enwik8",
+        epilog="Examples:\n\n  haed prepare enwik8 --out data/enwik8\n\n  haed prepare enwik8 --source ~/enwik8.zip --out data/enwik8",
+    )(user_errors(enwik8))
+    sub.command(
+        "audio",
+        short_help="WAV/FLAC folder (or --hf dataset) to 8-bit mu-law. Example: haed prepare audio wavs/ --out data/speech --sample-rate 16000",
+        epilog=(
+            "Examples:\n\n  haed prepare audio ../shared/data/fsdd --out data/fsdd-8k --sample-rate 8000 --split-rule fsdd\n\n"
+            "  haed prepare audio --hf NAME --out data/speech --sample-rate 16000"
+        ),
+    )(user_errors(audio))
+    app.add_typer(sub, name="prepare")

@@ -80,12 +80,12 @@ def prepare_cli():
     """Run `haed prepare ARGS...` in-process; returns exit code, stdout and stderr."""
     from typer.testing import CliRunner
 
-    from haed_cli.prepare import app
+    from haed_cli.main import app
 
     runner = CliRunner()
 
     def run(*args) -> CliResult:
-        return CliResult(runner.invoke(app, [str(a) for a in args]))
+        return CliResult(runner.invoke(app, ["prepare", *[str(a) for a in args]]))
 
     return run
 

@@ -22,10 +22,10 @@ pytest.importorskip("soxr")
 def fsdd_8k(fsdd_dir, tmp_path_factory):
     from typer.testing import CliRunner
 
-    from haed_cli.prepare import app
+    from haed_cli.main import app
 
     out = tmp_path_factory.mktemp("fsdd") / "fsdd-8k"
-    r = CliRunner().invoke(app, ["audio", str(fsdd_dir), "--out", str(out), "--sample-rate", "8000", "--split-rule", "fsdd"])
+    r = CliRunner().invoke(app, ["prepare", "audio", str(fsdd_dir), "--out", str(out), "--sample-rate", "8000", "--split-rule", "fsdd"])
     assert r.exit_code == 0, r.output
     return out, r.stdout
 
