@@ -51,17 +51,21 @@ def main() -> None:
             "sdpa-cudnn": (SDPBackend.CUDNN_ATTENTION,),
         }
         for name, backends in variants.items():
+
             def fn(q, k, v, backends=backends):
                 with sdpa_kernel(list(backends)):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
             try:
                 ms = time_it(fn, q, k, v)
             except RuntimeError as e:
                 ms = f"error: {str(e)[:80]}"
             rows.append({"shape": [B, H, L, D], "causal": causal, "variant": name, "fwd_bwd_ms": ms})
             print(rows[-1], flush=True)
-        for name, fn in (("plain-eager", lambda q, k, v: plain(q, k, v, causal)),
-                         ("plain-compiled", lambda q, k, v: compiled_plain(q, k, v, causal))):
+        for name, fn in (
+            ("plain-eager", lambda q, k, v: plain(q, k, v, causal)),
+            ("plain-compiled", lambda q, k, v: compiled_plain(q, k, v, causal)),
+        ):
             rows.append({"shape": [B, H, L, D], "causal": causal, "variant": name, "fwd_bwd_ms": time_it(fn, q, k, v)})
             print(rows[-1], flush=True)
     if a.json:

@@ -69,29 +69,58 @@ def load_recipe_model(name: str, device):
 
 def time_generation(model, prompt: bytes, n: int, streams: int, graphs: bool, repeats: int, context: int) -> dict:
     K = getattr(model, "patch_size", 1)
-    generate(model, prompt, 3 * K + 3, seed=0, context_bytes=context, cuda_graphs=graphs, num_samples=streams)  # warm-up, capture
-    runs = [generate(model, prompt, n, seed=1000 * r, temperature=1.0, top_k=0, top_p=1.0, context_bytes=context,
-                     cuda_graphs=graphs, num_samples=streams) for r in range(repeats)]
+    generate(
+        model, prompt, 3 * K + 3, seed=0, context_bytes=context, cuda_graphs=graphs, num_samples=streams
+    )  # warm-up, capture
+    runs = [
+        generate(
+            model,
+            prompt,
+            n,
+            seed=1000 * r,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            context_bytes=context,
+            cuda_graphs=graphs,
+            num_samples=streams,
+        )
+        for r in range(repeats)
+    ]
     rates = [g.bytes_per_second for g in runs]
     median = statistics.median(rates)
-    return {"streams": streams, "bytes_per_stream": n, "samples_per_second": rates,
-            "median_samples_per_second": median, "median_per_stream": median / streams,
-            "ms_per_step": 1e3 * streams / median, "prefill_seconds": [g.prefill_seconds for g in runs]}
+    return {
+        "streams": streams,
+        "bytes_per_stream": n,
+        "samples_per_second": rates,
+        "median_samples_per_second": median,
+        "median_per_stream": median / streams,
+        "ms_per_step": 1e3 * streams / median,
+        "prefill_seconds": [g.prefill_seconds for g in runs],
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", action="append", default=[], help="a recipe whose architecture to time, random weights (repeatable)")
-    p.add_argument("--model", action="append", default=[], help="NAME=PATH: a run, weight shards or a config.json (repeatable)")
+    p.add_argument(
+        "--recipe", action="append", default=[], help="a recipe whose architecture to time, random weights (repeatable)"
+    )
+    p.add_argument(
+        "--model", action="append", default=[], help="NAME=PATH: a run, weight shards or a config.json (repeatable)"
+    )
     p.add_argument("--streams", default="1,8,64", help="stream counts N, comma-separated")
     p.add_argument("--bytes", type=int, default=2000, help="bytes (samples) per stream, with CUDA graphs")
-    p.add_argument("--eager-bytes", type=int, default=None, help="bytes per stream without graphs (default: --bytes / 4)")
+    p.add_argument(
+        "--eager-bytes", type=int, default=None, help="bytes per stream without graphs (default: --bytes / 4)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--graphs", choices=("both", "on", "off"), default="both")
     p.add_argument("--out", type=Path, default=None, help="folder for generation.json and samples")
     p.add_argument("--wav", action="append", default=[], help="NAME of a model to write a WAV sample of (with --out)")
     p.add_argument("--wav-seconds", type=float, default=3.0)
-    p.add_argument("--wav-budget-s", type=float, default=40.0, help="shorten the WAV to what this many seconds generate")
+    p.add_argument(
+        "--wav-budget-s", type=float, default=40.0, help="shorten the WAV to what this many seconds generate"
+    )
     p.add_argument("--device", default="cuda")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -101,41 +130,73 @@ def main() -> None:
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[a.graphs]
     if device.type != "cuda":
         modes = (False,)  # CUDA graphs exist only on CUDA: the eager steps are all there is
-    sources = [(name, "recipe", name) for name in a.recipe] + [(*spec.split("=", 1)[:1], "path", spec.split("=", 1)[1]) for spec in a.model]
+    sources = [(name, "recipe", name) for name in a.recipe] + [
+        (*spec.split("=", 1)[:1], "path", spec.split("=", 1)[1]) for spec in a.model
+    ]
     if not sources:
         sources = [(name, "recipe", name) for name in ("tiny", "enwik8", "speech")]
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
-               "command": " ".join(sys.argv), "models": {}}
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "models": {},
+    }
     print(f"device: {results['device']}, torch {torch.__version__}")
     print(f"{'model':<10} {'mode':<7} {'N':>4} {'samples/s':>12} {'per stream':>11} {'ms/step':>8}")
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
     for name, how, what in sources:
-        model, recipe, config, weights = load_recipe_model(what, device) if how == "recipe" else load(Path(what), device)
+        model, recipe, config, weights = (
+            load_recipe_model(what, device) if how == "recipe" else load(Path(what), device)
+        )
         audio = config["dataset"].get("kind") == "audio"
         context = recipe.data.seq_len
         prompt = b"" if audio else TEXT_PROMPT
-        entry = {"source": what, "weights": weights, "kind": "audio" if audio else "text", "patch_size": recipe.model.patch_size,
-                 "context_bytes": context, "model": config["recipe"]["model"], "runs": []}
+        entry = {
+            "source": what,
+            "weights": weights,
+            "kind": "audio" if audio else "text",
+            "patch_size": recipe.model.patch_size,
+            "context_bytes": context,
+            "model": config["recipe"]["model"],
+            "runs": [],
+        }
         for graphs in modes:
             # Without graphs on CUDA a step is much slower: time fewer bytes (on a CPU eager is all there is).
-            n = a.bytes if graphs or device.type != "cuda" else (a.eager_bytes or max(4 * recipe.model.patch_size, a.bytes // 4))
+            n = (
+                a.bytes
+                if graphs or device.type != "cuda"
+                else (a.eager_bytes or max(4 * recipe.model.patch_size, a.bytes // 4))
+            )
             for N in streams:
                 row = {"cuda_graphs": graphs, **time_generation(model, prompt, n, N, graphs, a.repeats, context)}
                 entry["runs"].append(row)
-                print(f"{name:<10} {'graphs' if graphs else 'eager':<7} {N:>4} {row['median_samples_per_second']:>12,.0f} "
-                      f"{row['median_per_stream']:>11,.0f} {row['ms_per_step']:>8.3f}", flush=True)
+                print(
+                    f"{name:<10} {'graphs' if graphs else 'eager':<7} {N:>4} "
+                    f"{row['median_samples_per_second']:>12,.0f} "
+                    f"{row['median_per_stream']:>11,.0f} {row['ms_per_step']:>8.3f}",
+                    flush=True,
+                )
         if a.out is not None:
             sample_rate = config["dataset"].get("sample_rate")
             if name in a.wav and audio:
                 from haed.audio import write_wav
 
-                rate = max(r["median_per_stream"] for r in entry["runs"] if r["streams"] == 1) if 1 in streams else 1000.0
-                seconds = min(a.wav_seconds, max(2.0, rate * a.wav_budget_s / sample_rate))  # at least 2 s, else within the budget
-                g = generate(model, b"", int(seconds * sample_rate), seed=1, temperature=1.0, top_p=1.0, context_bytes=context)
+                rate = (
+                    max(r["median_per_stream"] for r in entry["runs"] if r["streams"] == 1) if 1 in streams else 1000.0
+                )
+                seconds = min(
+                    a.wav_seconds, max(2.0, rate * a.wav_budget_s / sample_rate)
+                )  # at least 2 s, else within the budget
+                g = generate(
+                    model, b"", int(seconds * sample_rate), seed=1, temperature=1.0, top_p=1.0, context_bytes=context
+                )
                 write_wav(a.out / f"{name}-sample.wav", list(g.output), sample_rate)
-                entry["wav"] = {"file": f"{name}-sample.wav", "seconds_of_audio": len(g.output) / sample_rate,
-                                "samples_per_second": g.bytes_per_second}
+                entry["wav"] = {
+                    "file": f"{name}-sample.wav",
+                    "seconds_of_audio": len(g.output) / sample_rate,
+                    "samples_per_second": g.bytes_per_second,
+                }
             elif not audio:
                 g = generate(model, prompt, 600, seed=1, temperature=0.8, top_p=0.95, context_bytes=context)
                 (a.out / f"{name}-sample.bin").write_bytes(g.prompt + g.output)

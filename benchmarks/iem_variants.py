@@ -54,8 +54,11 @@ def main() -> None:
 
     def say(event: dict) -> None:
         if event["event"] in ("message", "valid"):
-            print(event.get("text") or f"  step {event['step']} valid {event.get('bits_per_byte', event.get('loss')):.4f}",
-                  flush=True)
+            print(
+                event.get("text")
+                or f"  step {event['step']} valid {event.get('bits_per_byte', event.get('loss')):.4f}",
+                flush=True,
+            )
 
     base = [*a.set, f'data.dataset="{a.dataset}"']
     rows = []
@@ -66,23 +69,46 @@ def main() -> None:
         rows += [{**r, "variant": r["label"], "overrides": []} for r in result["rows"]]
     for text in a.variant:
         name, overrides, fraction = parse_variant(text)
-        print(f"== {name}: {' '.join(overrides) or '(recipe as is)'}, decoder phase {fraction:.0%} of the budget", flush=True)
-        result = compare(load_recipe(a.recipe, [*base, *overrides]), a.out / name, a.budget, systems=("iem",),
-                         decoder_fraction=fraction, **common)
-        rows += [{**r, "variant": f"IEM {name}", "overrides": overrides, "decoder_fraction": fraction}
-                 for r in result["rows"]]
+        print(
+            f"== {name}: {' '.join(overrides) or '(recipe as is)'}, decoder phase {fraction:.0%} of the budget",
+            flush=True,
+        )
+        result = compare(
+            load_recipe(a.recipe, [*base, *overrides]),
+            a.out / name,
+            a.budget,
+            systems=("iem",),
+            decoder_fraction=fraction,
+            **common,
+        )
+        rows += [
+            {**r, "variant": f"IEM {name}", "overrides": overrides, "decoder_fraction": fraction}
+            for r in result["rows"]
+        ]
     reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
-    lines = [f"| system | overrides | decoder phase | train s | test {result['unit']} | vs full |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"| system | overrides | decoder phase | train s | test {result['unit']} | vs full |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = f"{r['test_bits_per_byte'] / reference:.3f}" if reference else "-"
         share = f"{r['decoder_fraction']:.0%}" if "decoder_fraction" in r else "-"
-        lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {share} | {r['train_seconds']:.1f} | "
-                     f"{r['test_bits_per_byte']:.4f} | {ratio} |")
+        lines.append(
+            f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {share} | {r['train_seconds']:.1f} | "
+            f"{r['test_bits_per_byte']:.4f} | {ratio} |"
+        )
     table = "\n".join(lines)
     print(table)
-    summary = {"recipe": a.recipe, "dataset": a.dataset, "budget_seconds": a.budget, "device": result["device"],
-               "unit": result["unit"], "windowing": result["windowing"], "command": " ".join(sys.argv), "rows": rows}
+    summary = {
+        "recipe": a.recipe,
+        "dataset": a.dataset,
+        "budget_seconds": a.budget,
+        "device": result["device"],
+        "unit": result["unit"],
+        "windowing": result["windowing"],
+        "command": " ".join(sys.argv),
+        "rows": rows,
+    }
     (a.out / "variants.json").write_text(json.dumps(summary, indent=2))
     (a.out / "variants.md").write_text(table + "\n")
     plot_comparison({**summary, "rows": [{**r, "label": r["variant"]} for r in rows]}, a.out / "variants.png")

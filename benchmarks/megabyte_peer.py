@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing haed
     sys.path.insert(0, str(REPO))
 
 from haed.data import open_dataset  # noqa: E402
+from haed.device import autocast  # noqa: E402
 from haed.errors import HaedError  # noqa: E402
 from haed.profile import (  # noqa: E402
     DEFAULT_PEAK_TFLOPS,
@@ -50,7 +51,6 @@ from haed.profile import (  # noqa: E402
     progress_bar,
     write_profile_json,
 )
-from haed.device import autocast  # noqa: E402
 from haed.steps import to_device  # noqa: E402
 
 OBJECTIVE = "megabyte-peer"
@@ -69,10 +69,16 @@ def parse_ints(text: str) -> list[int]:
 
 
 def arguments(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", type=Path, default=None,
-                   help="haed dataset directory (its train split) or a raw byte file such as enwik8 or train.bin; "
-                        "default: random bytes")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="haed dataset directory (its train split) or a raw byte file such as enwik8 or train.bin; "
+        "default: random bytes",
+    )
     p.add_argument("--seq-lens", type=parse_ints, default=[8192], help="comma-separated window lengths in bytes")
     p.add_argument("--batch-sizes", type=parse_ints, default=[4, 8, 16], help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per cell (median reported)")
@@ -106,17 +112,25 @@ def megabyte_class():
     try:
         from MEGABYTE_pytorch import MEGABYTE
     except ImportError as e:
-        raise HaedError(f"{PACKAGE}=={VERSION} is not importable ({e}): `pip install MEGABYTE-pytorch==0.3.6` "
-                        "(benchmarks/README.md: without network)") from None
+        raise HaedError(
+            f"{PACKAGE}=={VERSION} is not importable ({e}): `pip install MEGABYTE-pytorch==0.3.6` "
+            "(benchmarks/README.md: without network)"
+        ) from None
     return MEGABYTE
 
 
 def build(args, seq_len: int):
     MEGABYTE = megabyte_class()
     patches = max(1, seq_len // args.patch_size)
-    return MEGABYTE(num_tokens=256, dim=(args.global_dim, args.local_dim), depth=(args.global_layers, args.local_layers),
-                    max_seq_len=(patches, args.patch_size), dim_head=args.dim_head, heads=args.heads,
-                    flash_attn=not args.no_flash)
+    return MEGABYTE(
+        num_tokens=256,
+        dim=(args.global_dim, args.local_dim),
+        depth=(args.global_layers, args.local_layers),
+        max_seq_len=(patches, args.patch_size),
+        dim_head=args.dim_head,
+        heads=args.heads,
+        flash_attn=not args.no_flash,
+    )
 
 
 def parameter_counts(model) -> dict:
@@ -132,11 +146,13 @@ def step_flops(model, args, batch_size: int, seq_len: int) -> float:
     T = seq_len // K
     inner = args.heads * args.dim_head
     glob_rows, local_rows = B * (T + 1), B * T * (K + 1)  # each stage prepends a start token
-    fwd = 2.0 * (linear_weights(model.transformers[0]) * glob_rows
-                 + linear_weights(model.transformers[1]) * local_rows
-                 + linear_weights(model.token_embs[1]) * B * T
-                 + linear_weights(model.to_next_transformer_projections[0]) * B * T
-                 + model.to_logits.weight.numel() * local_rows)
+    fwd = 2.0 * (
+        linear_weights(model.transformers[0]) * glob_rows
+        + linear_weights(model.transformers[1]) * local_rows
+        + linear_weights(model.token_embs[1]) * B * T
+        + linear_weights(model.to_next_transformer_projections[0]) * B * T
+        + model.to_logits.weight.numel() * local_rows
+    )
     fwd += attention_flops(args.global_layers, inner, glob_rows, T + 1, True)
     fwd += attention_flops(args.local_layers, inner, local_rows, K + 1, True)
     return 3.0 * fwd
@@ -161,8 +177,9 @@ def peer_cell(args, seq_len: int, batch_size: int, device: torch.device, source:
             torch._dynamo.reset()
         torch.manual_seed(args.seed)
         model = build(args, seq_len).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
-                                      **({"fused": True} if cuda else {}))
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **({"fused": True} if cuda else {})
+        )
         runner = torch.compile(model) if args.compile and cuda else model
         return model, runner, optimizer
 
@@ -180,8 +197,17 @@ def peer_cell(args, seq_len: int, batch_size: int, device: torch.device, source:
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.detach()}
 
-    cell = measure_cell(OBJECTIVE, seq_len, batch_size, setup=setup, step=step, make_batch=make_batch, device=device,
-                        steps=args.steps, warmup=args.warmup)
+    cell = measure_cell(
+        OBJECTIVE,
+        seq_len,
+        batch_size,
+        setup=setup,
+        step=step,
+        make_batch=make_batch,
+        device=device,
+        steps=args.steps,
+        warmup=args.warmup,
+    )
     cell["compiled"] = bool(args.compile and cuda)
     cell["candidates_mean"] = None
     cell["distinct_patches_mean"] = None
@@ -212,16 +238,30 @@ def run(args) -> dict:
         "command": command_line(),
         "environment": env,
         "recipe": None,
-        "model": {"name": f"lucidrains/{PACKAGE}", "version": VERSION, "num_tokens": 256,
-                  "dim": [args.global_dim, args.local_dim], "depth": [args.global_layers, args.local_layers],
-                  "patch_size": args.patch_size, "heads": args.heads, "dim_head": args.dim_head,
-                  "flash_attn": not args.no_flash, "optimizer": "AdamW (fused on CUDA), betas (0.9, 0.95), "
-                  f"weight decay 0.1, lr {args.lr}, grad clip 1.0"},
+        "model": {
+            "name": f"lucidrains/{PACKAGE}",
+            "version": VERSION,
+            "num_tokens": 256,
+            "dim": [args.global_dim, args.local_dim],
+            "depth": [args.global_layers, args.local_layers],
+            "patch_size": args.patch_size,
+            "heads": args.heads,
+            "dim_head": args.dim_head,
+            "flash_attn": not args.no_flash,
+            "optimizer": f"AdamW (fused on CUDA), betas (0.9, 0.95), weight decay 0.1, lr {args.lr}, grad clip 1.0",
+        },
         "data": source.description,
         "dataset": source.path,
-        "settings": {"objectives": [OBJECTIVE], "seq_lens": sorted(args.seq_lens), "batch_sizes": sorted(args.batch_sizes),
-                     "steps": args.steps, "warmup": args.warmup, "seed": args.seed, "grad_accum": 1,
-                     "peak_tflops": args.peak_tflops},
+        "settings": {
+            "objectives": [OBJECTIVE],
+            "seq_lens": sorted(args.seq_lens),
+            "batch_sizes": sorted(args.batch_sizes),
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "grad_accum": 1,
+            "peak_tflops": args.peak_tflops,
+        },
         "parameters": {OBJECTIVE: counts},
         "cells": [],
         "ratios": [],
@@ -262,8 +302,13 @@ def main(argv=None) -> int:
 
     from haed_cli.profile import cells_table
 
-    Console().print(cells_table(result, title=f"{PACKAGE} {VERSION} ({result['parameters'][OBJECTIVE]['total'] / 1e6:.1f}M "
-                                              f"parameters) on {result['environment']['gpu'] or 'CPU'}, {result['data']}"))
+    Console().print(
+        cells_table(
+            result,
+            title=f"{PACKAGE} {VERSION} ({result['parameters'][OBJECTIVE]['total'] / 1e6:.1f}M "
+            f"parameters) on {result['environment']['gpu'] or 'CPU'}, {result['data']}",
+        )
+    )
     write_profile_json(result, args.json)
     print(f"wrote {args.json}")
     return 0

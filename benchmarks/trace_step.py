@@ -89,16 +89,27 @@ def main() -> None:
             for i in range(a.warmup + a.steps, a.warmup + a.steps + a.profile_steps):
                 step(i)
             sync()
-        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90)
+        table = prof.key_averages().table(
+            sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90
+        )
         name = f"{objective}-{tag}"
         (a.out / f"{name}.txt").write_text(table)
         median = statistics.median(times)
-        row = {"objective": objective, "variant": tag, "seq_len": a.seq_len, "batch_size": a.batch_size,
-               "median_step_ms": median, "step_ms": times, "bytes_per_second": a.batch_size * a.seq_len / median * 1e3,
-               "peak_allocated_gib": peak, "warmup_s": warmup_s, "overrides": a.overrides, "data": source.description}
+        row = {
+            "objective": objective,
+            "variant": tag,
+            "seq_len": a.seq_len,
+            "batch_size": a.batch_size,
+            "median_step_ms": median,
+            "step_ms": times,
+            "bytes_per_second": a.batch_size * a.seq_len / median * 1e3,
+            "peak_allocated_gib": peak,
+            "warmup_s": warmup_s,
+            "overrides": a.overrides,
+            "data": source.description,
+        }
         results.append(row)
         print(json.dumps(row), flush=True)
-        del model, optimizer, params
         if cuda:
             torch.cuda.empty_cache()
     with open(a.out / "trace-steps.jsonl", "a") as f:

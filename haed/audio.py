@@ -172,8 +172,22 @@ class WavWriter:
         import struct
 
         data = 2 * frames
-        return struct.pack("<4sI4s4sIHHIIHH4sI", b"RIFF", 36 + data, b"WAVE", b"fmt ", 16, 1, 1, self.sample_rate,
-                           2 * self.sample_rate, 2, 16, b"data", data)
+        return struct.pack(
+            "<4sI4s4sIHHIIHH4sI",
+            b"RIFF",
+            36 + data,
+            b"WAVE",
+            b"fmt ",
+            16,
+            1,
+            1,
+            self.sample_rate,
+            2 * self.sample_rate,
+            2,
+            16,
+            b"data",
+            data,
+        )
 
     def write(self, codes_or_float) -> None:
         """Append mu-law codes or a float waveform in [-1, 1] (see `to_pcm16`)."""

@@ -43,7 +43,7 @@ def step_dirs(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     dirs = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[5:].isdigit()]
-    return sorted(dirs, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted(dirs, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -97,8 +97,9 @@ def checkpoint_step(checkpoint_dir: Path) -> int:
     return int(json.loads((Path(checkpoint_dir) / "state.json").read_text())["step"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, config: dict, keep_last: int = 2,
-                    name: str | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model, optimizer, state: dict, config: dict, keep_last: int = 2, name: str | None = None
+) -> Path:
     """Write `run_dir/step-NNNNNN` (or `run_dir/<name>`) atomically, with its manifest; keep the last step dirs."""
     run_dir = Path(run_dir)
     final = run_dir / (name or f"{STEP_PREFIX}{step:06d}")
@@ -128,8 +129,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, con
 
 def write_manifest(checkpoint_dir: Path) -> None:
     """Record the size and sha256 of every file below `checkpoint_dir` in its manifest.json."""
-    files = {p.relative_to(checkpoint_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(checkpoint_dir.rglob("*")) if p.is_file()}
+    files = {
+        p.relative_to(checkpoint_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(checkpoint_dir.rglob("*"))
+        if p.is_file()
+    }
     (checkpoint_dir / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
 
 
@@ -175,7 +179,9 @@ def load_weights(model, checkpoint_dir: Path, strict: bool = True) -> None:
     except RuntimeError as e:
         raise HaedError(f"checkpoint {checkpoint_dir} does not match the model: {str(e).splitlines()[0]}") from None
     if strict and (missing or unexpected):
-        raise HaedError(f"checkpoint {checkpoint_dir} does not match the model (missing {missing}, unexpected {unexpected})")
+        raise HaedError(
+            f"checkpoint {checkpoint_dir} does not match the model (missing {missing}, unexpected {unexpected})"
+        )
 
 
 def load_optimizer_state(checkpoint_dir: Path, device) -> dict:
@@ -230,11 +236,11 @@ def select_checkpoint(run_dir: Path, which: str = "best") -> Path:
             raise HaedError(f"{run_dir} has no checkpoint yet (no step-N directory)")
         return checkpoint
     name = which if which.startswith(STEP_PREFIX) else None
-    if name is None or not name[len(STEP_PREFIX):].isdigit():
+    if name is None or not name[len(STEP_PREFIX) :].isdigit():
         raise HaedError(f"--checkpoint must be best, last or step-N, not {which!r}")
-    wanted = int(name[len(STEP_PREFIX):])
+    wanted = int(name[len(STEP_PREFIX) :])
     for checkpoint in step_dirs(run_dir):
-        if int(checkpoint.name[len(STEP_PREFIX):]) == wanted:
+        if int(checkpoint.name[len(STEP_PREFIX) :]) == wanted:
             problem = checkpoint_problem(checkpoint)
             if problem is not None:
                 raise HaedError(f"checkpoint {checkpoint} is damaged ({problem})")
@@ -281,7 +287,9 @@ class RunLock:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise HaedError(f"{self.path.parent} is being written by {holder}: wait for it or choose another --out") from None
+            raise HaedError(
+                f"{self.path.parent} is being written by {holder}: wait for it or choose another --out"
+            ) from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on host {socket.gethostname()}")

@@ -53,31 +53,60 @@ def flat_recipe(recipe: Recipe, overrides: list[str] | None = None) -> Recipe:
 
 
 def _budgeted(cfg, seconds: float, evals: int):
-    return dataclasses.replace(cfg, time_budget=seconds, steps=UNCAPPED_STEPS, eval_every=0,
-                               eval_every_seconds=seconds / max(1, evals), ckpt_every=UNCAPPED_STEPS)
+    return dataclasses.replace(
+        cfg,
+        time_budget=seconds,
+        steps=UNCAPPED_STEPS,
+        eval_every=0,
+        eval_every_seconds=seconds / max(1, evals),
+        ckpt_every=UNCAPPED_STEPS,
+    )
 
 
-def _run_phase(recipe: Recipe, objective: str, run_dir: Path, device: str, compile: bool, on_event,
-               init_from: Path | None = None) -> None:
+def _run_phase(
+    recipe: Recipe, objective: str, run_dir: Path, device: str, compile: bool, on_event, init_from: Path | None = None
+) -> None:
     cfg = getattr(recipe, get_objective(objective).section)
     if phase_finished(run_dir, cfg):
         if on_event:
             on_event({"event": "message", "text": f"{run_dir} already finished"})
         return
     started = latest_intact_checkpoint(run_dir) is not None
-    train(recipe, objective, run_dir, resume=started, init_from=None if started else init_from, device=device,
-          compile=compile, on_event=on_event)
+    train(
+        recipe,
+        objective,
+        run_dir,
+        resume=started,
+        init_from=None if started else init_from,
+        device=device,
+        compile=compile,
+        on_event=on_event,
+    )
 
 
 def _valid_curve(run_dir: Path, offset: float = 0.0, metric: str = "bits_per_byte") -> list[list[float]]:
-    return [[offset + r["train_seconds"], r[metric]] for r in read_metrics(run_dir / "metrics.jsonl")
-            if r["split"] == "valid" and metric in r]
+    return [
+        [offset + r["train_seconds"], r[metric]]
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if r["split"] == "valid" and metric in r
+    ]
 
 
-def compare(recipe: Recipe, out_dir: Path, budget: float, *, systems: tuple[str, ...] = SYSTEMS,
-            decoder_fraction: float = 0.1, evals: int = 10, flat_overrides: list[str] | None = None,
-            eval_data: list[Path] | None = None, eval_bytes: int | None = None, device: str = "auto",
-            compile: bool = False, on_event: Callable[[dict], None] | None = None) -> dict:
+def compare(
+    recipe: Recipe,
+    out_dir: Path,
+    budget: float,
+    *,
+    systems: tuple[str, ...] = SYSTEMS,
+    decoder_fraction: float = 0.1,
+    evals: int = 10,
+    flat_overrides: list[str] | None = None,
+    eval_data: list[Path] | None = None,
+    eval_bytes: int | None = None,
+    device: str = "auto",
+    compile: bool = False,
+    on_event: Callable[[dict], None] | None = None,
+) -> dict:
     """Train each system for `budget` seconds into `out_dir`, score it, write compare.json and compare.png.
 
     Finished runs are not retrained, so an interrupted comparison continues where it stopped.
@@ -139,10 +168,15 @@ def compare(recipe: Recipe, out_dir: Path, budget: float, *, systems: tuple[str,
         config = read_run_config(scored)
         test = evaluate_run(scored, "test", device=device, max_bytes=eval_bytes)
         row = {
-            "system": system, "label": label, "run": str(scored), "train_seconds": seconds,
+            "system": system,
+            "label": label,
+            "run": str(scored),
+            "train_seconds": seconds,
             "parameters": config["parameters"]["total"],
             "peak_memory_gib": config.get("peak_memory_gib"),
-            "checkpoint": test["checkpoint"], "test_bits_per_byte": test["bits_per_byte"], "test_bytes": test["bytes"],
+            "checkpoint": test["checkpoint"],
+            "test_bits_per_byte": test["bits_per_byte"],
+            "test_bytes": test["bytes"],
             "valid_curve": curve,
             "other_data": {},
         }
@@ -153,10 +187,17 @@ def compare(recipe: Recipe, out_dir: Path, budget: float, *, systems: tuple[str,
 
     best_haed = min((r["test_bits_per_byte"] for r in rows if r["system"] != "flat"), default=None)
     result = {
-        "budget_seconds": budget, "decoder_fraction": decoder_fraction, "dataset": recipe.data.dataset,
-        "recipe": recipe.name, "device": test["device"], "unit": test["unit"], "windowing": test["windowing"],
+        "budget_seconds": budget,
+        "decoder_fraction": decoder_fraction,
+        "dataset": recipe.data.dataset,
+        "recipe": recipe.name,
+        "device": test["device"],
+        "unit": test["unit"],
+        "windowing": test["windowing"],
         "rows": rows,
-        "iem_vs_full": _ratio(rows, "iem", "full"), "best_haed_vs_flat": None if best_haed is None or "flat" not in plans
+        "iem_vs_full": _ratio(rows, "iem", "full"),
+        "best_haed_vs_flat": None
+        if best_haed is None or "flat" not in plans
         else best_haed / next(r["test_bits_per_byte"] for r in rows if r["system"] == "flat"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,8 +224,9 @@ def plot_comparison(result: dict, png_path: Path) -> Path:
             ax.plot(x, y, "o-", markersize=3, label=f"{row['label']}: test {row['test_bits_per_byte']:.3f}")
     ax.set_xlabel("training seconds (validation and checkpoints not counted)")
     ax.set_ylabel(f"validation {result['unit']}")
-    ax.set_title(f"{result['recipe']} on {Path(result['dataset']).name}: {result['budget_seconds']:g} s each, "
-                 f"{result['device']}")
+    ax.set_title(
+        f"{result['recipe']} on {Path(result['dataset']).name}: {result['budget_seconds']:g} s each, {result['device']}"
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -42,13 +42,19 @@ class StackConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "haed"  # "haed" (encoder / main / decoder) or "flat" (byte-level causal transformer = `main` over bytes)
+    arch: str = (
+        "haed"  # "haed" (encoder / main / decoder) or "flat" (byte-level causal transformer = `main` over bytes)
+    )
     patch_size: int = 8  # K bytes per patch
     encoder: StackConfig = field(default_factory=lambda: StackConfig(dim=128, layers=1, heads=4))
     main: StackConfig = field(default_factory=lambda: StackConfig(dim=256, layers=4, heads=4))
     decoder: StackConfig = field(default_factory=lambda: StackConfig(dim=128, layers=2, heads=4))
-    pooling: str = "concat"  # how the encoder turns K byte vectors into one: "concat" (linear of the concatenation) or "mean"
-    conditioning: str = "add"  # how h_t enters the decoder: "add" (K per-position vectors) or "prefix" (one extra position)
+    pooling: str = (
+        "concat"  # how the encoder turns K byte vectors into one: "concat" (linear of the concatenation) or "mean"
+    )
+    conditioning: str = (
+        "add"  # how h_t enters the decoder: "add" (K per-position vectors) or "prefix" (one extra position)
+    )
     # IEM's patch score: "dot" <W h_t, E(P)> / tau, or "cosine": the cosine of W h_t and E(P) times a
     # learned scale (starts at 10, at most 100), so that the first loss is near ln(candidates).
     score: str = "dot"
@@ -150,9 +156,13 @@ class Recipe:
             if bad:
                 raise HaedError(f"{phase}.recompute names unknown stacks {sorted(bad)}: use encoder, main, decoder")
             if getattr(self, phase).candidates not in ("global", "local"):
-                raise HaedError(f"{phase}.candidates must be 'global' or 'local', not {getattr(self, phase).candidates!r}")
+                raise HaedError(
+                    f"{phase}.candidates must be 'global' or 'local', not {getattr(self, phase).candidates!r}"
+                )
         if m.arch == "haed" and self.data.seq_len % m.patch_size:
-            raise HaedError(f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})")
+            raise HaedError(
+                f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})"
+            )
         return self
 
 
@@ -183,20 +193,42 @@ POSITIVE = Bounds(0, low_open=True)
 # Ranges of the numeric fields, per config class. Every field is type-checked against its
 # annotation whether or not it is listed here.
 FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
-    StackConfig: dict(dim=AT_LEAST_1, layers=AT_LEAST_1, heads=AT_LEAST_1, mlp_ratio=POSITIVE,
-                      dropout=Bounds(0, 1, high_open=True)),
+    StackConfig: dict(
+        dim=AT_LEAST_1, layers=AT_LEAST_1, heads=AT_LEAST_1, mlp_ratio=POSITIVE, dropout=Bounds(0, 1, high_open=True)
+    ),
     ModelConfig: dict(patch_size=AT_LEAST_1, max_seq_len=AT_LEAST_1, rope_base=POSITIVE),
     DataConfig: dict(seq_len=AT_LEAST_1),
     TrainConfig: dict(
-        steps=AT_LEAST_1, batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1, lr=POSITIVE, min_lr_ratio=Bounds(0, 1),
-        warmup_steps=AT_LEAST_0, weight_decay=AT_LEAST_0, beta1=Bounds(0, 1, high_open=True),
-        beta2=Bounds(0, 1, high_open=True), grad_clip=POSITIVE, eval_every=AT_LEAST_0, eval_batches=AT_LEAST_1,
-        ckpt_every=AT_LEAST_1, log_every=AT_LEAST_1, seed=AT_LEAST_0, num_negatives=AT_LEAST_0, tau=POSITIVE,
-        logits_chunk=AT_LEAST_1, time_budget=AT_LEAST_0, eval_every_seconds=AT_LEAST_0,
-        byte_loss_fraction=Bounds(0, 1), byte_loss_weight=AT_LEAST_0,
+        steps=AT_LEAST_1,
+        batch_size=AT_LEAST_1,
+        grad_accum=AT_LEAST_1,
+        lr=POSITIVE,
+        min_lr_ratio=Bounds(0, 1),
+        warmup_steps=AT_LEAST_0,
+        weight_decay=AT_LEAST_0,
+        beta1=Bounds(0, 1, high_open=True),
+        beta2=Bounds(0, 1, high_open=True),
+        grad_clip=POSITIVE,
+        eval_every=AT_LEAST_0,
+        eval_batches=AT_LEAST_1,
+        ckpt_every=AT_LEAST_1,
+        log_every=AT_LEAST_1,
+        seed=AT_LEAST_0,
+        num_negatives=AT_LEAST_0,
+        tau=POSITIVE,
+        logits_chunk=AT_LEAST_1,
+        time_budget=AT_LEAST_0,
+        eval_every_seconds=AT_LEAST_0,
+        byte_loss_fraction=Bounds(0, 1),
+        byte_loss_weight=AT_LEAST_0,
     ),
-    GenerateConfig: dict(max_bytes=AT_LEAST_1, temperature=AT_LEAST_0, top_k=AT_LEAST_0,
-                         top_p=Bounds(0, 1, low_open=True), seed=AT_LEAST_0),
+    GenerateConfig: dict(
+        max_bytes=AT_LEAST_1,
+        temperature=AT_LEAST_0,
+        top_k=AT_LEAST_0,
+        top_p=Bounds(0, 1, low_open=True),
+        seed=AT_LEAST_0,
+    ),
 }
 
 
@@ -224,8 +256,11 @@ def check_fields(config, where: str = "") -> None:
 
 def _typed(name: str, value, kind):
     args = typing.get_args(kind)
-    if (typing.get_origin(kind) in (typing.Union, getattr(types, "UnionType", None))
-            and type(None) in args and len(args) == 2):  # Optional[X]
+    if (
+        typing.get_origin(kind) in (typing.Union, getattr(types, "UnionType", None))
+        and type(None) in args
+        and len(args) == 2
+    ):  # Optional[X]
         return None if value is None else _typed(name, value, next(a for a in args if a is not type(None)))
     if kind is bool:
         if not isinstance(value, bool):
@@ -249,16 +284,26 @@ def recompute_stacks(text: str) -> list[str]:
 
 def debug_recipe(dataset: str = "", patch_size: int = 4, arch: str = "haed") -> Recipe:
     """A tiny configuration for tests and smoke runs: seconds on a CPU."""
-    train = dict(steps=4, batch_size=2, lr=3e-3, warmup_steps=1, eval_every=2, eval_batches=1, ckpt_every=2, log_every=1)
-    return recipe_from_dict({
-        "name": "debug",
-        "data": {"dataset": dataset, "seq_len": 16 * patch_size},
-        "model": {"arch": arch, "patch_size": patch_size,
-                  "encoder": {"dim": 16, "layers": 1, "heads": 2}, "main": {"dim": 32, "layers": 2, "heads": 2},
-                  "decoder": {"dim": 16, "layers": 2, "heads": 2}},
-        "iem": {**train, "logits_chunk": 7}, "decoder": dict(train), "full": dict(train),
-        "generate": {"max_bytes": 20},
-    })
+    train = dict(
+        steps=4, batch_size=2, lr=3e-3, warmup_steps=1, eval_every=2, eval_batches=1, ckpt_every=2, log_every=1
+    )
+    return recipe_from_dict(
+        {
+            "name": "debug",
+            "data": {"dataset": dataset, "seq_len": 16 * patch_size},
+            "model": {
+                "arch": arch,
+                "patch_size": patch_size,
+                "encoder": {"dim": 16, "layers": 1, "heads": 2},
+                "main": {"dim": 32, "layers": 2, "heads": 2},
+                "decoder": {"dim": 16, "layers": 2, "heads": 2},
+            },
+            "iem": {**train, "logits_chunk": 7},
+            "decoder": dict(train),
+            "full": dict(train),
+            "generate": {"max_bytes": 20},
+        }
+    )
 
 
 def _build(cls, values: dict, where: str):
@@ -313,7 +358,9 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     builtin = RECIPES_DIR / f"{name_or_path}.toml"
     if builtin.is_file():
         return builtin
-    raise HaedError(f"no recipe {name_or_path!r}: give a .toml path or one of: {', '.join(builtin_recipes()) or '(none found)'}")
+    raise HaedError(
+        f"no recipe {name_or_path!r}: give a .toml path or one of: {', '.join(builtin_recipes()) or '(none found)'}"
+    )
 
 
 def builtin_recipes() -> list[str]:

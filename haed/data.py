@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from haed.atomic import temporary_sibling
 from haed import __version__
+from haed.atomic import temporary_sibling
 from haed.errors import HaedError
 
 SPLITS = ("train", "valid", "test")
@@ -75,7 +75,9 @@ class ByteDataset:
         return data
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
-        sizes = ", ".join(f"{s}={self.meta['splits'][s]['bytes']:,}" for s in SPLITS if s in self.meta.get("splits", {}))
+        sizes = ", ".join(
+            f"{s}={self.meta['splits'][s]['bytes']:,}" for s in SPLITS if s in self.meta.get("splits", {})
+        )
         return f"ByteDataset({str(self.path)!r}, kind={self.kind!r}, {sizes})"
 
 
@@ -83,7 +85,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     """Parse ``meta.json`` of a dataset directory, with a clear HaedError for anything wrong."""
     path = Path(path)
     if not path.exists():
-        raise HaedError(f"dataset not found: {path} (make one with `haed prepare`, e.g. `haed prepare stdlib --out {path}`)")
+        raise HaedError(
+            f"dataset not found: {path} (make one with `haed prepare`, e.g. `haed prepare stdlib --out {path}`)"
+        )
     if not path.is_dir():
         raise HaedError(f"{path} is not a dataset directory (it is a file)")
     meta_file = path / META_NAME
@@ -146,7 +150,9 @@ def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not force:
-            raise HaedError(f"output directory {out} already exists; choose another --out or pass --force to replace it")
+            raise HaedError(
+                f"output directory {out} already exists; choose another --out or pass --force to replace it"
+            )
         if not out.is_dir() or out.is_symlink():
             raise HaedError(f"{out} exists and is not a directory; refusing to replace it")
         if any(out.iterdir()) and not is_haed_dataset(out):

@@ -10,7 +10,7 @@ from haed.errors import HaedError
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; CUDA is configured for haed's shapes."""
+    """ "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; CUDA is configured for haed's shapes."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

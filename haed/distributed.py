@@ -42,7 +42,6 @@ from haed.layers import Block
 from haed.model import gather_rows, pad_rows, row_bucket, unique_patches
 
 
-
 def _env_int(name: str, default: int | None = None) -> int:
     value = os.environ.get(name)
     if value is None:
@@ -153,7 +152,9 @@ class World:
         """This rank's `batch_size` windows: its block of one draw of batch_size x size windows."""
         if self.size == 1:
             return random_windows(data, batch_size, seq_len, rng)
-        return random_windows(data, batch_size * self.size, seq_len, rng)[self.rank * batch_size : (self.rank + 1) * batch_size]
+        return random_windows(data, batch_size * self.size, seq_len, rng)[
+            self.rank * batch_size : (self.rank + 1) * batch_size
+        ]
 
     # -- the run directory -----------------------------------------------------------------------
 
@@ -201,8 +202,9 @@ class World:
         if self.device.type == "cuda":
             # bf16 parameters for compute, float32 gradient reduction; block inputs keep their dtype so
             # that the rotary tables stay float32.
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                          cast_forward_inputs=False)
+            policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False
+            )
         else:
             policy = MixedPrecisionPolicy()
         for module in model.modules():
@@ -213,7 +215,9 @@ class World:
         params = [sharded[n] for n in order]
         if self.rank:
             # Every rank built the same initial weights from `seed`; dropout should differ per rank.
-            torch.manual_seed(int(np.random.SeedSequence([seed, 3, self.rank]).generate_state(1, dtype=np.uint64)[0] >> 1))
+            torch.manual_seed(
+                int(np.random.SeedSequence([seed, 3, self.rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+            )
 
         def loss_fn(_model, x, cfg, generator=None):
             return root(x, cfg, generator)
@@ -222,8 +226,9 @@ class World:
 
     # -- checkpoints: one-process files alone, DCP shards with several ranks (haed.sharded) ----------
 
-    def save_checkpoint(self, run_dir: Path, step: int, model, optimizer, state: dict, config: dict,
-                        name: str | None = None) -> Path:
+    def save_checkpoint(
+        self, run_dir: Path, step: int, model, optimizer, state: dict, config: dict, name: str | None = None
+    ) -> Path:
         """`checkpoint.save_checkpoint` alone; with several ranks the same directory, sharded.
 
         Without an optimizer (the best checkpoint) the whole weights are gathered to rank 0 and
@@ -290,8 +295,10 @@ def init_world(device: torch.device) -> World:
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         atexit.register(_leave)
     elif dist.get_backend() != backend:
-        raise HaedError(f"this process already joined a {dist.get_backend()} process group; "
-                        f"training on {device.type} needs {backend}")
+        raise HaedError(
+            f"this process already joined a {dist.get_backend()} process group; "
+            f"training on {device.type} needs {backend}"
+        )
     return World(device=device, rank=rank, size=size, local_rank=local_rank, backend=backend)
 
 
@@ -315,8 +322,9 @@ class _ModelWithObjective(nn.Module):
 # -- IEM's candidates across ranks ----------------------------------------------------------------
 
 
-def global_candidates(uniq: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor, inverse: torch.Tensor,
-                      mode: str = "global"):
+def global_candidates(
+    uniq: torch.Tensor, vectors: torch.Tensor, counts: torch.Tensor, inverse: torch.Tensor, mode: str = "global"
+):
     """The distinct patches of the global batch, as IEM's candidates: (uniq, vectors, counts, inverse).
 
     `uniq` (U, K) are this rank's distinct target patches, `vectors` their encodings (U rows, then
@@ -338,9 +346,13 @@ def global_candidates(uniq: torch.Tensor, vectors: torch.Tensor, counts: torch.T
     all_vectors = _GatherRows.apply(vectors[:U], sizes)
     g_uniq, g_inverse, _ = unique_patches(gathered[:, :-1].to(uniq.dtype))
     G = g_uniq.shape[0]
-    g_counts = torch.zeros(G, dtype=counts.dtype, device=device).index_add_(0, g_inverse, gathered[:, -1].to(counts.dtype))
+    g_counts = torch.zeros(G, dtype=counts.dtype, device=device).index_add_(
+        0, g_inverse, gathered[:, -1].to(counts.dtype)
+    )
     rows = torch.arange(gathered.shape[0], device=device)
-    first = torch.full((G,), gathered.shape[0], dtype=torch.long, device=device).scatter_reduce_(0, g_inverse, rows, "amin")
+    first = torch.full((G,), gathered.shape[0], dtype=torch.long, device=device).scatter_reduce_(
+        0, g_inverse, rows, "amin"
+    )
     g_vectors = pad_rows(gather_rows(all_vectors, first), row_bucket(device))
     offset = sum(sizes[: dist.get_rank()])
     local_to_global = g_inverse[offset : offset + U]

@@ -11,21 +11,24 @@ import torch.nn.functional as F
 
 from haed.checkpoint import load_run, resolve_sampling_run
 from haed.data import open_dataset
+from haed.device import autocast, resolve_device
 from haed.errors import HaedError
 from haed.model import HAED
-from haed.device import autocast, resolve_device
 
 
 def _window_nll(model, x: torch.Tensor, counted: int) -> torch.Tensor:
     """Summed cross-entropy (nats, float64) of the first `counted` bytes of every window in x (B, N)."""
     logits = model(x)
-    nll = F.cross_entropy(logits[:, :counted].reshape(-1, 256).float(), x[:, :counted].reshape(-1).long(), reduction="sum")
+    nll = F.cross_entropy(
+        logits[:, :counted].reshape(-1, 256).float(), x[:, :counted].reshape(-1).long(), reduction="sum"
+    )
     return nll.double()
 
 
 @torch.no_grad()
-def bits_per_byte(model, data: np.ndarray, seq_len: int, batch_size: int = 8, device=None,
-                  max_bytes: int | None = None, progress=None) -> dict:
+def bits_per_byte(
+    model, data: np.ndarray, seq_len: int, batch_size: int = 8, device=None, max_bytes: int | None = None, progress=None
+) -> dict:
     """Exact bits per byte of `data` (a uint8 array) under `model`.
 
     The data is cut into consecutive windows of `seq_len` bytes without overlap; the last, shorter
@@ -87,9 +90,17 @@ def read_eval_data(path: Path, split: str, kind: str, sample_rate: int | None) -
     return np.fromfile(path, dtype=np.uint8), f"{path} (raw bytes)"
 
 
-def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 8, device: str = "auto",
-                 max_bytes: int | None = None, seq_len: int | None = None, progress=None,
-                 checkpoint: str = "best", data: Path | None = None) -> dict:
+def evaluate_run(
+    run_dir: Path,
+    split: str = "test",
+    batch_size: int = 8,
+    device: str = "auto",
+    max_bytes: int | None = None,
+    seq_len: int | None = None,
+    progress=None,
+    checkpoint: str = "best",
+    data: Path | None = None,
+) -> dict:
     """Exact bits per byte of a run's dataset split, or of `data` (a file or a dataset directory).
 
     An IEM run is evaluated through its decoder phase. `checkpoint`: "best" (the best validation point,
@@ -111,6 +122,15 @@ def evaluate_run(run_dir: Path, split: str = "test", batch_size: int = 8, device
         raise HaedError(f"--seq-len must be a multiple of the patch size {model.patch_size}")
     result = bits_per_byte(model, values, seq_len, batch_size, dev, max_bytes, progress)
     unit = "bits per 8-bit sample" if kind == "audio" else "bits per byte"
-    result.update({"run": str(run_dir), "checkpoint": config["checkpoint"], "split": split if data is None else None,
-                   "data": source, "kind": kind, "unit": unit, "device": str(dev)})
+    result.update(
+        {
+            "run": str(run_dir),
+            "checkpoint": config["checkpoint"],
+            "split": split if data is None else None,
+            "data": source,
+            "kind": kind,
+            "unit": unit,
+            "device": str(dev),
+        }
+    )
     return result

@@ -29,11 +29,12 @@ from typing import Callable
 import torch
 
 from haed.checkpoint import load_run, resolve_sampling_run
+from haed.device import autocast, resolve_device
 from haed.errors import HaedError
 from haed.layers import START
 from haed.model import HAED, FlatTransformer
-from haed.device import autocast, resolve_device
 from haed.sampling import StreamNoise, check_sampling, sample_bytes, stream_seeds
+
 
 def _broadcast_cache(src, dst) -> None:
     """Copy a batch-1 cache's filled positions into every row of `dst` (same stack, same length)."""
@@ -151,7 +152,9 @@ class HierarchicalSampler:
         self.decoder_cache = self.model.decoder.stack.new_cache(self.batch, self.K, self.device, dtype)
         decoder = self.model.decoder
         width = decoder.token_embedding.embedding_dim
-        self.cond = torch.zeros(self.batch, decoder.condition.out_features // width, width, device=self.device, dtype=dtype)
+        self.cond = torch.zeros(
+            self.batch, decoder.condition.out_features // width, width, device=self.device, dtype=dtype
+        )
         self.graphs = None
 
     @torch.no_grad()
@@ -161,7 +164,7 @@ class HierarchicalSampler:
         prompt = _rows(prompt.to(self.device), self.batch)
         full = prompt.shape[1] // self.K
         patches = prompt[:, : full * self.K].reshape(prompt.shape[0], full, self.K)
-        keep = patches[:, -(self.context_patches - 1):] if full >= self.context_patches else patches
+        keep = patches[:, -(self.context_patches - 1) :] if full >= self.context_patches else patches
         self.history = [keep[:, t].expand(self.batch, self.K) for t in range(keep.shape[1])]
         self._prefill_main(keep)
         for j in range(full * self.K, prompt.shape[1]):
@@ -169,7 +172,8 @@ class HierarchicalSampler:
         return self.logits
 
     def _prefill_main(self, patches: torch.Tensor) -> None:
-        """Run the main model over `patches` (1 or B, T, K) at once (shapes vary: never in a graph); begin the next patch."""
+        """Run the main model over `patches` (1 or B, T, K) at once (shapes vary: never in a graph); begin the
+        next patch."""
         rows = patches.shape[0]
         cache = self.main_cache if rows == self.batch else self.prefill_cache
         cache.reset()
@@ -197,7 +201,7 @@ class HierarchicalSampler:
         if self.main_cache.length >= self.context_patches:
             # The main model's context is full: start again from the last half of it (rotary
             # positions cannot be shifted in place, so the kept patches are re-encoded once).
-            keep = torch.stack(self.history[-(self.context_patches // 2):], dim=1)
+            keep = torch.stack(self.history[-(self.context_patches // 2) :], dim=1)
             self.history = list(keep.unbind(1))
             self._prefill_main(keep)
             return self.logits
@@ -225,7 +229,7 @@ class FlatSampler:
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
-        prompt = _rows(prompt.to(self.device), self.batch).long()[:, -(self.context - 1):]
+        prompt = _rows(prompt.to(self.device), self.batch).long()[:, -(self.context - 1) :]
         rows = prompt.shape[0]
         self.history = [prompt[:, j].expand(self.batch) for j in range(prompt.shape[1])]
         cache = self.cache if rows == self.batch else self.prefill_cache
@@ -242,7 +246,7 @@ class FlatSampler:
         byte = byte.to(self.device).view(self.batch).long()
         self.history.append(byte)
         if self.cache.length >= self.cache.max_len:
-            return self.start(torch.stack(self.history[-(self.context // 2):], dim=1))
+            return self.start(torch.stack(self.history[-(self.context // 2) :], dim=1))
         self.logits = self.model(byte.view(self.batch, 1), self.cache, prepend_start=False)[:, -1]
         return self.logits
 
@@ -322,9 +326,21 @@ def check_counts(max_bytes, num_samples, names: dict | None = None) -> None:
 
 
 @torch.no_grad()
-def generate(model, prompt: bytes, max_bytes: int, temperature: float = 0.8, top_k: int = 0, top_p: float = 0.95,
-             seed: int = 0, context_bytes: int = 8192, progress=None, cuda_graphs: bool = True, num_samples: int = 1,
-             on_chunk: Callable[[list[bytes]], None] | None = None, chunk_bytes: int | None = None) -> Generation:
+def generate(
+    model,
+    prompt: bytes,
+    max_bytes: int,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 0.95,
+    seed: int = 0,
+    context_bytes: int = 8192,
+    progress=None,
+    cuda_graphs: bool = True,
+    num_samples: int = 1,
+    on_chunk: Callable[[list[bytes]], None] | None = None,
+    chunk_bytes: int | None = None,
+) -> Generation:
     """Sample `max_bytes` bytes after `prompt` for each of `num_samples` streams (stream i: seed + i).
 
     Seeded: the same seed gives the same bytes, and stream i equals a single run with seed + i.
@@ -385,6 +401,6 @@ def audio_prompt_bytes(path: Path, sample_rate: int, seconds: float | None = Non
 
     samples = read_audio(Path(path), sample_rate)
     if seconds is not None:
-        samples = samples[-int(seconds * sample_rate):]
+        samples = samples[-int(seconds * sample_rate) :]
     codes = mu_law_encode(torch.from_numpy(samples))
     return bytes(codes.to(torch.uint8).tolist())

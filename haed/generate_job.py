@@ -16,8 +16,8 @@ import torch
 from haed.atomic import write_bytes_atomic
 from haed.checkpoint import load_run, read_run_config, resolve_sampling_run, select_checkpoint
 from haed.config import Recipe, recipe_from_dict
-from haed.errors import HaedError
 from haed.device import resolve_device
+from haed.errors import HaedError
 from haed.generate import Generation, audio_prompt_bytes, check_counts, generate
 from haed.sampling import SamplingOptions, check_sampling, stream_seeds
 
@@ -32,7 +32,11 @@ def looks_like_audio(path: Path) -> bool:
         return True
     with open(path, "rb") as f:
         head = f.read(12)
-    return (head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE") or head[:4] in (b"fLaC", b"OggS", b"FORM")
+    return (head[:4] in (b"RIFF", b"RIFX", b"RF64") and head[8:12] == b"WAVE") or head[:4] in (
+        b"fLaC",
+        b"OggS",
+        b"FORM",
+    )
 
 
 def sample_file_names(num_samples: int, suffix: str) -> list[str]:
@@ -71,10 +75,21 @@ class GenerationPlan:
         return None
 
 
-def plan_generation(recipe: Recipe, dataset: dict, prompt: str | None = None, prompt_file: Path | None = None,
-                    out: Path | None = None, max_bytes: int | None = None, seconds: float | None = None,
-                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, num_samples: int = 1, stream: bool = False) -> GenerationPlan:
+def plan_generation(
+    recipe: Recipe,
+    dataset: dict,
+    prompt: str | None = None,
+    prompt_file: Path | None = None,
+    out: Path | None = None,
+    max_bytes: int | None = None,
+    seconds: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    num_samples: int = 1,
+    stream: bool = False,
+) -> GenerationPlan:
     """Check every option of `haed generate` against the run (a HaedError names the first bad one) and
     read the prompt. Options left as None take the recipe's [generate] values, which are checked too."""
     g = recipe.generate
@@ -82,7 +97,11 @@ def plan_generation(recipe: Recipe, dataset: dict, prompt: str | None = None, pr
     sample_rate = dataset.get("sample_rate")
 
     def pick(value, option, field_name):
-        return (value, option) if value is not None else (getattr(g, field_name), f"generate.{field_name} of the run's recipe")
+        return (
+            (value, option)
+            if value is not None
+            else (getattr(g, field_name), f"generate.{field_name} of the run's recipe")
+        )
 
     temperature, t_name = pick(temperature, "--temperature", "temperature")
     top_k, k_name = pick(top_k, "--top-k", "top_k")
@@ -121,9 +140,18 @@ def plan_generation(recipe: Recipe, dataset: dict, prompt: str | None = None, pr
     s, s_name = pick(seed, "--seed", "seed")
     if isinstance(s, bool) or not isinstance(s, int):
         raise HaedError(f"{s_name} must be an integer, got {s!r}")
-    return GenerationPlan(kind=kind, prompt=prompt_bytes, max_bytes=n, sampling=sampling, seed=s,
-                          num_samples=num_samples, stream=stream, outputs=outputs, sample_rate=sample_rate,
-                          context_bytes=recipe.data.seq_len)
+    return GenerationPlan(
+        kind=kind,
+        prompt=prompt_bytes,
+        max_bytes=n,
+        sampling=sampling,
+        seed=s,
+        num_samples=num_samples,
+        stream=stream,
+        outputs=outputs,
+        sample_rate=sample_rate,
+        context_bytes=recipe.data.seq_len,
+    )
 
 
 def _output_paths(kind: str, out: Path | None, num_samples: int, stream: bool) -> list[Path] | None:
@@ -140,14 +168,21 @@ def _output_paths(kind: str, out: Path | None, num_samples: int, stream: bool) -
     if num_samples == 1:
         path = Path(out) if out is not None else Path("sample.wav")
         if path.is_dir():
-            raise HaedError(f"--out {path} is a folder: one sample is written to a file (a folder is for --num-samples > 1)")
+            raise HaedError(
+                f"--out {path} is a folder: one sample is written to a file (a folder is for --num-samples > 1)"
+            )
         return [path]
     folder = Path(out) if out is not None else Path(".")
     if folder.exists() and not folder.is_dir():
-        raise HaedError(f"with --num-samples {num_samples}, --out names a folder for {sample_file_names(1, suffix)[0]} ...: {folder} is a file")
+        raise HaedError(
+            f"with --num-samples {num_samples}, --out names a folder for {sample_file_names(1, suffix)[0]} ...: "
+            f"{folder} is a file"
+        )
     if not folder.exists() and folder.suffix.lower() in AUDIO_SUFFIXES + TEXT_SUFFIXES:
-        raise HaedError(f"with --num-samples {num_samples}, --out names a folder for {sample_file_names(1, suffix)[0]} ..., "
-                        f"not a file name like {folder}")
+        raise HaedError(
+            f"with --num-samples {num_samples}, --out names a folder for {sample_file_names(1, suffix)[0]} ..., "
+            f"not a file name like {folder}"
+        )
     return [folder / name for name in sample_file_names(num_samples, suffix)]
 
 
@@ -219,11 +254,23 @@ def run_generation(plan: GenerationPlan, cuda_graphs: bool = True, progress=None
         def on_chunk(parts: list[bytes]) -> None:
             stdout.write(decoder.decode(parts[0]))
             stdout.flush()
+
     try:
-        result = generate(model, plan.prompt, plan.max_bytes, plan.sampling.temperature, plan.sampling.top_k,
-                          plan.sampling.top_p, plan.seed, plan.context_bytes, progress=progress,
-                          cuda_graphs=cuda_graphs, num_samples=plan.num_samples, on_chunk=on_chunk,
-                          chunk_bytes=plan.chunk_bytes)
+        result = generate(
+            model,
+            plan.prompt,
+            plan.max_bytes,
+            plan.sampling.temperature,
+            plan.sampling.top_k,
+            plan.sampling.top_p,
+            plan.seed,
+            plan.context_bytes,
+            progress=progress,
+            cuda_graphs=cuda_graphs,
+            num_samples=plan.num_samples,
+            on_chunk=on_chunk,
+            chunk_bytes=plan.chunk_bytes,
+        )
     finally:
         for writer in writers:
             writer.close()

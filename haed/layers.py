@@ -8,7 +8,6 @@ encoder, the main model, the decoder and the flat baseline.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -80,8 +79,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.out = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0,
-                pos: torch.Tensor | None = None):
+    def forward(
+        self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0, pos: torch.Tensor | None = None
+    ):
         B, L, D = x.shape
         qkv = self.qkv(x).view(B, L, 3, self.heads, self.head_dim)
         # Rotate q and k together in the layout the projection wrote (reads and writes stay
@@ -99,11 +99,21 @@ class Attention(nn.Module):
         elif cache is None and L <= SHORT_SEQUENCE:
             y = short_attention(q, k, v, causal)
         elif cache is None:
-            y = torch.cat([
-                F.scaled_dot_product_attention(q[i : i + MAX_ATTENTION_BATCH], k[i : i + MAX_ATTENTION_BATCH],
-                                               v[i : i + MAX_ATTENTION_BATCH], is_causal=causal)
-                for i in range(0, B, MAX_ATTENTION_BATCH)
-            ]) if B > MAX_ATTENTION_BATCH else F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            y = (
+                torch.cat(
+                    [
+                        F.scaled_dot_product_attention(
+                            q[i : i + MAX_ATTENTION_BATCH],
+                            k[i : i + MAX_ATTENTION_BATCH],
+                            v[i : i + MAX_ATTENTION_BATCH],
+                            is_causal=causal,
+                        )
+                        for i in range(0, B, MAX_ATTENTION_BATCH)
+                    ]
+                )
+                if B > MAX_ATTENTION_BATCH
+                else F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            )
         else:
             start = cache.length
             cache.k[layer][:, :, start : start + L] = k
@@ -153,8 +163,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0,
-                pos: torch.Tensor | None = None):
+    def forward(
+        self, x, cos, sin, causal: bool, cache: KVCache | None = None, layer: int = 0, pos: torch.Tensor | None = None
+    ):
         y = self.attn(self.norm1(x), cos, sin, causal, cache, layer, pos)
         if self.training and self.dropout > 0:
             y = F.dropout(y, self.dropout)
@@ -183,7 +194,9 @@ class Stack(nn.Module):
 
     def _grow_rope(self, length: int) -> None:
         length = max(length, 2 * self.rope_cos.shape[0])
-        cos, sin = rotary(torch.arange(length, device=self.rope_cos.device), self.cfg.dim // self.cfg.heads, self.rope_base)
+        cos, sin = rotary(
+            torch.arange(length, device=self.rope_cos.device), self.cfg.dim // self.cfg.heads, self.rope_base
+        )
         self.rope_cos, self.rope_sin = cos, sin
 
     def rope(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

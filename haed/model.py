@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from haed.config import ModelConfig
 from haed.layers import START, KVCache, Stack
+
 
 class PatchEncoder(nn.Module):
     """Maps each patch of K bytes, with no context outside it, to one vector of the main width."""
@@ -163,8 +165,12 @@ class HAED(nn.Module):
         self.encoder = PatchEncoder(cfg)
         self.start = nn.Parameter(torch.zeros(cfg.main.dim))
         # Rotary tables for generous lengths up front: growing one inside a compiled step would recompile.
-        self.main = Stack(cfg.main, causal=True, rope_base=cfg.rope_base,
-                          max_positions=max(cfg.max_seq_len // cfg.patch_size + 1, 1 << 15))
+        self.main = Stack(
+            cfg.main,
+            causal=True,
+            rope_base=cfg.rope_base,
+            max_positions=max(cfg.max_seq_len // cfg.patch_size + 1, 1 << 15),
+        )
         self.score_proj = nn.Linear(cfg.main.dim, cfg.main.dim, bias=False)  # W in s_t(P) = <W h_t, E(P)> / tau
         if cfg.score == "cosine":
             self.score_log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
@@ -177,8 +183,11 @@ class HAED(nn.Module):
         q = self.score_proj(h)
         if self.cfg.score == "cosine":
             scale = self.score_log_scale.clamp(max=math.log(100.0)).exp()
-            return (F.normalize(q, dim=-1) * scale.to(q.dtype), F.normalize(patch_vectors, dim=-1),
-                    F.normalize(candidates, dim=-1))
+            return (
+                F.normalize(q, dim=-1) * scale.to(q.dtype),
+                F.normalize(patch_vectors, dim=-1),
+                F.normalize(candidates, dim=-1),
+            )
         return q / tau, patch_vectors, candidates
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +232,9 @@ class FlatTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_embedding = nn.Embedding(257, cfg.main.dim)
-        self.stack = Stack(cfg.main, causal=True, rope_base=cfg.rope_base, max_positions=max(cfg.max_seq_len + 1, 1 << 15))
+        self.stack = Stack(
+            cfg.main, causal=True, rope_base=cfg.rope_base, max_positions=max(cfg.max_seq_len + 1, 1 << 15)
+        )
         self.head = nn.Linear(cfg.main.dim, 256, bias=False)
         init_weights(self)
 
@@ -236,7 +247,7 @@ class FlatTransformer(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() >= 2:
             nn.init.normal_(p, std=0.02)
     # Residual output projections shrink with depth (GPT-2) so that deep stacks start stable.
@@ -278,8 +289,9 @@ def attention_flops(layers: int, dim: int, rows: int, context: int, causal: bool
     return 4.0 * rows * context * dim * layers * (0.5 if causal else 1.0)
 
 
-def forward_flops(model: nn.Module, batch_size: int, seq_len: int, distinct: float | None = None,
-                  candidates: float | None = None) -> dict[str, float]:
+def forward_flops(
+    model: nn.Module, batch_size: int, seq_len: int, distinct: float | None = None, candidates: float | None = None
+) -> dict[str, float]:
     """Matrix FLOPs of one forward pass over (batch_size, seq_len) bytes, per part of the model.
 
     2 x linear weights x rows, attention 4 x rows x context x dim per layer (halved when causal);
@@ -298,11 +310,17 @@ def forward_flops(model: nn.Module, batch_size: int, seq_len: int, distinct: flo
     U = float(distinct if distinct is not None else B * T)
     C = float(candidates if candidates is not None else U)
     return {
-        "encoder": (2.0 * linear_weights(model.encoder.stack) * U * K + 2.0 * model.encoder.proj.weight.numel() * U
-                    + attention_flops(cfg.encoder.layers, cfg.encoder.dim, int(U * K), K, False)),
-        "main": 2.0 * linear_weights(model.main) * B * T + attention_flops(cfg.main.layers, cfg.main.dim, B * T, T, True),
-        "decoder": (2.0 * model.decoder.condition.weight.numel() * B * T
-                    + 2.0 * (linear_weights(model.decoder.stack) + model.decoder.head.weight.numel()) * B * N
-                    + attention_flops(cfg.decoder.layers, cfg.decoder.dim, B * N, K, True)),
+        "encoder": (
+            2.0 * linear_weights(model.encoder.stack) * U * K
+            + 2.0 * model.encoder.proj.weight.numel() * U
+            + attention_flops(cfg.encoder.layers, cfg.encoder.dim, int(U * K), K, False)
+        ),
+        "main": 2.0 * linear_weights(model.main) * B * T
+        + attention_flops(cfg.main.layers, cfg.main.dim, B * T, T, True),
+        "decoder": (
+            2.0 * model.decoder.condition.weight.numel() * B * T
+            + 2.0 * (linear_weights(model.decoder.stack) + model.decoder.head.weight.numel()) * B * N
+            + attention_flops(cfg.decoder.layers, cfg.decoder.dim, B * N, K, True)
+        ),
         "scores": 2.0 * model.score_proj.weight.numel() * B * T + 2.0 * B * T * C * cfg.main.dim,
     }

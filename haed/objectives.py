@@ -79,8 +79,9 @@ class _SampledSoftmax(torch.autograd.Function):
         for s in range(0, R, chunk):
             e = min(R, s + chunk)
             qc, pc = q[s:e], pos[s:e]
-            loss_c, correct_c, probs, pos_coef = softmax(qc @ cand.T, logq_cand, target_col[s:e], pos_logits[s:e],
-                                                         needs_grad)
+            loss_c, correct_c, probs, pos_coef = softmax(
+                qc @ cand.T, logq_cand, target_col[s:e], pos_logits[s:e], needs_grad
+            )
             losses[s:e] = loss_c
             correct[s:e] = correct_c
             if needs_grad:
@@ -101,12 +102,18 @@ class _SampledSoftmax(torch.autograd.Function):
             grad_q * scale.to(grad_q.dtype),
             (grad_cand * scale).to(ctx.cand_dtype),
             grad_pos * scale.to(grad_pos.dtype),
-            None, None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
-def sampled_softmax_loss(q, cand, pos, target_col, logq_cand=None, logq_pos=None, chunk: int = 4096,
-                         compiled: bool = False):
+def sampled_softmax_loss(
+    q, cand, pos, target_col, logq_cand=None, logq_pos=None, chunk: int = 4096, compiled: bool = False
+):
     """Mean cross-entropy of each row's positive against the candidates; also per-row correctness.
 
     q (R, D) queries; cand (C, D) candidate vectors; pos (R, D) each row's positive vector; target_col
@@ -119,8 +126,13 @@ def sampled_softmax_loss(q, cand, pos, target_col, logq_cand=None, logq_pos=None
     return _SampledSoftmax.apply(q, cand, pos, target_col, logq_cand, logq_pos, max(1, chunk), needs_grad, compiled)
 
 
-def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Generator | None = None,
-             candidates: torch.Tensor | None = None):
+def iem_loss(
+    model: HAED,
+    x: torch.Tensor,
+    cfg: TrainConfig,
+    generator: torch.Generator | None = None,
+    candidates: torch.Tensor | None = None,
+):
     """IEM: sampled softmax over patches, scored <W h_t, E(P)> / tau (or by `model.score_vectors`' cosine).
 
     The decoder is not in the graph, unless `cfg.byte_loss_fraction` adds its byte loss on a sample of
@@ -145,8 +157,9 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
         U = uniq.shape[0]
     h = model.hidden_from_vectors(pos.view(B, T, -1))
     explicit = model.encoder(candidates.to(x.device)) if candidates is not None else None
-    q, pos_scored, vectors = model.score_vectors(h.reshape(B * T, -1), pos, explicit if explicit is not None else vectors,
-                                                 cfg.tau)
+    q, pos_scored, vectors = model.score_vectors(
+        h.reshape(B * T, -1), pos, explicit if explicit is not None else vectors, cfg.tau
+    )
     logq_pos = counts.float().log()[inverse] if cfg.logq else None
     if candidates is not None:
         cand = vectors
@@ -174,8 +187,9 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
             logq_cand = torch.cat((real, real.new_full((cand.shape[0] - U,), float("inf"))))
     num_candidates = min(cand.shape[0], U) if candidates is None else cand.shape[0]  # padding not counted
     target_col = col_of_uniq[inverse]
-    loss, correct = sampled_softmax_loss(q, cand, pos_scored, target_col, logq_cand, logq_pos, cfg.logits_chunk,
-                                         compiled=cfg.compile and x.is_cuda)
+    loss, correct = sampled_softmax_loss(
+        q, cand, pos_scored, target_col, logq_cand, logq_pos, cfg.logits_chunk, compiled=cfg.compile and x.is_cuda
+    )
     metrics = {"softmax_loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": num_candidates}
     if cfg.byte_loss_fraction > 0:
         byte_loss = sampled_byte_loss(model, h.reshape(B * T, -1), targets, cfg.byte_loss_fraction, generator)
@@ -185,8 +199,9 @@ def iem_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator: torch.Ge
     return loss, metrics
 
 
-def sampled_byte_loss(model: HAED, h: torch.Tensor, targets: torch.Tensor, fraction: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
+def sampled_byte_loss(
+    model: HAED, h: torch.Tensor, targets: torch.Tensor, fraction: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """The decoder's byte cross-entropy on a uniform random `fraction` of the patches (at least one).
 
     h (R, D) and targets (R, K): every patch's h_t and bytes. Only the chosen rows enter the decoder,
@@ -281,12 +296,35 @@ class Objective:
 OBJECTIVES = {
     o.name: o
     for o in (
-        Objective("iem", iem_loss, _iem_parameters, "iem", "haed", "loss",
-                  step_parts=(("encoder", 3), ("main", 3), ("scores", 3)), trains_decoder=False),
-        Objective("decoder", decoder_loss, _decoder_parameters, "decoder", "haed", "bits_per_byte",
-                  step_parts=(("encoder", 1), ("main", 1), ("decoder", 3)), parent_objective="iem"),
-        Objective("full", full_loss, _all_parameters, "full", "haed", "bits_per_byte",
-                  step_parts=(("encoder", 3), ("main", 3), ("decoder", 3))),
+        Objective(
+            "iem",
+            iem_loss,
+            _iem_parameters,
+            "iem",
+            "haed",
+            "loss",
+            step_parts=(("encoder", 3), ("main", 3), ("scores", 3)),
+            trains_decoder=False,
+        ),
+        Objective(
+            "decoder",
+            decoder_loss,
+            _decoder_parameters,
+            "decoder",
+            "haed",
+            "bits_per_byte",
+            step_parts=(("encoder", 1), ("main", 1), ("decoder", 3)),
+            parent_objective="iem",
+        ),
+        Objective(
+            "full",
+            full_loss,
+            _all_parameters,
+            "full",
+            "haed",
+            "bits_per_byte",
+            step_parts=(("encoder", 3), ("main", 3), ("decoder", 3)),
+        ),
         Objective("flat", flat_loss, _all_parameters, "full", "flat", "bits_per_byte", step_parts=(("flat", 3),)),
     )
 }

@@ -27,9 +27,15 @@ class PipelineResult:
     sample: Generation
 
 
-def quickstart(workdir: Path = Path("."), recipe: Recipe | str = "tiny", overrides: list[str] | None = None,
-               prompt: bytes = b"def ", device: str = "auto", console=None,
-               on_event=None) -> PipelineResult:
+def quickstart(
+    workdir: Path = Path("."),
+    recipe: Recipe | str = "tiny",
+    overrides: list[str] | None = None,
+    prompt: bytes = b"def ",
+    device: str = "auto",
+    console=None,
+    on_event=None,
+) -> PipelineResult:
     """Prepare the stdlib corpus (unless present), train IEM then the decoder, evaluate test, sample.
 
     Paths are `workdir/data/stdlib` and `workdir/runs/<recipe>`; finished steps are not redone, so
@@ -56,10 +62,20 @@ def quickstart(workdir: Path = Path("."), recipe: Recipe | str = "tiny", overrid
             say(f"[bold]{number}/5 {objective}[/]: {out} already finished")
             continue
         started = latest_intact_checkpoint(out) is not None
-        say(f"[bold]{number}/5 {objective}[/]: " + (f"{cfg.time_budget:g} s" if cfg.time_budget else f"{cfg.steps} steps")
-            + f" into {out}")
-        train(recipe, objective, out, resume=started, init_from=None if started else init_from, device=device,
-              on_event=on_event)
+        say(
+            f"[bold]{number}/5 {objective}[/]: "
+            + (f"{cfg.time_budget:g} s" if cfg.time_budget else f"{cfg.steps} steps")
+            + f" into {out}"
+        )
+        train(
+            recipe,
+            objective,
+            out,
+            resume=started,
+            init_from=None if started else init_from,
+            device=device,
+            on_event=on_event,
+        )
 
     say("[bold]4/5 evaluate[/]: exact bits per byte of the test split")
     evaluation = evaluate_run(run_dir, "test", device=device)

@@ -21,15 +21,18 @@ def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None, v
     parent = read_run_config(parent_run)
     wanted = get_objective("decoder").parent_objective
     if parent.get("objective") != wanted:
-        raise HaedError(f"{parent_run} is a {parent.get('objective')} run: the decoder phase starts from an {wanted} run")
+        raise HaedError(
+            f"{parent_run} is a {parent.get('objective')} run: the decoder phase starts from an {wanted} run"
+        )
     table = parent["recipe"]
     apply_overrides(table, list(overrides or []))
     apply_values(table, values or {})
     return recipe_from_dict(table)
 
 
-def recipe_for_run(run_dir: Path | None, recipe: str = "tiny", overrides: list[str] | None = None,
-                   values: dict | None = None) -> Recipe:
+def recipe_for_run(
+    run_dir: Path | None, recipe: str = "tiny", overrides: list[str] | None = None, values: dict | None = None
+) -> Recipe:
     """`run_dir`'s own recipe (when given) or the named recipe, with `--set` overrides and typed values."""
     if run_dir is None:
         return load_recipe(recipe, overrides, values)

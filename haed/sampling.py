@@ -75,9 +75,11 @@ class StreamNoise:
     def uniform_at(self, positions: torch.Tensor) -> torch.Tensor:
         """(streams, L, 256) uniforms for the positions in a (L,) int64 device tensor: no host value is
         read, so the same kernels can be recorded in a CUDA graph with positions kept on the device."""
-        w = mix32(mix32((positions & _MASK32).view(1, -1) ^ self.k0) ^ self.k1)[..., None]  # one word per (stream, position)
+        w = mix32(mix32((positions & _MASK32).view(1, -1) ^ self.k0) ^ self.k1)[
+            ..., None
+        ]  # one word per (stream, position)
         h = mix32(w ^ self.byte_keys)  # 256 distinct inputs per (stream, position): a bijection keeps them apart
-        return ((h >> 9).float() + 0.5) * 2.0 ** -23
+        return ((h >> 9).float() + 0.5) * 2.0**-23
 
     def gumbel(self, start: int, length: int) -> torch.Tensor:
         """(streams, length, 256) standard Gumbel noise for positions start .. start + length - 1."""
@@ -100,7 +102,12 @@ def check_sampling(temperature: float, top_k: int, top_p: float, names: dict | N
     """Validated sampling options; a bad value is a HaedError naming where it came from."""
     names = names or {}
     t_name, k_name, p_name = (names.get(k, k) for k in ("temperature", "top_k", "top_p"))
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
         raise HaedError(f"{t_name} must be a number >= 0 (0: greedy), got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise HaedError(f"{k_name} must be an integer >= 0 (0: off), got {top_k!r}")

@@ -16,8 +16,14 @@ from pathlib import Path
 import torch
 
 from haed.atomic import temporary_sibling
-from haed.checkpoint import STEP_PREFIX, install_directory, keep_newest, load_optimizer_state, save_checkpoint, \
-    write_manifest
+from haed.checkpoint import (
+    STEP_PREFIX,
+    install_directory,
+    keep_newest,
+    load_optimizer_state,
+    save_checkpoint,
+    write_manifest,
+)
 from haed.errors import HaedError
 
 SHARDS = "dcp"  # the DCP directory inside a step checkpoint of a multi-process run
@@ -35,8 +41,9 @@ def save_gathered(world, run_dir: Path, step: int, model, state: dict, config: d
     return run_dir / (name or f"{STEP_PREFIX}{step:06d}")
 
 
-def save_sharded(world, run_dir: Path, step: int, model, optimizer, state: dict, config: dict,
-                 keep_last: int = 2) -> Path:
+def save_sharded(
+    world, run_dir: Path, step: int, model, optimizer, state: dict, config: dict, keep_last: int = 2
+) -> Path:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
@@ -80,16 +87,26 @@ def load_sharded(world, checkpoint: Path, model, optimizer) -> None:
     try:
         with warnings.catch_warnings():  # alone, DCP warns that it assumes a single process: it is one
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(wanted, storage_reader=_shard_reader(checkpoint / SHARDS), planner=_tensors_only_planner(),
-                     no_dist=world.size == 1)
+            dcp.load(
+                wanted,
+                storage_reader=_shard_reader(checkpoint / SHARDS),
+                planner=_tensors_only_planner(),
+                no_dist=world.size == 1,
+            )
     except CheckpointException as e:  # DCP gathers each rank's failure: report the first
         cause = next(iter(e.failures.values()))[0] if e.failures else e
         if isinstance(cause, HaedError):
             raise HaedError(str(cause)) from None
         text = str(cause).strip().splitlines()
-        raise HaedError(f"cannot load the shards of {checkpoint}: {text[0] if text else type(cause).__name__}") from None
-    set_state_dict(model, optimizer, model_state_dict=wanted["model"],
-                   optim_state_dict={"state": wanted["optimizer"], "param_groups": optimizer_state["param_groups"]})
+        raise HaedError(
+            f"cannot load the shards of {checkpoint}: {text[0] if text else type(cause).__name__}"
+        ) from None
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=wanted["model"],
+        optim_state_dict={"state": wanted["optimizer"], "param_groups": optimizer_state["param_groups"]},
+    )
 
 
 def load_one_process_optimizer(checkpoint: Path, model, optimizer) -> None:
@@ -122,7 +139,6 @@ def is_sharded(checkpoint: Path) -> bool:
     return (Path(checkpoint) / SHARDS).is_dir()
 
 
-
 class _Weights:
     """A whole state dict where `save_checkpoint` expects a model."""
 
@@ -148,15 +164,23 @@ _METADATA_NAMES = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
     ("torch", "Size"),
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
 }
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        allowed = (module in _METADATA_MODULES or (module, name) in _METADATA_NAMES
-                   or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                                     torch.memory_format))))
+        allowed = (
+            module in _METADATA_MODULES
+            or (module, name) in _METADATA_NAMES
+            or (
+                module == "torch"
+                and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+            )
+        )
         if not allowed:
             raise HaedError(f"the checkpoint's shard metadata names {module}.{name}: refusing to load it")
         return super().find_class(module, name)
@@ -197,6 +221,8 @@ def _tensors_only_planner():
         """haed's shards hold tensors only: a pickled object in their place is refused, not loaded."""
 
         def load_bytes(self, read_item, value):
-            raise HaedError(f"the checkpoint shards hold a pickled object for {read_item.dest_index.fqn}: refusing to load it")
+            raise HaedError(
+                f"the checkpoint shards hold a pickled object for {read_item.dest_index.fqn}: refusing to load it"
+            )
 
     return TensorsOnlyPlanner()

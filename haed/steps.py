@@ -110,8 +110,9 @@ def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate_objective(model, objective: str, data: np.ndarray, cfg: TrainConfig, seq_len: int, device,
-                       world=None, loss_fn=None) -> dict:
+def evaluate_objective(
+    model, objective: str, data: np.ndarray, cfg: TrainConfig, seq_len: int, device, world=None, loss_fn=None
+) -> dict:
     """Mean metrics of the objective over `cfg.eval_batches` fixed validation batches.
 
     With a `world` of several ranks each rank takes its block of every batch (`loss_fn`: the

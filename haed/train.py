@@ -31,8 +31,18 @@ from haed.errors import HaedError
 from haed.model import build_model, count_parameters
 from haed.objectives import OBJECTIVES, get_objective
 from haed.runs import append_metrics, plot_metrics, read_best, recipe_changes, truncate_metrics
-from haed.steps import apply_recompute, batch_rng, evaluate_objective, lr_at, make_optimizer, maybe_compile, \
-    set_trainable, to_device, torch_generator, train_step
+from haed.steps import (
+    apply_recompute,
+    batch_rng,
+    evaluate_objective,
+    lr_at,
+    make_optimizer,
+    maybe_compile,
+    set_trainable,
+    to_device,
+    torch_generator,
+    train_step,
+)
 
 
 @dataclass
@@ -94,8 +104,10 @@ class _NonFinite:
         steps, values = self.step.tolist(), self.value.tolist()
         for name, step, value in zip(("loss", "gradient norm"), steps, values):
             if step >= 0:
-                raise HaedError(f"step {step}: the {name} is {value} (not finite); training stopped without saving "
-                                f"these weights ({last_checkpoint}). Lower the learning rate or check the data.")
+                raise HaedError(
+                    f"step {step}: the {name} is {value} (not finite); training stopped without saving "
+                    f"these weights ({last_checkpoint}). Lower the learning rate or check the data."
+                )
 
 
 def _checkpoint_bytes(model, with_optimizer: bool) -> int:
@@ -107,8 +119,10 @@ def _preflight(run_dir: Path, model, cfg: TrainConfig, splits: dict, seq_len: in
     """Everything that can fail later but can be checked now, each with one line naming the cause."""
     for name, data in splits.items():
         if len(data) < seq_len:
-            raise HaedError(f"the {name} split has {len(data):,} bytes, fewer than one window of seq_len={seq_len:,}: "
-                            f"use a smaller --seq-len or more data")
+            raise HaedError(
+                f"the {name} split has {len(data):,} bytes, fewer than one window of seq_len={seq_len:,}: "
+                f"use a smaller --seq-len or more data"
+            )
     # Two step checkpoints, the best one and one being written may coexist.
     needed = 2 * _checkpoint_bytes(model, True) + 2 * _checkpoint_bytes(model, False)
     where = run_dir
@@ -116,7 +130,9 @@ def _preflight(run_dir: Path, model, cfg: TrainConfig, splits: dict, seq_len: in
         where = where.parent
     free = shutil.disk_usage(where).free
     if free < needed:
-        raise HaedError(f"{where} has {free / 1e6:,.0f} MB free, checkpoints of this model need about {needed / 1e6:,.0f} MB")
+        raise HaedError(
+            f"{where} has {free / 1e6:,.0f} MB free, checkpoints of this model need about {needed / 1e6:,.0f} MB"
+        )
 
 
 def _emit(on_event, event: str, **fields) -> None:
@@ -165,8 +181,9 @@ def train(
     world = init_world(resolve_device(device))  # this process alone, or one rank of a torchrun launch
     try:
         with world.run_lock(run_dir):
-            return _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, device, stop_after,
-                                 compile, on_event)
+            return _train_locked(
+                recipe, spec, run_dir, resume, allow_changes, init_from, device, stop_after, compile, on_event
+            )
     except HaedError:
         # A run refused before its first checkpoint leaves nothing behind.
         if world.is_main and created is not None and not step_dirs(run_dir) and not (run_dir / BEST).exists():
@@ -174,8 +191,9 @@ def train(
         raise
 
 
-def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, device, stop_after, compile,
-                  on_event) -> TrainResult:
+def _train_locked(
+    recipe, spec, run_dir, resume, allow_changes, init_from, device, stop_after, compile, on_event
+) -> TrainResult:
     objective = spec.name
     previous = checkpoint = None
     if resume:
@@ -188,8 +206,10 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
         else:
             changes = recipe_changes(previous["recipe"], recipe)
             if changes and not allow_changes:
-                raise HaedError(f"--resume: the recipe differs from the run's own ({'; '.join(changes)}); "
-                                f"resume without recipe options, or allow the change explicitly")
+                raise HaedError(
+                    f"--resume: the recipe differs from the run's own ({'; '.join(changes)}); "
+                    f"resume without recipe options, or allow the change explicitly"
+                )
     elif step_dirs(run_dir):
         raise HaedError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
     if recipe.model.arch != spec.arch:
@@ -212,17 +232,24 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
         "haed_version": __version__,
         "objective": objective,
         "recipe": recipe.to_dict(),
-        "dataset": {"path": str(Path(recipe.data.dataset).resolve()), "kind": dataset.kind,
-                    "sample_rate": dataset.sample_rate},
+        "dataset": {
+            "path": str(Path(recipe.data.dataset).resolve()),
+            "kind": dataset.kind,
+            "sample_rate": dataset.sample_rate,
+        },
         "parameters": count_parameters(model),
         "parent_run": str(Path(init_from).resolve()) if init_from else None,
         "parent_checkpoint": None,
         "time_budget": cfg.time_budget,
         "train_seconds": 0.0,
         # Windows (and bytes) per optimizer step over all processes: batch_size x grad_accum x world_size.
-        "global_batch": {"windows": cfg.batch_size * cfg.grad_accum * world.size,
-                         "bytes": cfg.batch_size * cfg.grad_accum * world.size * seq_len,
-                         "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "world_size": world.size},
+        "global_batch": {
+            "windows": cfg.batch_size * cfg.grad_accum * world.size,
+            "bytes": cfg.batch_size * cfg.grad_accum * world.size * seq_len,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "world_size": world.size,
+        },
     }
     _preflight(run_dir, model, cfg, {"train": train_data, **({"valid": valid_data} if validating else {})}, seq_len)
 
@@ -234,14 +261,20 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
         start_step, train_seconds = state["step"], float(state.get("train_seconds", 0.0))
         config["parent_run"] = previous.get("parent_run")
         config["parent_checkpoint"] = previous.get("parent_checkpoint")
-        spent = f", {train_seconds:.1f} s of training done" + (f" of a {cfg.time_budget:g} s budget" if cfg.time_budget else "")
+        spent = f", {train_seconds:.1f} s of training done" + (
+            f" of a {cfg.time_budget:g} s budget" if cfg.time_budget else ""
+        )
         _emit(on_event, "message", text=f"resuming {run_dir} from step {start_step} ({checkpoint.name}{spent})")
         before = state.get("world_size", 1)  # recorded by multi-process checkpoints only
         if before != world.size:
             was, now = previous.get("global_batch", {}).get("windows"), config["global_batch"]["windows"]
-            _emit(on_event, "message", text=f"the checkpoint was written by {before} process{'es' * (before > 1)}, "
-                                            f"this run has {world.size}: the global batch is {now} windows per step"
-                                            + (f" (it was {was})" if was and was != now else ""))
+            _emit(
+                on_event,
+                "message",
+                text=f"the checkpoint was written by {before} process{'es' * (before > 1)}, "
+                f"this run has {world.size}: the global batch is {now} windows per step"
+                + (f" (it was {was})" if was and was != now else ""),
+            )
     elif init_from is not None:
         parent_checkpoint = select_checkpoint(Path(init_from), BEST)
         parent_config = read_run_config(Path(init_from))
@@ -259,7 +292,9 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     elif checkpoint is not None:
-        world.load_training_state(checkpoint, model, optimizer)  # DCP shards, or a one-process checkpoint on several ranks
+        world.load_training_state(
+            checkpoint, model, optimizer
+        )  # DCP shards, or a one-process checkpoint on several ranks
     maybe_compile(model, objective, cfg.compile if compile is None else compile, dev)
     if checkpoint is not None:
         world.restore_rng_state(checkpoint)
@@ -279,15 +314,28 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
     timed_steps = dev.type == "cuda" and bool(budget or cfg.eval_every_seconds)
     bytes_per_step = config["global_batch"]["bytes"]
     max_steps = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    result = TrainResult(run_dir=run_dir, step=start_step, train_seconds=train_seconds,
-                         best={**best, "path": str(run_dir / BEST)} if best["value"] < math.inf else None)
+    result = TrainResult(
+        run_dir=run_dir,
+        step=start_step,
+        train_seconds=train_seconds,
+        best={**best, "path": str(run_dir / BEST)} if best["value"] < math.inf else None,
+    )
     nonfinite = _NonFinite(dev)
-    last_checkpoint = f"the last checkpoint is {checkpoint.name}" if checkpoint is not None else "no checkpoint was written"
+    last_checkpoint = (
+        f"the last checkpoint is {checkpoint.name}" if checkpoint is not None else "no checkpoint was written"
+    )
     next_eval_seconds = _next_multiple(train_seconds, cfg.eval_every_seconds)
     window_seconds, window_steps = 0.0, 0
-    _emit(on_event, "start", objective=objective, run_dir=str(run_dir), unit="seconds" if budget else "steps",
-          total=budget if budget else cfg.steps, completed=train_seconds if budget else start_step,
-          parameters=config["parameters"])
+    _emit(
+        on_event,
+        "start",
+        objective=objective,
+        run_dir=str(run_dir),
+        unit="seconds" if budget else "steps",
+        total=budget if budget else cfg.steps,
+        completed=train_seconds if budget else start_step,
+        parameters=config["parameters"],
+    )
 
     def synchronise() -> float:
         """Wait for queued GPU work; return the seconds waited (charged to training)."""
@@ -308,8 +356,12 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [
-                (to_device(world.windows(train_data, cfg.batch_size, seq_len, batch_rng(cfg.seed, step, micro)), dev),
-                 torch_generator(cfg.seed, step, micro))
+                (
+                    to_device(
+                        world.windows(train_data, cfg.batch_size, seq_len, batch_rng(cfg.seed, step, micro)), dev
+                    ),
+                    torch_generator(cfg.seed, step, micro),
+                )
                 for micro in range(cfg.grad_accum)
             ]
             sums, grad_norm = train_step(model, optimizer, params, loss_fn, cfg, batches, dev)
@@ -328,8 +380,10 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
             last = done >= max_steps or schedule_done
             log_now = done % cfg.log_every == 0 or last
             eval_now = validating and (
-                (cfg.eval_every and done % cfg.eval_every == 0) or schedule_done
-                or (cfg.eval_every_seconds and train_seconds >= next_eval_seconds))
+                (cfg.eval_every and done % cfg.eval_every == 0)
+                or schedule_done
+                or (cfg.eval_every_seconds and train_seconds >= next_eval_seconds)
+            )
             ckpt_now = done % cfg.ckpt_every == 0 or last or stop.signal is not None
             if log_now or eval_now or ckpt_now:
                 waited = synchronise()
@@ -340,31 +394,51 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
             if log_now:
                 rate = bytes_per_step * window_steps / max(window_seconds, 1e-9)
                 window_seconds, window_steps = 0.0, 0
-                record = {"step": done, "split": "train", "lr": lr, "grad_norm": float(grad_norm),
-                          "bytes_per_second": rate, "train_seconds": round(train_seconds, 4),
-                          **{k: float(v) for k, v in sums.items()}}
+                record = {
+                    "step": done,
+                    "split": "train",
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "bytes_per_second": rate,
+                    "train_seconds": round(train_seconds, 4),
+                    **{k: float(v) for k, v in sums.items()},
+                }
                 if world.is_main:
                     append_metrics(metrics_path, record)
                 result.last_metrics = record
                 _emit(on_event, "log", **record)
             if eval_now:
                 next_eval_seconds = _next_multiple(train_seconds, cfg.eval_every_seconds)
-                record = {"step": done, "split": "valid", "train_seconds": round(train_seconds, 4),
-                          **evaluate_objective(model, objective, valid_data, cfg, seq_len, dev, world, loss_fn)}
+                record = {
+                    "step": done,
+                    "split": "valid",
+                    "train_seconds": round(train_seconds, 4),
+                    **evaluate_objective(model, objective, valid_data, cfg, seq_len, dev, world, loss_fn),
+                }
                 if world.is_main:
                     append_metrics(metrics_path, record)
                 result.last_eval = record
                 _emit(on_event, "valid", **record)
                 value = record.get(spec.selection_metric, math.inf)
                 if value < best["value"]:
-                    best = {"step": done, "metric": spec.selection_metric, "value": value,
-                            "train_seconds": round(train_seconds, 4)}
-                    world.save_checkpoint(run_dir, done, model, None, {**best, "objective": objective}, config, name=BEST)
+                    best = {
+                        "step": done,
+                        "metric": spec.selection_metric,
+                        "value": value,
+                        "train_seconds": round(train_seconds, 4),
+                    }
+                    world.save_checkpoint(
+                        run_dir, done, model, None, {**best, "objective": objective}, config, name=BEST
+                    )
                     result.best = {**best, "path": str(run_dir / BEST)}
                     _emit(on_event, "best", **result.best)
             if ckpt_now:
-                state = {"step": done, "objective": objective, "bytes_seen": done * bytes_per_step,
-                         "train_seconds": train_seconds}
+                state = {
+                    "step": done,
+                    "objective": objective,
+                    "bytes_seen": done * bytes_per_step,
+                    "train_seconds": train_seconds,
+                }
                 path = world.save_checkpoint(run_dir, done, model, optimizer, state, config)
                 last_checkpoint = f"the last checkpoint is {path.name}"
                 _emit(on_event, "checkpoint", step=done, path=str(path))
@@ -372,8 +446,11 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
             _emit(on_event, "progress", completed=train_seconds if budget else done)
         result.interrupted = stop.signal
     if result.interrupted:
-        _emit(on_event, "message", text=f"stopped by {result.interrupted} at step {done}: checkpoint written; "
-                                        f"continue with --resume")
+        _emit(
+            on_event,
+            "message",
+            text=f"stopped by {result.interrupted} at step {done}: checkpoint written; continue with --resume",
+        )
     config["train_seconds"] = round(train_seconds, 4)
     config["steps_done"] = done
     if dev.type == "cuda":
@@ -388,5 +465,3 @@ def _train_locked(recipe, spec, run_dir, resume, allow_changes, init_from, devic
 
 def _next_multiple(seconds: float, every: float) -> float:
     return math.inf if not every else (math.floor(seconds / every) + 1) * every
-
-

@@ -17,58 +17,110 @@ CHECKPOINT_HELP = "Which weights: best (the best validation point; the last if n
 SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
 
 
-def _recipe_values(dataset: Optional[Path], steps: Optional[int], batch_size: Optional[int], seq_len: Optional[int],
-                   time_budget: Optional[float], section: str) -> dict:
+def _recipe_values(
+    dataset: Optional[Path],
+    steps: Optional[int],
+    batch_size: Optional[int],
+    seq_len: Optional[int],
+    time_budget: Optional[float],
+    section: str,
+) -> dict:
     """The typed recipe options given, as {"key.path": value}: set as values, never re-parsed, so any path works."""
-    values = {"data.dataset": None if dataset is None else str(dataset), "data.seq_len": seq_len,
-              f"{section}.steps": steps, f"{section}.batch_size": batch_size, f"{section}.time_budget": time_budget}
+    values = {
+        "data.dataset": None if dataset is None else str(dataset),
+        "data.seq_len": seq_len,
+        f"{section}.steps": steps,
+        f"{section}.batch_size": batch_size,
+        f"{section}.time_budget": time_budget,
+    }
     return {key: value for key, value in values.items() if value is not None}
 
 
 def _print_train_result(result, objective: str) -> None:
     m = result.last_metrics
-    line = f"[green]done[/] {objective}: step {result.step}, {result.train_seconds:.1f} s of training, run {result.run_dir}"
+    line = (
+        f"[green]done[/] {objective}: step {result.step}, {result.train_seconds:.1f} s of training, "
+        f"run {result.run_dir}"
+    )
     if m:
         line += f", train loss {m.get('loss', float('nan')):.4f}, {m.get('bytes_per_second', 0) / 1e3:.1f} kB/s"
     console.print(line)
     if result.last_eval:
-        console.print("valid: " + ", ".join(f"{k} {v:.4f}" for k, v in result.last_eval.items()
-                                            if k not in ("step", "split", "candidates", "train_seconds")))
+        console.print(
+            "valid: "
+            + ", ".join(
+                f"{k} {v:.4f}"
+                for k, v in result.last_eval.items()
+                if k not in ("step", "split", "candidates", "train_seconds")
+            )
+        )
     if result.best:
-        console.print(f"best: {result.best['metric']} {result.best['value']:.4f} at step {result.best['step']} "
-                      f"({result.best['path']})")
+        console.print(
+            f"best: {result.best['metric']} {result.best['value']:.4f} at step {result.best['step']} "
+            f"({result.best['path']})"
+        )
 
 
-def _train(objective: str, recipe_name: Optional[str], overrides: list[str], values: dict, out: Optional[Path], resume: bool,
-           allow_changes: bool, device: str, no_compile: bool, init_from=None, recipe=None):
+def _train(
+    objective: str,
+    recipe_name: Optional[str],
+    overrides: list[str],
+    values: dict,
+    out: Optional[Path],
+    resume: bool,
+    allow_changes: bool,
+    device: str,
+    no_compile: bool,
+    init_from=None,
+    recipe=None,
+):
     from haed.runs import recipe_for_run
     from haed.train import train
 
     run_dir = out or Path("runs") / f"{recipe_name or 'tiny'}-{objective}"
     if recipe is None and (not resume or recipe_name or overrides or values):
-        recipe = recipe_for_run(run_dir if resume and not recipe_name else None, recipe_name or "tiny", overrides, values)
+        recipe = recipe_for_run(
+            run_dir if resume and not recipe_name else None, recipe_name or "tiny", overrides, values
+        )
     console.print(f"[bold]{objective}[/] training into {run_dir}" + (" (resuming)" if resume else ""))
     with TrainingDisplay() as display:
-        result = train(recipe, objective, run_dir, resume=resume, allow_changes=allow_changes, device=device,
-                       init_from=init_from, compile=False if no_compile else None, on_event=display)
+        result = train(
+            recipe,
+            objective,
+            run_dir,
+            resume=resume,
+            allow_changes=allow_changes,
+            device=device,
+            init_from=init_from,
+            compile=False if no_compile else None,
+            on_event=display,
+        )
     _print_train_result(result, objective)
     if result.interrupted:
         raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
     return result
 
 
-RESUME_HELP = ("Continue the run in --out from its newest intact checkpoint, with the run's own recipe, dataset and "
-               "seed (recipe options that differ are refused unless --allow-changes).")
+RESUME_HELP = (
+    "Continue the run in --out from its newest intact checkpoint, with the run's own recipe, dataset and "
+    "seed (recipe options that differ are refused unless --allow-changes)."
+)
 ALLOW_HELP = "With --resume: accept recipe options that differ from the run's (e.g. a longer --time-budget)."
-BUDGET_HELP = ("Seconds of training (validation and checkpoints not counted): the schedule runs over the budget and "
-               "the run ends when it is spent.")
+BUDGET_HELP = (
+    "Seconds of training (validation and checkpoints not counted): the schedule runs over the budget and "
+    "the run ends when it is spent."
+)
 
 
 def train_iem(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " Default: tiny."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."),
+    dataset: Optional[Path] = typer.Option(
+        None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/RECIPE-OBJECTIVE)."),
-    objective: str = typer.Option("iem", "--objective", help="iem (default), or full: end-to-end byte cross-entropy (same as train-full)."),
+    objective: str = typer.Option(
+        "iem", "--objective", help="iem (default), or full: end-to-end byte cross-entropy (same as train-full)."
+    ),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help=BUDGET_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch (overrides the recipe)."),
@@ -91,9 +143,16 @@ def train_iem(
 
 def train_full(
     recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " Default: tiny."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/RECIPE-full or runs/RECIPE-flat)."),
-    arch: str = typer.Option("haed", help="haed: the hierarchy end to end; flat: a byte-level transformer (the recipe's main stack over bytes)."),
+    dataset: Optional[Path] = typer.Option(
+        None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Run directory (default: runs/RECIPE-full or runs/RECIPE-flat)."
+    ),
+    arch: str = typer.Option(
+        "haed",
+        help="haed: the hierarchy end to end; flat: a byte-level transformer (the recipe's main stack over bytes).",
+    ),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe's [full] section)."),
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help=BUDGET_HELP),
     batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
@@ -137,8 +196,19 @@ def train_decoder(
 
     values = _recipe_values(None, steps, batch_size, None, time_budget, "decoder")
     recipe = None if resume and not (overrides or values) else decoder_phase_recipe(run, overrides, values)
-    _train("decoder", None, [], {}, out or Path(run) / "decoder", resume, allow_changes, device, no_compile,
-           init_from=None if resume else run, recipe=recipe)
+    _train(
+        "decoder",
+        None,
+        [],
+        {},
+        out or Path(run) / "decoder",
+        resume,
+        allow_changes,
+        device,
+        no_compile,
+        init_from=None if resume else run,
+        recipe=recipe,
+    )
 
 
 def evaluate(
@@ -149,7 +219,12 @@ def evaluate(
     seq_len: Optional[int] = typer.Option(None, help="Window length (default: the training window)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
     checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
-    data: Optional[Path] = typer.Option(None, "--data", help="Evaluate other bytes: a file (raw bytes; a WAV/FLAC for audio runs) or a dataset directory (its --split)."),
+    data: Optional[Path] = typer.Option(
+        None,
+        "--data",
+        help="Evaluate other bytes: a file (raw bytes; a WAV/FLAC for audio runs) or a dataset directory (its "
+        "--split).",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ):
     """Exact bits per byte of a split or other data (every byte through the decoder; bits per sample for audio).
@@ -177,22 +252,45 @@ def evaluate(
 def generate(
     run: Path = typer.Option(..., "--run", help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text prompt."),
-    prompt_file: Optional[Path] = typer.Option(None, help="Read the prompt bytes from a file (text runs) or a WAV/FLAC (audio runs)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="One stream: the output file (text: prompt + sample; audio: a WAV). "
-                                       "Several: a folder of sample-000.txt / sample-000.wav ... Default: stdout for text; "
-                                       "sample.wav (or sample-000.wav ...) here for audio."),
+    prompt_file: Optional[Path] = typer.Option(
+        None, help="Read the prompt bytes from a file (text runs) or a WAV/FLAC (audio runs)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="One stream: the output file (text: prompt + sample; audio: a WAV). "
+        "Several: a folder of sample-000.txt / sample-000.wav ... Default: stdout for text; "
+        "sample.wav (or sample-000.wav ...) here for audio.",
+    ),
     max_bytes: Optional[int] = typer.Option(None, help="Bytes (audio: samples) to generate per stream."),
-    seconds: Optional[float] = typer.Option(None, help="Audio: seconds to generate per stream (instead of --max-bytes)."),
+    seconds: Optional[float] = typer.Option(
+        None, help="Audio: seconds to generate per stream (instead of --max-bytes)."
+    ),
     temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0: greedy)."),
     top_k: Optional[int] = typer.Option(None, help="Keep the k most likely bytes (0: off)."),
     top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass, in (0, 1] (1: off)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same output; stream i uses seed + i."),
-    num_samples: int = typer.Option(1, "--num-samples", "-n", help="Independent continuations generated in one batch; "
-                                    "stream i equals a single run with --seed SEED+i."),
-    stream: bool = typer.Option(False, "--stream", help="Text: write to stdout as it is generated, one patch at a time. "
-                                "(WAV files are always written as they are generated, valid at every moment.)"),
+    seed: Optional[int] = typer.Option(
+        None, help="Random seed: the same seed gives the same output; stream i uses seed + i."
+    ),
+    num_samples: int = typer.Option(
+        1,
+        "--num-samples",
+        "-n",
+        help="Independent continuations generated in one batch; stream i equals a single run with --seed SEED+i.",
+    ),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Text: write to stdout as it is generated, one patch at a time. "
+        "(WAV files are always written as they are generated, valid at every moment.)",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="On CUDA, replay each step as a CUDA graph (captured during the prefill); off: the same steps eagerly."),
+    cuda_graphs: bool = typer.Option(
+        True,
+        "--cuda-graphs/--no-cuda-graphs",
+        help="On CUDA, replay each step as a CUDA graph (captured during the prefill); off: the same steps eagerly.",
+    ),
     checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
 ):
     """Sample with cached hierarchical generation (main-model and decoder key/value caches).
@@ -206,51 +304,97 @@ def generate(
     from haed.generate_job import prepare_generation, run_generation
 
     plan = prepare_generation(
-        run, device=device, checkpoint=checkpoint, prompt=prompt, prompt_file=prompt_file, out=out, max_bytes=max_bytes, seconds=seconds,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, num_samples=num_samples, stream=stream,
+        run,
+        device=device,
+        checkpoint=checkpoint,
+        prompt=prompt,
+        prompt_file=prompt_file,
+        out=out,
+        max_bytes=max_bytes,
+        seconds=seconds,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        num_samples=num_samples,
+        stream=stream,
     )
     # Streamed text is its own progress display: a bar on stderr would tear it.
     show_bar = not (plan.kind == "text" and plan.stream)
-    with (Progress(console=err_console, transient=True) if show_bar else nullcontext()) as progress:
+    with Progress(console=err_console, transient=True) if show_bar else nullcontext() as progress:
         done = run_generation(plan, cuda_graphs=cuda_graphs, progress=progress, stdout=sys.stdout)
     result = done.result
     n = plan.num_samples
     if plan.kind == "audio":
         sr = plan.sample_rate
         each = f"{len(plan.prompt + result.output) / sr:.2f} s at {sr} Hz, {len(result.output) / sr:.2f} s generated"
-        where = str(done.files[0]) if n == 1 else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
+        where = (
+            str(done.files[0])
+            if n == 1
+            else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
+        )
         err_console.print(f"wrote {where} ({'each ' if n > 1 else ''}{each})", highlight=False, soft_wrap=True)
     elif done.files:
-        where = str(done.files[0]) if n == 1 else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
+        where = (
+            str(done.files[0])
+            if n == 1
+            else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
+        )
         err_console.print(f"wrote {where}", highlight=False, soft_wrap=True)
     unit = "samples" if plan.kind == "audio" else "bytes"
     rate = f"{result.bytes_per_second:,.0f} {unit}/s"
     if n > 1:
-        rate += f" aggregate over {n} streams ({result.bytes_per_second_per_stream:,.0f} per stream, seeds {plan.seed}..{plan.seed + n - 1})"
+        rate += (
+            f" aggregate over {n} streams ({result.bytes_per_second_per_stream:,.0f} per stream, "
+            f"seeds {plan.seed}..{plan.seed + n - 1})"
+        )
     if plan.kind == "audio":
         rtf = done.real_time_factor
         rate += f", real-time factor {rtf:.3f}" + (f" per stream ({rtf * n:.2f} for all {n})" if n > 1 else "")
-    err_console.print(f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
-                      f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}; "
-                      f"weights {plan.checkpoint})[/]",
-                      highlight=False, soft_wrap=True)
+    err_console.print(
+        f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
+        f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}; "
+        f"weights {plan.checkpoint})[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def compare(
     recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."),
-    budget: float = typer.Option(..., "--time-budget", "--budget", help="Seconds of training for each system (IEM + decoder phase together get the same)."),
-    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Where the runs, compare.json and compare.png go."),
+    dataset: Optional[Path] = typer.Option(
+        None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."
+    ),
+    budget: float = typer.Option(
+        ...,
+        "--time-budget",
+        "--budget",
+        help="Seconds of training for each system (IEM + decoder phase together get the same).",
+    ),
+    out: Path = typer.Option(
+        Path("runs/compare"), "--out", "-o", help="Where the runs, compare.json and compare.png go."
+    ),
     systems: str = typer.Option("iem,full,flat", help="Comma-separated: iem (IEM + decoder phase), full, flat."),
     decoder_fraction: float = typer.Option(0.1, help="Share of the IEM system's budget given to the decoder phase."),
     evals: int = typer.Option(10, help="Validation points per phase (evenly spaced in training seconds)."),
-    eval_data: List[Path] = typer.Option([], "--eval-data", help="Also score this file or dataset directory (repeatable)."),
+    eval_data: List[Path] = typer.Option(
+        [], "--eval-data", help="Also score this file or dataset directory (repeatable)."
+    ),
     eval_bytes: Optional[int] = typer.Option(None, help="Score only the first N bytes of each test split or file."),
     seq_len: Optional[int] = typer.Option(None, help="Window length in bytes (overrides the recipe)."),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    flat_overrides: List[str] = typer.Option([], "--flat-set", help="Override the flat baseline's recipe, e.g. --flat-set main.layers=6 (default: depth matched to the hierarchy's parameter count)."),
+    flat_overrides: List[str] = typer.Option(
+        [],
+        "--flat-set",
+        help="Override the flat baseline's recipe, e.g. --flat-set main.layers=6 (default: depth matched to the "
+        "hierarchy's parameter count).",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the stacks (CUDA); off by default so compilation is not charged to short budgets."),
+    compile: bool = typer.Option(
+        False,
+        "--compile/--no-compile",
+        help="torch.compile the stacks (CUDA); off by default so compilation is not charged to short budgets.",
+    ),
 ):
     """Which objective should I train? IEM + decoder phase, full and flat for the same seconds, then test bits per byte.
 
@@ -261,16 +405,31 @@ def compare(
 
     r = recipe_for_run(None, recipe, overrides, _recipe_values(dataset, None, None, seq_len, None, "iem"))
     with TrainingDisplay() as display:
-        result = run_compare(r, out, budget, systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
-                             decoder_fraction=decoder_fraction, evals=evals, flat_overrides=flat_overrides,
-                             eval_data=eval_data, eval_bytes=eval_bytes, device=device, compile=compile,
-                             on_event=display)
+        result = run_compare(
+            r,
+            out,
+            budget,
+            systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
+            decoder_fraction=decoder_fraction,
+            evals=evals,
+            flat_overrides=flat_overrides,
+            eval_data=eval_data,
+            eval_bytes=eval_bytes,
+            device=device,
+            compile=compile,
+            on_event=display,
+        )
     table = Table(title=f"{result['recipe']}: {result['budget_seconds']:g} s of training each, {result['device']}")
     for column in ("system", "parameters", "train s", f"test {result['unit']}", *result["rows"][0]["other_data"]):
         table.add_column(column, justify="left" if column == "system" else "right")
     for row in result["rows"]:
-        table.add_row(row["label"], f"{row['parameters'] / 1e6:.2f}M", f"{row['train_seconds']:.1f}",
-                      f"{row['test_bits_per_byte']:.4f}", *(f"{v:.4f}" for v in row["other_data"].values()))
+        table.add_row(
+            row["label"],
+            f"{row['parameters'] / 1e6:.2f}M",
+            f"{row['train_seconds']:.1f}",
+            f"{row['test_bits_per_byte']:.4f}",
+            *(f"{v:.4f}" for v in row["other_data"].values()),
+        )
     console.print(table)
     if result["iem_vs_full"] is not None:
         console.print(f"IEM + decoder phase / full: {result['iem_vs_full']:.3f}")
@@ -291,19 +450,29 @@ def quickstart(
     from haed.pipeline import quickstart as run_pipeline
 
     with TrainingDisplay() as display:
-        result = run_pipeline(workdir, recipe, overrides, prompt.encode("utf-8"), device, console=console,
-                              on_event=display)
+        result = run_pipeline(
+            workdir, recipe, overrides, prompt.encode("utf-8"), device, console=console, on_event=display
+        )
     ev = result.evaluation
     console.rule("sample")
     sys.stdout.write((result.sample.prompt + result.sample.output).decode("utf-8", errors="replace") + "\n")
     sys.stdout.flush()
     console.rule()
     console.print(f"[dim]{len(result.sample.output)} bytes at {result.sample.bytes_per_second:,.0f} bytes/s[/]")
-    console.print(f"[bold green]test bits per byte: {ev['bits_per_byte']:.4f}[/] over {ev['bytes']:,} bytes "
-                  f"({ev['windowing']}); run: {result.run_dir}")
+    console.print(
+        f"[bold green]test bits per byte: {ev['bits_per_byte']:.4f}[/] over {ev['bytes']:,} bytes "
+        f"({ev['windowing']}); run: {result.run_dir}"
+    )
 
 
 def register(app: typer.Typer) -> None:
-    for name, fn in (("train-iem", train_iem), ("train-decoder", train_decoder), ("train-full", train_full),
-                     ("evaluate", evaluate), ("generate", generate), ("compare", compare), ("quickstart", quickstart)):
+    for name, fn in (
+        ("train-iem", train_iem),
+        ("train-decoder", train_decoder),
+        ("train-full", train_full),
+        ("evaluate", evaluate),
+        ("generate", generate),
+        ("compare", compare),
+        ("quickstart", quickstart),
+    ):
         app.command(name)(user_errors(fn))

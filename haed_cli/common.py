@@ -99,27 +99,37 @@ class TrainingDisplay:
                 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
                 self.progress = Progress(
-                    TextColumn("[bold]{task.description}"), BarColumn(),
-                    TextColumn("{task.fields[done]}"), TextColumn("loss {task.fields[loss]}"),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
+                    TextColumn("{task.fields[done]}"),
+                    TextColumn("loss {task.fields[loss]}"),
+                    TextColumn("{task.fields[rate]}"),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
                     console=self.console,
                 )
                 self.progress.start()
-                self.task = self.progress.add_task(event["objective"], total=self.total, completed=event["completed"],
-                                                   loss="-", rate="", done="")
+                self.task = self.progress.add_task(
+                    event["objective"], total=self.total, completed=event["completed"], loss="-", rate="", done=""
+                )
         elif kind == "progress" and self.progress is not None:
             done = event["completed"]
             label = f"{done:.1f}/{self.total:g} s" if self.unit == "seconds" else f"{done}/{self.total:.0f}"
             self.progress.update(self.task, completed=done, done=label)
         elif kind == "log":
             if self.progress is not None:
-                self.progress.update(self.task, loss=f"{event['loss']:.4f}", rate=_format_rate(event["bytes_per_second"]))
+                self.progress.update(
+                    self.task, loss=f"{event['loss']:.4f}", rate=_format_rate(event["bytes_per_second"])
+                )
             else:
                 self._say(self._plain_line(event))
         elif kind == "valid":
             self._say(f"step {event['step']} valid: {_format_metrics(event)}")
         elif kind == "best" and not self.live:
-            self._say(f"step {event['step']}: best {event['metric']} so far ({event['value']:.4f}) kept in {event['path']}")
+            self._say(
+                f"step {event['step']}: best {event['metric']} so far ({event['value']:.4f}) kept in {event['path']}"
+            )
         elif kind == "message":
             self._say(event["text"])
         elif kind == "end":
@@ -130,6 +140,12 @@ class TrainingDisplay:
         fraction = (done - self.completed_at_start) / max(self.total - self.completed_at_start, 1e-9)
         elapsed = time.perf_counter() - self.started
         eta = elapsed * (1 - fraction) / fraction if fraction > 0 else float("nan")
-        where = f"{event['train_seconds']:.1f}/{self.total:g} s" if self.unit == "seconds" else f"{event['step']}/{self.total:.0f}"
-        return (f"step {event['step']} ({where}): loss {event['loss']:.4f}, {_format_rate(event['bytes_per_second'])}, "
-                f"ETA {eta:.0f} s")
+        where = (
+            f"{event['train_seconds']:.1f}/{self.total:g} s"
+            if self.unit == "seconds"
+            else f"{event['step']}/{self.total:.0f}"
+        )
+        return (
+            f"step {event['step']} ({where}): loss {event['loss']:.4f}, {_format_rate(event['bytes_per_second'])}, "
+            f"ETA {eta:.0f} s"
+        )

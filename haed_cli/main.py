@@ -35,7 +35,9 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ):
     """Train and sample hierarchical (HAED) byte models of text and raw audio, with IEM."""
 

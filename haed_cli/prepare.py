@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from haed_cli.common import console, user_errors
@@ -81,10 +81,14 @@ def print_summary(meta: dict, out: Path) -> None:
     console.print(table)
     console.print(f"source: {meta['source']['description']}", highlight=False, markup=False)
     if audio:
-        console.print(f"audio: {meta['sample_rate']} Hz, {meta['encoding']}, split rule {meta['split_rule']['name']}", highlight=False)
+        console.print(
+            f"audio: {meta['sample_rate']} Hz, {meta['encoding']}, split rule {meta['split_rule']['name']}",
+            highlight=False,
+        )
         if meta.get("skipped_count"):
             console.print(
-                f"[yellow]skipped {meta['skipped_count']} unreadable file(s)[/] (listed in meta.json), e.g. {escape(meta['skipped'][0]['name'])}",
+                f"[yellow]skipped {meta['skipped_count']} unreadable file(s)[/] (listed in meta.json), e.g. "
+                f"{escape(meta['skipped'][0]['name'])}",
                 highlight=False,
             )
     elif "files" in meta:
@@ -93,48 +97,76 @@ def print_summary(meta: dict, out: Path) -> None:
 
 def stdlib(
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-    max_bytes: int = typer.Option(4_000_000, "--max-bytes", help="Cap: the first N bytes of the concatenated sources (0: no cap)."),
-    valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="Fraction of the bytes for valid (taken after train)."),
-    test_fraction: float = typer.Option(0.05, "--test-fraction", help="Fraction of the bytes for test (the end of the stream)."),
+    max_bytes: int = typer.Option(
+        4_000_000, "--max-bytes", help="Cap: the first N bytes of the concatenated sources (0: no cap)."
+    ),
+    valid_fraction: float = typer.Option(
+        0.05, "--valid-fraction", help="Fraction of the bytes for valid (taken after train)."
+    ),
+    test_fraction: float = typer.Option(
+        0.05, "--test-fraction", help="Fraction of the bytes for test (the end of the stream)."
+    ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Make the offline default text corpus from the Python standard library's own .py files.
 
-    The files are taken in sorted order (site-packages and test folders left out), concatenated, cut at --max-bytes and split at the end of the stream. Needs no network; the content depends on the Python version, which meta.json records.
+    The files are taken in sorted order (site-packages and test folders left out), concatenated, cut at --max-bytes
+    and split at the end of the stream. Needs no network; the content depends on the Python version, which meta.json
+    records.
     """
     from haed.prepare import prepare_stdlib
 
     with _progress(bytes_mode=True) as p:
-        meta = prepare_stdlib(out, max_bytes=max_bytes, valid_fraction=valid_fraction, test_fraction=test_fraction, force=force, progress=p)
+        meta = prepare_stdlib(
+            out,
+            max_bytes=max_bytes,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            force=force,
+            progress=p,
+        )
     print_summary(meta, out)
 
 
 def text(
-    paths: List[Path] = typer.Argument(..., help="Files and folders (folders are read recursively).", show_default=False),
+    paths: List[Path] = typer.Argument(
+        ..., help="Files and folders (folders are read recursively).", show_default=False
+    ),
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-    valid_fraction: float = typer.Option(0.05, "--valid-fraction", help="Fraction of the bytes for valid (taken after train)."),
-    test_fraction: float = typer.Option(0.05, "--test-fraction", help="Fraction of the bytes for test (the end of the stream)."),
+    valid_fraction: float = typer.Option(
+        0.05, "--valid-fraction", help="Fraction of the bytes for valid (taken after train)."
+    ),
+    test_fraction: float = typer.Option(
+        0.05, "--test-fraction", help="Fraction of the bytes for test (the end of the stream)."
+    ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Concatenate files and folders into one byte stream and split it at its end.
 
-    Order: the paths as given; a folder gives every file below it sorted by relative path (names starting with '.' skipped). The stream is cut into train, then valid, then test; the three splits concatenated give back the input bytes exactly. meta.json lists every file's offset.
+    Order: the paths as given; a folder gives every file below it sorted by relative path (names starting with '.'
+    skipped). The stream is cut into train, then valid, then test; the three splits concatenated give back the input
+    bytes exactly. meta.json lists every file's offset.
     """
     from haed.prepare import prepare_text
 
     with _progress(bytes_mode=True) as p:
-        meta = prepare_text(paths, out, valid_fraction=valid_fraction, test_fraction=test_fraction, force=force, progress=p)
+        meta = prepare_text(
+            paths, out, valid_fraction=valid_fraction, test_fraction=test_fraction, force=force, progress=p
+        )
     print_summary(meta, out)
 
 
 def enwik8(
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-    source: Optional[Path] = typer.Option(None, "--source", help="Local enwik8.zip or extracted enwik8 (otherwise it is downloaded)."),
+    source: Optional[Path] = typer.Option(
+        None, "--source", help="Local enwik8.zip or extracted enwik8 (otherwise it is downloaded)."
+    ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """The Hutter Prize enwik8 benchmark, split in order 90M / 5M / 5M bytes.
 
-    Without --source the standard enwik8.zip is downloaded (about 36 MB); offline, the command says so within seconds. The data must be exactly 100,000,000 bytes.
+    Without --source the standard enwik8.zip is downloaded (about 36 MB); offline, the command says so within seconds.
+    The data must be exactly 100,000,000 bytes.
     """
     from haed.prepare import prepare_enwik8
 
@@ -144,31 +176,54 @@ def enwik8(
 
 
 def audio(
-    source: Optional[Path] = typer.Argument(None, help="Folder of WAV/FLAC files (searched recursively).", show_default=False),
+    source: Optional[Path] = typer.Argument(
+        None, help="Folder of WAV/FLAC files (searched recursively).", show_default=False
+    ),
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-    sample_rate: int = typer.Option(..., "--sample-rate", help="Target sample rate in Hz (resampled with soxr when a file differs)."),
-    hf: Optional[str] = typer.Option(None, "--hf", help="A Hugging Face datasets audio dataset (name or local path) instead of SOURCE."),
+    sample_rate: int = typer.Option(
+        ..., "--sample-rate", help="Target sample rate in Hz (resampled with soxr when a file differs)."
+    ),
+    hf: Optional[str] = typer.Option(
+        None, "--hf", help="A Hugging Face datasets audio dataset (name or local path) instead of SOURCE."
+    ),
     hf_config: Optional[str] = typer.Option(None, "--hf-config", help="Configuration name of the --hf dataset."),
     split_rule: Optional[str] = typer.Option(
-        None, "--split-rule",
+        None,
+        "--split-rule",
         help="hash (default for folders: sha256 of the relative file name against the fractions), "
         "fsdd (index 0-4 test, 5-9 valid, rest train), dataset (the --hf dataset's own splits; its default).",
     ),
-    valid_fraction: Optional[float] = typer.Option(None, "--valid-fraction", help="hash rule: fraction of files for valid \\[default: 0.05]."),
-    test_fraction: Optional[float] = typer.Option(None, "--test-fraction", help="hash rule: fraction of files for test \\[default: 0.05]."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Leave out unreadable files (counted and listed in meta.json) instead of failing."),
+    valid_fraction: Optional[float] = typer.Option(
+        None, "--valid-fraction", help="hash rule: fraction of files for valid \\[default: 0.05]."
+    ),
+    test_fraction: Optional[float] = typer.Option(
+        None, "--test-fraction", help="hash rule: fraction of files for test \\[default: 0.05]."
+    ),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad", help="Leave out unreadable files (counted and listed in meta.json) instead of failing."
+    ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
     """Raw audio as 8-bit mu-law bytes: mono mixdown, soxr resampling, split by whole file.
 
-    Every recording lands in exactly one split; meta.json gives each file's split, offset and length (in samples = bytes).
+    Every recording lands in exactly one split; meta.json gives each file's split, offset and length (in samples =
+    bytes).
     """
     from haed.prepare import prepare_audio
 
     with _progress(bytes_mode=False) as p:
         meta = prepare_audio(
-            source, out, sample_rate=sample_rate, hf=hf, hf_config=hf_config, split_rule=split_rule,
-            valid_fraction=valid_fraction, test_fraction=test_fraction, skip_bad=skip_bad, force=force, progress=p,
+            source,
+            out,
+            sample_rate=sample_rate,
+            hf=hf,
+            hf_config=hf_config,
+            split_rule=split_rule,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            skip_bad=skip_bad,
+            force=force,
+            progress=p,
         )
     print_summary(meta, out)
 
@@ -178,24 +233,29 @@ def register(app: typer.Typer) -> None:
     sub = typer.Typer(**PREPARE_APP)
     sub.command(
         "stdlib",
-        short_help="Offline default corpus: this Python's standard-library sources. Example: haed prepare stdlib --out data/stdlib",
+        short_help="Offline default corpus: this Python's standard-library sources. Example: haed prepare stdlib "
+        "--out data/stdlib",
         epilog="Example: haed prepare stdlib --out data/stdlib",
     )(user_errors(stdlib))
     sub.command(
         "text",
-        short_help="Files and folders of text, concatenated in sorted order. Example: haed prepare text notes/ --out data/notes",
+        short_help="Files and folders of text, concatenated in sorted order. Example: haed prepare text notes/ --out "
+        "data/notes",
         epilog="Example: haed prepare text notes/ book.txt --out data/notes --valid-fraction 0.05 --test-fraction 0.05",
     )(user_errors(text))
     sub.command(
         "enwik8",
         short_help="enwik8 (100,000,000 bytes) split 90M/5M/5M. Example: haed prepare enwik8 --out data/enwik8",
-        epilog="Examples:\n\n  haed prepare enwik8 --out data/enwik8\n\n  haed prepare enwik8 --source ~/enwik8.zip --out data/enwik8",
+        epilog="Examples:\n\n  haed prepare enwik8 --out data/enwik8\n\n  haed prepare enwik8 --source ~/enwik8.zip "
+        "--out data/enwik8",
     )(user_errors(enwik8))
     sub.command(
         "audio",
-        short_help="WAV/FLAC folder (or --hf dataset) to 8-bit mu-law. Example: haed prepare audio wavs/ --out data/speech --sample-rate 16000",
+        short_help="WAV/FLAC folder (or --hf dataset) to 8-bit mu-law. Example: haed prepare audio wavs/ --out "
+        "data/speech --sample-rate 16000",
         epilog=(
-            "Examples:\n\n  haed prepare audio ../shared/data/fsdd --out data/fsdd-8k --sample-rate 8000 --split-rule fsdd\n\n"
+            "Examples:\n\n  haed prepare audio ../shared/data/fsdd --out data/fsdd-8k --sample-rate 8000 "
+            "--split-rule fsdd\n\n"
             "  haed prepare audio --hf NAME --out data/speech --sample-rate 16000"
         ),
     )(user_errors(audio))

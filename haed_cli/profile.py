@@ -54,21 +54,46 @@ def cells_table(result: dict, title: str | None = None) -> Table:
     measured = env.get("memory_measured", True)
     na = "n/m" if not measured else "-"
     where = env.get("gpu") or "CPU"
-    table = Table(title=title or f"profile-memory: {result.get('recipe', {}).get('name', '')} on {where} "
-                                 f"({env.get('dtype', '')}, {result.get('data', '')})")
+    table = Table(
+        title=title
+        or f"profile-memory: {result.get('recipe', {}).get('name', '')} on {where} "
+        f"({env.get('dtype', '')}, {result.get('data', '')})"
+    )
     table.add_column("objective", no_wrap=True)
-    for name in ("seq", "batch", "peak alloc GiB", "peak reserved GiB", "median step ms", "bytes/s (M)", "candidates",
-                 "TFLOP/s", "% peak"):
+    for name in (
+        "seq",
+        "batch",
+        "peak alloc GiB",
+        "peak reserved GiB",
+        "median step ms",
+        "bytes/s (M)",
+        "candidates",
+        "TFLOP/s",
+        "% peak",
+    ):
         table.add_column(name, justify="right")
     for c in result["cells"]:
         if c["status"] != "ok":
-            table.add_row(c["objective"], f"{c['seq_len']:,}", str(c["batch_size"]),
-                          f"[red]{c['status']}[/]", "", "", "", "", "", "")
+            table.add_row(
+                c["objective"],
+                f"{c['seq_len']:,}",
+                str(c["batch_size"]),
+                f"[red]{c['status']}[/]",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+            )
             continue
         fraction = c.get("fraction_of_peak")
         table.add_row(
-            c["objective"], f"{c['seq_len']:,}", str(c["batch_size"]),
-            _num(c.get("peak_allocated_gib"), ".2f", na), _num(c.get("peak_reserved_gib"), ".2f", na),
+            c["objective"],
+            f"{c['seq_len']:,}",
+            str(c["batch_size"]),
+            _num(c.get("peak_allocated_gib"), ".2f", na),
+            _num(c.get("peak_reserved_gib"), ".2f", na),
             _num(c.get("median_step_ms"), ".1f"),
             _num(None if c.get("bytes_per_second") is None else c["bytes_per_second"] / 1e6, ".3f"),
             _num(c.get("candidates_mean"), ",.0f"),
@@ -87,9 +112,15 @@ def ratios_table(result: dict) -> Table | None:
     for name in ("seq", "batch", "peak alloc", "peak reserved", "bytes/s", "step time"):
         table.add_column(name, justify="right")
     for r in ratios:
-        table.add_row(f"{r['numerator']} / {r['denominator']}", f"{r['seq_len']:,}", str(r["batch_size"]),
-                      _num(r.get("peak_allocated"), ".3f"), _num(r.get("peak_reserved"), ".3f"),
-                      _num(r.get("bytes_per_second"), ".2f"), _num(r.get("median_step_ms"), ".2f"))
+        table.add_row(
+            f"{r['numerator']} / {r['denominator']}",
+            f"{r['seq_len']:,}",
+            str(r["batch_size"]),
+            _num(r.get("peak_allocated"), ".3f"),
+            _num(r.get("peak_reserved"), ".3f"),
+            _num(r.get("bytes_per_second"), ".2f"),
+            _num(r.get("median_step_ms"), ".2f"),
+        )
     return table
 
 
@@ -103,8 +134,10 @@ def print_profile(result: dict) -> None:
         console.print(table)
     for c in result["cells"]:
         if c["status"] == "error":
-            console.print(f"[red]error[/] in {c['objective']} seq {c['seq_len']} batch {c['batch_size']}: {c['error']}",
-                          highlight=False)
+            console.print(
+                f"[red]error[/] in {c['objective']} seq {c['seq_len']} batch {c['batch_size']}: {c['error']}",
+                highlight=False,
+            )
     from haed.profile import describe_max_context, describe_measured
 
     for entry in result.get("max_context") or []:
@@ -113,26 +146,74 @@ def print_profile(result: dict) -> None:
 
 
 def profile_memory(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " Default: enwik8 on CUDA (the README's headline configuration), tiny with --device cpu."),
-    compare_full: bool = typer.Option(False, "--compare-full", help="Profile iem, decoder and full (plus any --objectives, e.g. flat)."),
-    objectives: Optional[str] = typer.Option(None, "--objectives", help="Comma-separated: iem, decoder, full, flat (default: iem)."),
-    seq_lens: Optional[str] = typer.Option(None, "--seq-lens", help="Comma-separated window lengths in bytes (default: 2048,4096,8192,16384)."),
-    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated batch sizes (default: 16 on CUDA, 4,8,16 with --device cpu)."),
+    recipe: Optional[str] = typer.Option(
+        None,
+        "--recipe",
+        "-r",
+        help=RECIPE_HELP + " Default: enwik8 on CUDA (the README's headline configuration), tiny with --device cpu.",
+    ),
+    compare_full: bool = typer.Option(
+        False, "--compare-full", help="Profile iem, decoder and full (plus any --objectives, e.g. flat)."
+    ),
+    objectives: Optional[str] = typer.Option(
+        None, "--objectives", help="Comma-separated: iem, decoder, full, flat (default: iem)."
+    ),
+    seq_lens: Optional[str] = typer.Option(
+        None, "--seq-lens", help="Comma-separated window lengths in bytes (default: 2048,4096,8192,16384)."
+    ),
+    batch_sizes: Optional[str] = typer.Option(
+        None, "--batch-sizes", help="Comma-separated batch sizes (default: 16 on CUDA, 4,8,16 with --device cpu)."
+    ),
     steps: int = typer.Option(5, "--steps", help="Timed optimizer steps per cell (the median is reported)."),
-    warmup: int = typer.Option(2, "--warmup", help="Untimed optimizer steps per cell first (compilation happens here)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", "-d", help="Dataset directory whose train split gives the windows (default: the recipe's, if it exists; else synthetic random bytes, said so in the output and JSON)."),
+    warmup: int = typer.Option(
+        2, "--warmup", help="Untimed optimizer steps per cell first (compilation happens here)."
+    ),
+    dataset: Optional[Path] = typer.Option(
+        None,
+        "--dataset",
+        "-d",
+        help="Dataset directory whose train split gives the windows (default: the recipe's, if it exists; else "
+        "synthetic random bytes, said so in the output and JSON).",
+    ),
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    json_out: Path = typer.Option(Path("profile-memory.json"), "--json", help="Write every number and the environment here."),
-    plot: Path = typer.Option(Path("profile-memory.png"), "--plot", help="Write the plot (memory and bytes/s against sequence length) here."),
+    json_out: Path = typer.Option(
+        Path("profile-memory.json"), "--json", help="Write every number and the environment here."
+    ),
+    plot: Path = typer.Option(
+        Path("profile-memory.png"), "--plot", help="Write the plot (memory and bytes/s against sequence length) here."
+    ),
     device: str = typer.Option("auto", "--device", help="auto or cuda (GPU memory measured), or cpu (timed only)."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the model (CUDA)."),
-    compile_scope: str = typer.Option("objective", "--compile-scope", help="objective: compile afresh per objective, letting torch.compile recompile (dynamic shapes) for its other cells (about 2 compilations per objective); cell: compile every cell afresh for its static shapes (30-80 s per cell at the enwik8 size)."),
-    stop_on_error: bool = typer.Option(False, "--stop-on-error", help="Stop at a cell that fails other than by OOM (default: record it as 'error' and go on)."),
-    max_context: bool = typer.Option(False, "--max-context", help="Also find, per objective and batch size, the longest window that trains without OOM."),
+    compile_scope: str = typer.Option(
+        "objective",
+        "--compile-scope",
+        help="objective: compile afresh per objective, letting torch.compile recompile (dynamic shapes) for its "
+        "other cells (about 2 compilations per objective); cell: compile every cell afresh for its static shapes "
+        "(30-80 s per cell at the enwik8 size).",
+    ),
+    stop_on_error: bool = typer.Option(
+        False,
+        "--stop-on-error",
+        help="Stop at a cell that fails other than by OOM (default: record it as 'error' and go on).",
+    ),
+    max_context: bool = typer.Option(
+        False,
+        "--max-context",
+        help="Also find, per objective and batch size, the longest window that trains without OOM.",
+    ),
     max_seq_len: int = typer.Option(1 << 22, "--max-seq-len", help="--max-context: stop doubling here (bytes)."),
-    refine_steps: int = typer.Option(4, "--refine-steps", help="--max-context: bisection steps between the last fit and the first OOM."),
-    peak_tflops: float = typer.Option(800.0, "--peak-tflops", help="The GPU's bf16 matrix ceiling, for the '% peak' column."),
-    merge: List[Path] = typer.Option([], "--merge", help="Add the cells of another profile JSON (e.g. benchmarks/megabyte_peer.py's) to the table, ratios and plot (repeatable)."),
+    refine_steps: int = typer.Option(
+        4, "--refine-steps", help="--max-context: bisection steps between the last fit and the first OOM."
+    ),
+    peak_tflops: float = typer.Option(
+        800.0, "--peak-tflops", help="The GPU's bf16 matrix ceiling, for the '% peak' column."
+    ),
+    merge: List[Path] = typer.Option(
+        [],
+        "--merge",
+        help="Add the cells of another profile JSON (e.g. benchmarks/megabyte_peer.py's) to the table, ratios and "
+        "plot (repeatable).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the windows and the models."),
 ):
     """Peak GPU memory and speed of a few real training steps per objective, sequence length and batch size.
@@ -142,7 +223,15 @@ def profile_memory(
 
     Example: haed profile-memory --compare-full --dataset data/enwik8
     """
-    from haed.profile import command_line, describe_defaults, merge_profiles, plan_sweep, plot_profile, read_profile_json, write_profile_json
+    from haed.profile import (
+        command_line,
+        describe_defaults,
+        merge_profiles,
+        plan_sweep,
+        plot_profile,
+        read_profile_json,
+        write_profile_json,
+    )
     from haed.profile import profile_memory as run_profile
 
     chosen = choose_objectives(compare_full, objectives)
@@ -151,16 +240,33 @@ def profile_memory(
     # the device first: no CUDA gives one line and a non-zero exit, before any work
     plan = plan_sweep(device, recipe, overrides, seqs, batches)
     others = [read_profile_json(p) for p in merge]
-    console.print(f"[bold]profile-memory[/] of recipe [bold]{plan.recipe.name}[/] on {plan.device}: {', '.join(chosen)}; "
-                  f"seq {','.join(map(str, plan.seq_lens))}; batch {','.join(map(str, plan.batch_sizes))}; "
-                  f"{warmup} warm-up + {steps} timed steps per cell", highlight=False)
+    console.print(
+        f"[bold]profile-memory[/] of recipe [bold]{plan.recipe.name}[/] on {plan.device}: {', '.join(chosen)}; "
+        f"seq {','.join(map(str, plan.seq_lens))}; batch {','.join(map(str, plan.batch_sizes))}; "
+        f"{warmup} warm-up + {steps} timed steps per cell",
+        highlight=False,
+    )
     note = describe_defaults(plan.defaults)
     if note:
         console.print(note, highlight=False)
     result = run_profile(
-        plan.recipe, chosen, plan.seq_lens, plan.batch_sizes, steps=steps, warmup=warmup, device=device, dataset=dataset,
-        compile=not no_compile, max_context_search=max_context, max_seq_len=max_seq_len, refine_steps=refine_steps,
-        peak_tflops=peak_tflops, compile_scope=compile_scope, keep_going=not stop_on_error, seed=seed, console=console,
+        plan.recipe,
+        chosen,
+        plan.seq_lens,
+        plan.batch_sizes,
+        steps=steps,
+        warmup=warmup,
+        device=device,
+        dataset=dataset,
+        compile=not no_compile,
+        max_context_search=max_context,
+        max_seq_len=max_seq_len,
+        refine_steps=refine_steps,
+        peak_tflops=peak_tflops,
+        compile_scope=compile_scope,
+        keep_going=not stop_on_error,
+        seed=seed,
+        console=console,
         defaults=plan.defaults,
     )
     result["command"] = command_line()

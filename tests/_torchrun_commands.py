@@ -26,6 +26,7 @@ for args in plan.get("commands", []):
 
 crash = plan.get("crash")
 if crash:
+
     def on_event(event: dict) -> None:
         if event["event"] == "log" and event["step"] == crash["after_step"]:
             os._exit(9)

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
-from _tiny import make_text_dataset
 from haed.config import debug_recipe
 from haed_cli.main import app
 
@@ -75,9 +75,37 @@ def test_iem_then_decoder_then_evaluate_then_generate(setup):
 
     result = runner.invoke(app, ["generate", "--run", str(run), "--prompt", "the cat", "--max-bytes", "20"])
     assert result.exit_code == 0 and result.stdout.startswith("the cat") and "bytes/s" in result.stderr
-    _ok(["generate", "--run", str(run), "--prompt", "the cat", "--max-bytes", "20", "--seed", "3", "--out", str(root / "a.txt")])
-    _ok(["generate", "--run", str(run), "--prompt", "the cat", "--max-bytes", "20", "--seed", "3", "--out", str(root / "b.txt"),
-         "--no-cuda-graphs"])  # the same fixed-shape steps, run eagerly (on a CPU they always are)
+    _ok(
+        [
+            "generate",
+            "--run",
+            str(run),
+            "--prompt",
+            "the cat",
+            "--max-bytes",
+            "20",
+            "--seed",
+            "3",
+            "--out",
+            str(root / "a.txt"),
+        ]
+    )
+    _ok(
+        [
+            "generate",
+            "--run",
+            str(run),
+            "--prompt",
+            "the cat",
+            "--max-bytes",
+            "20",
+            "--seed",
+            "3",
+            "--out",
+            str(root / "b.txt"),
+            "--no-cuda-graphs",
+        ]
+    )  # the same fixed-shape steps, run eagerly (on a CPU they always are)
     assert (root / "a.txt").read_bytes() == (root / "b.txt").read_bytes()
     assert len((root / "a.txt").read_bytes()) == len(b"the cat") + 20
 

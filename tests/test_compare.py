@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
-from _tiny import make_text_dataset
 from haed.compare import compare, flat_recipe
 from haed.config import debug_recipe
 from haed.errors import HaedError
@@ -47,7 +47,9 @@ def test_compare_gives_every_system_the_budget_and_a_test_score(dataset, tmp_pat
     iem_seconds = json.loads((tmp_path / "cmp" / "iem" / "config.json").read_text())["train_seconds"]
     assert rows["iem"]["valid_curve"][0][0] > iem_seconds
     assert rows["iem"]["run"].endswith("decoder") and rows["iem"]["checkpoint"].endswith("best")
-    assert result["iem_vs_full"] == pytest.approx(rows["iem"]["test_bits_per_byte"] / rows["full"]["test_bits_per_byte"])
+    assert result["iem_vs_full"] == pytest.approx(
+        rows["iem"]["test_bits_per_byte"] / rows["full"]["test_bits_per_byte"]
+    )
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["rows"][0]["test_bits_per_byte"] == result["rows"][0]["test_bits_per_byte"]
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
@@ -73,10 +75,28 @@ def test_cli_compare_and_plain_progress_lines(dataset, tmp_path):
         f'name = "debug"\n[data]\ndataset = "{dataset}"\nseq_len = 64\n'
         "[model]\npatch_size = 4\nencoder = { dim = 16, layers = 1, heads = 2 }\n"
         "main = { dim = 32, layers = 2, heads = 2 }\ndecoder = { dim = 16, layers = 2, heads = 2 }\n"
-        "[iem]\nbatch_size = 2\nlog_every = 1\n[decoder]\nbatch_size = 2\nlog_every = 1\n[full]\nbatch_size = 2\nlog_every = 1\n")
+        "[iem]\nbatch_size = 2\nlog_every = 1\n[decoder]\nbatch_size = 2\nlog_every = 1\n[full]\nbatch_size = "
+        "2\nlog_every = 1\n"
+    )
     runner = CliRunner()
-    result = runner.invoke(app, ["compare", "--recipe", str(recipe), "--time-budget", "0.5", "--out", str(tmp_path / "c"),
-                                 "--systems", "iem,full", "--evals", "1", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "--recipe",
+            str(recipe),
+            "--time-budget",
+            "0.5",
+            "--out",
+            str(tmp_path / "c"),
+            "--systems",
+            "iem,full",
+            "--evals",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "IEM + decoder phase" in result.output and "full (end to end)" in result.output
     # Not a terminal: one plain line per log interval, with the budget's seconds, and no source locations.

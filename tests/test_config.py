@@ -11,13 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
 from _tiny import make_text_dataset
 from conftest import CliResult
+from typer.testing import CliRunner
+
 from haed.config import (
-    RECIPES_DIR, DataConfig, GenerateConfig, ModelConfig, Recipe, StackConfig, TrainConfig, check_fields, field_types,
-    load_recipe, recipe_from_dict,
+    RECIPES_DIR,
+    DataConfig,
+    GenerateConfig,
+    ModelConfig,
+    Recipe,
+    StackConfig,
+    TrainConfig,
+    check_fields,
+    field_types,
+    load_recipe,
+    recipe_from_dict,
 )
 from haed.errors import HaedError
 from haed_cli.main import app
@@ -33,7 +42,11 @@ runner = CliRunner()
 
 def test_builtin_recipes_are_package_data():
     recipes = importlib.resources.files("haed") / "recipes"
-    assert sorted(p.name for p in recipes.iterdir() if p.name.endswith(".toml")) == ["enwik8.toml", "speech.toml", "tiny.toml"]
+    assert sorted(p.name for p in recipes.iterdir() if p.name.endswith(".toml")) == [
+        "enwik8.toml",
+        "speech.toml",
+        "tiny.toml",
+    ]
     assert Path(str(recipes)) == RECIPES_DIR
     package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["haed"]
     for path in RECIPES_DIR.iterdir():  # every file there is shipped by a non-editable install
@@ -105,9 +118,19 @@ def dataset(tmp_path_factory):
 )
 def test_bad_value_is_one_line_naming_the_field(args, field, dataset, tmp_path):
     run = tmp_path / "run"
-    small = ["--set", "iem.steps=2", "--set", "iem.batch_size=2", "--set", "iem.eval_batches=1"]  # seconds, were it accepted
-    result = CliResult(runner.invoke(app, ["train-iem", "--recipe", "tiny", "--dataset", str(dataset),
-                                           "--out", str(run), *small, *args]))
+    small = [
+        "--set",
+        "iem.steps=2",
+        "--set",
+        "iem.batch_size=2",
+        "--set",
+        "iem.eval_batches=1",
+    ]  # seconds, were it accepted
+    result = CliResult(
+        runner.invoke(
+            app, ["train-iem", "--recipe", "tiny", "--dataset", str(dataset), "--out", str(run), *small, *args]
+        )
+    )
     assert result.exit_code == 1, result.stdout
     lines = result.error_lines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], lines
@@ -118,8 +141,23 @@ def test_bad_value_is_one_line_naming_the_field(args, field, dataset, tmp_path):
 def test_dataset_path_with_quote_and_backslash(tmp_path):
     odd = make_text_dataset(tmp_path / 'my "data" \\ here')
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train-iem", "--recipe", "tiny", "--dataset", str(odd), "--out", str(run),
-                                 "--steps", "1", "--batch-size", "2", "--set", "iem.eval_batches=1"])
+    result = runner.invoke(
+        app,
+        [
+            "train-iem",
+            "--recipe",
+            "tiny",
+            "--dataset",
+            str(odd),
+            "--out",
+            str(run),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--set",
+            "iem.eval_batches=1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["recipe"]["data"]["dataset"] == str(odd)
-

@@ -28,16 +28,17 @@ from haed.checkpoint import checkpoint_problem, latest_checkpoint
 from haed.config import debug_recipe, load_recipe
 from haed.data import random_windows
 from haed.distributed import World, global_candidates, is_main_process
-from haed.sharded import is_sharded
 from haed.errors import HaedError
 from haed.model import build_model, unique_patches
 from haed.runs import read_metrics
+from haed.sharded import is_sharded
 from haed.steps import make_optimizer
 from haed.train import train
 from haed_cli.main import app
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -98,8 +99,17 @@ def runs(tmp_path_factory):
         "commands": [
             ["train-iem", "--recipe", str(path), "--out", str(r["iem-2"])],
             ["train-full", "--recipe", str(path), "--out", str(r["full-2"])],
-            ["train-iem", "--recipe", str(path), "--out", str(r["iem-local"]), "--steps", "1",
-             "--set", "iem.candidates=local"],
+            [
+                "train-iem",
+                "--recipe",
+                str(path),
+                "--out",
+                str(r["iem-local"]),
+                "--steps",
+                "1",
+                "--set",
+                "iem.candidates=local",
+            ],
             ["train-iem", "--out", str(r["iem-1-then-2"]), "--resume", "--allow-changes", "--batch-size", str(B)],
         ],
         "crash": {"recipe": str(path), "objective": "iem", "run": str(r["iem-killed"]), "after_step": 3},
@@ -126,8 +136,13 @@ def test_two_ranks_give_the_losses_of_one_process_on_the_global_batch(runs, obje
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wb)
     config = json.loads((two / "config.json").read_text())
     accum = 2 if objective == "full" else 1
-    assert config["global_batch"] == {"windows": 2 * B * accum, "bytes": 2 * B * accum * 64, "batch_size": B,
-                                      "grad_accum": accum, "world_size": 2}
+    assert config["global_batch"] == {
+        "windows": 2 * B * accum,
+        "bytes": 2 * B * accum * 64,
+        "batch_size": B,
+        "grad_accum": accum,
+        "world_size": 2,
+    }
     checkpoint = latest_checkpoint(two)
     assert is_sharded(checkpoint) and checkpoint_problem(checkpoint) is None
     files = set(json.loads((checkpoint / "manifest.json").read_text())["files"])
@@ -149,8 +164,9 @@ def test_a_killed_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(ru
     assert "from step 2" in runs["resumed"]
     a, b = weights(resumed), weights(straight)
     assert all(torch.equal(a[k], b[k]) for k in b)
-    assert [r["loss"] for r in read_metrics(resumed / "metrics.jsonl")] == \
-           [r["loss"] for r in read_metrics(straight / "metrics.jsonl")]
+    assert [r["loss"] for r in read_metrics(resumed / "metrics.jsonl")] == [
+        r["loss"] for r in read_metrics(straight / "metrics.jsonl")
+    ]
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_process_and_is_evaluated(runs):
@@ -221,13 +237,16 @@ def test_a_world_of_one_changes_nothing(monkeypatch):
     assert is_main_process()
     world = World(device=torch.device("cpu"))
     data = np.arange(1000, dtype=np.uint8)
-    assert np.array_equal(world.windows(data, 3, 16, np.random.default_rng(5)),
-                          random_windows(data, 3, 16, np.random.default_rng(5)))
+    assert np.array_equal(
+        world.windows(data, 3, 16, np.random.default_rng(5)), random_windows(data, 3, 16, np.random.default_rng(5))
+    )
     sums = {"loss": torch.tensor(1.5)}
     assert world.reduce_step(sums, torch.tensor(2.0))[0] is sums and world.agree(3.25) == 3.25
     uniq, inverse, counts = unique_patches(torch.randint(0, 4, (40, 4), dtype=torch.uint8))
     vectors = torch.randn(uniq.shape[0], 8)
-    assert all(a is b for a, b in zip(global_candidates(uniq, vectors, counts, inverse), (uniq, vectors, counts, inverse)))
+    assert all(
+        a is b for a, b in zip(global_candidates(uniq, vectors, counts, inverse), (uniq, vectors, counts, inverse))
+    )
     with pytest.raises(HaedError, match="global"):
         global_candidates(uniq, vectors, counts, inverse, "everywhere")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -237,8 +256,10 @@ def test_a_world_of_one_changes_nothing(monkeypatch):
 
 def test_ranks_take_blocks_of_one_global_draw():
     data = np.arange(5000, dtype=np.uint8)
-    blocks = [World(device=torch.device("cpu"), rank=r, size=3).windows(data, 2, 8, np.random.default_rng(1))
-              for r in range(3)]
+    blocks = [
+        World(device=torch.device("cpu"), rank=r, size=3).windows(data, 2, 8, np.random.default_rng(1))
+        for r in range(3)
+    ]
     assert np.array_equal(np.concatenate(blocks), random_windows(data, 6, 8, np.random.default_rng(1)))
 
 
@@ -252,11 +273,21 @@ def test_two_gpus_with_nccl_follow_one_gpu(tmp_path):
     path = write_recipe_toml(tmp_path / "debug.toml", recipe)
     for objective in ("iem", "full"):
         one_process(tmp_path, path, objective, f"{objective}-1")
-    plan = {"commands": [
-        ["train-iem", "--recipe", str(path), "--out", str(tmp_path / "iem-2")],
-        ["train-full", "--recipe", str(path), "--out", str(tmp_path / "full-2")],
-        ["train-iem", "--recipe", str(path), "--out", str(tmp_path / "iem-2-compiled"), "--set", "iem.compile=true"],
-    ]}
+    plan = {
+        "commands": [
+            ["train-iem", "--recipe", str(path), "--out", str(tmp_path / "iem-2")],
+            ["train-full", "--recipe", str(path), "--out", str(tmp_path / "full-2")],
+            [
+                "train-iem",
+                "--recipe",
+                str(path),
+                "--out",
+                str(tmp_path / "iem-2-compiled"),
+                "--set",
+                "iem.compile=true",
+            ],
+        ]
+    }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     ok(torchrun(str(TESTS / "_torchrun_commands.py"), str(tmp_path / "plan.json"), cpu=False))
     for two, one in (("iem-2", "iem-1"), ("full-2", "full-1"), ("iem-2-compiled", "iem-1")):
@@ -266,5 +297,9 @@ def test_two_gpus_with_nccl_follow_one_gpu(tmp_path):
             assert a[key]["loss"] == pytest.approx(b[key]["loss"], rel=2e-2), (two, key)
         assert is_sharded(latest_checkpoint(tmp_path / two))
     shutil.rmtree(tmp_path / "iem-2" / "step-000004")
-    train(load_recipe(str(path), [f"iem.batch_size={2 * B}"]), "iem", tmp_path / "iem-2", resume=True, allow_changes=True)
-    assert losses(tmp_path / "iem-2")[(4, "train")]["loss"] == pytest.approx(losses(tmp_path / "iem-1")[(4, "train")]["loss"], rel=2e-2)
+    train(
+        load_recipe(str(path), [f"iem.batch_size={2 * B}"]), "iem", tmp_path / "iem-2", resume=True, allow_changes=True
+    )
+    assert losses(tmp_path / "iem-2")[(4, "train")]["loss"] == pytest.approx(
+        losses(tmp_path / "iem-1")[(4, "train")]["loss"], rel=2e-2
+    )

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from typer.testing import CliRunner
-
 from _tiny import random_bytes, tiny_model
 from conftest import CliResult
+from typer.testing import CliRunner
+
 from haed.evaluate import bits_per_byte
 from haed_cli.main import app
 

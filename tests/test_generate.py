@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from _tiny import random_bytes, tiny_model
+
 from haed.generate import generate, make_sampler
 from haed.sampling import SamplingOptions, StreamNoise, mix32, sample_bytes
 
@@ -59,13 +59,16 @@ def test_generation_is_seeded_and_runs_past_the_context():
     assert a.bytes_per_second > 0 and a.seeds == [7]
 
 
-@pytest.mark.parametrize("arch, options", [
-    ("haed", dict(temperature=1.0, top_k=0, top_p=1.0)),
-    ("haed", dict(temperature=0.8, top_k=0, top_p=0.95)),
-    ("haed", dict(temperature=1.3, top_k=20, top_p=1.0)),
-    ("haed", dict(temperature=0.0, top_k=0, top_p=1.0)),
-    ("flat", dict(temperature=0.9, top_k=40, top_p=0.9)),
-])
+@pytest.mark.parametrize(
+    "arch, options",
+    [
+        ("haed", dict(temperature=1.0, top_k=0, top_p=1.0)),
+        ("haed", dict(temperature=0.8, top_k=0, top_p=0.95)),
+        ("haed", dict(temperature=1.3, top_k=20, top_p=1.0)),
+        ("haed", dict(temperature=0.0, top_k=0, top_p=1.0)),
+        ("flat", dict(temperature=0.9, top_k=40, top_p=0.9)),
+    ],
+)
 def test_batched_streams_equal_single_runs(arch, options):
     """Stream i of a batch of 5 (seed 11 + i) gives the bytes of a single run with seed 11 + i: through a
     prompt that ends mid-patch and past the context (so the streams' histories are re-prefilled)."""
@@ -128,7 +131,9 @@ def test_device_sampling_follows_the_filtered_distribution():
     ]
     p = torch.softmax(logits, -1)
     keep = int((p.cumsum(-1) - p <= 0.7).sum())  # the smallest set of top bytes reaching 0.7
-    cases.append((SamplingOptions(1.0, 0, 0.7), torch.softmax(logits.masked_fill(torch.arange(256) >= keep, float("-inf")), -1)))
+    cases.append(
+        (SamplingOptions(1.0, 0, 0.7), torch.softmax(logits.masked_fill(torch.arange(256) >= keep, float("-inf")), -1))
+    )
     n = 20000
     noise = StreamNoise(range(n), "cpu").gumbel(0, 1)[:, 0]  # one draw from each of n streams
     for options, expected in cases:
@@ -143,7 +148,9 @@ def test_sampling_filters():
     noise = StreamNoise(range(200), "cpu").gumbel(0, 1)[:, 0]
     assert set(sample_bytes(logits, SamplingOptions(0.0, 0, 1.0), None).tolist()) == {0}  # greedy
     assert set(sample_bytes(logits, SamplingOptions(1.0, 2, 1.0), noise).tolist()) == {0, 1}  # top-k = 2
-    assert set(sample_bytes(logits, SamplingOptions(1.0, 0, 0.5), noise).tolist()) == {0}  # byte 0 alone holds over half the mass
+    assert set(sample_bytes(logits, SamplingOptions(1.0, 0, 0.5), noise).tolist()) == {
+        0
+    }  # byte 0 alone holds over half the mass
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
@@ -156,7 +163,9 @@ def test_cuda_graph_steps_equal_eager_steps(dtype, batch):
     x = random_bytes(batch, 48, seed=3).cuda()
     got = {}
     for graphs in (True, False):
-        sampler = make_sampler(model, context_bytes=24, cuda_graphs=graphs, batch=batch)  # 6 patches: re-prefills on the way
+        sampler = make_sampler(
+            model, context_bytes=24, cuda_graphs=graphs, batch=batch
+        )  # 6 patches: re-prefills on the way
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             rows = [sampler.start(x[:, :6])]
             rows += [sampler.feed(x[:, i]) for i in range(6, 48)]

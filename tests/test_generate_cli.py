@@ -6,10 +6,10 @@ import wave
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
-
 from _tiny import make_text_dataset
 from conftest import CliResult
+from typer.testing import CliRunner
+
 from haed.config import debug_recipe
 from haed.data import DatasetWriter
 from haed.errors import HaedError
@@ -35,7 +35,9 @@ def runs(tmp_path_factory):
     with DatasetWriter(root / "audio-data") as w:
         for split, n in (("train", 4000), ("valid", 500), ("test", 500)):
             w.write(split, (128 + 20 * np.sin(np.arange(n) / 3) + rng.integers(-3, 4, n)).astype(np.uint8).tobytes())
-        w.finish({"kind": "audio", "sample_rate": RATE, "encoding": "mu-law-8", "source": {"description": "synthetic tone"}})
+        w.finish(
+            {"kind": "audio", "sample_rate": RATE, "encoding": "mu-law-8", "source": {"description": "synthetic tone"}}
+        )
     audio = _train(root / "audio-data", root / "audio-run")
     from haed.audio import write_wav
 
@@ -86,7 +88,9 @@ BAD_AUDIO = [
 ]
 
 
-@pytest.mark.parametrize("kind, args, message", [("text", a, m) for a, m in BAD_TEXT] + [("audio", a, m) for a, m in BAD_AUDIO])
+@pytest.mark.parametrize(
+    "kind, args, message", [("text", a, m) for a, m in BAD_TEXT] + [("audio", a, m) for a, m in BAD_AUDIO]
+)
 def test_bad_options_are_one_error_line_and_write_nothing(runs, kind, args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [a.format(**{k: v for k, v in runs.items() if k != kind}) for a in args]
@@ -122,11 +126,34 @@ def test_text_streams_are_blocks_equal_to_single_runs(runs):
 
 
 def test_text_streams_to_a_folder_and_streamed_stdout(runs, tmp_path):
-    _ok("--run", runs["text"], "--prompt-file", runs["txt"], "--max-bytes", 21, "--seed", 9, "--num-samples", 2,
-        "--out", tmp_path / "many")
+    _ok(
+        "--run",
+        runs["text"],
+        "--prompt-file",
+        runs["txt"],
+        "--max-bytes",
+        21,
+        "--seed",
+        9,
+        "--num-samples",
+        2,
+        "--out",
+        tmp_path / "many",
+    )
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["sample-000.txt", "sample-001.txt"]
     for i in range(2):
-        _ok("--run", runs["text"], "--prompt-file", runs["txt"], "--max-bytes", 21, "--seed", 9 + i, "--out", tmp_path / f"one-{i}.txt")
+        _ok(
+            "--run",
+            runs["text"],
+            "--prompt-file",
+            runs["txt"],
+            "--max-bytes",
+            21,
+            "--seed",
+            9 + i,
+            "--out",
+            tmp_path / f"one-{i}.txt",
+        )
         data = (tmp_path / f"one-{i}.txt").read_bytes()
         assert data.startswith(b"the cat ") and len(data) == 8 + 21
         assert (tmp_path / "many" / f"sample-00{i}.txt").read_bytes() == data

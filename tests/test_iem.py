@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _tiny import random_bytes, tiny_model
+
 from haed.config import TrainConfig
-from haed.steps import apply_recompute
 from haed.model import unique_patches
 from haed.objectives import capped_candidates, iem_loss, sampled_softmax_loss
+from haed.steps import apply_recompute
 
 
 def _queries(model, x, tau):
@@ -27,7 +27,11 @@ def test_iem_with_every_patch_as_candidate_equals_exact_softmax():
     torch.manual_seed(0)
     model = tiny_model(patch_size=2)
     x = random_bytes(2, 16)
-    every = torch.stack(torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij"), -1).reshape(-1, 2).to(torch.uint8)
+    every = (
+        torch.stack(torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij"), -1)
+        .reshape(-1, 2)
+        .to(torch.uint8)
+    )
     cfg = TrainConfig(logq=False, tau=0.5, logits_chunk=5)
     with torch.no_grad():
         loss, metrics = iem_loss(model, x, cfg, candidates=every)
@@ -133,7 +137,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
         model = tiny_model(patch_size=4)
         apply_recompute(model, TrainConfig(recompute="main,encoder" if checkpoint else ""))
         assert (model.main.recompute, model.encoder.stack.recompute, model.decoder.stack.recompute) == (
-            checkpoint, checkpoint, False)
+            checkpoint,
+            checkpoint,
+            False,
+        )
         model.train()
         loss, _ = iem_loss(model, x, TrainConfig())
         loss.backward()
@@ -175,8 +182,13 @@ def test_padding_rows_change_neither_loss_nor_gradients(logq, monkeypatch):
         model = tiny_model(patch_size=4)
         loss, metrics = iem_loss(model, x, TrainConfig(logq=logq, logits_chunk=5))
         loss.backward()
-        results.append((loss.detach(), metrics["candidates"],
-                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (
+                loss.detach(),
+                metrics["candidates"],
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        )
     (loss1, c1, g1), (loss48, c48, g48) = results
     assert c1 == c48 == len({bytes(p.tolist()) for p in x.view(-1, 4)})
     torch.testing.assert_close(loss48, loss1, rtol=1e-6, atol=1e-7)
@@ -232,5 +244,6 @@ def test_byte_loss_during_iem_is_the_decoders_loss_on_the_sampled_patches():
     assert model.decoder.head.weight.grad is not None and model.decoder.head.weight.grad.abs().sum() > 0
     names = {id(p) for p in trainable_parameters(model, "iem", quarter)}
     assert all(id(p) in names for p in model.decoder.parameters())
-    assert not any(id(p) in {id(q) for q in trainable_parameters(model, "iem", TrainConfig())}
-                   for p in model.decoder.parameters())
+    assert not any(
+        id(p) in {id(q) for q in trainable_parameters(model, "iem", TrainConfig())} for p in model.decoder.parameters()
+    )

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from _tiny import random_bytes, tiny_model
+
 from haed.model import unique_patches
 
 

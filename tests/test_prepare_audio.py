@@ -25,7 +25,9 @@ def fsdd_8k(fsdd_dir, tmp_path_factory):
     from haed_cli.main import app
 
     out = tmp_path_factory.mktemp("fsdd") / "fsdd-8k"
-    r = CliRunner().invoke(app, ["prepare", "audio", str(fsdd_dir), "--out", str(out), "--sample-rate", "8000", "--split-rule", "fsdd"])
+    r = CliRunner().invoke(
+        app, ["prepare", "audio", str(fsdd_dir), "--out", str(out), "--sample-rate", "8000", "--split-rule", "fsdd"]
+    )
     assert r.exit_code == 0, r.output
     return out, r.stdout
 
@@ -104,14 +106,30 @@ def small_audio_folder(tmp_path) -> Path:
         rate = [8000, 16000, 44100][i % 3]
         ext = ["wav", "flac"][i % 2]
         sub = ["", "deep/", "deep/er/"][i % 3]
-        sf.write(str(root / f"{sub}clip{i:02d}.{ext.upper() if i == 5 else ext}"), tone(0.25 + 0.01 * i, rate, channels=1 + i % 2), rate, subtype="PCM_16")
+        sf.write(
+            str(root / f"{sub}clip{i:02d}.{ext.upper() if i == 5 else ext}"),
+            tone(0.25 + 0.01 * i, rate, channels=1 + i % 2),
+            rate,
+            subtype="PCM_16",
+        )
     (root / "notes.txt").write_text("not audio, ignored")
     return root
 
 
 def test_small_folder_mixed_rates_and_formats(small_audio_folder, tmp_path, prepare_cli):
     out = tmp_path / "ds"
-    r = prepare_cli("audio", small_audio_folder, "--out", out, "--sample-rate", "16000", "--valid-fraction", "0.3", "--test-fraction", "0.3")
+    r = prepare_cli(
+        "audio",
+        small_audio_folder,
+        "--out",
+        out,
+        "--sample-rate",
+        "16000",
+        "--valid-fraction",
+        "0.3",
+        "--test-fraction",
+        "0.3",
+    )
     assert r.exit_code == 0, r.stderr
     ds = open_dataset(out)
     by_name = check_layout(ds)
@@ -135,7 +153,9 @@ def test_hf_dataset_decoded_with_soundfile(small_audio_folder, tmp_path, prepare
     for split, chunk in parts.items():
         rows = [{"bytes": p.read_bytes(), "path": p.name} for p in chunk]
         ds = datasets.Dataset.from_dict({"audio": rows, "label": list(range(len(rows)))})
-        ds.cast_column("audio", datasets.Audio(decode=False)).to_parquet(str(hf_dir / "data" / f"{split}-00000-of-00001.parquet"))
+        ds.cast_column("audio", datasets.Audio(decode=False)).to_parquet(
+            str(hf_dir / "data" / f"{split}-00000-of-00001.parquet")
+        )
     out = tmp_path / "hf"
     r = prepare_cli("audio", "--hf", hf_dir, "--out", out, "--sample-rate", "8000")
     assert r.exit_code == 0, r.stderr
@@ -145,8 +165,21 @@ def test_hf_dataset_decoded_with_soundfile(small_audio_folder, tmp_path, prepare
     assert ds.meta["file_counts"] == {"train": 8, "valid": 2, "test": 2}
     # the same bytes as preparing the files from the folder
     ref = tmp_path / "ref"
-    assert prepare_cli("audio", small_audio_folder, "--out", ref, "--sample-rate", "8000",
-                       "--valid-fraction", "0.3", "--test-fraction", "0.3").exit_code == 0
+    assert (
+        prepare_cli(
+            "audio",
+            small_audio_folder,
+            "--out",
+            ref,
+            "--sample-rate",
+            "8000",
+            "--valid-fraction",
+            "0.3",
+            "--test-fraction",
+            "0.3",
+        ).exit_code
+        == 0
+    )
     ref_ds = open_dataset(ref)
     ref_by_base = {Path(f["name"]).name: f for f in ref_ds.meta["files"]}
     for name, f in by_name.items():

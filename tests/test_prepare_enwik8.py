@@ -45,7 +45,9 @@ def test_enwik8_refuses_other_lengths(tmp_path, prepare_cli, assert_clean_failur
         with open(plain, "wb") as f:  # sparse: instant whatever its length
             f.truncate(n)
         out = tmp_path / f"out{n}"
-        line = assert_clean_failure(prepare_cli("enwik8", "--source", plain, "--out", out), out, f"{n:,} bytes", "exactly 100,000,000")
+        line = assert_clean_failure(
+            prepare_cli("enwik8", "--source", plain, "--out", out), out, f"{n:,} bytes", "exactly 100,000,000"
+        )
     zpath = tmp_path / "short.zip"
     with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("enwik8", b"<mediawiki>" * 1000)
@@ -60,7 +62,9 @@ def test_enwik8_refuses_other_lengths(tmp_path, prepare_cli, assert_clean_failur
         z.writestr("a.txt", b"a")
         z.writestr("b.txt", b"b")
     assert_clean_failure(prepare_cli("enwik8", "--source", zpath, "--out", out), out, "no file named enwik8")
-    assert_clean_failure(prepare_cli("enwik8", "--source", tmp_path / "missing.zip", "--out", out), out, "does not exist")
+    assert_clean_failure(
+        prepare_cli("enwik8", "--source", tmp_path / "missing.zip", "--out", out), out, "does not exist"
+    )
     assert line
 
 

@@ -15,13 +15,17 @@ def wavs(tmp_path):
     d = tmp_path / "wavs"
     d.mkdir()
     for i in range(40):
-        sf.write(str(d / f"{i % 10}_spk_{i}.wav"), 0.1 * np.sin(np.arange(800) * (0.05 + 0.001 * i)), 8000, subtype="PCM_16")
+        sf.write(
+            str(d / f"{i % 10}_spk_{i}.wav"), 0.1 * np.sin(np.arange(800) * (0.05 + 0.001 * i)), 8000, subtype="PCM_16"
+        )
     return d
 
 
 def test_text_bad_inputs(tmp_path, prepare_cli, assert_clean_failure):
     out = tmp_path / "out" / "ds"
-    assert_clean_failure(prepare_cli("text", tmp_path / "missing.txt", "--out", out), out, "no such file or folder", "missing.txt")
+    assert_clean_failure(
+        prepare_cli("text", tmp_path / "missing.txt", "--out", out), out, "no such file or folder", "missing.txt"
+    )
     (tmp_path / "emptydir").mkdir()
     assert_clean_failure(prepare_cli("text", tmp_path / "emptydir", "--out", out), out, "contains no files")
     (tmp_path / "zero.txt").write_bytes(b"")
@@ -31,7 +35,11 @@ def test_text_bad_inputs(tmp_path, prepare_cli, assert_clean_failure):
     assert_clean_failure(prepare_cli("text", small, "--out", out), out, "valid split empty")
     big = tmp_path / "big.txt"
     big.write_bytes(b"x" * 1000)
-    assert_clean_failure(prepare_cli("text", big, "--out", out, "--valid-fraction", "0.6", "--test-fraction", "0.4"), out, "nothing for the train split")
+    assert_clean_failure(
+        prepare_cli("text", big, "--out", out, "--valid-fraction", "0.6", "--test-fraction", "0.4"),
+        out,
+        "nothing for the train split",
+    )
     assert_clean_failure(prepare_cli("text", big, "--out", out, "--test-fraction", "0"), out, "--test-fraction")
     assert_clean_failure(prepare_cli("text", big, "--out", out, "--valid-fraction", "1.5"), out, "--valid-fraction")
     assert not (tmp_path / "out").exists()  # not even the parent folder that would have been created
@@ -73,13 +81,26 @@ def test_audio_bad_inputs(tmp_path, wavs, prepare_cli, assert_clean_failure):
     assert_clean_failure(prepare_cli("audio", wavs, "--out", out, "--sample-rate", "12"), out, "--sample-rate")
     assert_clean_failure(prepare_cli("audio", wavs, "--out", out, *sr, "--split-rule", "random"), out, "--split-rule")
     assert_clean_failure(prepare_cli("audio", wavs, "--out", out, *sr, "--split-rule", "dataset"), out, "--hf")
-    assert_clean_failure(prepare_cli("audio", wavs, "--out", out, *sr, "--split-rule", "fsdd", "--test-fraction", "0.2"), out, "only to --split-rule hash")
+    assert_clean_failure(
+        prepare_cli("audio", wavs, "--out", out, *sr, "--split-rule", "fsdd", "--test-fraction", "0.2"),
+        out,
+        "only to --split-rule hash",
+    )
     assert_clean_failure(prepare_cli("audio", "--out", out, *sr), out, "SOURCE")
     # fractions that leave a split empty (40 files, 1% each)
-    assert_clean_failure(prepare_cli("audio", wavs, "--out", out, *sr, "--valid-fraction", "0.01", "--test-fraction", "0.01"), out, "puts none of the 40 files")
+    assert_clean_failure(
+        prepare_cli("audio", wavs, "--out", out, *sr, "--valid-fraction", "0.01", "--test-fraction", "0.01"),
+        out,
+        "puts none of the 40 files",
+    )
     # the fsdd rule on names it cannot parse
     sf.write(str(wavs / "unlabelled.wav"), np.zeros(100), 8000)
-    assert_clean_failure(prepare_cli("audio", wavs, "--out", out, *sr, "--split-rule", "fsdd"), out, "unlabelled.wav", "{digit}_{speaker}_{index}")
+    assert_clean_failure(
+        prepare_cli("audio", wavs, "--out", out, *sr, "--split-rule", "fsdd"),
+        out,
+        "unlabelled.wav",
+        "{digit}_{speaker}_{index}",
+    )
 
 
 def test_corrupt_audio_file_fails_or_is_skipped(tmp_path, wavs, prepare_cli, assert_clean_failure):
@@ -87,7 +108,9 @@ def test_corrupt_audio_file_fails_or_is_skipped(tmp_path, wavs, prepare_cli, ass
     (wavs / "sub").mkdir()
     (wavs / "sub" / "9_spk_99.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt garbage, not audio")
     (wavs / "3_spk_77.flac").write_bytes(b"plain text pretending to be FLAC")
-    line = assert_clean_failure(prepare_cli("audio", wavs, "--out", out, "--sample-rate", "8000", "--split-rule", "fsdd"), out, "--skip-bad")
+    line = assert_clean_failure(
+        prepare_cli("audio", wavs, "--out", out, "--sample-rate", "8000", "--split-rule", "fsdd"), out, "--skip-bad"
+    )
     assert "3_spk_77.flac" in line  # the first bad file in sorted order is named
     r = prepare_cli("audio", wavs, "--out", out, "--sample-rate", "8000", "--split-rule", "fsdd", "--skip-bad")
     assert r.exit_code == 0, r.stderr

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import typer
+from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
-from _tiny import make_text_dataset
 from haed.config import debug_recipe
 from haed.errors import HaedError
 from haed.objectives import iem_loss
@@ -27,9 +27,23 @@ from haed.profile import (
 from haed.steps import train_step
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CELL_KEYS = {"objective", "seq_len", "batch_size", "status", "memory", "peak_allocated_gib", "peak_reserved_gib",
-             "step_ms", "median_step_ms", "bytes_per_second", "candidates_mean", "flops_per_step", "achieved_tflops",
-             "fraction_of_peak", "error"}
+CELL_KEYS = {
+    "objective",
+    "seq_len",
+    "batch_size",
+    "status",
+    "memory",
+    "peak_allocated_gib",
+    "peak_reserved_gib",
+    "step_ms",
+    "median_step_ms",
+    "bytes_per_second",
+    "candidates_mean",
+    "flops_per_step",
+    "achieved_tflops",
+    "fraction_of_peak",
+    "error",
+}
 
 
 def fast(**kw):
@@ -72,7 +86,8 @@ def oom_in(objective_loss, seq_len):
 def test_sweep_measures_every_cell(sweep):
     cells = sweep["cells"]
     assert [(c["objective"], c["seq_len"]) for c in cells] == [
-        (o, n) for o in ("iem", "decoder", "full", "flat") for n in (64, 128)]
+        (o, n) for o in ("iem", "decoder", "full", "flat") for n in (64, 128)
+    ]
     for c in cells:
         assert CELL_KEYS <= set(c), CELL_KEYS - set(c)
         assert c["status"] == "ok" and c["batch_size"] == 2
@@ -139,9 +154,23 @@ def test_json_schema_round_trip(sweep, tmp_path):
     path = write_profile_json(sweep, tmp_path / "out" / "profile.json")
     data = json.loads(path.read_text())
     assert data["schema"] == SCHEMA
-    assert {"schema", "created", "command", "environment", "recipe", "data", "dataset", "settings", "parameters",
-            "cells", "ratios", "max_context"} <= set(data)
-    assert {"device", "gpu", "torch", "cuda", "dtype", "compile", "memory_measured", "memory_note"} <= set(data["environment"])
+    assert {
+        "schema",
+        "created",
+        "command",
+        "environment",
+        "recipe",
+        "data",
+        "dataset",
+        "settings",
+        "parameters",
+        "cells",
+        "ratios",
+        "max_context",
+    } <= set(data)
+    assert {"device", "gpu", "torch", "cuda", "dtype", "compile", "memory_measured", "memory_note"} <= set(
+        data["environment"]
+    )
     assert {"objectives", "seq_lens", "batch_sizes", "steps", "warmup"} <= set(data["settings"])
     assert data["recipe"]["model"]["patch_size"] == 4
     assert data == json.loads(json.dumps(sweep))  # nothing lost or changed on the way
@@ -184,15 +213,32 @@ def test_max_context_doubles_then_bisects():
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return train_step(model, optimizer, params, loss_fn, cfg, batches, device)
 
-    [entry] = max_context(debug_recipe(), ["decoder"], [1], start_seq_len=64, device="cpu", step_fn=fits_up_to_300,
-                          refine_steps=4, show_progress=False)
+    [entry] = max_context(
+        debug_recipe(),
+        ["decoder"],
+        [1],
+        start_seq_len=64,
+        device="cpu",
+        step_fn=fits_up_to_300,
+        refine_steps=4,
+        show_progress=False,
+    )
     probed = [(p["seq_len"], p["status"]) for p in entry["probes"]]
-    assert probed == [(64, "ok"), (128, "ok"), (256, "ok"), (512, "OOM"), (384, "OOM"), (320, "OOM"), (288, "ok"),
-                      (304, "OOM")]
+    assert probed == [
+        (64, "ok"),
+        (128, "ok"),
+        (256, "ok"),
+        (512, "OOM"),
+        (384, "OOM"),
+        (320, "OOM"),
+        (288, "ok"),
+        (304, "OOM"),
+    ]
     assert entry["max_seq_len"] == 288 and entry["first_failure"] == 304 and entry["failure"] == "OOM"
     assert not entry["capped"]
-    [capped] = max_context(debug_recipe(), ["decoder"], [1], start_seq_len=64, device="cpu", max_seq_len=128,
-                           show_progress=False)
+    [capped] = max_context(
+        debug_recipe(), ["decoder"], [1], start_seq_len=64, device="cpu", max_seq_len=128, show_progress=False
+    )
     assert capped["max_seq_len"] == 128 and capped["capped"]
 
 
@@ -235,12 +281,43 @@ def test_no_cuda_says_so_in_one_line(cli, monkeypatch, tmp_path, device):
 
 def test_cli_on_cpu_end_to_end(cli, tmp_path):
     out_json, out_png = tmp_path / "p.json", tmp_path / "p.png"
-    result = cli("--recipe", "tiny", "--compare-full", "--objectives", "flat", "--device", "cpu",
-                 "--seq-lens", "64,128", "--batch-sizes", "2", "--steps", "1", "--warmup", "1",
-                 "--set", "main.layers=1", "--set", "data.dataset=nowhere", "--json", out_json, "--plot", out_png)
+    result = cli(
+        "--recipe",
+        "tiny",
+        "--compare-full",
+        "--objectives",
+        "flat",
+        "--device",
+        "cpu",
+        "--seq-lens",
+        "64,128",
+        "--batch-sizes",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--set",
+        "main.layers=1",
+        "--set",
+        "data.dataset=nowhere",
+        "--json",
+        out_json,
+        "--plot",
+        out_png,
+    )
     assert result.exit_code == 0, _stderr(result) + result.output
     data = json.loads(out_json.read_text())
-    assert [c["objective"] for c in data["cells"]] == ["iem", "iem", "decoder", "decoder", "full", "full", "flat", "flat"]
+    assert [c["objective"] for c in data["cells"]] == [
+        "iem",
+        "iem",
+        "decoder",
+        "decoder",
+        "full",
+        "full",
+        "flat",
+        "flat",
+    ]
     assert all(c["status"] == "ok" for c in data["cells"])
     assert data["recipe"]["model"]["main"]["layers"] == 1 and data["data"] == "random bytes"
     assert data["environment"]["device"] == "cpu" and data["command"]

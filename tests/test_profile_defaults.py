@@ -46,7 +46,9 @@ def test_plan_on_cuda_takes_the_headline_configuration(monkeypatch):
     assert plan.recipe.name == "enwik8" and plan.recipe.model.patch_size == 8 and plan.recipe.model.main.dim == 768
     assert plan.seq_lens == [2048, 4096, 8192, 16384] and plan.batch_sizes == [16]
     assert plan.defaults["used"] == ["recipe", "seq_lens", "batch_sizes"] and plan.defaults["recipe"] == "enwik8"
-    assert describe_defaults(plan.defaults).startswith("no --recipe, --seq-lens, --batch-sizes given: the defaults on CUDA")
+    assert describe_defaults(plan.defaults).startswith(
+        "no --recipe, --seq-lens, --batch-sizes given: the defaults on CUDA"
+    )
     given = plan_sweep("cuda", "tiny", ["main.layers=1"], [64], None)
     assert given.recipe.name == "tiny" and given.recipe.model.main.layers == 1
     assert given.seq_lens == [64] and given.batch_sizes == list(CUDA_DEFAULTS.batch_sizes)
@@ -61,11 +63,17 @@ def test_plan_on_cpu_keeps_the_tiny_recipe():
 
 
 def test_measured_line_names_what_ran_on_a_gpu():
-    result = {"environment": {"device": "cuda", "gpu": "NVIDIA H200", "dtype": "bfloat16 autocast", "compile": True},
-              "recipe": {"name": "enwik8"}, "data": "random bytes", "data_note": SYNTHETIC_NOTE,
-              "settings": {"seq_lens": [2048, 16384], "batch_sizes": [16], "steps": 5, "warmup": 2}}
+    result = {
+        "environment": {"device": "cuda", "gpu": "NVIDIA H200", "dtype": "bfloat16 autocast", "compile": True},
+        "recipe": {"name": "enwik8"},
+        "data": "random bytes",
+        "data_note": SYNTHETIC_NOTE,
+        "settings": {"seq_lens": [2048, 16384], "batch_sizes": [16], "steps": 5, "warmup": 2},
+    }
     line = describe_measured(result)
-    assert line.startswith("measured: recipe enwik8 on NVIDIA H200 (bfloat16 autocast, compiled); data: random bytes (synthetic")
+    assert line.startswith(
+        "measured: recipe enwik8 on NVIDIA H200 (bfloat16 autocast, compiled); data: random bytes (synthetic"
+    )
     assert "seq 2,048, 16,384; batch 16; 2 warm-up + 5 timed steps per cell" in line
 
 
@@ -77,9 +85,29 @@ def test_cli_without_recipe_on_cpu_times_tiny_on_synthetic_bytes(tmp_path, monke
     register(app)
     app.command("other")(lambda: None)  # two commands, so the app dispatches by name as the real one does
     out_json = tmp_path / "p.json"
-    result = CliRunner().invoke(app, ["profile-memory", "--compare-full", "--device", "cpu", "--seq-lens", "64,128",
-                                      "--batch-sizes", "2", "--steps", "1", "--warmup", "1", "--set", "main.layers=1",
-                                      "--json", str(out_json), "--plot", str(tmp_path / "p.png")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "profile-memory",
+            "--compare-full",
+            "--device",
+            "cpu",
+            "--seq-lens",
+            "64,128",
+            "--batch-sizes",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--set",
+            "main.layers=1",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(out_json.read_text())
     assert data["recipe"]["name"] == "tiny" and data["environment"]["device"] == "cpu"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import make_text_dataset
 from safetensors.torch import load_file
 
-from _tiny import make_text_dataset
 from haed.checkpoint import RunLock, latest_checkpoint, load_run, select_checkpoint, step_dirs
 from haed.config import debug_recipe
 from haed.data import DatasetWriter
@@ -176,8 +176,9 @@ def test_best_checkpoint_is_the_lowest_validation_point(dataset, tmp_path, monke
     import haed.train as train_module
 
     scripted = iter([3.0, 1.0, 2.0, 1.5])
-    monkeypatch.setattr(train_module, "evaluate_objective",
-                        lambda *a, **k: {"loss": 0.0, "bits_per_byte": next(scripted)})
+    monkeypatch.setattr(
+        train_module, "evaluate_objective", lambda *a, **k: {"loss": 0.0, "bits_per_byte": next(scripted)}
+    )
     recipe = debug_recipe(str(dataset))
     recipe.full.steps, recipe.full.eval_every, recipe.full.ckpt_every = 8, 2, 2
     weights_at = {}
@@ -270,5 +271,8 @@ def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_weights(datase
     assert latest_checkpoint(run).name == "step-000012" and not list(run.glob(".*.tmp"))
     a, b = _weights(tmp_path / "straight"), _weights(run)
     assert all(torch.equal(a[n], b[n]) for n in a)
-    train_losses = lambda r: [(m["step"], m["loss"]) for m in read_metrics(r / "metrics.jsonl") if m["split"] == "train"]
+
+    def train_losses(r):
+        return [(m["step"], m["loss"]) for m in read_metrics(r / "metrics.jsonl") if m["split"] == "train"]
+
     assert train_losses(run) == train_losses(tmp_path / "straight")

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from _tiny import make_text_dataset
 from safetensors.torch import load_file
 
-from _tiny import make_text_dataset
 from haed.checkpoint import latest_checkpoint, load_run
 from haed.config import debug_recipe
 from haed.errors import HaedError
@@ -36,7 +36,10 @@ def test_resume_continues_exactly(dataset, tmp_path, objective):
     b = load_file(str(latest_checkpoint(tmp_path / "resumed") / "model.safetensors"))
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
 
 
@@ -75,8 +78,14 @@ def test_run_directory_layout_and_refusals(dataset, tmp_path):
     run = tmp_path / "run"
     step = latest_checkpoint(run)
     assert step.name == "step-000004"
-    assert {p.name for p in step.iterdir()} == {"model.safetensors", "optimizer.pt", "rng.pt", "state.json", "config.json",
-                                                "manifest.json"}
+    assert {p.name for p in step.iterdir()} == {
+        "model.safetensors",
+        "optimizer.pt",
+        "rng.pt",
+        "state.json",
+        "config.json",
+        "manifest.json",
+    }
     assert json.loads((step / "state.json").read_text())["step"] == 4
     torch.load(step / "optimizer.pt", weights_only=True)
     assert (run / "metrics.png").stat().st_size > 0

@@ -23,7 +23,10 @@ SPLIT_RULES = ("hash", "fsdd", "dataset")
 FSDD_NAME = re.compile(r"^(\d+)_([^_/]+)_(\d+)$")
 HF_SPLIT_NAMES = {
     "train": "train",
-    "validation": "valid", "valid": "valid", "dev": "valid", "val": "valid",
+    "validation": "valid",
+    "valid": "valid",
+    "dev": "valid",
+    "val": "valid",
     "test": "test",
 }
 
@@ -45,7 +48,10 @@ def fsdd_split(name: str) -> str:
     stem = Path(name).name.rsplit(".", 1)[0]
     m = FSDD_NAME.match(stem)
     if not m:
-        raise HaedError(f"{name} does not look like an FSDD file name {{digit}}_{{speaker}}_{{index}}.wav (needed by --split-rule fsdd)")
+        raise HaedError(
+            f"{name} does not look like an FSDD file name {{digit}}_{{speaker}}_{{index}}.wav (needed by "
+            "--split-rule fsdd)"
+        )
     index = int(m.group(3))
     if index <= 4:
         return "test"
@@ -55,11 +61,14 @@ def fsdd_split(name: str) -> str:
 
 
 SPLIT_RULE_TEXT = {
-    "hash": "by file: u = (first 8 bytes of sha256 of the file's relative path, UTF-8, as a big-endian integer) / 2^64; "
+    "hash": "by file: u = (first 8 bytes of sha256 of the file's relative path, UTF-8, as a big-endian integer) / "
+    "2^64; "
     "u < test_fraction -> test, u < test_fraction + valid_fraction -> valid, else train",
-    "fsdd": "Free Spoken Digit Dataset, by file name {digit}_{speaker}_{index}: index 0-4 -> test (the dataset's own rule), "
+    "fsdd": "Free Spoken Digit Dataset, by file name {digit}_{speaker}_{index}: index 0-4 -> test (the dataset's own "
+    "rule), "
     "index 5-9 -> valid, index 10 and up -> train",
-    "dataset": "the Hugging Face dataset's own splits: train -> train; validation, valid, val, dev -> valid; test -> test",
+    "dataset": "the Hugging Face dataset's own splits: train -> train; validation, valid, val, dev -> valid; test -> "
+    "test",
 }
 
 
@@ -85,13 +94,17 @@ class _AudioItem:
     load: Callable[[], tuple]  # -> (float32 mono at the target rate, source rate, source channels)
 
 
-def _hf_items(name: str, config: str | None, sample_rate: int, rule: str, valid_fraction, test_fraction) -> tuple[Iterator[_AudioItem], int, dict]:
+def _hf_items(
+    name: str, config: str | None, sample_rate: int, rule: str, valid_fraction, test_fraction
+) -> tuple[Iterator[_AudioItem], int, dict]:
     """Items of a Hugging Face ``datasets`` audio dataset, decoded with soundfile (never torchcodec)."""
     local = Path(name).exists()
     offline_reason = None
-    if not local and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no") and os.environ.get(
-        "HF_DATASETS_OFFLINE", "0"
-    ).lower() in ("0", "", "false", "no"):
+    if (
+        not local
+        and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false", "no")
+        and os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("0", "", "false", "no")
+    ):
         endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
         host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
         try:
@@ -116,7 +129,10 @@ def _hf_items(name: str, config: str | None, sample_rate: int, rule: str, valid_
         dsd = datasets.load_dataset(name, config) if config else datasets.load_dataset(name)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "could not load"
         if offline_reason is not None:
-            raise HaedError(f"{offline_reason} and the dataset {name} is not in the local cache; with no network, give a folder of WAV/FLAC files instead") from None
+            raise HaedError(
+                f"{offline_reason} and the dataset {name} is not in the local cache; with no network, give a folder "
+                "of WAV/FLAC files instead"
+            ) from None
         raise HaedError(f"cannot load the Hugging Face dataset {name}: {_one_line(e)}") from None
     if isinstance(dsd, datasets.Dataset):
         dsd = datasets.DatasetDict({"train": dsd})
@@ -124,10 +140,16 @@ def _hf_items(name: str, config: str | None, sample_rate: int, rule: str, valid_
     if rule == "dataset":
         unknown = [s for s in hf_splits if s not in HF_SPLIT_NAMES]
         if unknown:
-            raise HaedError(f"dataset {name} has splits {', '.join(hf_splits)}; haed cannot place {', '.join(unknown)} (use --split-rule hash)")
+            raise HaedError(
+                f"dataset {name} has splits {', '.join(hf_splits)}; haed cannot place {', '.join(unknown)} (use "
+                "--split-rule hash)"
+            )
         missing = [s for s in SPLITS if s not in {HF_SPLIT_NAMES[h] for h in hf_splits}]
         if missing:
-            raise HaedError(f"dataset {name} has no {' or '.join(missing)} split (it has {', '.join(hf_splits)}); use --split-rule hash")
+            raise HaedError(
+                f"dataset {name} has no {' or '.join(missing)} split (it has {', '.join(hf_splits)}); use "
+                "--split-rule hash"
+            )
     first = dsd[hf_splits[0]]
     cols = [c for c, f in first.features.items() if isinstance(f, datasets.Audio)]
     if not cols:
@@ -155,16 +177,21 @@ def _hf_items(name: str, config: str | None, sample_rate: int, rule: str, valid_
                 data = a.get("bytes")
                 src = data if data is not None else path
                 if src is None:
+
                     def load(n=item_name):
                         raise HaedError(f"cannot read audio file {n}: the row holds neither bytes nor a path")
                 else:
+
                     def load(src=src, n=item_name):
                         return read_audio_info(src, sample_rate, name=n)
+
                 yield _AudioItem(item_name, split, load)
 
     source = {
         "type": "huggingface",
-        "description": f"Hugging Face dataset {name}" + (f" ({config})" if config else "") + f", splits {', '.join(hf_splits)}",
+        "description": f"Hugging Face dataset {name}"
+        + (f" ({config})" if config else "")
+        + f", splits {', '.join(hf_splits)}",
         "name": name,
         "config": config,
         "audio_column": col,
@@ -231,7 +258,11 @@ def prepare_audio(
             )
         items: Iterable[_AudioItem] = items_list
         total = len(items_list)
-        src_meta = {"type": "audio-folder", "description": f"{total:,} WAV/FLAC files under {folder.as_posix()}", "path": folder.as_posix()}
+        src_meta = {
+            "type": "audio-folder",
+            "description": f"{total:,} WAV/FLAC files under {folder.as_posix()}",
+            "path": folder.as_posix(),
+        }
     else:
         items, total, src_meta = _hf_items(hf, hf_config, sample_rate, rule, valid_fraction, test_fraction)
 
@@ -283,7 +314,9 @@ def prepare_audio(
         flush()
         assert all(position[s] == w.bytes_written(s) for s in SPLITS)
         if not entries:
-            raise HaedError(f"none of the {total:,} audio files could be read" + (f" (skipped {len(skipped)})" if skipped else ""))
+            raise HaedError(
+                f"none of the {total:,} audio files could be read" + (f" (skipped {len(skipped)})" if skipped else "")
+            )
         per_split = {s: sum(e["length"] for e in entries if e["split"] == s) for s in SPLITS}
         return w.finish(
             {
@@ -291,7 +324,10 @@ def prepare_audio(
                 "source": src_meta,
                 "sample_rate": sample_rate,
                 "encoding": ENCODING,
-                "mu_law": {"quantization_channels": QUANTIZATION_CHANNELS, "formula": "torchaudio mu_law_encoding, input clipped to [-1, 1]"},
+                "mu_law": {
+                    "quantization_channels": QUANTIZATION_CHANNELS,
+                    "formula": "torchaudio mu_law_encoding, input clipped to [-1, 1]",
+                },
                 "processing": "channels averaged to mono; resampled with soxr (HQ) when the rate differs; 8-bit mu-law",
                 "split_rule": {"name": rule, "description": SPLIT_RULE_TEXT[rule]}
                 | ({"valid_fraction": valid_fraction, "test_fraction": test_fraction} if rule == "hash" else {}),

@@ -58,10 +58,16 @@ def split_sizes(total: int, valid_fraction: float, test_fraction: float) -> tupl
     n_valid = int(round(total * valid_fraction))
     n_test = int(round(total * test_fraction))
     n_train = total - n_valid - n_test
-    for name, n, flag in (("valid", n_valid, "--valid-fraction"), ("test", n_test, "--test-fraction"), ("train", n_train, None)):
+    for name, n, flag in (
+        ("valid", n_valid, "--valid-fraction"),
+        ("test", n_test, "--test-fraction"),
+        ("train", n_train, None),
+    ):
         if n <= 0:
             how = f"{flag} {valid_fraction if name == 'valid' else test_fraction}" if flag else "the fractions"
-            raise HaedError(f"the input has {total:,} bytes: {how} leaves the {name} split empty; use more data or larger fractions")
+            raise HaedError(
+                f"the input has {total:,} bytes: {how} leaves the {name} split empty; use more data or larger fractions"
+            )
     return n_train, n_valid, n_test
 
 
@@ -93,8 +99,11 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def walk_files(folder: Path, keep: Callable[[str], bool] = lambda n: True, skip_dirs: frozenset = frozenset()) -> list[tuple[Path, str]]:
-    """(path, name relative to ``folder``) of every file below it, sorted by name; hidden names and ``skip_dirs`` left out."""
+def walk_files(
+    folder: Path, keep: Callable[[str], bool] = lambda n: True, skip_dirs: frozenset = frozenset()
+) -> list[tuple[Path, str]]:
+    """(path, name relative to ``folder``) of every file below it, sorted by name; hidden names and
+    ``skip_dirs`` left out."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = [d for d in dirnames if not _is_hidden(d) and d not in skip_dirs]

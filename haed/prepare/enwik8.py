@@ -77,7 +77,8 @@ def prepare_enwik8(out, *, source: str | os.PathLike | None = None, force: bool 
                 download(url, zpath, progress, what="enwik8.zip")
             except HaedError as e:
                 raise HaedError(
-                    f"{e}; with no network, get enwik8.zip elsewhere and pass --source PATH (the zip or the extracted enwik8)"
+                    f"{e}; with no network, get enwik8.zip elsewhere and pass --source PATH (the zip or the "
+                    "extracted enwik8)"
                 ) from None
             origin = url
             stream, z, desc = _open_enwik8_source(zpath)
@@ -118,6 +119,7 @@ def prepare_enwik8(out, *, source: str | os.PathLike | None = None, force: bool 
                     "bytes": ENWIK8_BYTES,
                     "sha256": sha.hexdigest(),
                 },
-                "split_rule": "in order: bytes [0, 90,000,000) train, [90,000,000, 95,000,000) valid, [95,000,000, 100,000,000) test",
+                "split_rule": "in order: bytes [0, 90,000,000) train, [90,000,000, 95,000,000) valid, [95,000,000, "
+                "100,000,000) test",
             }
         )

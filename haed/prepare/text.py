@@ -128,12 +128,19 @@ def prepare_text(
     files = collect_text_files(paths, exclude=out)
     source = {
         "type": "text",
-        "description": f"{len(files):,} file{'s' if len(files) != 1 else ''} from {', '.join(p.as_posix() for p in paths)}",
+        "description": f"{len(files):,} file{'s' if len(files) != 1 else ''} from "
+        f"{', '.join(p.as_posix() for p in paths)}",
         "paths": [p.as_posix() for p in paths],
     }
     return _prepare_files(
-        files, out, valid_fraction=valid_fraction, test_fraction=test_fraction, source=source,
-        order=TEXT_ORDER_RULE, force=force, progress=progress,
+        files,
+        out,
+        valid_fraction=valid_fraction,
+        test_fraction=test_fraction,
+        source=source,
+        order=TEXT_ORDER_RULE,
+        force=force,
+        progress=progress,
     )
 
 
@@ -195,6 +202,13 @@ def prepare_stdlib(
         "max_bytes": max_bytes,
     }
     return _prepare_files(
-        files, out, valid_fraction=valid_fraction, test_fraction=test_fraction, source=source,
-        order=STDLIB_ORDER_RULE, force=force, progress=progress, max_bytes=max_bytes,
+        files,
+        out,
+        valid_fraction=valid_fraction,
+        test_fraction=test_fraction,
+        source=source,
+        order=STDLIB_ORDER_RULE,
+        force=force,
+        progress=progress,
+        max_bytes=max_bytes,
     )

@@ -31,12 +31,18 @@ class SweepDefaults:
 # configuration the README reports (its 12 cells took 4 min 24 s on an H100, compilation included,
 # on real enwik8 bytes, 2026-11-23).
 CUDA_DEFAULTS = SweepDefaults(
-    "cuda", "enwik8", (2048, 4096, 8192, 16384), (16,),
+    "cuda",
+    "enwik8",
+    (2048, 4096, 8192, 16384),
+    (16,),
     "the configuration of the README's headline table: the enwik8 recipe (main 12 x 768 over 8-byte "
     "patches, decoder 4 x 256), batch 16, seq 2,048 to 16,384",
 )
 CPU_DEFAULTS = SweepDefaults(
-    "cpu", "tiny", (2048, 4096, 8192, 16384), (4, 8, 16),
+    "cpu",
+    "tiny",
+    (2048, 4096, 8192, 16384),
+    (4, 8, 16),
     "the CPU-sized tiny recipe, CPU-timed: memory is not measured, and CPU timings say nothing about a GPU's",
 )
 
@@ -57,19 +63,33 @@ class SweepPlan:
     defaults: dict
 
 
-def plan_sweep(device: str = "auto", recipe: str | None = None, overrides: Iterable[str] = (),
-               seq_lens: Iterable[int] | None = None, batch_sizes: Iterable[int] | None = None) -> SweepPlan:
+def plan_sweep(
+    device: str = "auto",
+    recipe: str | None = None,
+    overrides: Iterable[str] = (),
+    seq_lens: Iterable[int] | None = None,
+    batch_sizes: Iterable[int] | None = None,
+) -> SweepPlan:
     """Resolve the device first (no CUDA: one HaedError before any work, unless the CPU is asked for),
     then take what was not given (None) from that device's defaults, recording which ones."""
     dev = profile_device(device)
     d = default_sweep(dev)
-    used = [name for name, value in (("recipe", recipe), ("seq_lens", seq_lens), ("batch_sizes", batch_sizes))
-            if value is None]
+    used = [
+        name
+        for name, value in (("recipe", recipe), ("seq_lens", seq_lens), ("batch_sizes", batch_sizes))
+        if value is None
+    ]
     return SweepPlan(
         device=dev,
         recipe=load_recipe(d.recipe if recipe is None else recipe, list(overrides)),
         seq_lens=list(d.seq_lens if seq_lens is None else seq_lens),
         batch_sizes=list(d.batch_sizes if batch_sizes is None else batch_sizes),
-        defaults={"device": d.device, "recipe": d.recipe, "seq_lens": list(d.seq_lens),
-                  "batch_sizes": list(d.batch_sizes), "why": d.why, "used": used},
+        defaults={
+            "device": d.device,
+            "recipe": d.recipe,
+            "seq_lens": list(d.seq_lens),
+            "batch_sizes": list(d.batch_sizes),
+            "why": d.why,
+            "used": used,
+        },
     )

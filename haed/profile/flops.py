@@ -17,8 +17,14 @@ FLOPS_CONVENTION = (
 )
 
 
-def step_flops(model: nn.Module, objective: str, batch_size: int, seq_len: int,
-               distinct: float | None = None, candidates: float | None = None) -> float:
+def step_flops(
+    model: nn.Module,
+    objective: str,
+    batch_size: int,
+    seq_len: int,
+    distinct: float | None = None,
+    candidates: float | None = None,
+) -> float:
     """Matrix FLOPs of one optimizer step of `objective` (see FLOPS_CONVENTION)."""
     parts = forward_flops(model, batch_size, seq_len, distinct, candidates)
     return sum(multiple * parts[part] for part, multiple in get_objective(objective).step_parts)

@@ -37,8 +37,10 @@ def describe_cell(cell: dict) -> str:
         return f"{cell['objective']} seq {cell['seq_len']} batch {cell['batch_size']}: {cell['status']}"
     mem = f", peak {cell['peak_allocated_gib']:.2f} GiB" if cell.get("peak_allocated_gib") is not None else ""
     rate = cell["bytes_per_second"]
-    return (f"{cell['objective']} seq {cell['seq_len']} batch {cell['batch_size']}: "
-            f"{cell['median_step_ms']:.1f} ms/step, {rate / 1e6:.3f} MB/s{mem}")
+    return (
+        f"{cell['objective']} seq {cell['seq_len']} batch {cell['batch_size']}: "
+        f"{cell['median_step_ms']:.1f} ms/step, {rate / 1e6:.3f} MB/s{mem}"
+    )
 
 
 def describe_max_context(entry: dict) -> str:
@@ -64,7 +66,8 @@ def describe_measured(result: dict) -> str:
     env = result.get("environment") or {}
     settings = result.get("settings") or {}
     if env.get("device") == "cuda":
-        how = f"on {env.get('gpu') or 'CUDA'} ({env.get('dtype')}, {'compiled' if env.get('compile') else 'not compiled'})"
+        compiled = "compiled" if env.get("compile") else "not compiled"
+        how = f"on {env.get('gpu') or 'CUDA'} ({env.get('dtype')}, {compiled})"
     else:
         how = f"CPU-timed ({env.get('dtype')}; memory not measured)"
     data = result.get("data", "")
@@ -72,8 +75,10 @@ def describe_measured(result: dict) -> str:
         data += f" ({result['data_note']})"
     seqs = ", ".join(f"{n:,}" for n in settings.get("seq_lens") or [])
     batches = ", ".join(str(b) for b in settings.get("batch_sizes") or [])
-    return (f"measured: recipe {(result.get('recipe') or {}).get('name', '')} {how}; data: {data}; seq {seqs}; "
-            f"batch {batches}; {settings.get('warmup')} warm-up + {settings.get('steps')} timed steps per cell")
+    return (
+        f"measured: recipe {(result.get('recipe') or {}).get('name', '')} {how}; data: {data}; seq {seqs}; "
+        f"batch {batches}; {settings.get('warmup')} warm-up + {settings.get('steps')} timed steps per cell"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,13 +95,18 @@ def compute_ratios(cells: list[dict], pairs=RATIO_PAIRS) -> list[dict]:
             a, b = ok.get((num, seq_len, batch_size)), ok.get((den, seq_len, batch_size))
             if a is None or b is None:
                 continue
-            out.append({
-                "numerator": num, "denominator": den, "seq_len": seq_len, "batch_size": batch_size,
-                "peak_allocated": _ratio(a.get("peak_allocated_gib"), b.get("peak_allocated_gib")),
-                "peak_reserved": _ratio(a.get("peak_reserved_gib"), b.get("peak_reserved_gib")),
-                "bytes_per_second": _ratio(a.get("bytes_per_second"), b.get("bytes_per_second")),
-                "median_step_ms": _ratio(a.get("median_step_ms"), b.get("median_step_ms")),
-            })
+            out.append(
+                {
+                    "numerator": num,
+                    "denominator": den,
+                    "seq_len": seq_len,
+                    "batch_size": batch_size,
+                    "peak_allocated": _ratio(a.get("peak_allocated_gib"), b.get("peak_allocated_gib")),
+                    "peak_reserved": _ratio(a.get("peak_reserved_gib"), b.get("peak_reserved_gib")),
+                    "bytes_per_second": _ratio(a.get("bytes_per_second"), b.get("bytes_per_second")),
+                    "median_step_ms": _ratio(a.get("median_step_ms"), b.get("median_step_ms")),
+                }
+            )
     return out
 
 
@@ -122,10 +132,17 @@ def merge_profiles(main: dict, *others: dict) -> dict:
         for c in other["cells"]:
             cells.pop(_cell_key(c), None)
             cells[_cell_key(c)] = c
-        merged["merged"].append({"created": other.get("created"), "command": other.get("command"),
-                                 "objectives": sorted({c["objective"] for c in other["cells"]}),
-                                 "environment": other.get("environment"), "parameters": other.get("parameters"),
-                                 "model": other.get("model"), "data": other.get("data")})
+        merged["merged"].append(
+            {
+                "created": other.get("created"),
+                "command": other.get("command"),
+                "objectives": sorted({c["objective"] for c in other["cells"]}),
+                "environment": other.get("environment"),
+                "parameters": other.get("parameters"),
+                "model": other.get("model"),
+                "data": other.get("data"),
+            }
+        )
     merged["cells"] = list(cells.values())
     merged["settings"] = dict(main.get("settings") or {})
     merged["settings"]["objectives"] = list(dict.fromkeys(c["objective"] for c in merged["cells"]))
@@ -198,13 +215,17 @@ def plot_profile(result: dict, path: str | os.PathLike, title: str | None = None
     measured = any(c.get("peak_allocated_gib") is not None for c in cells if c["status"] == "ok")
 
     fig, (ax_mem, ax_rate) = plt.subplots(1, 2, figsize=(13, 5))
-    panels = ((ax_mem, "peak_allocated_gib", 1.0, "peak allocated memory (GiB)"),
-              (ax_rate, "bytes_per_second", 1e-6, "training throughput (million bytes/s)"))
+    panels = (
+        (ax_mem, "peak_allocated_gib", 1.0, "peak allocated memory (GiB)"),
+        (ax_rate, "bytes_per_second", 1e-6, "training throughput (million bytes/s)"),
+    )
     any_oom = False
     for ax, key, scale, label in panels:
         for o in objectives:
             for b in batch_sizes:
-                row = sorted((c for c in cells if c["objective"] == o and c["batch_size"] == b), key=lambda c: c["seq_len"])
+                row = sorted(
+                    (c for c in cells if c["objective"] == o and c["batch_size"] == b), key=lambda c: c["seq_len"]
+                )
                 pts = [(c["seq_len"], c[key] * scale) for c in row if c["status"] == "ok" and c.get(key) is not None]
                 name = o if len(batch_sizes) == 1 else f"{o}, batch {b}"
                 if pts:
@@ -213,8 +234,17 @@ def plot_profile(result: dict, path: str | os.PathLike, title: str | None = None
                 ooms = [c["seq_len"] for c in row if c["status"] == "OOM"]
                 if ooms:
                     any_oom = True
-                    ax.plot(ooms, [0.96] * len(ooms), linestyle="none", marker="x", markersize=9, markeredgewidth=2,
-                            color=colors[o], transform=ax.get_xaxis_transform(), clip_on=False)
+                    ax.plot(
+                        ooms,
+                        [0.96] * len(ooms),
+                        linestyle="none",
+                        marker="x",
+                        markersize=9,
+                        markeredgewidth=2,
+                        color=colors[o],
+                        transform=ax.get_xaxis_transform(),
+                        clip_on=False,
+                    )
         ax.set_xscale("log", base=2)
         seqs = sorted({c["seq_len"] for c in cells})
         if seqs:
@@ -240,7 +270,9 @@ def plot_profile(result: dict, path: str | os.PathLike, title: str | None = None
     env = result.get("environment", {})
     where = env.get("gpu") or "CPU"
     data = result.get("data", "")
-    fig.suptitle(title or f"{result.get('recipe', {}).get('name', '')}: {where}, {env.get('dtype', '')}, {data}", fontsize=10)
+    fig.suptitle(
+        title or f"{result.get('recipe', {}).get('name', '')}: {where}, {env.get('dtype', '')}, {data}", fontsize=10
+    )
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
 

@@ -25,7 +25,15 @@ from haed.profile.flops import DEFAULT_PEAK_TFLOPS, FLOPS_CONVENTION, add_fracti
 from haed.profile.harness import environment, measure_cell, profile_device
 from haed.profile.report import SCHEMA, compute_ratios, describe_cell, describe_max_context
 from haed.profile.windows import WindowSource, distinct_patches
-from haed.steps import apply_recompute, make_optimizer, maybe_compile, set_trainable, to_device, torch_generator, train_step
+from haed.steps import (
+    apply_recompute,
+    make_optimizer,
+    maybe_compile,
+    set_trainable,
+    to_device,
+    torch_generator,
+    train_step,
+)
 
 # --------------------------------------------------------------------------------------------
 # one haed cell
@@ -54,7 +62,9 @@ def _check_sweep(recipe: Recipe, objectives, seq_lens, batch_sizes, steps, warmu
     if any(get_objective(o).arch == "haed" for o in objectives):
         bad = [n for n in seq_lens if n % K or n < 2 * K]
         if bad:
-            raise HaedError(f"sequence lengths must be multiples of the patch size {K} (and at least two patches): {bad}")
+            raise HaedError(
+                f"sequence lengths must be multiples of the patch size {K} (and at least two patches): {bad}"
+            )
     if steps < 1 or warmup < 0:
         raise HaedError("--steps must be >= 1 and --warmup >= 0")
 
@@ -70,10 +80,22 @@ def build_for_objective(recipe: Recipe, objective: str, cfg: TrainConfig, device
     return model, optimizer, params
 
 
-def objective_cell(recipe: Recipe, objective: str, seq_len: int, batch_size: int, *, device: torch.device,
-                   source: WindowSource, steps: int, warmup: int, compile: bool,
-                   step_fn: Callable = train_step, flops_model: nn.Module | None = None,
-                   reset_compiler: bool = True, keep_going: bool = False) -> dict:
+def objective_cell(
+    recipe: Recipe,
+    objective: str,
+    seq_len: int,
+    batch_size: int,
+    *,
+    device: torch.device,
+    source: WindowSource,
+    steps: int,
+    warmup: int,
+    compile: bool,
+    step_fn: Callable = train_step,
+    flops_model: nn.Module | None = None,
+    reset_compiler: bool = True,
+    keep_going: bool = False,
+) -> dict:
     """Measure one cell of one haed objective through the trainer's own pieces.
 
     `reset_compiler`: forget earlier compilations first (torch._dynamo.reset()), so that this cell
@@ -104,14 +126,25 @@ def objective_cell(recipe: Recipe, objective: str, seq_len: int, batch_size: int
             extra["candidates"] = metrics["candidates"]
         return extra
 
-    cell = measure_cell(objective, seq_len, batch_size, setup=setup, step=step, make_batch=make_batch, device=device,
-                        steps=steps, warmup=warmup, keep_going=keep_going)
+    cell = measure_cell(
+        objective,
+        seq_len,
+        batch_size,
+        setup=setup,
+        step=step,
+        make_batch=make_batch,
+        device=device,
+        steps=steps,
+        warmup=warmup,
+        keep_going=keep_going,
+    )
     cell["compiled"] = bool(compile and device.type == "cuda")
     cell.setdefault("candidates_mean", None)
     cell.setdefault("distinct_patches_mean", None)
     if cell["status"] == "ok" and flops_model is not None:
-        flops = step_flops(flops_model, objective, batch_size, seq_len, cell.get("distinct_patches_mean"),
-                           cell.get("candidates_mean"))
+        flops = step_flops(
+            flops_model, objective, batch_size, seq_len, cell.get("distinct_patches_mean"), cell.get("candidates_mean")
+        )
         cell["flops_per_step"] = flops
         cell["achieved_tflops"] = flops / (cell["median_step_ms"] / 1e3) / 1e12 if cell["median_step_ms"] else None
     else:
@@ -139,10 +172,25 @@ def parameter_counts(recipe: Recipe, objectives: Iterable[str]) -> dict:
 
 
 def progress_bar(console=None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def profile_memory(
@@ -191,7 +239,9 @@ def profile_memory(
         _allow_recompiles()
     source = WindowSource.for_recipe(recipe, dataset, seed)
     if source.max_len is not None and source.max_len < max(seq_lens):
-        raise HaedError(f"the train split of {source.path} has {source.max_len:,} bytes, fewer than seq_len {max(seq_lens):,}")
+        raise HaedError(
+            f"the train split of {source.path} has {source.max_len:,} bytes, fewer than seq_len {max(seq_lens):,}"
+        )
     flops_models = {o: _meta_model(objective_model_config(recipe, o)) for o in objectives}
 
     result = {
@@ -204,12 +254,21 @@ def profile_memory(
         "dataset": source.path,
         "data_note": source.note,
         "defaults": defaults,
-        "settings": {"objectives": objectives, "seq_lens": seq_lens, "batch_sizes": batch_sizes, "steps": steps,
-                     "warmup": warmup, "seed": seed, "grad_accum": 1, "peak_tflops": peak_tflops,
-                     "compile_scope": compile_scope if use_compile else None, "keep_going": keep_going,
-                     "timing": "median over the timed steps of the host clock between torch.cuda.synchronize() "
-                               "calls; drawing the windows and copying them to the device is not timed",
-                     "flops": FLOPS_CONVENTION},
+        "settings": {
+            "objectives": objectives,
+            "seq_lens": seq_lens,
+            "batch_sizes": batch_sizes,
+            "steps": steps,
+            "warmup": warmup,
+            "seed": seed,
+            "grad_accum": 1,
+            "peak_tflops": peak_tflops,
+            "compile_scope": compile_scope if use_compile else None,
+            "keep_going": keep_going,
+            "timing": "median over the timed steps of the host clock between torch.cuda.synchronize() "
+            "calls; drawing the windows and copying them to the device is not timed",
+            "flops": FLOPS_CONVENTION,
+        },
         "parameters": parameter_counts(recipe, objectives),
         "cells": [],
         "ratios": [],
@@ -225,9 +284,21 @@ def profile_memory(
         for objective, seq_len, batch_size in grid:
             if progress is not None:
                 progress.update(task, description=f"{objective} seq {seq_len} batch {batch_size}")
-            cell = objective_cell(recipe, objective, seq_len, batch_size, device=dev, source=source, steps=steps,
-                                  warmup=warmup, compile=use_compile, step_fn=step_fn, flops_model=flops_models[objective],
-                                  reset_compiler=compile_scope == "cell" or objective != previous, keep_going=keep_going)
+            cell = objective_cell(
+                recipe,
+                objective,
+                seq_len,
+                batch_size,
+                device=dev,
+                source=source,
+                steps=steps,
+                warmup=warmup,
+                compile=use_compile,
+                step_fn=step_fn,
+                flops_model=flops_models[objective],
+                reset_compiler=compile_scope == "cell" or objective != previous,
+                keep_going=keep_going,
+            )
             previous = objective
             add_fraction_of_peak(cell, peak_tflops if dev.type == "cuda" else None)
             result["cells"].append(cell)
@@ -242,9 +313,22 @@ def profile_memory(
     result["ratios"] = compute_ratios(result["cells"])
     if max_context_search:
         result["max_context"] = max_context(
-            recipe, objectives, batch_sizes, start_seq_len=seq_lens[0], device=device, dataset=dataset,
-            compile=compile, max_seq_len=max_seq_len, refine_steps=refine_steps, compile_scope=compile_scope,
-            keep_going=keep_going, seed=seed, step_fn=step_fn, show_progress=show_progress, console=console)
+            recipe,
+            objectives,
+            batch_sizes,
+            start_seq_len=seq_lens[0],
+            device=device,
+            dataset=dataset,
+            compile=compile,
+            max_seq_len=max_seq_len,
+            refine_steps=refine_steps,
+            compile_scope=compile_scope,
+            keep_going=keep_going,
+            seed=seed,
+            step_fn=step_fn,
+            show_progress=show_progress,
+            console=console,
+        )
     return result
 
 
@@ -315,18 +399,44 @@ def max_context(
                 def fits(n: int) -> bool:
                     if progress is not None:
                         progress.update(task, description=f"max context {objective} batch {batch_size}: seq {n}")
-                    cell = objective_cell(recipe, objective, n, batch_size, device=dev, source=source, steps=1,
-                                          warmup=0, compile=use_compile, step_fn=step_fn, keep_going=keep_going,
-                                          reset_compiler=compile_scope == "cell" or not probes)
-                    probes.append({"seq_len": n, "status": cell["status"], "peak_allocated_gib": cell["peak_allocated_gib"],
-                                   "peak_reserved_gib": cell["peak_reserved_gib"], "step_ms": cell["median_step_ms"],
-                                   "error": cell["error"]})
+                    cell = objective_cell(
+                        recipe,
+                        objective,
+                        n,
+                        batch_size,
+                        device=dev,
+                        source=source,
+                        steps=1,
+                        warmup=0,
+                        compile=use_compile,
+                        step_fn=step_fn,
+                        keep_going=keep_going,
+                        reset_compiler=compile_scope == "cell" or not probes,
+                    )
+                    probes.append(
+                        {
+                            "seq_len": n,
+                            "status": cell["status"],
+                            "peak_allocated_gib": cell["peak_allocated_gib"],
+                            "peak_reserved_gib": cell["peak_reserved_gib"],
+                            "step_ms": cell["median_step_ms"],
+                            "error": cell["error"],
+                        }
+                    )
                     return cell["status"] == "ok"
 
                 fit, failed = _search(fits, start_seq_len, cap, refine_steps, minimum=2 * K, granularity=K)
                 failure = next((p["status"] for p in probes if p["seq_len"] == failed), None)
-                entry = {"objective": objective, "batch_size": batch_size, "max_seq_len": fit, "first_failure": failed,
-                         "failure": failure, "capped": failed is None and fit is not None, "cap": cap, "probes": probes}
+                entry = {
+                    "objective": objective,
+                    "batch_size": batch_size,
+                    "max_seq_len": fit,
+                    "first_failure": failed,
+                    "failure": failure,
+                    "capped": failed is None and fit is not None,
+                    "cap": cap,
+                    "probes": probes,
+                }
                 results.append(entry)
                 if progress is not None:
                     progress.console.print(describe_max_context(entry), highlight=False)

@@ -25,8 +25,9 @@ class WindowSource:
     Step i of every cell sees the same windows (seeded by (seed, i)), whatever the objective.
     """
 
-    def __init__(self, data: np.ndarray | None, seed: int = 0, description: str = RANDOM_BYTES,
-                 path: str | None = None):
+    def __init__(
+        self, data: np.ndarray | None, seed: int = 0, description: str = RANDOM_BYTES, path: str | None = None
+    ):
         self.data = data
         self.seed = seed
         self.description = description
