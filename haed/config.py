@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import types
 import typing
@@ -37,7 +38,7 @@ class StackConfig:
     heads: int = 4
     mlp_ratio: float = 4.0  # hidden = mlp_ratio * dim (the gated MLP uses 2/3 of it per branch)
     dropout: float = 0.0  # on each residual branch while training (small datasets overfit without it)
-    checkpoint: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
+    recompute: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
 
 
 @dataclass
@@ -334,12 +335,20 @@ def _suggest(cls, key: str) -> str:
 
 
 def recipe_from_dict(values: dict) -> Recipe:
-    values = dict(values)
+    values = _upgrade(json.loads(json.dumps(values)))
     # The decoder phase's defaults differ from TrainConfig's: start from them, then apply the recipe.
     base = Recipe()
     merged = dataclasses.asdict(base)
     _deep_update(merged, values)
     return _build(Recipe, merged, "").validate()
+
+
+def _upgrade(values: dict) -> dict:
+    """Recipes (and run configs) written before a field was renamed: a stack's `checkpoint` is now `recompute`."""
+    for stack in (values.get("model") or {}).values():
+        if isinstance(stack, dict) and "checkpoint" in stack:
+            stack.setdefault("recompute", stack.pop("checkpoint"))
+    return values
 
 
 def _deep_update(target: dict, values: dict, where: str = "") -> None:

@@ -184,7 +184,7 @@ class Stack(nn.Module):
         self.cfg = cfg
         self.causal = causal
         self.rope_base = rope_base
-        self.recompute = cfg.checkpoint  # a training phase may turn recomputation on for itself
+        self.recompute = cfg.recompute  # a training phase may turn recomputation on for itself
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim)
         # Rotary angles are computed once for the positions in use (not stored in checkpoints).

@@ -66,7 +66,7 @@ def apply_recompute(model, cfg: TrainConfig) -> None:
     else:
         stacks = {"main": model.stack}
     for name, stack in stacks.items():
-        stack.recompute = stack.cfg.checkpoint or name in names
+        stack.recompute = stack.cfg.recompute or name in names
 
 
 def set_trainable(model, objective: str, cfg: TrainConfig | None = None) -> list:

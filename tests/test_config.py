@@ -108,7 +108,7 @@ def dataset(tmp_path_factory):
         (["--steps", "0"], "iem.steps"),
         (["--steps", "-3"], "iem.steps"),
         (["--batch-size", "0"], "iem.batch_size"),
-        (["--set", "main.checkpoint=1"], "model.main.checkpoint"),
+        (["--set", "main.recompute=1"], "model.main.recompute"),
         (["--set", "iem.lr=0"], "iem.lr"),
         (["--set", "main.dropout=1"], "model.main.dropout"),
         (["--set", "iem.min_lr_ratio=1.5"], "iem.min_lr_ratio"),
@@ -161,3 +161,14 @@ def test_dataset_path_with_quote_and_backslash(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["recipe"]["data"]["dataset"] == str(odd)
+
+
+def test_a_recipe_from_before_the_rename_of_checkpoint_to_recompute_still_loads():
+    from haed.config import Recipe, recipe_from_dict
+
+    old = Recipe().to_dict()
+    for stack in ("encoder", "main", "decoder"):
+        old["model"][stack]["checkpoint"] = old["model"][stack].pop("recompute")
+    old["model"]["main"]["checkpoint"] = True
+    recipe = recipe_from_dict(old)
+    assert recipe.model.main.recompute is True and recipe.model.encoder.recompute is False
