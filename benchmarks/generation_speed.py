@@ -2,12 +2,12 @@
 
 Models are the recipes' architectures with random weights (speed does not depend on the values),
 `--recipe NAME` (default: tiny, enwik8 and speech), and/or `--model NAME=PATH`, where PATH is a run
-directory (`haed train-*` output), a folder of weight shards (`w*.safetensors` + `audio-config.json`,
-as fetched from an earlier device run), or a run's config.json alone (random weights of that run).
+directory (`haed train-*` output, its best checkpoint) or a run's config.json alone (random weights of
+that run's architecture).
 
     python3 benchmarks/generation_speed.py                          # on CUDA: every recipe, N = 1, 8, 64
     python3 benchmarks/generation_speed.py --device cpu --recipe tiny --bytes 64 --repeats 1   # smoke run
-    python3 benchmarks/generation_speed.py --model audio=.dev/audio-weights --out $OUT/generation --wav audio
+    python3 benchmarks/generation_speed.py --model audio=runs/speech --out generation --wav audio
 
 Per model, mode (CUDA graphs on / off; a CPU has only the eager steps) and stream count N: a warm-up
 generation (which captures the graphs for that batch shape), then `--bytes` bytes per stream timed
@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,16 +43,6 @@ def load(path: Path, device):
         recipe = recipe_from_dict(config["recipe"])
         torch.manual_seed(0)
         return build_model(recipe.model).to(device).eval(), recipe, config, "random weights of the run's architecture"
-    shards = sorted(path.glob("w*.safetensors"))
-    if shards:
-        config = json.loads((path / "audio-config.json").read_text())
-        recipe = recipe_from_dict(config["recipe"])
-        model = build_model(recipe.model)
-        state = {}
-        for shard in shards:
-            state.update({k: v.float() for k, v in load_file(str(shard)).items()})
-        model.load_state_dict(state)
-        return model.to(device).eval(), recipe, config, f"trained weights ({path}, stored in bf16)"
     model, recipe, config = load_run(resolve_sampling_run(path), device)
     return model, recipe, config, f"trained weights ({config['checkpoint']})"
 
@@ -106,7 +95,7 @@ def main() -> None:
         "--recipe", action="append", default=[], help="a recipe whose architecture to time, random weights (repeatable)"
     )
     p.add_argument(
-        "--model", action="append", default=[], help="NAME=PATH: a run, weight shards or a config.json (repeatable)"
+        "--model", action="append", default=[], help="NAME=PATH: a run directory or a run's config.json (repeatable)"
     )
     p.add_argument("--streams", default="1,8,64", help="stream counts N, comma-separated")
     p.add_argument("--bytes", type=int, default=2000, help="bytes (samples) per stream, with CUDA graphs")

@@ -14,6 +14,7 @@ FLOPs per step. An out-of-memory cell is reported as "OOM"; the sweep goes on.
 """
 
 from haed.model import attention_flops, linear_weights
+from haed.profile.context import max_context
 from haed.profile.defaults import CPU_DEFAULTS, CUDA_DEFAULTS, SweepDefaults, SweepPlan, default_sweep, plan_sweep
 from haed.profile.flops import DEFAULT_PEAK_TFLOPS, FLOPS_CONVENTION, add_fraction_of_peak, step_flops
 from haed.profile.harness import (
@@ -42,7 +43,6 @@ from haed.profile.report import (
 )
 from haed.profile.sweep import (
     build_for_objective,
-    max_context,
     objective_cell,
     objective_model_config,
     objective_train_config,

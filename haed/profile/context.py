@@ -1,0 +1,144 @@
+"""`haed profile-memory --max-context`: the longest window each objective trains at without running out
+of memory, found by doubling and then bisecting, each probe a real training step (`objective_cell`)."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable
+
+from haed.config import Recipe
+from haed.profile.harness import profile_device
+from haed.profile.report import describe_max_context
+from haed.profile.sweep import _allow_recompiles, _check_scope, _check_sweep, objective_cell, progress_bar
+from haed.profile.windows import WindowSource
+from haed.steps import train_step
+
+
+def max_context(
+    recipe: Recipe,
+    objectives: Iterable[str],
+    batch_sizes: Iterable[int],
+    start_seq_len: int,
+    device: str = "auto",
+    dataset: str | os.PathLike | None = None,
+    compile: bool = True,
+    *,
+    max_seq_len: int = 1 << 22,
+    refine_steps: int = 4,
+    compile_scope: str = "objective",
+    keep_going: bool = False,
+    seed: int = 0,
+    step_fn: Callable = train_step,
+    show_progress: bool = True,
+    console=None,
+) -> list[dict]:
+    """Per objective and batch size: the longest window (bytes) that trains one step without OOM.
+
+    Doubles from `start_seq_len` until a step runs out of memory (or `max_seq_len`, or the data's
+    length, is reached), then halves the interval between the last fit and the first OOM
+    `refine_steps` times; every probed length stays a multiple of the patch size x 2^k. With
+    `keep_going`, a probe that fails other than by OOM counts as not fitting (its error is kept).
+    """
+    objectives, batch_sizes = list(objectives), [int(b) for b in batch_sizes]
+    _check_sweep(recipe, objectives, [start_seq_len], batch_sizes, 1, 0)
+    _check_scope(compile_scope)
+    dev = profile_device(device)
+    use_compile = bool(compile and dev.type == "cuda")
+    if use_compile and compile_scope == "objective":
+        _allow_recompiles()
+    source = WindowSource.for_recipe(recipe, dataset, seed)
+    cap = max_seq_len if source.max_len is None else min(max_seq_len, source.max_len)
+    K = recipe.model.patch_size
+    results = []
+    progress = progress_bar(console) if show_progress else None
+    if progress is not None:
+        progress.start()
+    try:
+        task = progress.add_task("max context", total=len(objectives) * len(batch_sizes)) if progress else None
+
+        for objective in objectives:
+            for batch_size in batch_sizes:
+                probes: list[dict] = []
+
+                def fits(n: int) -> bool:
+                    if progress is not None:
+                        progress.update(task, description=f"max context {objective} batch {batch_size}: seq {n}")
+                    cell = objective_cell(
+                        recipe,
+                        objective,
+                        n,
+                        batch_size,
+                        device=dev,
+                        source=source,
+                        steps=1,
+                        warmup=0,
+                        compile=use_compile,
+                        step_fn=step_fn,
+                        keep_going=keep_going,
+                        reset_compiler=compile_scope == "cell" or not probes,
+                    )
+                    probes.append(
+                        {
+                            "seq_len": n,
+                            "status": cell["status"],
+                            "peak_allocated_gib": cell["peak_allocated_gib"],
+                            "peak_reserved_gib": cell["peak_reserved_gib"],
+                            "step_ms": cell["median_step_ms"],
+                            "error": cell["error"],
+                        }
+                    )
+                    return cell["status"] == "ok"
+
+                fit, failed = _search(fits, start_seq_len, cap, refine_steps, minimum=2 * K, granularity=K)
+                failure = next((p["status"] for p in probes if p["seq_len"] == failed), None)
+                entry = {
+                    "objective": objective,
+                    "batch_size": batch_size,
+                    "max_seq_len": fit,
+                    "first_failure": failed,
+                    "failure": failure,
+                    "capped": failed is None and fit is not None,
+                    "cap": cap,
+                    "probes": probes,
+                }
+                results.append(entry)
+                if progress is not None:
+                    progress.console.print(describe_max_context(entry), highlight=False)
+                    progress.advance(task)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return results
+
+
+def _search(fits: Callable[[int], bool], start: int, cap: int, refine_steps: int, minimum: int, granularity: int):
+    """(largest length that fits, smallest that did not) by doubling then bisection."""
+    fit, oom = None, None
+    n = min(start, cap)
+    if fits(n):
+        fit = n
+        while fit * 2 <= cap:
+            if fits(fit * 2):
+                fit *= 2
+            else:
+                oom = fit * 2
+                break
+    else:
+        oom = n
+        while n // 2 >= minimum and n % 2 == 0:
+            n //= 2
+            if fits(n):
+                fit = n
+                break
+            oom = n
+    if fit is None or oom is None:
+        return fit, oom
+    for _ in range(refine_steps):
+        mid = (fit + oom) // 2 // granularity * granularity
+        if mid <= fit or mid >= oom:
+            break
+        if fits(mid):
+            fit = mid
+        else:
+            oom = mid
+    return fit, oom
