@@ -30,7 +30,6 @@ from haed.objectives import get_objective
 from haed.runs import phase_finished, read_metrics
 from haed.train import train
 
-SYSTEMS = ("iem", "full", "flat")
 UNCAPPED_STEPS = 10**9  # with a time budget, `steps` only caps the run
 
 
@@ -61,6 +60,30 @@ def _budgeted(cfg, seconds: float, evals: int):
         eval_every_seconds=seconds / max(1, evals),
         ckpt_every=UNCAPPED_STEPS,
     )
+
+
+# Each system: (label, [(objective, recipe, run subfolder), ...]), phases that share its budget; each
+# phase starts from the one before it, and the last one is scored.
+def _iem_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, flat_overrides):
+    r = copy.deepcopy(recipe)
+    r.iem = _budgeted(r.iem, budget * (1 - decoder_fraction), evals)
+    r.decoder = _budgeted(r.decoder, budget * decoder_fraction, evals)
+    return "IEM + decoder phase", [("iem", r, ""), ("decoder", r, "decoder")]
+
+
+def _full_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, flat_overrides):
+    r = copy.deepcopy(recipe)
+    r.full = _budgeted(r.full, budget, evals)
+    return "full (end to end)", [("full", r, "")]
+
+
+def _flat_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, flat_overrides):
+    r = flat_recipe(recipe, flat_overrides)
+    r.full = _budgeted(r.full, budget, evals)
+    return f"flat {r.model.main.layers}x{r.model.main.dim}", [("flat", r, "")]
+
+
+SYSTEMS = {"iem": _iem_system, "full": _full_system, "flat": _flat_system}
 
 
 def _run_phase(
@@ -97,7 +120,7 @@ def compare(
     out_dir: Path,
     budget: float,
     *,
-    systems: tuple[str, ...] = SYSTEMS,
+    systems: tuple[str, ...] = ("iem", "full", "flat"),
     decoder_fraction: float = 0.1,
     evals: int = 10,
     flat_overrides: list[str] | None = None,
@@ -130,46 +153,28 @@ def compare(
         if on_event:
             on_event({"event": "message", "text": text})
 
-    plans = {}
-    if "iem" in systems:
-        r = copy.deepcopy(recipe)
-        r.iem = _budgeted(r.iem, budget * (1 - decoder_fraction), evals)
-        r.decoder = _budgeted(r.decoder, budget * decoder_fraction, evals)
-        plans["iem"] = r
-    if "full" in systems:
-        r = copy.deepcopy(recipe)
-        r.full = _budgeted(r.full, budget, evals)
-        plans["full"] = r
-    if "flat" in systems:
-        r = flat_recipe(recipe, flat_overrides)
-        r.full = _budgeted(r.full, budget, evals)
-        plans["flat"] = r
-
     rows = []
-    for system, r in plans.items():
+    for system in systems:
+        label, phases = SYSTEMS[system](recipe, budget, decoder_fraction, evals, flat_overrides)
         run_dir = out_dir / system
-        if system == "iem":
-            say(f"iem + decoder phase: {r.iem.time_budget:g} s + {r.decoder.time_budget:g} s into {run_dir}")
-            _run_phase(r, "iem", run_dir, device, compile, on_event)
-            _run_phase(r, "decoder", run_dir / "decoder", device, compile, on_event, init_from=run_dir)
-            scored = run_dir / "decoder"
-            iem_seconds = read_run_config(run_dir)["train_seconds"]
-            # With IEM's byte loss on, its validation estimates bits per byte on a sample of the patches.
-            curve = _valid_curve(run_dir, metric="byte_bits_per_byte") + _valid_curve(scored, offset=iem_seconds)
-            seconds = iem_seconds + read_run_config(scored)["train_seconds"]
-            label = "IEM + decoder phase"
-        else:
-            say(f"{system}: {budget:g} s into {run_dir}")
-            _run_phase(r, system, run_dir, device, compile, on_event)
-            scored = run_dir
-            curve = _valid_curve(run_dir)
-            seconds = read_run_config(run_dir)["train_seconds"]
-            label = "full (end to end)" if system == "full" else f"flat {r.model.main.layers}x{r.model.main.dim}"
+        shares = " + ".join(f"{getattr(r, get_objective(o).section).time_budget:g} s" for o, r, _ in phases)
+        say(f"{label}: {shares} into {run_dir}")
+        seconds, curve, parent = 0.0, [], None
+        for objective, phase_recipe, sub in phases:
+            phase_dir = run_dir / sub
+            _run_phase(phase_recipe, objective, phase_dir, device, compile, on_event, init_from=parent)
+            # The byte loss of an IEM phase (when on) gives validation bits per byte on a sample of patches.
+            curve += _valid_curve(phase_dir, offset=seconds, metric="bits_per_byte")
+            curve += _valid_curve(phase_dir, offset=seconds, metric="byte_bits_per_byte")
+            seconds += read_run_config(phase_dir)["train_seconds"]
+            parent, scored = phase_dir, phase_dir
+        curve.sort()
         config = read_run_config(scored)
         test = evaluate_run(scored, "test", device=device, max_bytes=eval_bytes)
         row = {
             "system": system,
             "label": label,
+            "arch": config["recipe"]["model"]["arch"],
             "run": str(scored),
             "train_seconds": seconds,
             "parameters": config["parameters"]["total"],
@@ -185,7 +190,10 @@ def compare(
             row["other_data"][str(path)] = other["bits_per_byte"]
         rows.append(row)
 
-    best_haed = min((r["test_bits_per_byte"] for r in rows if r["system"] != "flat"), default=None)
+    by_arch = {
+        arch: min((r["test_bits_per_byte"] for r in rows if r["arch"] == arch), default=None)
+        for arch in ("haed", "flat")
+    }
     result = {
         "budget_seconds": budget,
         "decoder_fraction": decoder_fraction,
@@ -196,9 +204,7 @@ def compare(
         "windowing": test["windowing"],
         "rows": rows,
         "iem_vs_full": _ratio(rows, "iem", "full"),
-        "best_haed_vs_flat": None
-        if best_haed is None or "flat" not in plans
-        else best_haed / next(r["test_bits_per_byte"] for r in rows if r["system"] == "flat"),
+        "best_haed_vs_flat": by_arch["haed"] / by_arch["flat"] if by_arch["haed"] and by_arch["flat"] else None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "compare.json", json.dumps(result, indent=2))
