@@ -1,4 +1,4 @@
-"""Run directories and checkpoints.
+"""The files of a run directory: its checkpoints (written, verified, chosen, loaded) and its lock.
 
     run_dir/
       config.json        the resolved recipe, the objective, the dataset and the parent run
