@@ -229,15 +229,10 @@ def _byte_metrics(loss: torch.Tensor) -> dict:
 
 
 def decoder_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):
-    """Decoder phase: h_t from the frozen encoder and main model without autograd; byte cross-entropy."""
-    frozen = (model.encoder, model.main)
-    modes = [m.training for m in frozen]
-    for m in frozen:
-        m.eval()  # frozen parts run as they will at inference: no dropout
+    """Decoder phase: h_t from the frozen encoder and main model without autograd (the trainer keeps them
+    in eval mode: no dropout, as at inference); byte cross-entropy."""
     with torch.no_grad():
         h = model.hidden(x)
-    for m, mode in zip(frozen, modes):
-        m.train(mode)
     K = model.patch_size
     logits = model.decoder(h.reshape(-1, h.shape[-1]).detach(), x.reshape(-1, K))
     loss = byte_cross_entropy(logits, x)
@@ -287,6 +282,7 @@ class Objective:
     # backward), 1 frozen (forward only). Names as in `haed.model.forward_flops`.
     step_parts: tuple[tuple[str, int], ...] = ()
     parent_objective: str | None = None  # the objective of the run whose weights it starts from
+    frozen_parts: tuple[str, ...] = ()  # parts that run without training, in eval mode (no dropout)
     trains_decoder: bool = True  # False: the run's byte decoder is untrained (evaluate and sample its decoder phase)
 
     def __call__(self, model, x, cfg, generator=None):
@@ -315,6 +311,7 @@ OBJECTIVES = {
             "bits_per_byte",
             step_parts=(("encoder", 1), ("main", 1), ("decoder", 3)),
             parent_objective="iem",
+            frozen_parts=("encoder", "main"),
         ),
         Objective(
             "full",

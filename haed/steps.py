@@ -16,7 +16,7 @@ from haed.config import TrainConfig, recompute_stacks
 from haed.data import random_windows
 from haed.device import autocast
 from haed.model import HAED
-from haed.objectives import OBJECTIVES, trainable_parameters
+from haed.objectives import OBJECTIVES, get_objective, trainable_parameters
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -67,6 +67,13 @@ def apply_recompute(model, cfg: TrainConfig) -> None:
         stacks = {"main": model.stack}
     for name, stack in stacks.items():
         stack.recompute = stack.cfg.recompute or name in names
+
+
+def set_train_mode(model, objective: str) -> None:
+    """Train mode, except for the parts the objective keeps frozen: they run as at inference (no dropout)."""
+    model.train()
+    for name in get_objective(objective).frozen_parts:
+        getattr(model, name).eval()
 
 
 def set_trainable(model, objective: str, cfg: TrainConfig | None = None) -> list:
@@ -129,6 +136,7 @@ def evaluate_objective(
             _, metrics = loss_fn(model, x, cfg, torch_generator(cfg.seed, i, 0))
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    model.train(was_training)
+    if was_training:
+        set_train_mode(model, objective)
     means = {k: v / cfg.eval_batches for k, v in totals.items()}
     return world.mean(means) if world is not None else means

@@ -37,6 +37,7 @@ from haed.steps import (
     lr_at,
     make_optimizer,
     maybe_compile,
+    set_train_mode,
     set_trainable,
     to_device,
     torch_generator,
@@ -204,7 +205,8 @@ def _train_locked(
         config["parent_checkpoint"] = str(parent_checkpoint.resolve())
         _emit(on_event, "message", text=f"starting from {parent_checkpoint}")
 
-    model.to(dev).train()
+    model.to(dev)
+    set_train_mode(model, objective)
     params = set_trainable(model, objective, cfg)
     apply_recompute(model, cfg)
     loss_fn, params = world.parallelize(model, OBJECTIVES[objective], params, cfg.seed)  # FSDP2 with several ranks

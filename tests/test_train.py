@@ -115,3 +115,26 @@ def test_training_reduces_loss(dataset, tmp_path):
     train(recipe, "full", tmp_path / "full")
     losses = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["split"] == "train"]
     assert losses[-1] < losses[0] - 1.0
+
+
+def test_decoder_phase_runs_its_frozen_parts_as_at_inference(dataset, tmp_path, monkeypatch):
+    """Dropout in the frozen encoder and main model would make h_t noisy: the trainer keeps them in eval
+    mode through every step and after every validation, and trains the decoder in train mode."""
+    import dataclasses
+
+    from haed.objectives import OBJECTIVES
+
+    recipe = debug_recipe(str(dataset))
+    recipe.model.main.dropout = recipe.model.decoder.dropout = 0.3
+    train(recipe, "iem", tmp_path / "iem")
+    record, modes = OBJECTIVES["decoder"], []
+
+    def watching(model, x, cfg, generator=None):
+        modes.append((model.encoder.training, model.main.training, model.decoder.training))
+        return record.loss(model, x, cfg, generator)
+
+    monkeypatch.setitem(OBJECTIVES, "decoder", dataclasses.replace(record, loss=watching))
+    train(recipe, "decoder", tmp_path / "iem" / "decoder", init_from=tmp_path / "iem")
+    training_calls = [m for m in modes if m[2]]
+    assert len(training_calls) == recipe.decoder.steps and set(training_calls) == {(False, False, True)}
+    assert set(m for m in modes if not m[2]) == {(False, False, False)}  # validation: all in eval mode

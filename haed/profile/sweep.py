@@ -29,6 +29,7 @@ from haed.steps import (
     apply_recompute,
     make_optimizer,
     maybe_compile,
+    set_train_mode,
     set_trainable,
     to_device,
     torch_generator,
@@ -72,7 +73,8 @@ def _check_sweep(recipe: Recipe, objectives, seq_lens, batch_sizes, steps, warmu
 def build_for_objective(recipe: Recipe, objective: str, cfg: TrainConfig, device: torch.device, compile: bool):
     """(model, optimizer, trained parameters) set up as `haed train-*` sets them up for `objective`."""
     torch.manual_seed(cfg.seed)
-    model = build_model(objective_model_config(recipe, objective)).to(device).train()
+    model = build_model(objective_model_config(recipe, objective)).to(device)
+    set_train_mode(model, objective)
     params = set_trainable(model, objective, cfg)
     apply_recompute(model, cfg)
     optimizer = make_optimizer(params, cfg, device)
