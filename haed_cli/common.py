@@ -149,3 +149,44 @@ class TrainingDisplay:
             f"step {event['step']} ({where}): loss {event['loss']:.4f}, {_format_rate(event['bytes_per_second'])}, "
             f"ETA {eta:.0f} s"
         )
+
+
+class TaskDisplay:
+    """Renders a sweep's events ("start", "task", "done", "end"): a live bar on a terminal, the result
+    line of each finished task either way. Use as a context manager and pass it as `on_event`."""
+
+    def __init__(self, out: Console = console):
+        self.console = out
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> "TaskDisplay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "start" and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(event["label"], total=event["total"])
+        elif kind == "task" and self.progress is not None:
+            self.progress.update(self.task, description=event["label"])
+        elif kind == "done":
+            (self.progress.console if self.progress is not None else self.console).print(event["text"], highlight=False)
+            if self.progress is not None:
+                self.progress.advance(self.task)
+        elif kind == "end":
+            self.__exit__()

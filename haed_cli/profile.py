@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from haed_cli.common import console, user_errors
+from haed_cli.common import TaskDisplay, console, user_errors
 
 RECIPE_HELP = "Recipe name (tiny, enwik8, ...) or path to a .toml file."
 SET_HELP = "Override any recipe field, e.g. --set main.layers=12 --set iem.num_negatives=8192 (repeatable)."
@@ -249,26 +249,27 @@ def profile_memory(
     note = describe_defaults(plan.defaults)
     if note:
         console.print(note, highlight=False)
-    result = run_profile(
-        plan.recipe,
-        chosen,
-        plan.seq_lens,
-        plan.batch_sizes,
-        steps=steps,
-        warmup=warmup,
-        device=device,
-        dataset=dataset,
-        compile=not no_compile,
-        max_context_search=max_context,
-        max_seq_len=max_seq_len,
-        refine_steps=refine_steps,
-        peak_tflops=peak_tflops,
-        compile_scope=compile_scope,
-        keep_going=not stop_on_error,
-        seed=seed,
-        console=console,
-        defaults=plan.defaults,
-    )
+    with TaskDisplay() as display:
+        result = run_profile(
+            plan.recipe,
+            chosen,
+            plan.seq_lens,
+            plan.batch_sizes,
+            steps=steps,
+            warmup=warmup,
+            device=device,
+            dataset=dataset,
+            compile=not no_compile,
+            max_context_search=max_context,
+            max_seq_len=max_seq_len,
+            refine_steps=refine_steps,
+            peak_tflops=peak_tflops,
+            compile_scope=compile_scope,
+            keep_going=not stop_on_error,
+            seed=seed,
+            on_event=display,
+            defaults=plan.defaults,
+        )
     result["command"] = command_line()
     if others:
         result = merge_profiles(result, *others)

@@ -47,7 +47,7 @@ CELL_KEYS = {
 
 
 def fast(**kw):
-    args = dict(seq_lens=[64, 128], batch_sizes=[2], steps=1, warmup=1, device="cpu", show_progress=False)
+    args = dict(seq_lens=[64, 128], batch_sizes=[2], steps=1, warmup=1, device="cpu")
     args.update(kw)
     return args
 
@@ -221,7 +221,6 @@ def test_max_context_doubles_then_bisects():
         device="cpu",
         step_fn=fits_up_to_300,
         refine_steps=4,
-        show_progress=False,
     )
     probed = [(p["seq_len"], p["status"]) for p in entry["probes"]]
     assert probed == [
@@ -236,9 +235,7 @@ def test_max_context_doubles_then_bisects():
     ]
     assert entry["max_seq_len"] == 288 and entry["first_failure"] == 304 and entry["failure"] == "OOM"
     assert not entry["capped"]
-    [capped] = max_context(
-        debug_recipe(), ["decoder"], [1], start_seq_len=64, device="cpu", max_seq_len=128, show_progress=False
-    )
+    [capped] = max_context(debug_recipe(), ["decoder"], [1], start_seq_len=64, device="cpu", max_seq_len=128)
     assert capped["max_seq_len"] == 128 and capped["capped"]
 
 

@@ -48,7 +48,6 @@ from haed.profile.sweep import (
     objective_train_config,
     parameter_counts,
     profile_memory,
-    progress_bar,
 )
 from haed.profile.windows import RANDOM_BYTES, SYNTHETIC_NOTE, WindowSource, distinct_patches
 
@@ -93,7 +92,6 @@ __all__ = [
     "profile_device",
     "profile_memory",
     "profile_to_json",
-    "progress_bar",
     "read_profile_json",
     "step_flops",
     "write_profile_json",

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 from haed.config import Recipe
 from haed.profile.harness import profile_device
 from haed.profile.report import describe_max_context
-from haed.profile.sweep import _allow_recompiles, _check_scope, _check_sweep, objective_cell, progress_bar
+from haed.profile.sweep import _allow_recompiles, _check_scope, _check_sweep, objective_cell
 from haed.profile.windows import WindowSource
 from haed.steps import train_step
 
@@ -29,8 +29,7 @@ def max_context(
     keep_going: bool = False,
     seed: int = 0,
     step_fn: Callable = train_step,
-    show_progress: bool = True,
-    console=None,
+    on_event: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Per objective and batch size: the longest window (bytes) that trains one step without OOM.
 
@@ -50,19 +49,15 @@ def max_context(
     cap = max_seq_len if source.max_len is None else min(max_seq_len, source.max_len)
     K = recipe.model.patch_size
     results = []
-    progress = progress_bar(console) if show_progress else None
-    if progress is not None:
-        progress.start()
+    emit = on_event or (lambda event: None)
+    emit({"event": "start", "label": "max context", "total": len(objectives) * len(batch_sizes)})
     try:
-        task = progress.add_task("max context", total=len(objectives) * len(batch_sizes)) if progress else None
-
         for objective in objectives:
             for batch_size in batch_sizes:
                 probes: list[dict] = []
 
                 def fits(n: int) -> bool:
-                    if progress is not None:
-                        progress.update(task, description=f"max context {objective} batch {batch_size}: seq {n}")
+                    emit({"event": "task", "label": f"max context {objective} batch {batch_size}: seq {n}"})
                     cell = objective_cell(
                         recipe,
                         objective,
@@ -102,12 +97,9 @@ def max_context(
                     "probes": probes,
                 }
                 results.append(entry)
-                if progress is not None:
-                    progress.console.print(describe_max_context(entry), highlight=False)
-                    progress.advance(task)
+                emit({"event": "done", "text": describe_max_context(entry)})
     finally:
-        if progress is not None:
-            progress.stop()
+        emit({"event": "end"})
     return results
 
 

@@ -173,28 +173,6 @@ def parameter_counts(recipe: Recipe, objectives: Iterable[str]) -> dict:
 # the sweep
 
 
-def progress_bar(console=None):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 def profile_memory(
     recipe: Recipe,
     objectives: Iterable[str] = ("iem",),
@@ -214,8 +192,7 @@ def profile_memory(
     keep_going: bool = False,
     seed: int = 0,
     step_fn: Callable = train_step,
-    show_progress: bool = True,
-    console=None,
+    on_event: Callable[[dict], None] | None = None,
     defaults: dict | None = None,
 ) -> dict:
     """Profile every objective x seq_len x batch_size cell; optionally the largest context per objective.
@@ -229,6 +206,7 @@ def profile_memory(
     two gave the same peak memory and step times within 1.5% (12x768 main model, seq 4096-8192).
     `keep_going`: record a cell that fails other than by OOM as "error" and go on.
     `defaults`: which of the device's defaults the run took (`plan_sweep`), kept in the JSON.
+    `on_event`: progress, as dicts: "start" (label, total), "task" (label), "done" (text), "end".
     """
     objectives = list(dict.fromkeys(objectives))
     seq_lens = sorted(dict.fromkeys(int(n) for n in seq_lens))
@@ -277,15 +255,12 @@ def profile_memory(
         "max_context": None,
     }
     grid = [(o, n, b) for o in objectives for b in batch_sizes for n in seq_lens]
-    progress = progress_bar(console) if show_progress else None
-    if progress is not None:
-        progress.start()
+    emit = on_event or (lambda event: None)
+    emit({"event": "start", "label": "profile", "total": len(grid)})
     try:
-        task = progress.add_task("profile", total=len(grid)) if progress is not None else None
         previous = None
         for objective, seq_len, batch_size in grid:
-            if progress is not None:
-                progress.update(task, description=f"{objective} seq {seq_len} batch {batch_size}")
+            emit({"event": "task", "label": f"{objective} seq {seq_len} batch {batch_size}"})
             cell = objective_cell(
                 recipe,
                 objective,
@@ -304,14 +279,9 @@ def profile_memory(
             previous = objective
             add_fraction_of_peak(cell, peak_tflops if dev.type == "cuda" else None)
             result["cells"].append(cell)
-            if progress is not None:
-                progress.console.print(describe_cell(cell), highlight=False)
-                progress.advance(task)
-        if progress is not None:
-            progress.update(task, description="profile")
+            emit({"event": "done", "text": describe_cell(cell)})
     finally:
-        if progress is not None:
-            progress.stop()
+        emit({"event": "end"})
     result["ratios"] = compute_ratios(result["cells"])
     if max_context_search:
         from haed.profile.context import max_context  # it measures with this module's cells
@@ -330,8 +300,7 @@ def profile_memory(
             keep_going=keep_going,
             seed=seed,
             step_fn=step_fn,
-            show_progress=show_progress,
-            console=console,
+            on_event=on_event,
         )
     return result
 
