@@ -48,7 +48,6 @@ from haed.profile import (  # noqa: E402
     linear_weights,
     measure_cell,
     profile_device,
-    progress_bar,
     write_profile_json,
 )
 from haed.steps import to_device  # noqa: E402
@@ -268,24 +267,18 @@ def run(args) -> dict:
         "max_context": None,
     }
     grid = [(n, b) for b in sorted(args.batch_sizes) for n in sorted(args.seq_lens)]
-    progress = None if args.no_progress else progress_bar()
-    if progress is not None:
-        progress.start()
-    try:
-        task = progress.add_task(OBJECTIVE, total=len(grid)) if progress is not None else None
+    from haed_cli.common import TaskDisplay  # the CLI's renderer of sweep events
+
+    with TaskDisplay() as display:
+        emit = (lambda event: None) if args.no_progress else display
+        emit({"event": "start", "label": OBJECTIVE, "total": len(grid)})
         for seq_len, batch_size in grid:
-            if progress is not None:
-                progress.update(task, description=f"{OBJECTIVE} seq {seq_len} batch {batch_size}")
+            emit({"event": "task", "label": f"{OBJECTIVE} seq {seq_len} batch {batch_size}"})
             if source.max_len is not None and source.max_len < seq_len:
                 raise HaedError(f"{source.path} has {source.max_len:,} bytes, fewer than seq_len {seq_len:,}")
             cell = peer_cell(args, seq_len, batch_size, device, source)
             result["cells"].append(cell)
-            if progress is not None:
-                progress.console.print(describe_cell(cell), highlight=False)
-                progress.advance(task)
-    finally:
-        if progress is not None:
-            progress.stop()
+            emit({"event": "done", "text": describe_cell(cell)})
     return result
 
 
