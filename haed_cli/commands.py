@@ -445,7 +445,7 @@ def quickstart(
 ):
     """The whole pipeline on the offline corpus: prepare, IEM, decoder phase, evaluate, generate.
 
-    Example: haed quickstart   (about 4 minutes on a 2-core CPU, no download)
+    Example: haed quickstart   (about 2 to 3 minutes on a 2-core CPU, no download)
     """
     from haed.pipeline import quickstart as run_pipeline
 
