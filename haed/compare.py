@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Callable
 
 from haed.atomic import save_figure, write_text_atomic
-from haed.checkpoint import latest_intact_checkpoint, read_run_config
+from haed.checkpoint import read_run_config
 from haed.config import Recipe, apply_overrides, recipe_from_dict
 from haed.errors import HaedError
 from haed.evaluate import evaluate_run
 from haed.model import build_model, count_parameters
 from haed.objectives import get_objective
-from haed.runs import phase_finished, read_metrics
-from haed.train import train
+from haed.runs import read_metrics
+from haed.train import finish_phase
 
 UNCAPPED_STEPS = 10**9  # with a time budget, `steps` only caps the run
 
@@ -86,27 +86,6 @@ def _flat_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: 
 SYSTEMS = {"iem": _iem_system, "full": _full_system, "flat": _flat_system}
 
 
-def _run_phase(
-    recipe: Recipe, objective: str, run_dir: Path, device: str, compile: bool, on_event, init_from: Path | None = None
-) -> None:
-    cfg = getattr(recipe, get_objective(objective).section)
-    if phase_finished(run_dir, cfg):
-        if on_event:
-            on_event({"event": "message", "text": f"{run_dir} already finished"})
-        return
-    started = latest_intact_checkpoint(run_dir) is not None
-    train(
-        recipe,
-        objective,
-        run_dir,
-        resume=started,
-        init_from=None if started else init_from,
-        device=device,
-        compile=compile,
-        on_event=on_event,
-    )
-
-
 def _valid_curve(run_dir: Path, offset: float = 0.0, metric: str = "bits_per_byte") -> list[list[float]]:
     return [
         [offset + r["train_seconds"], r[metric]]
@@ -162,7 +141,19 @@ def compare(
         seconds, curve, parent = 0.0, [], None
         for objective, phase_recipe, sub in phases:
             phase_dir = run_dir / sub
-            _run_phase(phase_recipe, objective, phase_dir, device, compile, on_event, init_from=parent)
+            if (
+                finish_phase(
+                    phase_recipe,
+                    objective,
+                    phase_dir,
+                    init_from=parent,
+                    device=device,
+                    compile=compile,
+                    on_event=on_event,
+                )
+                is None
+            ):
+                say(f"{phase_dir} already finished")
             # The byte loss of an IEM phase (when on) gives validation bits per byte on a sample of patches.
             curve += _valid_curve(phase_dir, offset=seconds, metric="bits_per_byte")
             curve += _valid_curve(phase_dir, offset=seconds, metric="byte_bits_per_byte")

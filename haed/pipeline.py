@@ -9,14 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from haed.checkpoint import latest_intact_checkpoint
 from haed.config import Recipe, load_recipe
 from haed.data import is_haed_dataset
 from haed.evaluate import evaluate_run
 from haed.generate import Generation, generate, load_for_sampling
+from haed.objectives import get_objective
 from haed.prepare import prepare_stdlib
-from haed.runs import phase_finished
-from haed.train import train
+from haed.train import finish_phase
 
 
 @dataclass
@@ -57,25 +56,11 @@ def quickstart(
     run_dir = workdir / "runs" / recipe.name
     decoder_dir = run_dir / "decoder"
     for number, objective, out, init_from in ((2, "iem", run_dir, None), (3, "decoder", decoder_dir, run_dir)):
-        cfg = getattr(recipe, objective)
-        if phase_finished(out, cfg):
-            say(f"[bold]{number}/5 {objective}[/]: {out} already finished")
-            continue
-        started = latest_intact_checkpoint(out) is not None
-        say(
-            f"[bold]{number}/5 {objective}[/]: "
-            + (f"{cfg.time_budget:g} s" if cfg.time_budget else f"{cfg.steps} steps")
-            + f" into {out}"
-        )
-        train(
-            recipe,
-            objective,
-            out,
-            resume=started,
-            init_from=None if started else init_from,
-            device=device,
-            on_event=on_event,
-        )
+        cfg = getattr(recipe, get_objective(objective).section)
+        length = f"{cfg.time_budget:g} s" if cfg.time_budget else f"{cfg.steps} steps"
+        say(f"[bold]{number}/5 {objective}[/]: {length} into {out}")
+        if finish_phase(recipe, objective, out, init_from=init_from, device=device, on_event=on_event) is None:
+            say(f"{out} already finished")
 
     say("[bold]4/5 evaluate[/]: exact bits per byte of the test split")
     evaluation = evaluate_run(run_dir, "test", device=device)

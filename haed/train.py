@@ -29,7 +29,7 @@ from haed.errors import HaedError
 from haed.guards import NonFiniteWatch, StopRequests, preflight
 from haed.model import build_model, count_parameters
 from haed.objectives import OBJECTIVES, get_objective
-from haed.runs import append_metrics, plot_metrics, read_best, recipe_changes, truncate_metrics
+from haed.runs import append_metrics, phase_finished, plot_metrics, read_best, recipe_changes, truncate_metrics
 from haed.steps import (
     apply_recompute,
     batch_rng,
@@ -387,3 +387,30 @@ def _train_locked(
 
 def _next_multiple(seconds: float, every: float) -> float:
     return math.inf if not every else (math.floor(seconds / every) + 1) * every
+
+
+def finish_phase(
+    recipe: Recipe,
+    objective: str,
+    run_dir: Path,
+    *,
+    init_from: Path | None = None,
+    device: str = "auto",
+    compile: bool | None = None,
+    on_event: Callable[[dict], None] | None = None,
+) -> TrainResult | None:
+    """Bring the phase in `run_dir` to the end of its schedule: nothing if it is finished (None), a
+    resume if it has a checkpoint, else a new run (from `init_from`, for the decoder phase)."""
+    if phase_finished(run_dir, getattr(recipe, get_objective(objective).section)):
+        return None
+    started = latest_intact_checkpoint(run_dir) is not None
+    return train(
+        recipe,
+        objective,
+        run_dir,
+        resume=started,
+        init_from=None if started else init_from,
+        device=device,
+        compile=compile,
+        on_event=on_event,
+    )
