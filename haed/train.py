@@ -29,7 +29,15 @@ from haed.errors import HaedError
 from haed.guards import NonFiniteWatch, StopRequests, preflight
 from haed.model import build_model, count_parameters
 from haed.objectives import OBJECTIVES, get_objective
-from haed.runs import append_metrics, phase_finished, plot_metrics, read_best, recipe_changes, truncate_metrics
+from haed.runs import (
+    append_metrics,
+    phase_finished,
+    plot_metrics,
+    read_best,
+    recipe_changes,
+    recipe_for_run,
+    truncate_metrics,
+)
 from haed.steps import (
     apply_recompute,
     batch_rng,
@@ -414,3 +422,24 @@ def finish_phase(
         compile=compile,
         on_event=on_event,
     )
+
+
+def train_command(
+    objective: str,
+    out: Path | None = None,
+    *,
+    recipe_name: str | None = None,
+    overrides: list[str] | None = None,
+    values: dict | None = None,
+    recipe: Recipe | None = None,
+    resume: bool = False,
+    **options,
+) -> TrainResult:
+    """`haed train-*`: the recipe named (default tiny) with `--set` overrides and typed values, or with
+    `resume` and no recipe options the run's own, trained into `out` (default runs/RECIPE-OBJECTIVE).
+    `options` go to `train`."""
+    run_dir = Path(out) if out is not None else Path("runs") / f"{recipe_name or 'tiny'}-{objective}"
+    if recipe is None and (not resume or recipe_name or overrides or values):
+        from_run = run_dir if resume and not recipe_name else None
+        recipe = recipe_for_run(from_run, recipe_name or "tiny", overrides, values)
+    return train(recipe, objective, run_dir, resume=resume, **options)

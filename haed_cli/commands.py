@@ -74,20 +74,16 @@ def _train(
     init_from=None,
     recipe=None,
 ):
-    from haed.runs import recipe_for_run
-    from haed.train import train
+    from haed.train import train_command
 
-    run_dir = out or Path("runs") / f"{recipe_name or 'tiny'}-{objective}"
-    if recipe is None and (not resume or recipe_name or overrides or values):
-        recipe = recipe_for_run(
-            run_dir if resume and not recipe_name else None, recipe_name or "tiny", overrides, values
-        )
-    console.print(f"[bold]{objective}[/] training into {run_dir}" + (" (resuming)" if resume else ""))
     with TrainingDisplay() as display:
-        result = train(
-            recipe,
+        result = train_command(
             objective,
-            run_dir,
+            out,
+            recipe_name=recipe_name,
+            overrides=overrides,
+            values=values,
+            recipe=recipe,
             resume=resume,
             allow_changes=allow_changes,
             device=device,

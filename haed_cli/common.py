@@ -94,6 +94,7 @@ class TrainingDisplay:
         if kind == "start":
             self.unit, self.total = event["unit"], float(event["total"])
             self.started, self.completed_at_start = time.perf_counter(), float(event["completed"])
+            self._say(f"[bold]{event['objective']}[/] training into {escape(event['run_dir'])}")
             self._say("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in event["parameters"].items()))
             if self.live:
                 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
