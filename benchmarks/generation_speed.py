@@ -9,10 +9,13 @@ that run's architecture).
     python3 benchmarks/generation_speed.py --device cpu --recipe tiny --bytes 64 --repeats 1   # smoke run
     python3 benchmarks/generation_speed.py --model audio=runs/speech --out generation --wav audio
 
-Per model, mode (CUDA graphs on / off; a CPU has only the eager steps) and stream count N: a warm-up
-generation (which captures the graphs for that batch shape), then `--bytes` bytes per stream timed
+Per model, mode and stream count N: a warm-up generation (which captures the graphs for that batch
+shape), then `--bytes` bytes per stream timed
 with CUDA synchronisation, `--repeats` times; the median aggregate samples/s (all streams) and per
 stream. Sampling is the library's (`haed.generate.generate`): temperature 1, no top-k / top-p.
+Modes (`--modes`): `patch-graphs`, one CUDA graph per patch with the sampling inside (the default of
+`haed generate`); `byte-graphs`, one graph per decoder step with the sampling between replays; `eager`,
+the same steps without graphs (all a CPU has).
 With `--out`, a JSON of every number, and a sample per model (`--wav NAME`: a WAV at its rate).
 """
 
@@ -56,11 +59,14 @@ def load_recipe_model(name: str, device):
     return build_model(recipe.model).to(device).eval(), recipe, config, f"random weights of the {name} recipe"
 
 
-def time_generation(model, prompt: bytes, n: int, streams: int, graphs: bool, repeats: int, context: int) -> dict:
+MODES = {"patch-graphs": (True, True), "byte-graphs": (True, False), "eager": (False, True)}  # (graphs, whole patches)
+
+
+def time_generation(model, prompt: bytes, n: int, streams: int, mode: str, repeats: int, context: int) -> dict:
     K = getattr(model, "patch_size", 1)
-    generate(
-        model, prompt, 3 * K + 3, seed=0, context_bytes=context, cuda_graphs=graphs, num_samples=streams
-    )  # warm-up, capture
+    graphs, whole = MODES[mode]
+    common = dict(context_bytes=context, cuda_graphs=graphs, num_samples=streams, whole_patches=whole)
+    generate(model, prompt, 3 * K + 3, seed=0, temperature=1.0, top_k=0, top_p=1.0, **common)  # warm-up, capture
     runs = [
         generate(
             model,
@@ -70,9 +76,7 @@ def time_generation(model, prompt: bytes, n: int, streams: int, graphs: bool, re
             temperature=1.0,
             top_k=0,
             top_p=1.0,
-            context_bytes=context,
-            cuda_graphs=graphs,
-            num_samples=streams,
+            **common,
         )
         for r in range(repeats)
     ]
@@ -103,7 +107,7 @@ def main() -> None:
         "--eager-bytes", type=int, default=None, help="bytes per stream without graphs (default: --bytes / 4)"
     )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--graphs", choices=("both", "on", "off"), default="both")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--out", type=Path, default=None, help="folder for generation.json and samples")
     p.add_argument("--wav", action="append", default=[], help="NAME of a model to write a WAV sample of (with --out)")
     p.add_argument("--wav-seconds", type=float, default=3.0)
@@ -116,9 +120,12 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here (use --device cpu for a smoke run)")
     streams = [int(s) for s in a.streams.split(",") if s.strip()]
-    modes = {"both": (True, False), "on": (True,), "off": (False,)}[a.graphs]
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        sys.exit(f"error: unknown mode {unknown[0]!r}: one of {', '.join(MODES)}")
     if device.type != "cuda":
-        modes = (False,)  # CUDA graphs exist only on CUDA: the eager steps are all there is
+        modes = ["eager"]  # CUDA graphs exist only on CUDA: the eager steps are all there is
     sources = [(name, "recipe", name) for name in a.recipe] + [
         (*spec.split("=", 1)[:1], "path", spec.split("=", 1)[1]) for spec in a.model
     ]
@@ -131,7 +138,7 @@ def main() -> None:
         "models": {},
     }
     print(f"device: {results['device']}, torch {torch.__version__}")
-    print(f"{'model':<10} {'mode':<7} {'N':>4} {'samples/s':>12} {'per stream':>11} {'ms/step':>8}")
+    print(f"{'model':<10} {'mode':<12} {'N':>4} {'samples/s':>12} {'per stream':>11} {'ms/byte':>8}")
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
     for name, how, what in sources:
@@ -150,7 +157,8 @@ def main() -> None:
             "model": config["recipe"]["model"],
             "runs": [],
         }
-        for graphs in modes:
+        for mode in modes:
+            graphs, whole = MODES[mode]
             # Without graphs on CUDA a step is much slower: time fewer bytes (on a CPU eager is all there is).
             n = (
                 a.bytes
@@ -158,10 +166,15 @@ def main() -> None:
                 else (a.eager_bytes or max(4 * recipe.model.patch_size, a.bytes // 4))
             )
             for N in streams:
-                row = {"cuda_graphs": graphs, **time_generation(model, prompt, n, N, graphs, a.repeats, context)}
+                row = {
+                    "mode": mode,
+                    "cuda_graphs": graphs,
+                    "whole_patches": whole,
+                    **time_generation(model, prompt, n, N, mode, a.repeats, context),
+                }
                 entry["runs"].append(row)
                 print(
-                    f"{name:<10} {'graphs' if graphs else 'eager':<7} {N:>4} "
+                    f"{name:<10} {mode:<12} {N:>4} "
                     f"{row['median_samples_per_second']:>12,.0f} "
                     f"{row['median_per_stream']:>11,.0f} {row['ms_per_step']:>8.3f}",
                     flush=True,

@@ -33,7 +33,7 @@ from haed.device import autocast, resolve_device
 from haed.errors import HaedError
 from haed.layers import START
 from haed.model import HAED, FlatTransformer
-from haed.sampling import StreamNoise, check_sampling, sample_bytes, stream_seeds
+from haed.sampling import SamplingOptions, StreamNoise, check_sampling, sample_bytes, stream_seeds
 
 
 def _broadcast_cache(src, dst) -> None:
@@ -67,6 +67,12 @@ class HierarchicalSampler:
     these K + 1 steps are captured once (per batch size: one sampler, one shape) as CUDA graphs, so a
     byte costs one graph replay instead of a few hundred kernel launches from Python. Elsewhere (or with
     `cuda_graphs=False`) the same steps run eagerly.
+
+    `sample_patch` goes further: after `set_sampling`, one whole patch (K decoder steps, each drawing its
+    byte on the device with the counter-based noise of its output position, then the encoder and the
+    main model's step) is one fixed-shape step, on CUDA one graph replay per K bytes with nothing
+    between the bytes on the host. It runs the same operations as `feed` and `sample_bytes` byte by
+    byte, so it draws the same bytes.
     """
 
     def __init__(self, model: HAED, context_patches: int, cuda_graphs: bool = True, batch: int = 1):
@@ -89,6 +95,13 @@ class HierarchicalSampler:
         self.cond: torch.Tensor | None = None  # decoder conditioning of the current patch
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: list | None = None
+        # The whole-patch step (`sample_patch`): the sampling rule, the noise, and its static buffers.
+        self.options: SamplingOptions | None = None
+        self.noise: StreamNoise | None = None
+        self.patch_offsets = torch.arange(self.K, dtype=torch.long, device=self.device)
+        self.noise_positions = torch.zeros(self.K, dtype=torch.long, device=self.device)  # output positions
+        self.patch_out = torch.zeros(self.K, batch, dtype=torch.uint8, device=self.device)  # the K bytes drawn
+        self.patch_graph: torch.cuda.CUDAGraph | None = None
 
     # -- the fixed-shape steps: 0 is the main model's step, 1 + k the decoder's step at position k
     def _main_step(self) -> None:
@@ -101,19 +114,36 @@ class HierarchicalSampler:
         tokens = self.start_token if k == 0 else self.token
         return self.model.decoder.step(self.cond, tokens, self.decoder_cache)[:, -1]
 
+    def _patch_step(self) -> None:
+        """One whole patch in fixed shapes: K decoder steps, each drawing its byte with the noise of output
+        position `noise_positions[k]`, into `patch_out`; then the encoder and the main model's step."""
+        gumbel = None
+        if self.noise is not None:
+            gumbel = -torch.log(-torch.log(self.noise.uniform_at(self.noise_positions)))  # (B, K, 256)
+        for k in range(self.K):
+            if k:
+                self.token.copy_(self.patch_out[k - 1].view(self.batch, 1))
+            logits = self._decoder_step(k)
+            byte = sample_bytes(logits, self.options, None if gumbel is None else gumbel[:, k])
+            self.patch_out[k].copy_(byte)
+            self.patch_bytes[:, 0, k].copy_(byte)
+        self._main_step()
+
     def _step(self, i: int):
         if self.use_graphs:
             if self.graphs is None:
-                self._capture()
+                self.graphs = self._record(
+                    [self._main_step] + [lambda k=k: self._decoder_step(k) for k in range(self.K)]
+                )
             graph, out = self.graphs[i]
             graph.replay()
             return None if out is None else out.clone()
         return self._main_step() if i == 0 else self._decoder_step(i - 1)
 
-    def _capture(self) -> None:
-        """Record every step as a CUDA graph (after a warm-up run on a side stream, as CUDA requires)."""
-        steps = [self._main_step] + [lambda k=k: self._decoder_step(k) for k in range(self.K)]
-        saved = (self.main_cache.length, self.cond.clone(), self.position.clone())
+    def _record(self, steps) -> list:
+        """Record each step as a CUDA graph (after a warm-up run on a side stream, as CUDA requires):
+        [(graph, its output)]. The sampler's state is as before."""
+        saved = (self.main_cache.length, self.cond.clone(), self.position.clone(), self.patch_bytes.clone())
         # Weights cast by autocast inside the graph must not come from autocast's cache, which is
         # freed when the autocast region ends; so capture with the cache off (the casts are replayed).
         amp = torch.is_autocast_enabled("cuda")
@@ -132,10 +162,43 @@ class HierarchicalSampler:
                 with torch.cuda.graph(graph):
                     out = f()
                 graphs.append((graph, out))
-        self.graphs = graphs
         self.main_cache.length, self.decoder_cache.length = saved[0], 0
         self.cond.copy_(saved[1])
         self.position.copy_(saved[2])
+        self.patch_bytes.copy_(saved[3])
+        return graphs
+
+    def set_sampling(self, options: SamplingOptions, noise: StreamNoise | None) -> None:
+        """The rule and the noise (None for greedy) that `sample_patch` draws with."""
+        self.options, self.noise, self.patch_graph = options, noise, None
+
+    def can_sample_patch(self) -> bool:
+        """At a patch boundary, with room in the main model's context for the patch's step."""
+        return self.options is not None and self.filled == 0 and self.main_cache.length < self.context_patches
+
+    @torch.no_grad()
+    def sample_patch(self, position: int) -> torch.Tensor:
+        """Draw the next K bytes of every stream (output positions position .. position + K - 1): (K, B) uint8
+        on the device, valid until the next call. Leaves the sampler as `feed` of those bytes would."""
+        torch.add(self.patch_offsets, position, out=self.noise_positions)
+        self.position.fill_(self.main_cache.length)
+        if self.use_graphs:
+            if self.patch_graph is None:
+                ((self.patch_graph, _),) = self._record([self._patch_step])
+            self.patch_graph.replay()
+        else:
+            self._patch_step()
+        self.history.append(self.patch_bytes[:, 0].clone())
+        self.main_cache.length += 1
+        self.filled = 0
+        self.logits = None  # the next patch's first distribution: computed if `current_logits` asks
+        return self.patch_out
+
+    def current_logits(self) -> torch.Tensor:
+        """(B, 256) logits of the next bytes."""
+        if self.logits is None:
+            self.logits = self._step(1)
+        return self.logits
 
     def _make_caches(self) -> None:
         """Key/value caches and the conditioning buffer in the activations' dtype: bf16 under CUDA
@@ -155,7 +218,7 @@ class HierarchicalSampler:
         self.cond = torch.zeros(
             self.batch, decoder.condition.out_features // width, width, device=self.device, dtype=dtype
         )
-        self.graphs = None
+        self.graphs = self.patch_graph = None
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -240,6 +303,12 @@ class FlatSampler:
             _broadcast_cache(cache, self.cache)
         self.logits = logits.expand(self.batch, -1)
         return self.logits
+
+    def current_logits(self) -> torch.Tensor:
+        return self.logits
+
+    def can_sample_patch(self) -> bool:
+        return False  # one byte is one step already
 
     @torch.no_grad()
     def feed(self, byte: torch.Tensor) -> torch.Tensor:
@@ -340,46 +409,62 @@ def generate(
     num_samples: int = 1,
     on_chunk: Callable[[list[bytes]], None] | None = None,
     chunk_bytes: int | None = None,
+    whole_patches: bool = True,
 ) -> Generation:
     """Sample `max_bytes` bytes after `prompt` for each of `num_samples` streams (stream i: seed + i).
 
     Seeded: the same seed gives the same bytes, and stream i equals a single run with seed + i.
     `on_chunk(parts)`, if given, receives each stream's next `chunk_bytes` bytes (default: one patch)
-    as soon as they are on the host; the last chunk may be shorter.
+    as soon as they are on the host; the last chunk may be shorter. `whole_patches` (HAED models):
+    draw each patch in one fixed-shape step where the context allows (one CUDA graph per patch, not
+    per byte); off, every byte is its own step. Both draw the same bytes.
     """
     options = check_sampling(temperature, top_k, top_p)
     check_counts(max_bytes, num_samples)
     device = next(model.parameters()).device
     seeds = stream_seeds(seed, num_samples)
     noise = StreamNoise(seeds, device) if options.temperature > 0 else None
-    # Noise is made for a block of positions at once (a few dozen kernels per block, not per byte),
-    # about 2^18 values, which stay in a CPU's cache. The block only groups the work: every value
-    # depends on (seed, position, byte) alone.
+    # Noise for byte-by-byte steps is made for a block of positions at once (a few dozen kernels per
+    # block, not per byte), about 2^18 values, which stay in a CPU's cache. The block only groups the
+    # work: every value depends on (seed, position, byte) alone.
     block = max(1, min(256, (1 << 10) // num_samples))
+    gumbel, gumbel_start = None, 0
     sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples)
-    chunk = chunk_bytes or getattr(model, "patch_size", 1)
+    K = getattr(model, "patch_size", 1)
+    if whole_patches and isinstance(sampler, HierarchicalSampler):
+        sampler.set_sampling(options, noise)
+    chunk = chunk_bytes or K
     out = torch.empty((max_bytes, num_samples), dtype=torch.uint8, device=device)  # positions x streams
     copier = _ChunkCopier(out, on_chunk) if on_chunk is not None else None
     prompt_tensor = torch.tensor(list(prompt), dtype=torch.uint8)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     with autocast(device):
-        logits = sampler.start(prompt_tensor)
+        sampler.start(prompt_tensor)
         sync()
         t1 = time.perf_counter()
         task = progress.add_task("generate", total=max_bytes) if progress is not None else None
-        gumbel = None
-        for t in range(max_bytes):
-            if noise is not None and t % block == 0:
-                gumbel = noise.gumbel(t, min(block, max_bytes - t))
-            byte = sample_bytes(logits, options, None if gumbel is None else gumbel[:, t % block])
-            out[t] = byte
-            if t + 1 < max_bytes:
-                logits = sampler.feed(byte)
-            if copier is not None and ((t + 1) % chunk == 0 or t + 1 == max_bytes):
-                copier.push(t + 1 - ((t + 1) % chunk or chunk), t + 1)
-            if progress is not None and (t % 64 == 63 or t == max_bytes - 1):
-                progress.update(task, completed=t + 1)
+        t = 0
+        while t < max_bytes:
+            if t + K <= max_bytes and sampler.can_sample_patch():
+                out[t : t + K].copy_(sampler.sample_patch(t))
+                advance = K
+            else:
+                if noise is not None and (gumbel is None or not gumbel_start <= t < gumbel_start + block):
+                    gumbel, gumbel_start = noise.gumbel(t, min(block, max_bytes - t)), t
+                byte = sample_bytes(
+                    sampler.current_logits(), options, None if gumbel is None else gumbel[:, t - gumbel_start]
+                )
+                out[t] = byte
+                if t + 1 < max_bytes:
+                    sampler.feed(byte)
+                advance = 1
+            for end in range(t + 1, t + advance + 1):
+                if copier is not None and (end % chunk == 0 or end == max_bytes):
+                    copier.push(end - (end % chunk or chunk), end)
+            if progress is not None and (t // 64 != (t + advance) // 64 or t + advance == max_bytes):
+                progress.update(task, completed=t + advance)
+            t += advance
         sync()
         if copier is not None:
             copier.finish()

@@ -50,6 +50,43 @@ def test_shared_prompt_prefill_equals_per_stream_prefill():
         torch.testing.assert_close(shared.feed(byte), own.feed(byte), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("prompt", [b"", b"hello wor", b"abcdefgh"])
+@pytest.mark.parametrize("options", [(1.0, 0, 1.0), (0.8, 5, 0.9), (0.0, 0, 1.0)])
+def test_whole_patch_steps_draw_the_bytes_of_byte_steps(options, prompt, batch):
+    """A whole patch as one step (decoder steps with sampling on the device, then the main step) draws exactly
+    the bytes of byte-by-byte steps: prompts mid-patch, context resets (32 bytes), a length that is not a
+    multiple of K, every stream of a batch, and the same chunks delivered."""
+    model = tiny_model(patch_size=4)
+    temperature, top_k, top_p = options
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=11, context_bytes=32, num_samples=batch)
+    chunks = {True: [], False: []}
+    runs = {
+        whole: generate(model, prompt, 101, whole_patches=whole, on_chunk=chunks[whole].append, chunk_bytes=3, **kw)
+        for whole in (True, False)
+    }
+    assert runs[True].outputs == runs[False].outputs
+    assert all(len(o) == 101 for o in runs[True].outputs)
+    assert chunks[True] == chunks[False] and b"".join(c[0] for c in chunks[True]) == runs[True].outputs[0]
+
+
+def test_whole_patch_sampler_state_equals_fed_bytes():
+    """After `sample_patch` the sampler is where `feed` of the same bytes leaves it: the same next logits."""
+    model = tiny_model(patch_size=4)
+    options = SamplingOptions(1.0, 0, 1.0)
+    noise = StreamNoise([4, 5], "cpu")
+    a, b = make_sampler(model, 64, batch=2), make_sampler(model, 64, batch=2)
+    a.start(random_bytes(8, seed=1))
+    b.start(random_bytes(8, seed=1))
+    a.set_sampling(options, noise)
+    for position in (0, 4, 8):
+        patch = a.sample_patch(position).clone()
+        for byte in patch:
+            b.feed(byte)
+        torch.testing.assert_close(a.current_logits(), b.current_logits(), rtol=0, atol=0)
+    assert [h.tolist() for h in a.history] == [h.tolist() for h in b.history]
+
+
 def test_generation_is_seeded_and_runs_past_the_context():
     model = tiny_model(patch_size=4)
     a = generate(model, b"hello wor", 100, seed=7, context_bytes=32)
@@ -175,3 +212,20 @@ def test_cuda_graph_steps_equal_eager_steps(dtype, batch):
         a = generate(model, b"hello", 60, seed=5, context_bytes=24, cuda_graphs=True, num_samples=batch)
         b = generate(model, b"hello", 60, seed=5, context_bytes=24, cuda_graphs=False, num_samples=batch)
     assert a.outputs == b.outputs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("options", [(1.0, 0, 1.0), (0.8, 0, 0.95), (0.0, 0, 1.0)])
+def test_whole_patch_graphs_equal_eager_bytes(options, batch):
+    """One CUDA graph per patch (K decoder steps with sampling on the device, encoder, main step) draws the
+    bytes of the eager steps, byte by byte and patch by patch, through re-prefills (context 24 bytes)."""
+    model = tiny_model(patch_size=4).cuda()
+    temperature, top_k, top_p = options
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=3, context_bytes=24, num_samples=batch)
+    runs = {
+        (graphs, whole): generate(model, b"hello", 70, cuda_graphs=graphs, whole_patches=whole, **kw).outputs
+        for graphs in (True, False)
+        for whole in (True, False)
+    }
+    assert len(set(map(tuple, runs.values()))) == 1
