@@ -34,6 +34,17 @@ def configure_cuda() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without stalling the host: on CUDA through pinned memory, asynchronously.
+
+    A copy from ordinary (pageable) host memory waits for the device's queued work first, so the host
+    could not run ahead of the GPU for the rest of the step.
+    """
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; plain float32 elsewhere (CPU bf16 is slow and changes results)."""
     if device.type == "cuda":

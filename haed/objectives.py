@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from haed.config import TrainConfig
+from haed.device import host_to_device
 from haed.distributed import global_candidates
 from haed.errors import HaedError
 from haed.model import HAED, FlatTransformer, patch_keys
@@ -173,7 +174,7 @@ def iem_loss(
             logq_cand = torch.zeros(cand.shape[0], device=x.device)
             logq_cand[col_of_uniq[found]] = counts[found].float().log()
     elif cfg.num_negatives and U > cfg.num_negatives:
-        keep = capped_candidates(U, cfg.num_negatives, generator).to(x.device)
+        keep = host_to_device(capped_candidates(U, cfg.num_negatives, generator), x.device)
         cand = vectors[keep]
         col_of_uniq = torch.full((U,), -1, dtype=torch.long, device=x.device)
         col_of_uniq[keep] = torch.arange(len(keep), device=x.device)
@@ -209,7 +210,7 @@ def sampled_byte_loss(
     """
     rows = h.shape[0]
     count = max(1, min(rows, round(fraction * rows)))
-    chosen = torch.randperm(rows, generator=generator)[:count].to(h.device) if count < rows else None
+    chosen = host_to_device(torch.randperm(rows, generator=generator)[:count], h.device) if count < rows else None
     if chosen is not None:
         h, targets = h[chosen], targets[chosen]
     return byte_cross_entropy(model.decoder(h, targets), targets)

@@ -14,7 +14,7 @@ import torch
 
 from haed.config import TrainConfig, recompute_stacks
 from haed.data import random_windows
-from haed.device import autocast
+from haed.device import autocast, host_to_device
 from haed.model import HAED
 from haed.objectives import OBJECTIVES, get_objective, trainable_parameters
 
@@ -52,10 +52,7 @@ def torch_generator(seed: int, step: int, micro: int) -> torch.Generator:
 
 
 def to_device(windows: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(windows))
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x
+    return host_to_device(torch.from_numpy(np.ascontiguousarray(windows)), device)
 
 
 def apply_recompute(model, cfg: TrainConfig) -> None:
