@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from haed.compare import compare, plot_comparison  # noqa: E402
+from haed.compare import compare, describe_phases, plot_comparison  # noqa: E402
 from haed.config import load_recipe  # noqa: E402
 
 
@@ -87,14 +87,15 @@ def main() -> None:
         ]
     reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
     lines = [
-        f"| system | overrides | decoder phase | train s | test {result['unit']} | vs full |",
-        "|---|---|---|---|---|---|",
+        f"| system | overrides | decoder phase | train s | steps, training MB/s | test {result['unit']} | vs full |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r['test_bits_per_byte'] / reference:.3f}" if reference else "-"
         share = f"{r['decoder_fraction']:.0%}" if "decoder_fraction" in r else "-"
         lines.append(
             f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {share} | {r['train_seconds']:.1f} | "
+            f"{describe_phases(r)} | "
             f"{r['test_bits_per_byte']:.4f} | {ratio} |"
         )
     table = "\n".join(lines)

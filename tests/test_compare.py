@@ -47,6 +47,16 @@ def test_compare_gives_every_system_the_budget_and_a_test_score(dataset, tmp_pat
     iem_seconds = json.loads((tmp_path / "cmp" / "iem" / "config.json").read_text())["train_seconds"]
     assert rows["iem"]["valid_curve"][0][0] > iem_seconds
     assert rows["iem"]["run"].endswith("decoder") and rows["iem"]["checkpoint"].endswith("best")
+    # Each phase reports its steps and training throughput, from its own run config.
+    assert [p["objective"] for p in rows["iem"]["phases"]] == ["iem", "decoder"]
+    assert [p["objective"] for p in rows["full"]["phases"]] == ["full"]
+    iem_config = json.loads((tmp_path / "cmp" / "iem" / "config.json").read_text())
+    first = rows["iem"]["phases"][0]
+    assert first["steps"] == iem_config["steps_done"] > 0
+    assert first["bytes_per_second"] == pytest.approx(
+        iem_config["steps_done"] * iem_config["global_batch"]["bytes"] / iem_config["train_seconds"]
+    )
+    assert sum(p["train_seconds"] for p in rows["iem"]["phases"]) == pytest.approx(rows["iem"]["train_seconds"])
     assert result["iem_vs_full"] == pytest.approx(
         rows["iem"]["test_bits_per_byte"] / rows["full"]["test_bits_per_byte"]
     )
