@@ -17,6 +17,8 @@ Modes (`--modes`): `patch-graphs`, one CUDA graph per patch with the sampling in
 `haed generate`); `byte-graphs`, one graph per decoder step with the sampling between replays; `eager`,
 the same steps without graphs (all a CPU has).
 With `--out`, a JSON of every number, and a sample per model (`--wav NAME`: a WAV at its rate).
+With `--profile`, also a `torch.profiler` table per model and mode of one stream generating 4 patches
+after the warm-up (`--out`/profile-NAME-MODE.txt; the top rows are printed): where a patch's time goes.
 """
 
 from __future__ import annotations
@@ -93,6 +95,22 @@ def time_generation(model, prompt: bytes, n: int, streams: int, mode: str, repea
     }
 
 
+def profile_generation(model, prompt: bytes, mode: str, context: int, rows: int = 25) -> str:
+    """The profiler table (by device time on CUDA, else host time) of one stream generating 4 patches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    K = getattr(model, "patch_size", 1)
+    graphs, whole = MODES[mode]
+    common = dict(context_bytes=context, cuda_graphs=graphs, num_samples=1, whole_patches=whole, temperature=1.0)
+    generate(model, prompt, 3 * K + 3, seed=0, top_k=0, top_p=1.0, **common)  # warm-up, capture
+    cuda = next(model.parameters()).device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        generate(model, prompt, 4 * K, seed=1, top_k=0, top_p=1.0, **common)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -115,6 +133,7 @@ def main() -> None:
         "--wav-budget-s", type=float, default=40.0, help="shorten the WAV to what this many seconds generate"
     )
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", action="store_true", help="also a profiler table per model and mode (see above)")
     a = p.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -179,6 +198,12 @@ def main() -> None:
                     f"{row['median_per_stream']:>11,.0f} {row['ms_per_step']:>8.3f}",
                     flush=True,
                 )
+        if a.profile:
+            for mode in modes:
+                table = profile_generation(model, prompt, mode, context)
+                print(f"-- profile: {name}, {mode}, 1 stream, 4 patches\n" + "\n".join(table.splitlines()[:14]))
+                if a.out is not None:
+                    (a.out / f"profile-{name}-{mode}.txt").write_text(table)
         if a.out is not None:
             sample_rate = config["dataset"].get("sample_rate")
             if name in a.wav and audio:
