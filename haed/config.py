@@ -107,6 +107,10 @@ class TrainConfig:
     # its gradient teaches the main model what the decoder needs, for a fraction of full training's memory.
     byte_loss_fraction: float = 0.0
     byte_loss_weight: float = 1.0
+    # How many leading bytes of each sampled patch the byte loss covers (0: all K). The decoder is causal
+    # within a patch, so the first m bytes cost m/K of it: fraction 1 with 1 byte gives every patch's h_t a
+    # byte-level gradient for the cost of fraction 1/K with all K bytes.
+    byte_loss_bytes: int = 0
     logits_chunk: int = 4096  # rows of the steps x candidates logits computed at once
     # With several processes (torchrun): "global" scores against the distinct patches of every rank's
     # batch (as one process with the whole batch would), "local" against each rank's own only.
@@ -222,6 +226,7 @@ FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
         eval_every_seconds=AT_LEAST_0,
         byte_loss_fraction=Bounds(0, 1),
         byte_loss_weight=AT_LEAST_0,
+        byte_loss_bytes=AT_LEAST_0,
     ),
     GenerateConfig: dict(
         max_bytes=AT_LEAST_1,

@@ -193,7 +193,9 @@ def iem_loss(
     )
     metrics = {"softmax_loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": num_candidates}
     if cfg.byte_loss_fraction > 0:
-        byte_loss = sampled_byte_loss(model, h.reshape(B * T, -1), targets, cfg.byte_loss_fraction, generator)
+        byte_loss = sampled_byte_loss(
+            model, h.reshape(B * T, -1), targets, cfg.byte_loss_fraction, generator, cfg.byte_loss_bytes
+        )
         loss = loss + cfg.byte_loss_weight * byte_loss
         metrics["byte_bits_per_byte"] = byte_loss.detach() / LN2
     metrics["loss"] = loss.detach()
@@ -201,18 +203,27 @@ def iem_loss(
 
 
 def sampled_byte_loss(
-    model: HAED, h: torch.Tensor, targets: torch.Tensor, fraction: float, generator: torch.Generator | None
+    model: HAED,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator | None,
+    leading_bytes: int = 0,
 ) -> torch.Tensor:
-    """The decoder's byte cross-entropy on a uniform random `fraction` of the patches (at least one).
+    """The decoder's byte cross-entropy on a uniform random `fraction` of the patches (at least one), over
+    their first `leading_bytes` bytes (0: all K).
 
-    h (R, D) and targets (R, K): every patch's h_t and bytes. Only the chosen rows enter the decoder,
-    so its activations cost `fraction` of full training's.
+    h (R, D) and targets (R, K): every patch's h_t and bytes. Only the chosen rows and positions enter
+    the decoder (causal within the patch), so its activations cost `fraction * leading_bytes / K` of
+    full training's.
     """
     rows = h.shape[0]
     count = max(1, min(rows, round(fraction * rows)))
     chosen = host_to_device(torch.randperm(rows, generator=generator)[:count], h.device) if count < rows else None
     if chosen is not None:
         h, targets = h[chosen], targets[chosen]
+    if 0 < leading_bytes < targets.shape[1]:
+        targets = targets[:, :leading_bytes]
     return byte_cross_entropy(model.decoder(h, targets), targets)
 
 

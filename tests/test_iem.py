@@ -247,3 +247,21 @@ def test_byte_loss_during_iem_is_the_decoders_loss_on_the_sampled_patches():
     assert not any(
         id(p) in {id(q) for q in trainable_parameters(model, "iem", TrainConfig())} for p in model.decoder.parameters()
     )
+
+
+def test_byte_loss_on_leading_bytes_is_the_decoders_loss_on_those_positions():
+    """With `byte_loss_bytes = m` the byte term is the full decoder's cross-entropy at positions 0..m-1 of
+    every patch (the decoder is causal within a patch, so the shorter input gives the same logits)."""
+    x = random_bytes(2, 64, seed=5)
+    model = tiny_model(patch_size=4)
+    model.eval()  # no dropout: the two computations must agree exactly
+    _, metrics = iem_loss(model, x, TrainConfig(byte_loss_fraction=1.0, byte_loss_bytes=2))
+    with torch.no_grad():
+        logits = model(x).view(2, 16, 4, 256)[:, :, :2]
+        exact = F.cross_entropy(logits.reshape(-1, 256), x.view(2, 16, 4)[:, :, :2].reshape(-1).long())
+    torch.testing.assert_close(metrics["byte_bits_per_byte"] * math.log(2), exact, rtol=1e-5, atol=1e-6)
+    # 0 and K both mean every byte of the patch.
+    whole = iem_loss(model, x, TrainConfig(byte_loss_fraction=1.0))[1]["byte_bits_per_byte"]
+    every = iem_loss(model, x, TrainConfig(byte_loss_fraction=1.0, byte_loss_bytes=4))[1]["byte_bits_per_byte"]
+    torch.testing.assert_close(whole, every)
+    assert not torch.isclose(whole, metrics["byte_bits_per_byte"])
