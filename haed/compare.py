@@ -222,7 +222,7 @@ def describe_phases(row: dict) -> str:
     """'1,304 + 387 steps, 0.84 + 2.17 MB/s' for a row of `compare`."""
     phases = row.get("phases") or []
     steps = " + ".join(f"{p['steps']:,}" for p in phases)
-    rates = " + ".join(f"{p['bytes_per_second'] / 1e6:.2f}" if p["bytes_per_second"] else "-" for p in phases)
+    rates = " + ".join(f"{p['bytes_per_second'] / 1e6:.3g}" if p["bytes_per_second"] else "-" for p in phases)
     return f"{steps} steps, {rates} MB/s"
 
 

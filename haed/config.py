@@ -109,7 +109,8 @@ class TrainConfig:
     byte_loss_weight: float = 1.0
     # How many leading bytes of each sampled patch the byte loss covers (0: all K). The decoder is causal
     # within a patch, so the first m bytes cost m/K of it: fraction 1 with 1 byte gives every patch's h_t a
-    # byte-level gradient for the cost of fraction 1/K with all K bytes.
+    # byte-level gradient for the cost of fraction 1/K with all K bytes. At equal decoder cost it lost to
+    # whole patches on the CPU, on text and audio (docs/iem-research.md).
     byte_loss_bytes: int = 0
     logits_chunk: int = 4096  # rows of the steps x candidates logits computed at once
     # With several processes (torchrun): "global" scores against the distinct patches of every rank's
