@@ -61,7 +61,7 @@ def load_recipe_model(name: str, device):
     return build_model(recipe.model).to(device).eval(), recipe, config, f"random weights of the {name} recipe"
 
 
-MODES = {"patch-graphs": (True, True), "byte-graphs": (True, False), "eager": (False, True)}  # (graphs, whole patches)
+MODES = {"patch-graphs": (True, True), "byte-graphs": (True, False), "eager": (False, None)}  # (graphs, whole patches)
 
 
 def time_generation(model, prompt: bytes, n: int, streams: int, mode: str, repeats: int, context: int) -> dict:

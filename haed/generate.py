@@ -409,7 +409,7 @@ def generate(
     num_samples: int = 1,
     on_chunk: Callable[[list[bytes]], None] | None = None,
     chunk_bytes: int | None = None,
-    whole_patches: bool = True,
+    whole_patches: bool | None = None,
 ) -> Generation:
     """Sample `max_bytes` bytes after `prompt` for each of `num_samples` streams (stream i: seed + i).
 
@@ -417,7 +417,9 @@ def generate(
     `on_chunk(parts)`, if given, receives each stream's next `chunk_bytes` bytes (default: one patch)
     as soon as they are on the host; the last chunk may be shorter. `whole_patches` (HAED models):
     draw each patch in one fixed-shape step where the context allows (one CUDA graph per patch, not
-    per byte); off, every byte is its own step. Both draw the same bytes.
+    per byte); False: every byte is its own step; None (default): whole patches where CUDA graphs
+    run, since without graphs the byte steps, whose noise is made for many positions at once, are a
+    little faster (measured on a CPU: about 7%). Both draw the same bytes.
     """
     options = check_sampling(temperature, top_k, top_p)
     check_counts(max_bytes, num_samples)
@@ -431,7 +433,7 @@ def generate(
     gumbel, gumbel_start = None, 0
     sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples)
     K = getattr(model, "patch_size", 1)
-    if whole_patches and isinstance(sampler, HierarchicalSampler):
+    if isinstance(sampler, HierarchicalSampler) and (sampler.use_graphs if whole_patches is None else whole_patches):
         sampler.set_sampling(options, noise)
     chunk = chunk_bytes or K
     out = torch.empty((max_bytes, num_samples), dtype=torch.uint8, device=device)  # positions x streams
