@@ -64,24 +64,26 @@ def load_recipe_model(name: str, device):
 MODES = {"patch-graphs": (True, True), "byte-graphs": (True, False), "eager": (False, None)}  # (graphs, whole patches)
 
 
-def time_generation(model, prompt: bytes, n: int, streams: int, mode: str, repeats: int, context: int) -> dict:
-    K = getattr(model, "patch_size", 1)
+def warmed_up(model, prompt: bytes, mode: str, streams: int, context: int) -> dict:
+    """The `generate` options of a mode (temperature 1, no top-k / top-p), after a warm-up generation
+    with them (which captures the graphs for that batch shape)."""
     graphs, whole = MODES[mode]
-    common = dict(context_bytes=context, cuda_graphs=graphs, num_samples=streams, whole_patches=whole)
-    generate(model, prompt, 3 * K + 3, seed=0, temperature=1.0, top_k=0, top_p=1.0, **common)  # warm-up, capture
-    runs = [
-        generate(
-            model,
-            prompt,
-            n,
-            seed=1000 * r,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            **common,
-        )
-        for r in range(repeats)
-    ]
+    options = dict(
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        context_bytes=context,
+        cuda_graphs=graphs,
+        num_samples=streams,
+        whole_patches=whole,
+    )
+    generate(model, prompt, 3 * getattr(model, "patch_size", 1) + 3, seed=0, **options)
+    return options
+
+
+def time_generation(model, prompt: bytes, n: int, streams: int, mode: str, repeats: int, context: int) -> dict:
+    options = warmed_up(model, prompt, mode, streams, context)
+    runs = [generate(model, prompt, n, seed=1000 * r, **options) for r in range(repeats)]
     rates = [g.bytes_per_second for g in runs]
     median = statistics.median(rates)
     return {
@@ -99,14 +101,11 @@ def profile_generation(model, prompt: bytes, mode: str, context: int, rows: int 
     """The profiler table (by device time on CUDA, else host time) of one stream generating 4 patches."""
     from torch.profiler import ProfilerActivity, profile
 
-    K = getattr(model, "patch_size", 1)
-    graphs, whole = MODES[mode]
-    common = dict(context_bytes=context, cuda_graphs=graphs, num_samples=1, whole_patches=whole, temperature=1.0)
-    generate(model, prompt, 3 * K + 3, seed=0, top_k=0, top_p=1.0, **common)  # warm-up, capture
+    options = warmed_up(model, prompt, mode, 1, context)
     cuda = next(model.parameters()).device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        generate(model, prompt, 4 * K, seed=1, top_k=0, top_p=1.0, **common)
+        generate(model, prompt, 4 * getattr(model, "patch_size", 1), seed=1, **options)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
 

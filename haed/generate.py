@@ -117,9 +117,7 @@ class HierarchicalSampler:
     def _patch_step(self) -> None:
         """One whole patch in fixed shapes: K decoder steps, each drawing its byte with the noise of output
         position `noise_positions[k]`, into `patch_out`; then the encoder and the main model's step."""
-        gumbel = None
-        if self.noise is not None:
-            gumbel = -torch.log(-torch.log(self.noise.uniform_at(self.noise_positions)))  # (B, K, 256)
+        gumbel = None if self.noise is None else self.noise.gumbel_at(self.noise_positions)  # (B, K, 256)
         for k in range(self.K):
             if k:
                 self.token.copy_(self.patch_out[k - 1].view(self.batch, 1))

@@ -83,7 +83,11 @@ class StreamNoise:
 
     def gumbel(self, start: int, length: int) -> torch.Tensor:
         """(streams, length, 256) standard Gumbel noise for positions start .. start + length - 1."""
-        return -torch.log(-torch.log(self.uniform(start, length)))
+        return self.gumbel_at(torch.arange(start, start + length, dtype=torch.int64, device=self.device))
+
+    def gumbel_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """(streams, L, 256) standard Gumbel noise for the positions in a (L,) int64 device tensor."""
+        return -torch.log(-torch.log(self.uniform_at(positions)))
 
 
 # -- the sampling rule -----------------------------------------------------------------------------
