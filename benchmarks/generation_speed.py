@@ -18,7 +18,8 @@ Modes (`--modes`): `patch-graphs`, one CUDA graph per patch with the sampling in
 the same steps without graphs (all a CPU has).
 With `--out`, a JSON of every number, and a sample per model (`--wav NAME`: a WAV at its rate).
 With `--profile`, also a `torch.profiler` table per model and mode of one stream generating 4 patches
-after the warm-up (`--out`/profile-NAME-MODE.txt; the top rows are printed): where a patch's time goes.
+in its steady state, after the prefill and the graph capture (`--out`/profile-NAME-MODE.txt; the top
+rows are printed), with the kernels and device time per patch on CUDA: where a patch's time goes.
 """
 
 from __future__ import annotations
@@ -98,16 +99,27 @@ def time_generation(model, prompt: bytes, n: int, streams: int, mode: str, repea
 
 
 def profile_generation(model, prompt: bytes, mode: str, context: int, rows: int = 25) -> str:
-    """The profiler table (by device time on CUDA, else host time) of one stream generating 4 patches."""
-    from torch.profiler import ProfilerActivity, profile
+    """The profiler table (by device time on CUDA, else host time) of one stream's steady state: 4 patches
+    after the prefill, the graph capture and 2 more patches (each delivered chunk of one patch is one
+    profiler step)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     options = warmed_up(model, prompt, mode, 1, context)
     cuda = next(model.parameters()).device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        generate(model, prompt, 4 * getattr(model, "patch_size", 1), seed=1, **options)
+    K = getattr(model, "patch_size", 1)
+    with profile(activities=activities, schedule=schedule(wait=2, warmup=1, active=4)) as prof:
+        generate(model, prompt, 8 * K, seed=1, on_chunk=lambda parts: prof.step(), chunk_bytes=K, **options)
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    averages = prof.key_averages()
+    summary = ""
+    if cuda:
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+        busy_us = sum(e.self_device_time_total for e in kernels) / 4
+        summary = f"per patch: {sum(e.count for e in kernels) / 4:.0f} kernels, {busy_us:.0f} us of device time\n"
+    return summary + averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 Builds the model of a recipe exactly as `haed profile-memory` does (same trainer step, optimizer,
 autocast, compilation), runs warm-up steps, times `--steps` steps with CUDA synchronisation, then
-profiles `--profile-steps` more with torch.profiler and writes the kernels sorted by CUDA time.
+profiles `--profile-steps` more with torch.profiler and writes the kernels sorted by CUDA time, with the
+GPU's busy time per step, kernel launches and host waits (a step far above its busy time is host-bound).
 
     python benchmarks/trace_step.py --recipe enwik8 --dataset data/enwik8-head \
         --objectives iem,full --seq-len 8192 --batch-size 16 --out trace [--no-compile] [--legacy-gather]
@@ -29,6 +30,28 @@ from haed.config import load_recipe  # noqa: E402
 from haed.objectives import OBJECTIVES  # noqa: E402
 from haed.profile import WindowSource, build_for_objective, objective_train_config  # noqa: E402
 from haed.steps import to_device, torch_generator, train_step  # noqa: E402
+
+
+def host_side(averages, steps: int) -> dict:
+    """Per profiled step: GPU busy time (kernels and copies) against launches and host waits.
+
+    A step whose GPU busy time is far below its wall time is bound by the host (launches, waits),
+    not by the GPU; the count of launches and the time spent waiting on the device say which.
+    """
+    from torch.autograd import DeviceType
+
+    busy = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
+    launches = sum(e.count for e in averages if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+    waits = sum(
+        e.cpu_time_total
+        for e in averages
+        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
+    )
+    return {
+        "gpu_busy_ms_per_step": busy / 1e3 / steps,
+        "kernel_launches_per_step": launches / steps,
+        "host_wait_ms_per_step": waits / 1e3 / steps,
+    }
 
 
 def main() -> None:
@@ -89,12 +112,14 @@ def main() -> None:
             for i in range(a.warmup + a.steps, a.warmup + a.steps + a.profile_steps):
                 step(i)
             sync()
-        table = prof.key_averages().table(
+        averages = prof.key_averages()
+        table = averages.table(
             sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90
         )
         name = f"{objective}-{tag}"
         (a.out / f"{name}.txt").write_text(table)
         median = statistics.median(times)
+        host = host_side(averages, a.profile_steps) if cuda else {}
         row = {
             "objective": objective,
             "variant": tag,
@@ -105,6 +130,7 @@ def main() -> None:
             "bytes_per_second": a.batch_size * a.seq_len / median * 1e3,
             "peak_allocated_gib": peak,
             "warmup_s": warmup_s,
+            **host,
             "overrides": a.overrides,
             "data": source.description,
         }

@@ -21,6 +21,7 @@ which changes a draw only at a near tie (and the stream goes its own way from th
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,9 @@ class HierarchicalSampler:
         self._prefill_main(keep)
         for j in range(full * self.K, prompt.shape[1]):
             self.feed(prompt[:, j].expand(self.batch))
+        if self.options is not None and self.use_graphs and self.patch_graph is None:
+            # Captured here, with the prefill, so that the first patch costs what every other does.
+            ((self.patch_graph, _),) = self._record([self._patch_step])
         return self.logits
 
     def _prefill_main(self, patches: torch.Tensor) -> None:
@@ -318,7 +322,28 @@ class FlatSampler:
         return self.logits
 
 
+def linear_weights_in(model, dtype: torch.dtype):
+    """A copy of `model` whose Linear weights and biases are stored in `dtype` (the rest as it is).
+
+    Under CUDA autocast a Linear casts its float32 weight to the autocast dtype at every call, inside
+    a CUDA graph too, where the cast is replayed: one extra kernel per layer per byte. A weight
+    already in that dtype is used as it is, and the cast is the same rounding either way, so the
+    copy computes bit for bit what the original computes under autocast.
+    """
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for param in module.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+    return model
+
+
 def make_sampler(model, context_bytes: int, cuda_graphs: bool = True, batch: int = 1):
+    """The sampler of a HAED or flat model. Made under CUDA autocast, it samples from a copy with Linear
+    weights in the autocast dtype (`linear_weights_in`: the same arithmetic, without a cast per layer
+    per byte), and must then be used under the same autocast."""
+    if next(model.parameters()).device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        model = linear_weights_in(model, torch.get_autocast_dtype("cuda"))
     if isinstance(model, HAED):
         return HierarchicalSampler(model, context_bytes // model.patch_size, cuda_graphs, batch)
     return FlatSampler(model, context_bytes, batch)
@@ -429,10 +454,7 @@ def generate(
     # work: every value depends on (seed, position, byte) alone.
     block = max(1, min(256, (1 << 10) // num_samples))
     gumbel, gumbel_start = None, 0
-    sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples)
     K = getattr(model, "patch_size", 1)
-    if isinstance(sampler, HierarchicalSampler) and (sampler.use_graphs if whole_patches is None else whole_patches):
-        sampler.set_sampling(options, noise)
     chunk = chunk_bytes or K
     out = torch.empty((max_bytes, num_samples), dtype=torch.uint8, device=device)  # positions x streams
     copier = _ChunkCopier(out, on_chunk) if on_chunk is not None else None
@@ -440,6 +462,11 @@ def generate(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     with autocast(device):
+        sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples)
+        if isinstance(sampler, HierarchicalSampler) and (
+            sampler.use_graphs if whole_patches is None else whole_patches
+        ):
+            sampler.set_sampling(options, noise)
         sampler.start(prompt_tensor)
         sync()
         t1 = time.perf_counter()

@@ -229,3 +229,34 @@ def test_whole_patch_graphs_equal_eager_bytes(options, batch):
         for whole in (True, False)
     }
     assert len(set(map(tuple, runs.values()))) == 1
+
+
+def test_linear_weights_in_converts_only_a_copys_linear_layers():
+    from haed.generate import linear_weights_in
+
+    model = tiny_model(patch_size=4)
+    copy = linear_weights_in(model, torch.float64)
+    linear = {n for n, m in copy.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name, param in copy.named_parameters():
+        owner = name.rsplit(".", 1)[0]
+        assert param.dtype == (torch.float64 if owner in linear else torch.float32), name
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the original is untouched
+    assert linear and len(list(copy.parameters())) == len(list(model.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast (run on the device)")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_bf16_linear_weights_sample_exactly_what_autocast_computes(graphs):
+    """A sampler made under autocast uses bf16 Linear weights: its distributions are bit for bit those of
+    the float32 model under autocast."""
+    model = tiny_model(patch_size=4).cuda()
+    x = random_bytes(2, 40, seed=4).cuda()
+    plain = make_sampler(model, context_bytes=24, cuda_graphs=graphs, batch=2)  # float32 weights
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        cast = make_sampler(model, context_bytes=24, cuda_graphs=graphs, batch=2)
+        assert cast.model.decoder.head.weight.dtype == torch.bfloat16
+        got = []
+        for sampler in (plain, cast):
+            rows = [sampler.start(x[:, :6])] + [sampler.feed(x[:, i]) for i in range(6, 40)]
+            got.append(torch.stack([r.float() for r in rows]))
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
