@@ -93,7 +93,7 @@ class TrainConfig:
     ckpt_every: int = 500
     log_every: int = 10
     seed: int = 0
-    compile: bool = False  # torch.compile the model's stacks (CUDA only)
+    compile: bool = False  # torch.compile the model's stacks and IEM's chunked softmax (CUDA only)
     # Stacks whose activations this phase recomputes in the backward pass instead of storing
     # ("main", "encoder", "decoder", comma-separated; "" for none): less memory, more compute.
     # Adds to each stack's own `checkpoint` setting.

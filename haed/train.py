@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -144,6 +144,8 @@ def _train_locked(
     if recipe.model.arch != spec.arch:
         raise HaedError(f"the {objective} objective trains model.arch = {spec.arch!r}, not {recipe.model.arch!r}")
     cfg: TrainConfig = getattr(recipe, spec.section)
+    if compile is not None:  # for every compiled part: the stacks and IEM's chunked softmax
+        cfg = replace(cfg, compile=compile)
     world = init_world(resolve_device(device))
     dev = world.device  # with several ranks on CUDA, this rank's GPU
     if not world.is_main:
@@ -225,7 +227,7 @@ def _train_locked(
         world.load_training_state(
             checkpoint, model, optimizer
         )  # DCP shards, or a one-process checkpoint on several ranks
-    maybe_compile(model, objective, cfg.compile if compile is None else compile, dev)
+    maybe_compile(model, objective, cfg.compile, dev)
     if checkpoint is not None:
         world.restore_rng_state(checkpoint)
 
