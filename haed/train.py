@@ -91,7 +91,8 @@ def train(
     its best checkpoint by validation loss, else its last.
     `stop_after`: stop (with a checkpoint) after this many steps although the schedule runs on;
     a later `resume=True` continues exactly where it stopped.
-    `compile`: override the phase's `compile` setting (it changes speed, not results).
+    `compile`: override the phase's `compile` setting, for the stacks and the loss's compiled parts alike
+    (it changes speed, not results).
     `on_event`: called with a dict per event ("start", "log", "valid", "best", "checkpoint",
     "message", "progress", "end"); the library itself prints nothing.
     """

@@ -217,7 +217,7 @@ def test_cuda_graph_steps_equal_eager_steps(dtype, batch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("options", [(1.0, 0, 1.0), (0.8, 0, 0.95), (0.0, 0, 1.0)])
-def test_whole_patch_graphs_equal_eager_bytes(options, batch):
+def test_cuda_whole_patch_graphs_equal_eager_bytes(options, batch):
     """One CUDA graph per patch (K decoder steps with sampling on the device, encoder, main step) draws the
     bytes of the eager steps, byte by byte and patch by patch, through re-prefills (context 24 bytes)."""
     model = tiny_model(patch_size=4).cuda()
@@ -246,7 +246,7 @@ def test_linear_weights_in_converts_only_a_copys_linear_layers():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast (run on the device)")
 @pytest.mark.parametrize("graphs", [True, False])
-def test_bf16_linear_weights_sample_exactly_what_autocast_computes(graphs):
+def test_cuda_bf16_linear_weights_give_exactly_what_autocast_computes(graphs):
     """A sampler made under autocast uses bf16 Linear weights: its distributions are bit for bit those of
     the float32 model under autocast."""
     model = tiny_model(patch_size=4).cuda()

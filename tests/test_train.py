@@ -138,3 +138,24 @@ def test_decoder_phase_runs_its_frozen_parts_as_at_inference(dataset, tmp_path, 
     training_calls = [m for m in modes if m[2]]
     assert len(training_calls) == recipe.decoder.steps and set(training_calls) == {(False, False, True)}
     assert set(m for m in modes if not m[2]) == {(False, False, False)}  # validation: all in eval mode
+
+
+@pytest.mark.parametrize("override", [None, False])
+def test_compile_override_reaches_every_compiled_part(dataset, tmp_path, monkeypatch, override):
+    """`compile=False` (haed compare's eager default) turns off the loss's own compiled parts as well (IEM's
+    chunked softmax), so that an eager run pays no compilation inside its time budget."""
+    import dataclasses
+
+    from haed.objectives import OBJECTIVES
+
+    record, seen = OBJECTIVES["iem"], []
+
+    def recording(model, x, cfg, generator=None):
+        seen.append(cfg.compile)
+        return record.loss(model, x, cfg, generator)
+
+    monkeypatch.setitem(OBJECTIVES, "iem", dataclasses.replace(record, loss=recording))
+    recipe = debug_recipe(str(dataset))
+    recipe.iem.steps, recipe.iem.compile = 2, True
+    train(recipe, "iem", tmp_path / "run", compile=override)
+    assert seen and set(seen) == {override is None}
