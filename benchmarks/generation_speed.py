@@ -13,8 +13,9 @@ Per model, mode and stream count N: a warm-up generation (which captures the gra
 shape), then `--bytes` bytes per stream timed
 with CUDA synchronisation, `--repeats` times; the median aggregate samples/s (all streams) and per
 stream. Sampling is the library's (`haed.generate.generate`): temperature 1, no top-k / top-p.
-Modes (`--modes`): `patch-graphs`, one CUDA graph per patch with the sampling inside (the default of
-`haed generate`); `byte-graphs`, one graph per decoder step with the sampling between replays; `eager`,
+Modes (`--modes`): `patch-compiled`, the patch step through torch.compile, then one CUDA graph per
+patch (`haed generate --compile`); `patch-graphs`, one CUDA graph per patch with the sampling inside
+(the default of `haed generate`); `byte-graphs`, one graph per decoder step with the sampling between replays; `eager`,
 the same steps without graphs (all a CPU has).
 With `--out`, a JSON of every number, and a sample per model (`--wav NAME`: a WAV at its rate).
 With `--profile`, also a `torch.profiler` table per model and mode of one stream generating 4 patches
@@ -62,13 +63,18 @@ def load_recipe_model(name: str, device):
     return build_model(recipe.model).to(device).eval(), recipe, config, f"random weights of the {name} recipe"
 
 
-MODES = {"patch-graphs": (True, True), "byte-graphs": (True, False), "eager": (False, None)}  # (graphs, whole patches)
+MODES = {  # (graphs, whole patches, compiled patch step)
+    "patch-compiled": (True, True, True),
+    "patch-graphs": (True, True, False),
+    "byte-graphs": (True, False, False),
+    "eager": (False, None, False),
+}
 
 
 def warmed_up(model, prompt: bytes, mode: str, streams: int, context: int) -> dict:
     """The `generate` options of a mode (temperature 1, no top-k / top-p), after a warm-up generation
     with them (which captures the graphs for that batch shape)."""
-    graphs, whole = MODES[mode]
+    graphs, whole, compiled = MODES[mode]
     options = dict(
         temperature=1.0,
         top_k=0,
@@ -77,6 +83,7 @@ def warmed_up(model, prompt: bytes, mode: str, streams: int, context: int) -> di
         cuda_graphs=graphs,
         num_samples=streams,
         whole_patches=whole,
+        compile=compiled,
     )
     generate(model, prompt, 3 * getattr(model, "patch_size", 1) + 3, seed=0, **options)
     return options
@@ -168,7 +175,7 @@ def main() -> None:
         "models": {},
     }
     print(f"device: {results['device']}, torch {torch.__version__}")
-    print(f"{'model':<10} {'mode':<12} {'N':>4} {'samples/s':>12} {'per stream':>11} {'ms/byte':>8}")
+    print(f"{'model':<10} {'mode':<14} {'N':>4} {'samples/s':>12} {'per stream':>11} {'ms/byte':>8}")
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
     for name, how, what in sources:
@@ -188,7 +195,7 @@ def main() -> None:
             "runs": [],
         }
         for mode in modes:
-            graphs, whole = MODES[mode]
+            graphs, whole, compiled = MODES[mode]
             # Without graphs on CUDA a step is much slower: time fewer bytes (on a CPU eager is all there is).
             n = (
                 a.bytes
@@ -200,11 +207,12 @@ def main() -> None:
                     "mode": mode,
                     "cuda_graphs": graphs,
                     "whole_patches": whole,
+                    "compiled": compiled,
                     **time_generation(model, prompt, n, N, mode, a.repeats, context),
                 }
                 entry["runs"].append(row)
                 print(
-                    f"{name:<10} {mode:<12} {N:>4} "
+                    f"{name:<10} {mode:<14} {N:>4} "
                     f"{row['median_samples_per_second']:>12,.0f} "
                     f"{row['median_per_stream']:>11,.0f} {row['ms_per_step']:>8.3f}",
                     flush=True,

@@ -83,7 +83,7 @@ def main() -> None:
     results = []
     for objective in a.objectives.split(","):
         torch._dynamo.reset()
-        cfg = objective_train_config(recipe, objective, a.batch_size)
+        cfg = objective_train_config(recipe, objective, a.batch_size, not a.no_compile)
         model, optimizer, params = build_for_objective(recipe, objective, cfg, device, not a.no_compile)
         loss_fn = OBJECTIVES[objective]
         if cuda:

@@ -76,8 +76,11 @@ class HierarchicalSampler:
     byte, so it draws the same bytes.
     """
 
-    def __init__(self, model: HAED, context_patches: int, cuda_graphs: bool = True, batch: int = 1):
+    def __init__(
+        self, model: HAED, context_patches: int, cuda_graphs: bool = True, batch: int = 1, compile_patch: bool = False
+    ):
         self.model = model
+        self.compile_patch = compile_patch  # run the whole-patch step through torch.compile (`compiled_patch_step`)
         self.K = model.patch_size
         self.batch = batch
         self.context_patches = max(2, context_patches)
@@ -127,6 +130,12 @@ class HierarchicalSampler:
             self.patch_out[k].copy_(byte)
             self.patch_bytes[:, 0, k].copy_(byte)
         self._main_step()
+
+    def _run_patch_step(self) -> None:
+        if self.compile_patch:
+            compiled_patch_step()(self)
+        else:
+            self._patch_step()
 
     def _step(self, i: int):
         if self.use_graphs:
@@ -183,10 +192,10 @@ class HierarchicalSampler:
         self.position.fill_(self.main_cache.length)
         if self.use_graphs:
             if self.patch_graph is None:
-                ((self.patch_graph, _),) = self._record([self._patch_step])
+                ((self.patch_graph, _),) = self._record([self._run_patch_step])
             self.patch_graph.replay()
         else:
-            self._patch_step()
+            self._run_patch_step()
         self.history.append(self.patch_bytes[:, 0].clone())
         self.main_cache.length += 1
         self.filled = 0
@@ -233,7 +242,7 @@ class HierarchicalSampler:
             self.feed(prompt[:, j].expand(self.batch))
         if self.options is not None and self.use_graphs and self.patch_graph is None:
             # Captured here, with the prefill, so that the first patch costs what every other does.
-            ((self.patch_graph, _),) = self._record([self._patch_step])
+            ((self.patch_graph, _),) = self._record([self._run_patch_step])
         return self.logits
 
     def _prefill_main(self, patches: torch.Tensor) -> None:
@@ -276,6 +285,25 @@ class HierarchicalSampler:
         self.filled = 0
         self.logits = self._step(1)
         return self.logits
+
+
+_compiled_patch_step = None
+
+
+def compiled_patch_step():
+    """`HierarchicalSampler._patch_step` through torch.compile, made once per process.
+
+    The sampler is an argument, so samplers of the same architecture, batch and sampling rule share
+    one compiled step: a new shape or rule compiles again. Compiled, a decoder layer's norms, rotary
+    rotation, residuals and activation fuse into a few kernels, where the eager step launches each
+    operation as its own kernel (about 144 per byte at the `speech` architecture, which is what a
+    patch's CUDA graph replay spends its time on: docs/performance.md). The arithmetic is the same
+    up to the rounding of fused operations, so a draw can change only at a near tie.
+    """
+    global _compiled_patch_step
+    if _compiled_patch_step is None:
+        _compiled_patch_step = torch.compile(HierarchicalSampler._patch_step, dynamic=False)
+    return _compiled_patch_step
 
 
 class FlatSampler:
@@ -338,14 +366,14 @@ def linear_weights_in(model, dtype: torch.dtype):
     return model
 
 
-def make_sampler(model, context_bytes: int, cuda_graphs: bool = True, batch: int = 1):
+def make_sampler(model, context_bytes: int, cuda_graphs: bool = True, batch: int = 1, compile_patch: bool = False):
     """The sampler of a HAED or flat model. Made under CUDA autocast, it samples from a copy with Linear
     weights in the autocast dtype (`linear_weights_in`: the same arithmetic, without a cast per layer
     per byte), and must then be used under the same autocast."""
     if next(model.parameters()).device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         model = linear_weights_in(model, torch.get_autocast_dtype("cuda"))
     if isinstance(model, HAED):
-        return HierarchicalSampler(model, context_bytes // model.patch_size, cuda_graphs, batch)
+        return HierarchicalSampler(model, context_bytes // model.patch_size, cuda_graphs, batch, compile_patch)
     return FlatSampler(model, context_bytes, batch)
 
 
@@ -433,6 +461,7 @@ def generate(
     on_chunk: Callable[[list[bytes]], None] | None = None,
     chunk_bytes: int | None = None,
     whole_patches: bool | None = None,
+    compile: bool = False,
 ) -> Generation:
     """Sample `max_bytes` bytes after `prompt` for each of `num_samples` streams (stream i: seed + i).
 
@@ -443,6 +472,9 @@ def generate(
     per byte); False: every byte is its own step; None (default): whole patches where CUDA graphs
     run, since without graphs the byte steps, whose noise is made for many positions at once, are a
     little faster (measured on a CPU: about 7%). Both draw the same bytes.
+    `compile`: run the whole-patch step through torch.compile (`compiled_patch_step`) before its graph
+    is captured. The first use per architecture, batch and sampling rule in a process compiles, which
+    is counted in `prefill_seconds`.
     """
     options = check_sampling(temperature, top_k, top_p)
     check_counts(max_bytes, num_samples)
@@ -462,7 +494,7 @@ def generate(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     with autocast(device):
-        sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples)
+        sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples, compile_patch=compile)
         if isinstance(sampler, HierarchicalSampler) and (
             sampler.use_graphs if whole_patches is None else whole_patches
         ):

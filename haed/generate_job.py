@@ -200,6 +200,7 @@ class RunGeneration:
     plan: GenerationPlan
     result: Generation
     cuda_graphs: bool  # whether CUDA graphs were used
+    compiled: bool = False  # whether the whole-patch step was compiled
     files: list[Path] = field(default_factory=list)
 
     @property
@@ -222,8 +223,12 @@ def prepare_generation(run: Path, device: str = "auto", checkpoint: str = "best"
     return plan
 
 
-def run_generation(plan: GenerationPlan, cuda_graphs: bool = True, progress=None, stdout=None) -> RunGeneration:
+def run_generation(
+    plan: GenerationPlan, cuda_graphs: bool = True, progress=None, stdout=None, compile: bool = False
+) -> RunGeneration:
     """`haed generate`, part 2: load the run's model, sample, write the outputs.
+
+    `compile`: torch.compile the whole-patch step (`haed.generate.generate`'s `compile`).
 
     Text goes to `stdout` (a text stream; with `plan.stream` one patch at a time, else all at the end,
     several streams as separated blocks) or to files written atomically at the end. WAV files are
@@ -270,6 +275,7 @@ def run_generation(plan: GenerationPlan, cuda_graphs: bool = True, progress=None
             num_samples=plan.num_samples,
             on_chunk=on_chunk,
             chunk_bytes=plan.chunk_bytes,
+            compile=compile,
         )
     finally:
         for writer in writers:
@@ -286,4 +292,6 @@ def run_generation(plan: GenerationPlan, cuda_graphs: bool = True, progress=None
         else:
             stdout.write(text_blocks(plan.prompt, result.outputs, result.seeds))
             stdout.flush()
-    return RunGeneration(plan=plan, result=result, cuda_graphs=cuda_graphs and dev.type == "cuda", files=files)
+    return RunGeneration(
+        plan=plan, result=result, cuda_graphs=cuda_graphs and dev.type == "cuda", compiled=compile, files=files
+    )

@@ -287,6 +287,12 @@ def generate(
         "--cuda-graphs/--no-cuda-graphs",
         help="On CUDA, replay each step as a CUDA graph (captured during the prefill); off: the same steps eagerly.",
     ),
+    compile: bool = typer.Option(
+        False,
+        "--compile/--no-compile",
+        help="torch.compile the whole-patch step before it is captured (fused kernels; "
+        "the compilation is counted in the prefill).",
+    ),
     checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
 ):
     """Sample with cached hierarchical generation (main-model and decoder key/value caches).
@@ -318,7 +324,7 @@ def generate(
     # Streamed text is its own progress display: a bar on stderr would tear it.
     show_bar = not (plan.kind == "text" and plan.stream)
     with Progress(console=err_console, transient=True) if show_bar else nullcontext() as progress:
-        done = run_generation(plan, cuda_graphs=cuda_graphs, progress=progress, stdout=sys.stdout)
+        done = run_generation(plan, cuda_graphs=cuda_graphs, progress=progress, stdout=sys.stdout, compile=compile)
     result = done.result
     n = plan.num_samples
     if plan.kind == "audio":
@@ -349,7 +355,8 @@ def generate(
         rate += f", real-time factor {rtf:.3f}" + (f" per stream ({rtf * n:.2f} for all {n})" if n > 1 else "")
     err_console.print(
         f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
-        f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}; "
+        f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}"
+        f"{', compiled' if done.compiled else ''}; "
         f"weights {plan.checkpoint})[/]",
         highlight=False,
         soft_wrap=True,

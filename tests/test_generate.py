@@ -260,3 +260,24 @@ def test_cuda_bf16_linear_weights_give_exactly_what_autocast_computes(graphs):
             rows = [sampler.start(x[:, :6])] + [sampler.feed(x[:, i]) for i in range(6, 40)]
             got.append(torch.stack([r.float() for r in rows]))
     torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
+
+
+def test_compiled_patch_step_draws_the_eager_bytes():
+    """The whole-patch step through torch.compile draws the bytes of the eager byte-by-byte steps, through
+    prompts mid-patch and re-prefills (context 16 bytes), for two streams."""
+    model = tiny_model(patch_size=2)
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, seed=3, context_bytes=16, num_samples=2)
+    compiled = generate(model, b"hey", 40, whole_patches=True, compile=True, **kw)
+    eager = generate(model, b"hey", 40, whole_patches=False, **kw)
+    assert compiled.outputs == eager.outputs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_compiled_patch_graphs_equal_eager_bytes(batch):
+    """The compiled whole-patch step, captured as one CUDA graph per patch, draws the bytes of eager steps."""
+    model = tiny_model(patch_size=4).cuda()
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, seed=3, context_bytes=24, num_samples=batch)
+    compiled = generate(model, b"hello", 70, cuda_graphs=True, whole_patches=True, compile=True, **kw)
+    eager = generate(model, b"hello", 70, cuda_graphs=False, whole_patches=False, **kw)
+    assert compiled.outputs == eager.outputs

@@ -45,9 +45,11 @@ def objective_model_config(recipe: Recipe, objective: str):
     return dataclasses.replace(recipe.model, arch=get_objective(objective).arch)
 
 
-def objective_train_config(recipe: Recipe, objective: str, batch_size: int) -> TrainConfig:
+def objective_train_config(recipe: Recipe, objective: str, batch_size: int, compile: bool) -> TrainConfig:
+    """The objective's phase settings for one cell: one micro-batch of `batch_size`, and `compile` for every
+    compiled part (the stacks and the loss's own, as in training)."""
     cfg = getattr(recipe, get_objective(objective).section)
-    return dataclasses.replace(cfg, batch_size=batch_size, grad_accum=1)
+    return dataclasses.replace(cfg, batch_size=batch_size, grad_accum=1, compile=compile)
 
 
 def _check_sweep(recipe: Recipe, objectives, seq_lens, batch_sizes, steps, warmup) -> None:
@@ -105,7 +107,7 @@ def objective_cell(
     (dynamic shapes) what earlier cells compiled.
     """
     model_cfg = objective_model_config(recipe, objective)
-    cfg = objective_train_config(recipe, objective, batch_size)
+    cfg = objective_train_config(recipe, objective, batch_size, compile)
     loss_fn = OBJECTIVES[objective]
     K = model_cfg.patch_size
     hierarchical = model_cfg.arch == "haed"
