@@ -103,7 +103,7 @@ RESUME_HELP = (
 )
 ALLOW_HELP = "With --resume: accept recipe options that differ from the run's (e.g. a longer --time-budget)."
 BUDGET_HELP = (
-    "Seconds of training (validation and checkpoints not counted): the schedule runs over the budget and "
+    "Seconds of training (validation, checkpoints and compilation not counted): the schedule runs over the budget and "
     "the run ends when it is spent."
 )
 
@@ -396,7 +396,7 @@ def compare(
     compile: bool = typer.Option(
         False,
         "--compile/--no-compile",
-        help="torch.compile the stacks (CUDA); off by default so compilation is not charged to short budgets.",
+        help="torch.compile the stacks and IEM's softmax (CUDA) for every system, before its clock starts.",
     ),
 ):
     """Which objective should I train? IEM + decoder phase, full and flat for the same seconds, then test bits per byte.

@@ -159,3 +159,32 @@ def test_compile_override_reaches_every_compiled_part(dataset, tmp_path, monkeyp
     recipe.iem.steps, recipe.iem.compile = 2, True
     train(recipe, "iem", tmp_path / "run", compile=override)
     assert seen and set(seen) == {override is None}
+
+
+@pytest.mark.parametrize("objective", ["iem", "full"])
+def test_compile_warm_up_changes_nothing_of_the_run(objective):
+    """The warm-up pass that lets torch.compile compile before a time budget's clock starts leaves no trace:
+    the next optimizer step (with dropout, which draws from the global generator) is bit for bit the one
+    taken without it."""
+    from haed.objectives import OBJECTIVES
+    from haed.steps import make_optimizer, torch_generator, train_step, warm_up_compiled
+
+    recipe = debug_recipe()
+    recipe.model.main.dropout = recipe.model.decoder.dropout = 0.2
+    cfg = getattr(recipe, objective)
+    x = torch.randint(0, 256, (2, recipe.data.seq_len), dtype=torch.uint8)
+    loss_fn, device = OBJECTIVES[objective], torch.device("cpu")
+    after = []
+    for warm in (False, True):
+        torch.manual_seed(0)
+        model = build_model(recipe.model).train()
+        params = [p for p in model.parameters()]
+        optimizer = make_optimizer(params, cfg, device)
+        torch.manual_seed(1)
+        if warm:
+            assert warm_up_compiled(model, loss_fn, cfg, x, torch_generator(0, 0, 0), device) > 0
+            assert all(p.grad is None for p in params)
+        sums, _ = train_step(model, optimizer, params, loss_fn, cfg, [(x, torch_generator(0, 0, 0))], device)
+        after.append((float(sums["loss"]), [p.detach().clone() for p in params]))
+    assert after[0][0] == after[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(after[0][1], after[1][1]))
