@@ -113,6 +113,11 @@ class TrainConfig:
     # whole patches on the CPU, on text and audio (docs/iem-research.md).
     byte_loss_bytes: int = 0
     logits_chunk: int = 4096  # rows of the steps x candidates logits computed at once
+    # Decoder phase only (the other phases train the whole main model anyway): also train the main
+    # model's last N blocks and its final norm (0: the main model stays frozen). They adapt h_t to the
+    # decoder; the lower blocks and the encoder run frozen, without autograd, so the phase keeps most
+    # of its memory advantage over full training.
+    main_layers: int = 0
     # With several processes (torchrun): "global" scores against the distinct patches of every rank's
     # batch (as one process with the whole batch would), "local" against each rank's own only.
     candidates: str = "global"
@@ -165,6 +170,10 @@ class Recipe:
                 raise HaedError(
                     f"{phase}.candidates must be 'global' or 'local', not {getattr(self, phase).candidates!r}"
                 )
+        if m.arch == "haed" and self.decoder.main_layers > m.main.layers:
+            raise HaedError(
+                f"decoder.main_layers ({self.decoder.main_layers}) must be at most main.layers ({m.main.layers})"
+            )
         if m.arch == "haed" and self.data.seq_len % m.patch_size:
             raise HaedError(
                 f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})"
@@ -228,6 +237,7 @@ FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
         byte_loss_fraction=Bounds(0, 1),
         byte_loss_weight=AT_LEAST_0,
         byte_loss_bytes=AT_LEAST_0,
+        main_layers=AT_LEAST_0,
     ),
     GenerateConfig: dict(
         max_bytes=AT_LEAST_1,

@@ -226,6 +226,15 @@ class Stack(nn.Module):
             cache.length += x.shape[1]
         return self.norm(x)
 
+    def forward_blocks(self, x: torch.Tensor, first: int, last: int, norm: bool) -> torch.Tensor:
+        """Blocks first .. last - 1 over x (B, L, dim) from position 0, without a cache, then the final norm
+        if `norm`: forward_blocks(x, 0, layers, True) is forward(x) without recomputation. Lets the
+        decoder phase run the frozen lower blocks without autograd and train the top ones."""
+        cos, sin = self.rope(0, x.shape[1])
+        for block in self.blocks[first:last]:
+            x = block(x, cos, sin, self.causal)
+        return self.norm(x) if norm else x
+
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         heads = self.cfg.heads
         return KVCache(self.cfg.layers, batch, heads, self.cfg.dim // heads, max_len, device, dtype)

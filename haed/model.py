@@ -210,12 +210,16 @@ class HAED(nn.Module):
         """h_t for every patch from the (B, T, D) vectors of the patches themselves (shifted: h_t sees < t)."""
         return self.main(self.main_inputs(patch_vectors[:, :-1]))
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """h_t for every patch of the byte windows x (B, N): (B, T, main_dim)."""
+    def main_inputs_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The main model's (B, T, D) inputs for the byte windows x (B, N): start vector, then patches 1..T-1."""
         p = self.patches(x)
         B, T, K = p.shape
         vectors = self.encode_patches(p.reshape(-1, K)).per_patch()
-        return self.hidden_from_vectors(vectors.view(B, T, -1))
+        return self.main_inputs(vectors.view(B, T, -1)[:, :-1])
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """h_t for every patch of the byte windows x (B, N): (B, T, main_dim)."""
+        return self.main(self.main_inputs_of(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Byte logits (B, N, 256) for the windows x (B, N): position i predicts byte i."""

@@ -242,11 +242,19 @@ def _byte_metrics(loss: torch.Tensor) -> dict:
 
 def decoder_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):
     """Decoder phase: h_t from the frozen encoder and main model without autograd (the trainer keeps them
-    in eval mode: no dropout, as at inference); byte cross-entropy."""
-    with torch.no_grad():
-        h = model.hidden(x)
+    in eval mode: no dropout, as at inference); byte cross-entropy. With `cfg.main_layers = n` the main
+    model's last n blocks and final norm train too: the rest runs without autograd up to them."""
+    n = cfg.main_layers
+    if n:
+        layers = len(model.main.blocks)
+        with torch.no_grad():
+            below = model.main.forward_blocks(model.main_inputs_of(x), 0, layers - n, norm=False)
+        h = model.main.forward_blocks(below, layers - n, layers, norm=True)
+    else:
+        with torch.no_grad():
+            h = model.hidden(x)
     K = model.patch_size
-    logits = model.decoder(h.reshape(-1, h.shape[-1]).detach(), x.reshape(-1, K))
+    logits = model.decoder(h.reshape(-1, h.shape[-1]), x.reshape(-1, K))
     loss = byte_cross_entropy(logits, x)
     return loss, _byte_metrics(loss)
 
@@ -273,8 +281,15 @@ def _iem_parameters(model, cfg=None):
     return [p for p in model.parameters() if id(p) not in skip]
 
 
+def trained_main_parts(model, cfg: TrainConfig | None) -> list:
+    """The main model's modules that the decoder phase trains (`cfg.main_layers`): its last blocks and
+    final norm, or none."""
+    n = cfg.main_layers if cfg is not None else 0
+    return [*model.main.blocks[len(model.main.blocks) - n :], model.main.norm] if n else []
+
+
 def _decoder_parameters(model, cfg=None):
-    return list(model.decoder.parameters())
+    return [*model.decoder.parameters(), *(p for m in trained_main_parts(model, cfg) for p in m.parameters())]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from haed.config import TrainConfig, recompute_stacks
 from haed.data import random_windows
 from haed.device import autocast, host_to_device
 from haed.model import HAED
-from haed.objectives import OBJECTIVES, get_objective, trainable_parameters
+from haed.objectives import OBJECTIVES, get_objective, trainable_parameters, trained_main_parts
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -67,11 +67,14 @@ def apply_recompute(model, cfg: TrainConfig) -> None:
         stack.recompute = stack.cfg.recompute or name in names
 
 
-def set_train_mode(model, objective: str) -> None:
-    """Train mode, except for the parts the objective keeps frozen: they run as at inference (no dropout)."""
+def set_train_mode(model, objective: str, cfg: TrainConfig | None = None) -> None:
+    """Train mode, except for the parts the objective keeps frozen: they run as at inference (no dropout).
+    The main model's blocks that the decoder phase trains (`cfg.main_layers`) are not frozen."""
     model.train()
     for name in get_objective(objective).frozen_parts:
         getattr(model, name).eval()
+    for module in trained_main_parts(model, cfg):
+        module.train()
 
 
 def set_trainable(model, objective: str, cfg: TrainConfig | None = None) -> list:
@@ -154,6 +157,6 @@ def evaluate_objective(
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     if was_training:
-        set_train_mode(model, objective)
+        set_train_mode(model, objective, cfg)
     means = {k: v / cfg.eval_batches for k, v in totals.items()}
     return world.mean(means) if world is not None else means

@@ -218,7 +218,7 @@ def _train_locked(
         _emit(on_event, "message", text=f"starting from {parent_checkpoint}")
 
     model.to(dev)
-    set_train_mode(model, objective)
+    set_train_mode(model, objective, cfg)
     params = set_trainable(model, objective, cfg)
     apply_recompute(model, cfg)
     loss_fn, params = world.parallelize(model, OBJECTIVES[objective], params, cfg.seed)  # FSDP2 with several ranks

@@ -107,3 +107,17 @@ def test_short_attention_equals_fused_attention(causal):
     q, k, v = (torch.randn(5, 3, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
     torch.testing.assert_close(short_attention(q, k, v, causal), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_stack_blocks_in_parts_equal_the_whole_stack():
+    """The decoder phase's split of the main model (lower blocks, then the top ones and the norm) computes
+    the main model's own h_t."""
+    model = tiny_model(patch_size=4)
+    x = random_bytes(2, 32, seed=5)
+    layers = len(model.main.blocks)
+    with torch.no_grad():
+        inputs = model.main_inputs_of(x)
+        whole = model.hidden(x)
+        for cut in range(layers + 1):
+            below = model.main.forward_blocks(inputs, 0, cut, norm=False)
+            torch.testing.assert_close(model.main.forward_blocks(below, cut, layers, norm=True), whole)

@@ -188,3 +188,42 @@ def test_compile_warm_up_changes_nothing_of_the_run(objective):
         after.append((float(sums["loss"]), [p.detach().clone() for p in params]))
     assert after[0][0] == after[1][0]
     assert all(torch.equal(a, b) for a, b in zip(after[0][1], after[1][1]))
+
+
+def test_decoder_phase_trains_the_main_models_top_blocks_when_asked(dataset, tmp_path, monkeypatch):
+    """`decoder.main_layers = 1`: the decoder phase trains the decoder, the main model's last block and final
+    norm (in train mode, so with dropout); the encoder and the lower blocks stay bit for bit the IEM run's
+    and run in eval mode."""
+    import dataclasses
+
+    from haed.objectives import OBJECTIVES
+
+    recipe = debug_recipe(str(dataset))
+    recipe.model.main.dropout = 0.3
+    recipe.decoder.main_layers = 1
+    layers = recipe.model.main.layers
+    top = f"main.blocks.{layers - 1}."
+    train(recipe, "iem", tmp_path / "iem")
+    record, modes = OBJECTIVES["decoder"], []
+
+    def watching(model, x, cfg, generator=None):
+        blocks = model.main.blocks
+        modes.append((model.encoder.training, blocks[0].training, blocks[-1].training, model.decoder.training))
+        return record.loss(model, x, cfg, generator)
+
+    monkeypatch.setitem(OBJECTIVES, "decoder", dataclasses.replace(record, loss=watching))
+    train(recipe, "decoder", tmp_path / "iem" / "decoder", init_from=tmp_path / "iem")
+    before = load_file(str(latest_checkpoint(tmp_path / "iem") / "model.safetensors"))
+    after = load_file(str(latest_checkpoint(tmp_path / "iem" / "decoder") / "model.safetensors"))
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert all(n.startswith(("decoder.", top, "main.norm.")) for n in changed), changed
+    assert any(n.startswith(top) for n in changed) and any(n.startswith("main.norm.") for n in changed)
+    assert any(n.startswith("decoder.") for n in changed)
+    assert {m for m in modes if m[3]} == {(False, False, True, True)}
+
+
+def test_decoder_main_layers_is_checked_against_the_main_model():
+    recipe = debug_recipe()
+    recipe.decoder.main_layers = recipe.model.main.layers + 1
+    with pytest.raises(HaedError, match="decoder.main_layers"):
+        recipe.validate()

@@ -76,7 +76,7 @@ def build_for_objective(recipe: Recipe, objective: str, cfg: TrainConfig, device
     """(model, optimizer, trained parameters) set up as `haed train-*` sets them up for `objective`."""
     torch.manual_seed(cfg.seed)
     model = build_model(objective_model_config(recipe, objective)).to(device)
-    set_train_mode(model, objective)
+    set_train_mode(model, objective, cfg)
     params = set_trainable(model, objective, cfg)
     apply_recompute(model, cfg)
     optimizer = make_optimizer(params, cfg, device)
