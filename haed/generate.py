@@ -21,6 +21,7 @@ which changes a draw only at a near tie (and the stream goes its own way from th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -148,17 +149,40 @@ class HierarchicalSampler:
             return None if out is None else out.clone()
         return self._main_step() if i == 0 else self._decoder_step(i - 1)
 
+    @contextlib.contextmanager
+    def _state_kept(self):
+        """Run steps for their side effects only (a graph's warm-up and capture, a compilation): every
+        buffer a step writes is put back afterwards, the decoder's cache too, so that a patch begun by
+        the prompt continues as if nothing had run. The main model's steps write the spare slot."""
+        dec = self.decoder_cache
+        saved = (
+            self.main_cache.length,
+            self.cond.clone(),
+            self.position.clone(),
+            self.patch_bytes.clone(),
+            self.token.clone(),
+            [t.clone() for t in dec.k],
+            [t.clone() for t in dec.v],
+        )
+        self.position.fill_(self.context_patches)  # the spare slot
+        try:
+            yield
+        finally:
+            self.main_cache.length, dec.length = saved[0], 0
+            for buffer, value in zip((self.cond, self.position, self.patch_bytes, self.token), saved[1:5]):
+                buffer.copy_(value)
+            for buffer, value in zip([*dec.k, *dec.v], [*saved[5], *saved[6]]):
+                buffer.copy_(value)
+
     def _record(self, steps) -> list:
         """Record each step as a CUDA graph (after a warm-up run on a side stream, as CUDA requires):
         [(graph, its output)]. The sampler's state is as before."""
-        saved = (self.main_cache.length, self.cond.clone(), self.position.clone(), self.patch_bytes.clone())
         # Weights cast by autocast inside the graph must not come from autocast's cache, which is
         # freed when the autocast region ends; so capture with the cache off (the casts are replayed).
         amp = torch.is_autocast_enabled("cuda")
         ctx = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=amp, cache_enabled=False)
-        self.position.fill_(self.context_patches)  # the spare slot
         graphs = []
-        with ctx:
+        with ctx, self._state_kept():
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -170,10 +194,6 @@ class HierarchicalSampler:
                 with torch.cuda.graph(graph):
                     out = f()
                 graphs.append((graph, out))
-        self.main_cache.length, self.decoder_cache.length = saved[0], 0
-        self.cond.copy_(saved[1])
-        self.position.copy_(saved[2])
-        self.patch_bytes.copy_(saved[3])
         return graphs
 
     def set_sampling(self, options: SamplingOptions, noise: StreamNoise | None) -> None:
@@ -240,9 +260,13 @@ class HierarchicalSampler:
         self._prefill_main(keep)
         for j in range(full * self.K, prompt.shape[1]):
             self.feed(prompt[:, j].expand(self.batch))
+        # The whole-patch step is captured (or compiled) here, with the prefill, so that the first patch
+        # costs what every other does.
         if self.options is not None and self.use_graphs and self.patch_graph is None:
-            # Captured here, with the prefill, so that the first patch costs what every other does.
             ((self.patch_graph, _),) = self._record([self._run_patch_step])
+        elif self.options is not None and self.compile_patch:
+            with self._state_kept():
+                self._run_patch_step()
         return self.logits
 
     def _prefill_main(self, patches: torch.Tensor) -> None:
@@ -473,8 +497,9 @@ def generate(
     run, since without graphs the byte steps, whose noise is made for many positions at once, are a
     little faster (measured on a CPU: about 7%). Both draw the same bytes.
     `compile`: run the whole-patch step through torch.compile (`compiled_patch_step`) before its graph
-    is captured. The first use per architecture, batch and sampling rule in a process compiles, which
-    is counted in `prefill_seconds`.
+    is captured (whole patches are then the default without graphs too). The first use per
+    architecture, batch and sampling rule in a process compiles, during the prefill: it is counted in
+    `prefill_seconds`.
     """
     options = check_sampling(temperature, top_k, top_p)
     check_counts(max_bytes, num_samples)
@@ -496,7 +521,7 @@ def generate(
     with autocast(device):
         sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples, compile_patch=compile)
         if isinstance(sampler, HierarchicalSampler) and (
-            sampler.use_graphs if whole_patches is None else whole_patches
+            sampler.use_graphs or compile if whole_patches is None else whole_patches
         ):
             sampler.set_sampling(options, noise)
         sampler.start(prompt_tensor)

@@ -264,12 +264,47 @@ def test_cuda_bf16_linear_weights_give_exactly_what_autocast_computes(graphs):
 
 def test_compiled_patch_step_draws_the_eager_bytes():
     """The whole-patch step through torch.compile draws the bytes of the eager byte-by-byte steps, through
-    prompts mid-patch and re-prefills (context 16 bytes), for two streams."""
-    model = tiny_model(patch_size=2)
-    kw = dict(temperature=1.0, top_k=0, top_p=1.0, seed=3, context_bytes=16, num_samples=2)
-    compiled = generate(model, b"hey", 40, whole_patches=True, compile=True, **kw)
-    eager = generate(model, b"hey", 40, whole_patches=False, **kw)
+    a prompt mid-patch (the step is compiled during the prefill, which must leave the patch's decoder
+    cache as it was) and re-prefills (context 18 bytes), for two streams."""
+    model = tiny_model(patch_size=3)  # the prompt leaves 2 bytes of its last patch to the byte steps
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, seed=3, context_bytes=18, num_samples=2)
+    compiled = generate(model, b"hey!", 40, whole_patches=True, compile=True, **kw)
+    eager = generate(model, b"hey!", 40, whole_patches=False, **kw)
     assert compiled.outputs == eager.outputs
+
+
+def _prompt_patch_then_whole_patch(model, x, **sampler_options):
+    """Distributions of a prompt that ends one byte into a patch, the rest of that patch fed, then one whole
+    patch drawn, and the distribution after it."""
+    options, noise = SamplingOptions(1.0, 0, 1.0), StreamNoise([3, 4], x.device)
+    sampler = make_sampler(model, 18, batch=2, **sampler_options)
+    sampler.set_sampling(options, noise)
+    with torch.no_grad():
+        rows = [sampler.start(x[:, :4])] + [sampler.feed(x[:, i]) for i in (4, 5)]
+        rows.append(sampler.sample_patch(6).clone().float())
+        rows.append(sampler.current_logits())
+    return [r.float() for r in rows]
+
+
+def test_compiled_patch_step_leaves_the_prompts_patch_and_distributions_as_eager():
+    """Compiling the whole-patch step during the prefill runs it once for nothing: the prompt's unfinished
+    patch must continue with exactly the eager sampler's distributions, and the patches after it too."""
+    model = tiny_model(patch_size=3)
+    x = random_bytes(2, 30, seed=8)
+    compiled = _prompt_patch_then_whole_patch(model, x, compile_patch=True)
+    for a, b in zip(compiled, _prompt_patch_then_whole_patch(model, x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+def test_cuda_patch_graph_capture_leaves_the_prompts_patch_as_eager():
+    """Capturing the whole-patch graph during the prefill runs the step once for nothing: the prompt's
+    unfinished patch continues with the eager steps' distributions (float32)."""
+    model = tiny_model(patch_size=3).cuda()
+    x = random_bytes(2, 30, seed=8).cuda()
+    graphs = _prompt_patch_then_whole_patch(model, x, cuda_graphs=True)
+    for a, b in zip(graphs, _prompt_patch_then_whole_patch(model, x, cuda_graphs=False)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
