@@ -10,13 +10,17 @@ interrupted sweep continues where it stopped.
         --variant byte-loss:iem.byte_loss_fraction=0.125 --out runs/iem-variants
 
 A variant is `name:override,override,...` (recipe overrides as with `--set`); `decoder_fraction=F`
-among them sets the share of the budget given to the decoder phase.
+among them sets the share of the budget given to the decoder phase. With `--share-iem`, a variant
+that differs from an earlier one only in `decoder.*` overrides starts from a copy of that one's IEM
+run (the table says whose), so decoder-phase variants cost their decoder phase alone and are compared
+on the same IEM phase.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +41,21 @@ def parse_variant(text: str) -> tuple[str, list[str], float]:
     return name, overrides, fraction
 
 
+def share_iem_phase(recipe, fraction: float, iem_dir: Path, seen: dict) -> str | None:
+    """With --share-iem: a variant that differs from an earlier one only in its decoder phase (the
+    `decoder` section) starts from a copy of that variant's finished IEM run instead of training the
+    same IEM phase again. Returns the earlier variant's name, or None (then this one is remembered)."""
+    settings = recipe.to_dict()
+    settings.pop("decoder")
+    key = json.dumps([settings, fraction], sort_keys=True)
+    earlier = seen.get(key)
+    if earlier is None or iem_dir.exists():
+        seen.setdefault(key, iem_dir)
+        return None
+    shutil.copytree(earlier, iem_dir, ignore=shutil.ignore_patterns("decoder"))
+    return earlier.parent.name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="tiny")
@@ -49,6 +68,11 @@ def main() -> None:
     ap.add_argument("--eval-bytes", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--share-iem",
+        action="store_true",
+        help="variants that differ only in the decoder phase reuse the first one's IEM run",
+    )
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
 
@@ -67,14 +91,19 @@ def main() -> None:
     if systems:
         result = compare(load_recipe(a.recipe, base), a.out / "baselines", a.budget, systems=systems, **common)
         rows += [{**r, "variant": r["label"], "overrides": []} for r in result["rows"]]
+    iem_phases: dict[str, Path] = {}  # IEM phase settings -> the first variant's finished IEM run
     for text in a.variant:
         name, overrides, fraction = parse_variant(text)
         print(
             f"== {name}: {' '.join(overrides) or '(recipe as is)'}, decoder phase {fraction:.0%} of the budget",
             flush=True,
         )
+        recipe = load_recipe(a.recipe, [*base, *overrides])
+        shared = share_iem_phase(recipe, fraction, a.out / name / "iem", iem_phases) if a.share_iem else None
+        if shared:
+            print(f"   its IEM phase is {shared}'s (the variants differ in the decoder phase only)", flush=True)
         result = compare(
-            load_recipe(a.recipe, [*base, *overrides]),
+            recipe,
             a.out / name,
             a.budget,
             systems=("iem",),
@@ -82,7 +111,13 @@ def main() -> None:
             **common,
         )
         rows += [
-            {**r, "variant": f"IEM {name}", "overrides": overrides, "decoder_fraction": fraction}
+            {
+                **r,
+                "variant": f"IEM {name}",
+                "overrides": overrides,
+                "decoder_fraction": fraction,
+                "iem_phase_of": shared,
+            }
             for r in result["rows"]
         ]
     reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
@@ -94,7 +129,9 @@ def main() -> None:
         ratio = f"{r['test_bits_per_byte'] / reference:.3f}" if reference else "-"
         share = f"{r['decoder_fraction']:.0%}" if "decoder_fraction" in r else "-"
         lines.append(
-            f"| {r['variant']} | {' '.join(r['overrides']) or '-'} | {share} | {r['train_seconds']:.1f} | "
+            f"| {r['variant']} | {' '.join(r['overrides']) or '-'}"
+            f"{f' (IEM phase of {shared_from})' if (shared_from := r.get('iem_phase_of')) else ''} | "
+            f"{share} | {r['train_seconds']:.1f} | "
             f"{describe_phases(r)} | "
             f"{r['test_bits_per_byte']:.4f} | {ratio} |"
         )
