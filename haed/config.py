@@ -170,6 +170,9 @@ class Recipe:
                 raise HaedError(
                     f"{phase}.candidates must be 'global' or 'local', not {getattr(self, phase).candidates!r}"
                 )
+        for phase in ("iem", "full"):
+            if getattr(self, phase).main_layers:
+                raise HaedError(f"{phase}.main_layers: only the decoder phase takes main_layers (decoder.main_layers)")
         if m.arch == "haed" and self.decoder.main_layers > m.main.layers:
             raise HaedError(
                 f"decoder.main_layers ({self.decoder.main_layers}) must be at most main.layers ({m.main.layers})"

@@ -227,3 +227,6 @@ def test_decoder_main_layers_is_checked_against_the_main_model():
     recipe.decoder.main_layers = recipe.model.main.layers + 1
     with pytest.raises(HaedError, match="decoder.main_layers"):
         recipe.validate()
+    recipe.decoder.main_layers, recipe.iem.main_layers = 0, 1
+    with pytest.raises(HaedError, match="only the decoder phase"):
+        recipe.validate()
