@@ -19,6 +19,7 @@ from haed.config import Recipe, recipe_from_dict
 from haed.device import resolve_device
 from haed.errors import HaedError
 from haed.generate import Generation, audio_prompt_bytes, check_counts, generate
+from haed.model import HAED
 from haed.sampling import SamplingOptions, check_sampling, stream_seeds
 
 AUDIO_SUFFIXES = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a")
@@ -200,7 +201,7 @@ class RunGeneration:
     plan: GenerationPlan
     result: Generation
     cuda_graphs: bool  # whether CUDA graphs were used
-    compiled: bool = False  # whether the whole-patch step was compiled
+    compiled: bool = False  # whether the whole-patch step was compiled (hierarchical models only)
     files: list[Path] = field(default_factory=list)
 
     @property
@@ -293,5 +294,9 @@ def run_generation(
             stdout.write(text_blocks(plan.prompt, result.outputs, result.seeds))
             stdout.flush()
     return RunGeneration(
-        plan=plan, result=result, cuda_graphs=cuda_graphs and dev.type == "cuda", compiled=compile, files=files
+        plan=plan,
+        result=result,
+        cuda_graphs=cuda_graphs and dev.type == "cuda",
+        compiled=compile and isinstance(model, HAED),
+        files=files,
     )
