@@ -290,8 +290,8 @@ def generate(
     compile: bool = typer.Option(
         False,
         "--compile/--no-compile",
-        help="torch.compile the whole-patch step before it is captured (fused kernels; "
-        "the compilation is counted in the prefill).",
+        help="torch.compile the whole-patch step of a hierarchical model before it is captured (fused "
+        "kernels; the compilation is counted in the prefill).",
     ),
     checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
 ):
