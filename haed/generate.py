@@ -196,6 +196,12 @@ class HierarchicalSampler:
                 graphs.append((graph, out))
         return graphs
 
+    def _recorded_patch_graph(self) -> torch.cuda.CUDAGraph:
+        """The whole-patch step's CUDA graph, captured on first use."""
+        if self.patch_graph is None:
+            ((self.patch_graph, _),) = self._record([self._run_patch_step])
+        return self.patch_graph
+
     def set_sampling(self, options: SamplingOptions, noise: StreamNoise | None) -> None:
         """The rule and the noise (None for greedy) that `sample_patch` draws with."""
         self.options, self.noise, self.patch_graph = options, noise, None
@@ -211,9 +217,7 @@ class HierarchicalSampler:
         torch.add(self.patch_offsets, position, out=self.noise_positions)
         self.position.fill_(self.main_cache.length)
         if self.use_graphs:
-            if self.patch_graph is None:
-                ((self.patch_graph, _),) = self._record([self._run_patch_step])
-            self.patch_graph.replay()
+            self._recorded_patch_graph().replay()
         else:
             self._run_patch_step()
         self.history.append(self.patch_bytes[:, 0].clone())
@@ -262,8 +266,8 @@ class HierarchicalSampler:
             self.feed(prompt[:, j].expand(self.batch))
         # The whole-patch step is captured (or compiled) here, with the prefill, so that the first patch
         # costs what every other does.
-        if self.options is not None and self.use_graphs and self.patch_graph is None:
-            ((self.patch_graph, _),) = self._record([self._run_patch_step])
+        if self.options is not None and self.use_graphs:
+            self._recorded_patch_graph()
         elif self.options is not None and self.compile_patch:
             with self._state_kept():
                 self._run_patch_step()
