@@ -125,11 +125,12 @@ class HierarchicalSampler:
         gumbel = None if self.noise is None else self.noise.gumbel_at(self.noise_positions)  # (B, K, 256)
         for k in range(self.K):
             if k:
-                self.token.copy_(self.patch_out[k - 1].view(self.batch, 1))
+                self.token.copy_(self.patch_bytes[:, 0, k - 1 : k])
             logits = self._decoder_step(k)
-            byte = sample_bytes(logits, self.options, None if gumbel is None else gumbel[:, k])
-            self.patch_out[k].copy_(byte)
-            self.patch_bytes[:, 0, k].copy_(byte)
+            self.patch_bytes[:, 0, k].copy_(
+                sample_bytes(logits, self.options, None if gumbel is None else gumbel[:, k])
+            )
+        self.patch_out.copy_(self.patch_bytes[:, 0].t())  # one copy per patch, not one per byte
         self._main_step()
 
     def _run_patch_step(self) -> None:

@@ -29,18 +29,25 @@ START = 256  # the decoder's (and flat model's) start-of-sequence token, beyond 
 
 
 def rotary(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tables for `apply_rotary`: (L, head_dim) cos and signed sin, float32. Dimension i < head_dim / 2 and
+    its partner i + head_dim / 2 turn by the same angle: cos is (cos, cos) and sin is (-sin, sin)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     angles = positions.float()[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two halves of the last dimension by the position angles, in float32.
+    """Rotate the two halves (x1, x2) of the last dimension by the position angles, in float32:
+    (x1 cos - x2 sin, x2 cos + x1 sin).
 
-    x (B, L, ..., head_dim) with cos and sin (L, 1, ..., head_dim / 2) broadcasting over the middle."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
+    x (B, L, ..., head_dim) with the tables of `rotary`, (L, 1, ..., head_dim), broadcasting over the
+    middle. Written as x * cos + (x2, x1) * sin with the sign in the table: six operations where the
+    two halves computed apart take nine, which counts when each is a kernel launch (a generation step
+    runs this in every layer), and bit for bit the same numbers (a + (-b) is a - b in floating point)."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    return (x32 * cos + torch.cat((x2, x1), dim=-1) * sin).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -66,6 +73,10 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.length = 0
         self.max_len = max_len
+        self.slots = torch.arange(max_len, device=device)
+        # A step at a device-side position (`Stack.forward(..., pos=)`) attends to the slots up to it:
+        # this (1, max_len) mask, made once per step by the stack and read by each of its layers.
+        self.visible: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.length = 0
@@ -94,8 +105,7 @@ class Attention(nn.Module):
             # (the whole cache is attended to, masked), so the step can be captured in a CUDA graph.
             cache.k[layer].index_copy_(2, pos.view(1), k.to(cache.k[layer].dtype))
             cache.v[layer].index_copy_(2, pos.view(1), v.to(cache.v[layer].dtype))
-            visible = (torch.arange(cache.max_len, device=x.device) <= pos).view(1, cache.max_len)
-            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=visible)
+            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=cache.visible)
         elif cache is None and L <= SHORT_SEQUENCE:
             y = short_attention(q, k, v, causal)
         elif cache is None:
@@ -214,6 +224,7 @@ class Stack(nn.Module):
             if cache.max_len > self.rope_cos.shape[0]:
                 self._grow_rope(cache.max_len)
             cos, sin = self.rope_cos.index_select(0, pos.view(1)), self.rope_sin.index_select(0, pos.view(1))
+            cache.visible = (cache.slots <= pos).view(1, cache.max_len)
         else:
             cos, sin = self.rope(cache.length if cache is not None else 0, x.shape[1])
         recompute = self.recompute and self.training and cache is None and torch.is_grad_enabled()

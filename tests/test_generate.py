@@ -4,7 +4,7 @@ import pytest
 import torch
 from _tiny import random_bytes, tiny_model
 
-from haed.generate import generate, make_sampler
+from haed.generate import HierarchicalSampler, generate, make_sampler
 from haed.sampling import SamplingOptions, StreamNoise, mix32, sample_bytes
 
 
@@ -271,6 +271,21 @@ def test_compiled_patch_step_draws_the_eager_bytes():
     compiled = generate(model, b"hey!", 40, whole_patches=True, compile=True, **kw)
     eager = generate(model, b"hey!", 40, whole_patches=False, **kw)
     assert compiled.outputs == eager.outputs
+
+
+def test_compiled_patch_step_is_one_graph():
+    """torch.compile traces the whole-patch step (K decoder steps with their draws, the encoder, the main
+    model's step) as one graph: a graph break would split it into pieces with Python between them, and
+    the fusion it is compiled for would be lost."""
+    import torch._dynamo
+
+    model = tiny_model(patch_size=3)
+    sampler = make_sampler(model, 18, cuda_graphs=False, batch=2)
+    sampler.set_sampling(SamplingOptions(1.0, 0, 0.9), StreamNoise([0, 1], "cpu"))
+    sampler.start(random_bytes(2, 6, seed=1))
+    with torch.no_grad():
+        explained = torch._dynamo.explain(HierarchicalSampler._patch_step)(sampler)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def _prompt_patch_then_whole_patch(model, x, **sampler_options):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from _tiny import random_bytes, tiny_model
 
+from haed.layers import apply_rotary, rotary
 from haed.model import unique_patches
 
 
@@ -121,3 +122,20 @@ def test_stack_blocks_in_parts_equal_the_whole_stack():
         for cut in range(layers + 1):
             below = model.main.forward_blocks(inputs, 0, cut, norm=False)
             torch.testing.assert_close(model.main.forward_blocks(below, cut, layers, norm=True), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_the_rotation_of_the_two_halves_bit_for_bit(dtype):
+    """`apply_rotary` (x cos + (x2, x1) sin with the sign in the table) gives exactly the textbook rotation
+    (x1 cos - x2 sin, x2 cos + x1 sin) of each pair (i, i + head_dim / 2), in float32, as trained models
+    were trained with."""
+    head_dim, length = 16, 40
+    x = torch.randn(2, length, 3, head_dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    cos, sin = rotary(torch.arange(length), head_dim, 10000.0)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.arange(length).float()[:, None] * inv_freq[None, :]
+    c, s = angles.cos().view(length, 1, -1), angles.sin().view(length, 1, -1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    expected = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(dtype)
+    got = apply_rotary(x, cos.view(length, 1, -1), sin.view(length, 1, -1))
+    assert got.dtype == dtype and torch.equal(got, expected)
