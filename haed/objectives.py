@@ -288,6 +288,22 @@ def trained_main_parts(model, cfg: TrainConfig | None) -> list:
     return [*model.main.blocks[len(model.main.blocks) - n :], model.main.norm] if n else []
 
 
+def _iem_step_parts(model, cfg: TrainConfig | None) -> tuple:
+    parts = (("encoder", 3), ("main", 3), ("scores", 3))
+    if cfg is None or cfg.byte_loss_fraction <= 0:
+        return parts
+    K = model.cfg.patch_size
+    covered = cfg.byte_loss_bytes if 0 < cfg.byte_loss_bytes < K else K
+    # the byte loss: the decoder, trained, on that fraction of the patches and their first `covered` bytes
+    return parts + (("decoder", 3 * cfg.byte_loss_fraction * covered / K),)
+
+
+def _decoder_step_parts(model, cfg: TrainConfig | None) -> tuple:
+    n = cfg.main_layers if cfg is not None else 0
+    # the main model runs forward; its last n blocks (`main_layers`) also backward
+    return (("encoder", 1), ("main", 1 + 2 * n / model.cfg.main.layers), ("decoder", 3))
+
+
 def _decoder_parameters(model, cfg=None):
     return [*model.decoder.parameters(), *(p for m in trained_main_parts(model, cfg) for p in m.parameters())]
 
@@ -305,9 +321,10 @@ class Objective:
     section: str  # the recipe section that holds its TrainConfig
     arch: str  # the model architecture it trains ("haed" or "flat")
     selection_metric: str  # validation metric (lower is better) that picks the best checkpoint
-    # Parts of the model a step runs, each with its multiple of forward FLOPs: 3 trained (forward +
-    # backward), 1 frozen (forward only). Names as in `haed.model.forward_flops`.
-    step_parts: tuple[tuple[str, int], ...] = ()
+    # (model, phase config) -> the parts of the model a step runs, each with its multiple of forward
+    # FLOPs: 3 trained (forward + backward), 1 frozen (forward only), a fraction for a part that runs
+    # on some of the rows. Names as in `haed.model.forward_flops`.
+    step_parts: Callable = lambda model, cfg: ()
     parent_objective: str | None = None  # the objective of the run whose weights it starts from
     frozen_parts: tuple[str, ...] = ()  # parts that run without training, in eval mode (no dropout)
     trains_decoder: bool = True  # False: the run's byte decoder is untrained (evaluate and sample its decoder phase)
@@ -326,7 +343,7 @@ OBJECTIVES = {
             "iem",
             "haed",
             "loss",
-            step_parts=(("encoder", 3), ("main", 3), ("scores", 3)),
+            step_parts=_iem_step_parts,
             trains_decoder=False,
         ),
         Objective(
@@ -336,7 +353,7 @@ OBJECTIVES = {
             "decoder",
             "haed",
             "bits_per_byte",
-            step_parts=(("encoder", 1), ("main", 1), ("decoder", 3)),
+            step_parts=_decoder_step_parts,
             parent_objective="iem",
             frozen_parts=("encoder", "main"),
         ),
@@ -347,9 +364,17 @@ OBJECTIVES = {
             "full",
             "haed",
             "bits_per_byte",
-            step_parts=(("encoder", 3), ("main", 3), ("decoder", 3)),
+            step_parts=lambda model, cfg: (("encoder", 3), ("main", 3), ("decoder", 3)),
         ),
-        Objective("flat", flat_loss, _all_parameters, "full", "flat", "bits_per_byte", step_parts=(("flat", 3),)),
+        Objective(
+            "flat",
+            flat_loss,
+            _all_parameters,
+            "full",
+            "flat",
+            "bits_per_byte",
+            step_parts=lambda model, cfg: (("flat", 3),),
+        ),
     )
 }
 

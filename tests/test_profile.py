@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 import typer
-from _tiny import make_text_dataset
+from _tiny import make_text_dataset, tiny_model
 from typer.testing import CliRunner
 
-from haed.config import debug_recipe
+from haed.config import TrainConfig, debug_recipe
 from haed.errors import HaedError
+from haed.model import forward_flops
 from haed.objectives import iem_loss
 from haed.profile import (
     NO_CUDA_MESSAGE,
@@ -22,6 +24,7 @@ from haed.profile import (
     plot_profile,
     profile_memory,
     read_profile_json,
+    step_flops,
     write_profile_json,
 )
 from haed.steps import train_step
@@ -327,3 +330,24 @@ def test_cli_refuses_bad_lists(cli, tmp_path):
     assert result.exit_code != 0 and "--seq-lens" in _stderr(result)
     result = cli("--device", "cpu", "--objectives", "iem,nope", "--json", tmp_path / "p.json")
     assert result.exit_code != 0 and "unknown objective" in _stderr(result)
+
+
+def test_step_flops_count_the_byte_loss_and_the_decoder_phases_trained_main_blocks():
+    """IEM's byte loss adds the decoder, trained, on its share of rows and bytes; the decoder phase with
+    `main_layers` adds the backward pass of main's top blocks: with every block trained, the main model
+    counts as in full training."""
+    model = tiny_model(patch_size=4)
+    B, N = 2, 64
+    parts = forward_flops(model, B, N)
+    plain = TrainConfig()
+    iem = step_flops(model, "iem", B, N, cfg=plain)
+    assert iem == pytest.approx(3 * (parts["encoder"] + parts["main"] + parts["scores"]))
+    half = step_flops(model, "iem", B, N, cfg=replace(plain, byte_loss_fraction=0.5))
+    assert half == pytest.approx(iem + 1.5 * parts["decoder"])
+    first_byte = step_flops(model, "iem", B, N, cfg=replace(plain, byte_loss_fraction=0.5, byte_loss_bytes=1))
+    assert first_byte == pytest.approx(iem + 1.5 * parts["decoder"] / 4)
+    frozen = step_flops(model, "decoder", B, N, cfg=plain)
+    assert frozen == pytest.approx(parts["encoder"] + parts["main"] + 3 * parts["decoder"])
+    layers = model.cfg.main.layers
+    every_block = step_flops(model, "decoder", B, N, cfg=replace(plain, main_layers=layers))
+    assert every_block == pytest.approx(step_flops(model, "full", B, N) - 2 * parts["encoder"])

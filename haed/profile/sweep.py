@@ -147,7 +147,13 @@ def objective_cell(
     cell.setdefault("distinct_patches_mean", None)
     if cell["status"] == "ok" and flops_model is not None:
         flops = step_flops(
-            flops_model, objective, batch_size, seq_len, cell.get("distinct_patches_mean"), cell.get("candidates_mean")
+            flops_model,
+            objective,
+            batch_size,
+            seq_len,
+            cell.get("distinct_patches_mean"),
+            cell.get("candidates_mean"),
+            cfg,
         )
         cell["flops_per_step"] = flops
         cell["achieved_tflops"] = flops / (cell["median_step_ms"] / 1e3) / 1e12 if cell["median_step_ms"] else None
