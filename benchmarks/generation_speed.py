@@ -18,6 +18,12 @@ patch (`haed generate --compile`); `patch-graphs`, one CUDA graph per patch with
 (the default of `haed generate`); `byte-graphs`, one graph per decoder step with the sampling between replays; `eager`,
 the same steps without graphs (all a CPU has).
 With `--out`, a JSON of every number, and a sample per model (`--wav NAME`: a WAV at its rate).
+With `--count-ops`, the operators one whole-patch step dispatches (aten operators other than views, as
+dispatched on `--device`: on CUDA nearly one kernel each, on a CPU some are split up, e.g. RMSNorm
+into five), counted without graphs: a proxy for kernel launches that runs on any machine:
+
+    python3 benchmarks/generation_speed.py --device cpu --recipe speech --recipe enwik8 --count-ops
+
 With `--profile`, also a `torch.profiler` table per model and mode of one stream generating 4 patches
 in its steady state, after the prefill and the graph capture (`--out`/profile-NAME-MODE.txt; the top
 rows are printed), with the kernels and device time per patch on CUDA: where a patch's time goes.
@@ -129,6 +135,48 @@ def profile_generation(model, prompt: bytes, mode: str, context: int, rows: int 
     return summary + averages.table(sort_by=key, row_limit=rows, max_name_column_width=70)
 
 
+# Operators that only reinterpret memory (no kernel on any device).
+VIEW_OPERATORS = frozenset(
+    "view _unsafe_view reshape expand permute transpose t select slice unsqueeze squeeze alias detach "
+    "as_strided split chunk unbind split_with_sizes _reshape_alias lift_fresh unfold flatten".split()
+)
+
+
+def count_patch_operators(model, context: int) -> dict:
+    """The operators of one steady-state whole-patch step (one stream, the benchmark's rule: temperature
+    1, no top-k or top-p), by name, views left out."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from haed.device import autocast
+    from haed.generate import make_sampler
+    from haed.sampling import SamplingOptions, StreamNoise
+
+    class Counting(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in VIEW_OPERATORS:
+                self.counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    device = next(model.parameters()).device
+    K = model.patch_size
+    with autocast(device), torch.no_grad():
+        sampler = make_sampler(model, context, cuda_graphs=False, batch=1)
+        sampler.set_sampling(SamplingOptions(1.0, 0, 1.0), StreamNoise([0], device))
+        sampler.start(torch.zeros(4 * K, dtype=torch.uint8))
+        sampler.sample_patch(4 * K)  # one patch first: the step counted is a steady-state one
+        with Counting() as counting:
+            sampler._patch_step()
+    total = sum(counting.counts.values())
+    return {"per_patch": total, "per_byte": total / K, "by_name": dict(counting.counts.most_common())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -152,6 +200,9 @@ def main() -> None:
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--profile", action="store_true", help="also a profiler table per model and mode (see above)")
+    p.add_argument(
+        "--count-ops", action="store_true", help="only count the operators of one patch step per model (see above)"
+    )
     a = p.parse_args()
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -175,7 +226,8 @@ def main() -> None:
         "models": {},
     }
     print(f"device: {results['device']}, torch {torch.__version__}")
-    print(f"{'model':<10} {'mode':<14} {'N':>4} {'samples/s':>12} {'per stream':>11} {'ms/byte':>8}")
+    if not a.count_ops:
+        print(f"{'model':<10} {'mode':<14} {'N':>4} {'samples/s':>12} {'per stream':>11} {'ms/byte':>8}")
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
     for name, how, what in sources:
@@ -184,6 +236,15 @@ def main() -> None:
         )
         audio = config["dataset"].get("kind") == "audio"
         context = recipe.data.seq_len
+        if a.count_ops:
+            if not hasattr(model, "patch_size"):
+                sys.exit(f"error: --count-ops counts a HAED model's patch step; {name} is flat")
+            counted = count_patch_operators(model, context)
+            results["models"][name] = {"source": what, "operators": counted}
+            top = ", ".join(f"{k} {v}" for k, v in list(counted["by_name"].items())[:8])
+            per_patch, per_byte = counted["per_patch"], counted["per_byte"]
+            print(f"{name}: {per_patch} operators per patch, {per_byte:.1f} per byte ({top}, ...)")
+            continue
         prompt = b"" if audio else TEXT_PROMPT
         entry = {
             "source": what,
