@@ -155,9 +155,10 @@ def compare(
             ):
                 say(f"{phase_dir} already finished")
             # The byte loss of an IEM phase (when on) gives validation bits per byte on a sample of patches.
-            curve += _valid_curve(phase_dir, offset=seconds, metric="bits_per_byte")
-            curve += _valid_curve(phase_dir, offset=seconds, metric="byte_bits_per_byte")
-            phase_rows.append(_phase_row(objective, read_run_config(phase_dir)))
+            phase_curve = _valid_curve(phase_dir, offset=seconds, metric="bits_per_byte")
+            phase_curve += _valid_curve(phase_dir, offset=seconds, metric="byte_bits_per_byte")
+            curve += phase_curve
+            phase_rows.append(_phase_row(objective, read_run_config(phase_dir), max(phase_curve, default=None)))
             seconds += phase_rows[-1]["train_seconds"]
             parent, scored = phase_dir, phase_dir
         curve.sort()
@@ -205,9 +206,10 @@ def compare(
     return result
 
 
-def _phase_row(objective: str, config: dict) -> dict:
-    """What one phase did with its seconds: steps, and training bytes per second (a system that trails
-    at equal seconds may have learned less per step, or made fewer steps)."""
+def _phase_row(objective: str, config: dict, last_valid: list[float] | None = None) -> dict:
+    """What one phase did with its seconds: steps, training bytes per second (a system that trails at
+    equal seconds may have learned less per step, or made fewer steps), and where its validation bits
+    per byte ended (for an IEM phase, its byte loss's: how much the decoder phase still had to do)."""
     steps, seconds = config.get("steps_done", 0), config["train_seconds"]
     window_bytes = config.get("global_batch", {}).get("bytes", 0)
     return {
@@ -215,6 +217,7 @@ def _phase_row(objective: str, config: dict) -> dict:
         "steps": steps,
         "train_seconds": seconds,
         "bytes_per_second": steps * window_bytes / seconds if seconds > 0 else None,
+        "last_valid_bits_per_byte": last_valid[1] if last_valid else None,
     }
 
 

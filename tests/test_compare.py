@@ -57,6 +57,11 @@ def test_compare_gives_every_system_the_budget_and_a_test_score(dataset, tmp_pat
         iem_config["steps_done"] * iem_config["global_batch"]["bytes"] / iem_config["train_seconds"]
     )
     assert sum(p["train_seconds"] for p in rows["iem"]["phases"]) == pytest.approx(rows["iem"]["train_seconds"])
+    # Where each phase's validation ended: the decoder phase at the curve's last point; this IEM phase,
+    # without a byte loss, has no bits per byte.
+    assert first["last_valid_bits_per_byte"] is None
+    assert rows["iem"]["phases"][1]["last_valid_bits_per_byte"] == rows["iem"]["valid_curve"][-1][1]
+    assert rows["full"]["phases"][0]["last_valid_bits_per_byte"] == rows["full"]["valid_curve"][-1][1]
     assert result["iem_vs_full"] == pytest.approx(
         rows["iem"]["test_bits_per_byte"] / rows["full"]["test_bits_per_byte"]
     )
