@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from haed.compare import compare, describe_phases, plot_comparison  # noqa: E402
+from haed.compare import compare, describe_phase_ends, describe_phases, plot_comparison  # noqa: E402
 from haed.config import load_recipe  # noqa: E402
 
 
@@ -122,8 +122,9 @@ def main() -> None:
         ]
     reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
     lines = [
-        f"| system | overrides | decoder phase | train s | steps, training MB/s | test {result['unit']} | vs full |",
-        "|---|---|---|---|---|---|---|",
+        f"| system | overrides | decoder phase | train s | steps, training MB/s | valid at phase ends "
+        f"| test {result['unit']} | vs full |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r['test_bits_per_byte'] / reference:.3f}" if reference else "-"
@@ -132,7 +133,7 @@ def main() -> None:
             f"| {r['variant']} | {' '.join(r['overrides']) or '-'}"
             f"{f' (IEM phase of {shared_from})' if (shared_from := r.get('iem_phase_of')) else ''} | "
             f"{share} | {r['train_seconds']:.1f} | "
-            f"{describe_phases(r)} | "
+            f"{describe_phases(r)} | {describe_phase_ends(r)} | "
             f"{r['test_bits_per_byte']:.4f} | {ratio} |"
         )
     table = "\n".join(lines)

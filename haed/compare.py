@@ -229,6 +229,13 @@ def describe_phases(row: dict) -> str:
     return f"{steps} steps, {rates} MB/s"
 
 
+def describe_phase_ends(row: dict) -> str:
+    """'3.6607 + 3.6113': each phase's last validation bits per byte ('-' where it has none, as in an
+    IEM phase without a byte loss), for a row of `compare`."""
+    ends = (p.get("last_valid_bits_per_byte") for p in row.get("phases") or [])
+    return " + ".join("-" if v is None else f"{v:.4f}" for v in ends)
+
+
 def _ratio(rows: list[dict], a: str, b: str) -> float | None:
     values = {r["system"]: r["test_bits_per_byte"] for r in rows}
     return values[a] / values[b] if a in values and b in values else None

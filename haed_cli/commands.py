@@ -404,7 +404,7 @@ def compare(
     Example: haed compare --recipe tiny --dataset data/stdlib --time-budget 120 --out runs/compare
     """
     from haed.compare import compare as run_compare
-    from haed.compare import describe_phases
+    from haed.compare import describe_phase_ends, describe_phases
     from haed.runs import recipe_for_run
 
     r = recipe_for_run(None, recipe, overrides, _recipe_values(dataset, None, None, seq_len, None, "iem"))
@@ -424,7 +424,14 @@ def compare(
             on_event=display,
         )
     table = Table(title=f"{result['recipe']}: {result['budget_seconds']:g} s of training each, {result['device']}")
-    columns = ("system", "parameters", "train s", "steps, training MB/s", f"test {result['unit']}")
+    columns = (
+        "system",
+        "parameters",
+        "train s",
+        "steps, training MB/s",
+        "valid at phase ends",
+        f"test {result['unit']}",
+    )
     for column in (*columns, *result["rows"][0]["other_data"]):
         table.add_column(column, justify="left" if column == "system" else "right")
     for row in result["rows"]:
@@ -433,6 +440,7 @@ def compare(
             f"{row['parameters'] / 1e6:.2f}M",
             f"{row['train_seconds']:.1f}",
             describe_phases(row),
+            describe_phase_ends(row),
             f"{row['test_bits_per_byte']:.4f}",
             *(f"{v:.4f}" for v in row["other_data"].values()),
         )

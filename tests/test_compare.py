@@ -6,7 +6,7 @@ import pytest
 from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
-from haed.compare import compare, flat_recipe
+from haed.compare import compare, describe_phase_ends, flat_recipe
 from haed.config import debug_recipe
 from haed.errors import HaedError
 from haed.model import build_model, count_parameters
@@ -62,6 +62,7 @@ def test_compare_gives_every_system_the_budget_and_a_test_score(dataset, tmp_pat
     assert first["last_valid_bits_per_byte"] is None
     assert rows["iem"]["phases"][1]["last_valid_bits_per_byte"] == rows["iem"]["valid_curve"][-1][1]
     assert rows["full"]["phases"][0]["last_valid_bits_per_byte"] == rows["full"]["valid_curve"][-1][1]
+    assert describe_phase_ends(rows["iem"]) == f"- + {rows['iem']['valid_curve'][-1][1]:.4f}"
     assert result["iem_vs_full"] == pytest.approx(
         rows["iem"]["test_bits_per_byte"] / rows["full"]["test_bits_per_byte"]
     )
