@@ -156,23 +156,14 @@ class HierarchicalSampler:
         buffer a step writes is put back afterwards, the decoder's cache too, so that a patch begun by
         the prompt continues as if nothing had run. The main model's steps write the spare slot."""
         dec = self.decoder_cache
-        saved = (
-            self.main_cache.length,
-            self.cond.clone(),
-            self.position.clone(),
-            self.patch_bytes.clone(),
-            self.token.clone(),
-            [t.clone() for t in dec.k],
-            [t.clone() for t in dec.v],
-        )
+        buffers = [self.cond, self.position, self.patch_bytes, self.token, *dec.k, *dec.v]
+        saved, length = [buffer.clone() for buffer in buffers], self.main_cache.length
         self.position.fill_(self.context_patches)  # the spare slot
         try:
             yield
         finally:
-            self.main_cache.length, dec.length = saved[0], 0
-            for buffer, value in zip((self.cond, self.position, self.patch_bytes, self.token), saved[1:5]):
-                buffer.copy_(value)
-            for buffer, value in zip([*dec.k, *dec.v], [*saved[5], *saved[6]]):
+            self.main_cache.length, dec.length = length, 0
+            for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
 
     def _record(self, steps) -> list:
@@ -525,10 +516,10 @@ def generate(
     t0 = time.perf_counter()
     with autocast(device):
         sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples, compile_patch=compile)
-        if isinstance(sampler, HierarchicalSampler) and (
-            sampler.use_graphs or compile if whole_patches is None else whole_patches
-        ):
-            sampler.set_sampling(options, noise)
+        if isinstance(sampler, HierarchicalSampler):
+            whole = (sampler.use_graphs or compile) if whole_patches is None else whole_patches
+            if whole:
+                sampler.set_sampling(options, noise)
         sampler.start(prompt_tensor)
         sync()
         t1 = time.perf_counter()
