@@ -319,10 +319,18 @@ def compiled_patch_step():
     operation as its own kernel (about 144 per byte at the `speech` architecture, which is what a
     patch's CUDA graph replay spends its time on: docs/performance.md). The arithmetic is the same
     up to the rounding of fused operations, so a draw can change only at a near tie.
+
+    With inductor's coordinate-descent tuning on, a product with one row (every Linear of a single
+    stream, and a query's attention scores) is written as a fused multiply-and-sum kernel instead of a
+    matrix-multiply call, tuned for memory bandwidth: the profile of the compiled step without it spent
+    about half its device time in some 130 one-row matrix products of about 3 us each
+    (docs/performance.md). It also tunes the block sizes of the other generated kernels.
     """
     global _compiled_patch_step
     if _compiled_patch_step is None:
-        _compiled_patch_step = torch.compile(HierarchicalSampler._patch_step, dynamic=False)
+        _compiled_patch_step = torch.compile(
+            HierarchicalSampler._patch_step, dynamic=False, options={"coordinate_descent_tuning": True}
+        )
     return _compiled_patch_step
 
 

@@ -105,7 +105,13 @@ class Attention(nn.Module):
             # (the whole cache is attended to, masked), so the step can be captured in a CUDA graph.
             cache.k[layer].index_copy_(2, pos.view(1), k.to(cache.k[layer].dtype))
             cache.v[layer].index_copy_(2, pos.view(1), v.to(cache.v[layer].dtype))
-            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=cache.visible)
+            if torch.compiler.is_compiling() and cache.max_len <= SHORT_SEQUENCE:
+                # Compiled (the whole-patch generation step), a few cached positions are attended with
+                # plain products, which fuse with their neighbours; a fused attention kernel would
+                # be a launch of its own for 9 keys. Eager, the one kernel is the cheaper way.
+                y = short_attention(q, cache.k[layer], cache.v[layer], causal=False, visible=cache.visible)
+            else:
+                y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=cache.visible)
         elif cache is None and L <= SHORT_SEQUENCE:
             y = short_attention(q, k, v, causal)
         elif cache is None:
@@ -138,9 +144,14 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
 
-def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Softmax attention as two matrix products (softmax in float32), for a handful of positions."""
+def short_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, visible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention as two matrix products (softmax in float32), for a handful of positions.
+    `visible`: a boolean mask of the keys each query may see, broadcast over the scores."""
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
     if causal:
         L = q.shape[-2]
         scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1), float("-inf"))

@@ -110,6 +110,21 @@ def test_short_attention_equals_fused_attention(causal):
     torch.testing.assert_close(short_attention(q, k, v, causal), reference, rtol=1e-5, atol=1e-6)
 
 
+def test_short_attention_with_a_key_mask_equals_fused_attention():
+    """The compiled generation step attends a cached query over the slots a mask makes visible with plain
+    products; that is SDPA's masked attention (masked keys get no weight, garbage in them changes nothing)."""
+    from haed.layers import short_attention
+
+    q = torch.randn(3, 4, 1, 16, generator=torch.Generator().manual_seed(0))
+    k, v = (torch.randn(3, 4, 9, 16, generator=torch.Generator().manual_seed(i)) for i in (1, 2))
+    visible = (torch.arange(9) <= 5).view(1, 9)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    got = short_attention(q, k, v, causal=False, visible=visible)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    k[..., 6:, :], v[..., 6:, :] = 1e4, -1e4  # what the hidden slots hold does not matter
+    torch.testing.assert_close(short_attention(q, k, v, causal=False, visible=visible), got, rtol=0, atol=0)
+
+
 def test_stack_blocks_in_parts_equal_the_whole_stack():
     """The decoder phase's split of the main model (lower blocks, then the top ones and the norm) computes
     the main model's own h_t."""
