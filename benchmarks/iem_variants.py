@@ -9,8 +9,9 @@ interrupted sweep continues where it stopped.
         --variant baseline: --variant cosine:model.score=cosine \\
         --variant byte-loss:iem.byte_loss_fraction=0.125 --out runs/iem-variants
 
-A variant is `name:override,override,...` (recipe overrides as with `--set`); `decoder_fraction=F`
-among them sets the share of the budget given to the decoder phase. With `--share-iem`, a variant
+A variant is `name:override,override,...` (recipe overrides as with `--set`); the share of the budget
+given to the decoder phase is the recipe's `compare.decoder_fraction` (`decoder_fraction=F` is short for
+`compare.decoder_fraction=F`). With `--share-iem`, a variant
 that differs from an earlier one only in `decoder.*` overrides starts from a copy of that one's IEM
 run (the table says whose), so decoder-phase variants cost their decoder phase alone and are compared
 on the same IEM phase.
@@ -30,24 +31,24 @@ from haed.compare import compare, describe_phase_ends, describe_phases, plot_com
 from haed.config import load_recipe  # noqa: E402
 
 
-def parse_variant(text: str) -> tuple[str, list[str], float]:
+def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, rest = text.partition(":")
-    overrides, fraction = [], 0.1
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        if item.startswith("decoder_fraction="):
-            fraction = float(item.split("=", 1)[1])
-        else:
-            overrides.append(item)
-    return name, overrides, fraction
+    overrides = [
+        f"compare.{item}" if item.startswith("decoder_fraction=") else item
+        for item in filter(None, (s.strip() for s in rest.split(",")))
+    ]
+    return name, overrides
 
 
-def share_iem_phase(recipe, fraction: float, iem_dir: Path, seen: dict) -> str | None:
+def share_iem_phase(recipe, iem_dir: Path, seen: dict) -> str | None:
     """With --share-iem: a variant that differs from an earlier one only in its decoder phase (the
     `decoder` section) starts from a copy of that variant's finished IEM run instead of training the
-    same IEM phase again. Returns the earlier variant's name, or None (then this one is remembered)."""
+    same IEM phase again. Returns the earlier variant's name, or None (then this one is remembered).
+    The decoder phase's share of the budget (`compare`) sets the IEM phase's seconds, so it is part of
+    what must match."""
     settings = recipe.to_dict()
     settings.pop("decoder")
-    key = json.dumps([settings, fraction], sort_keys=True)
+    key = json.dumps(settings, sort_keys=True)
     earlier = seen.get(key)
     if earlier is None or iem_dir.exists():
         seen.setdefault(key, iem_dir)
@@ -93,13 +94,14 @@ def main() -> None:
         rows += [{**r, "variant": r["label"], "overrides": []} for r in result["rows"]]
     iem_phases: dict[str, Path] = {}  # IEM phase settings -> the first variant's finished IEM run
     for text in a.variant:
-        name, overrides, fraction = parse_variant(text)
+        name, overrides = parse_variant(text)
+        recipe = load_recipe(a.recipe, [*base, *overrides])
+        fraction = recipe.compare.decoder_fraction
         print(
             f"== {name}: {' '.join(overrides) or '(recipe as is)'}, decoder phase {fraction:.0%} of the budget",
             flush=True,
         )
-        recipe = load_recipe(a.recipe, [*base, *overrides])
-        shared = share_iem_phase(recipe, fraction, a.out / name / "iem", iem_phases) if a.share_iem else None
+        shared = share_iem_phase(recipe, a.out / name / "iem", iem_phases) if a.share_iem else None
         if shared:
             print(f"   its IEM phase is {shared}'s (the variants differ in the decoder phase only)", flush=True)
         result = compare(
@@ -107,7 +109,6 @@ def main() -> None:
             a.out / name,
             a.budget,
             systems=("iem",),
-            decoder_fraction=fraction,
             **common,
         )
         rows += [

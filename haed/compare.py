@@ -100,7 +100,7 @@ def compare(
     budget: float,
     *,
     systems: tuple[str, ...] = ("iem", "full", "flat"),
-    decoder_fraction: float = 0.1,
+    decoder_fraction: float | None = None,
     evals: int = 10,
     flat_overrides: list[str] | None = None,
     eval_data: list[Path] | None = None,
@@ -113,9 +113,13 @@ def compare(
 
     Finished runs are not retrained, so an interrupted comparison continues where it stopped.
     `eval_bytes`: score only the first N bytes of each split or file (all by default).
+    `decoder_fraction`: the decoder phase's share of the IEM system's budget (default: the recipe's
+    `compare.decoder_fraction`).
     """
     if budget <= 0:
         raise HaedError(f"the time budget must be positive, not {budget}")
+    if decoder_fraction is None:
+        decoder_fraction = recipe.compare.decoder_fraction
     if not 0 < decoder_fraction < 1:
         raise HaedError(f"--decoder-fraction must lie between 0 and 1, not {decoder_fraction}")
     unknown = [s for s in systems if s not in SYSTEMS]

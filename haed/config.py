@@ -133,6 +133,14 @@ class GenerateConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`haed compare`'s settings that belong to a recipe (the budget and the systems are the command's)."""
+
+    # Share of the IEM system's time budget that its decoder phase gets; the IEM phase gets the rest.
+    decoder_fraction: float = 0.1
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     description: str = ""
@@ -142,6 +150,7 @@ class Recipe:
     decoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, lr=1e-3, warmup_steps=10))
     full: TrainConfig = field(default_factory=TrainConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -242,6 +251,7 @@ FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
         byte_loss_bytes=AT_LEAST_0,
         main_layers=AT_LEAST_0,
     ),
+    CompareConfig: dict(decoder_fraction=Bounds(0, 1, low_open=True, high_open=True)),
     GenerateConfig: dict(
         max_bytes=AT_LEAST_1,
         temperature=AT_LEAST_0,
@@ -409,7 +419,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, values: d
     return recipe_from_dict(table)
 
 
-_SECTIONS = {"name", "description", "data", "model", "iem", "decoder", "full", "generate"}
+_SECTIONS = {"name", "description", "data", "model", "iem", "decoder", "full", "generate", "compare"}
 _MODEL_SHORTHAND = {f.name for f in dataclasses.fields(ModelConfig)} - {"decoder"}
 
 

@@ -378,7 +378,11 @@ def compare(
         Path("runs/compare"), "--out", "-o", help="Where the runs, compare.json and compare.png go."
     ),
     systems: str = typer.Option("iem,full,flat", help="Comma-separated: iem (IEM + decoder phase), full, flat."),
-    decoder_fraction: float = typer.Option(0.1, help="Share of the IEM system's budget given to the decoder phase."),
+    decoder_fraction: Optional[float] = typer.Option(
+        None,
+        help="Share of the IEM system's budget given to the decoder phase (default: the recipe's "
+        "compare.decoder_fraction).",
+    ),
     evals: int = typer.Option(10, help="Validation points per phase (evenly spaced in training seconds)."),
     eval_data: List[Path] = typer.Option(
         [], "--eval-data", help="Also score this file or dataset directory (repeatable)."

@@ -7,7 +7,7 @@ from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
 from haed.compare import compare, describe_phase_ends, flat_recipe
-from haed.config import debug_recipe
+from haed.config import apply_overrides, debug_recipe, recipe_from_dict
 from haed.errors import HaedError
 from haed.model import build_model, count_parameters
 from haed_cli.main import app
@@ -83,6 +83,27 @@ def test_compare_refuses_bad_options(dataset, tmp_path):
     with pytest.raises(HaedError, match="unknown system"):
         compare(recipe, tmp_path / "a", 1, systems=("iem", "mystery"))
     assert not (tmp_path / "a").exists()
+
+
+def _debug_recipe_with(dataset, overrides):
+    """The debug recipe with `--set`-style overrides, checked as a recipe file would be."""
+    table = debug_recipe(str(dataset)).to_dict()
+    apply_overrides(table, overrides)
+    return recipe_from_dict(table)
+
+
+def test_the_decoder_phases_share_comes_from_the_recipe_unless_given(dataset, tmp_path):
+    """`compare.decoder_fraction` splits the IEM system's budget; an explicit decoder_fraction wins."""
+    recipe = _debug_recipe_with(dataset, ["compare.decoder_fraction=0.25"])
+    result = compare(recipe, tmp_path / "recipe", 2.0, systems=("iem",), evals=1, device="cpu")
+    iem = json.loads((tmp_path / "recipe" / "iem" / "config.json").read_text())["recipe"]
+    assert (iem["iem"]["time_budget"], iem["decoder"]["time_budget"]) == (1.5, 0.5)
+    assert result["decoder_fraction"] == 0.25
+    given = compare(recipe, tmp_path / "given", 2.0, systems=("iem",), decoder_fraction=0.5, evals=1, device="cpu")
+    decoder = json.loads((tmp_path / "given" / "iem" / "decoder" / "config.json").read_text())["recipe"]
+    assert decoder["decoder"]["time_budget"] == 1.0 and given["decoder_fraction"] == 0.5
+    with pytest.raises(HaedError, match=r"compare.decoder_fraction must be in \(0, 1\)"):
+        _debug_recipe_with(dataset, ["compare.decoder_fraction=1"])
 
 
 def test_cli_compare_and_plain_progress_lines(dataset, tmp_path):
