@@ -27,7 +27,7 @@ from haed.errors import HaedError
 from haed.evaluate import evaluate_run
 from haed.model import build_model, count_parameters
 from haed.objectives import get_objective
-from haed.runs import read_metrics
+from haed.runs import read_metrics, recipe_changes
 from haed.train import finish_phase
 
 UNCAPPED_STEPS = 10**9  # with a time budget, `steps` only caps the run
@@ -136,9 +136,26 @@ def compare(
         if on_event:
             on_event({"event": "message", "text": text})
 
+    plans = {system: SYSTEMS[system](recipe, budget, decoder_fraction, evals, flat_overrides) for system in systems}
+    # A folder that already holds a phase made with other settings (another budget, share or recipe)
+    # is refused before anything trains: its numbers would not be this comparison's. A phase's settings
+    # are the data, the model and its own section (a copied IEM phase may differ in `decoder`).
+    for system, (_, phases) in plans.items():
+        for objective, phase_recipe, sub in phases:
+            phase_dir = out_dir / system / sub
+            if (phase_dir / "config.json").is_file():
+                own = ("data.", "model.", f"{get_objective(objective).section}.")
+                changes = [
+                    c for c in recipe_changes(read_run_config(phase_dir)["recipe"], phase_recipe) if c.startswith(own)
+                ]
+                if changes:
+                    raise HaedError(
+                        f"{phase_dir} holds a run made with other settings ({'; '.join(changes)}): "
+                        f"compare into another --out, or remove it"
+                    )
     rows = []
     for system in systems:
-        label, phases = SYSTEMS[system](recipe, budget, decoder_fraction, evals, flat_overrides)
+        label, phases = plans[system]
         run_dir = out_dir / system
         shares = " + ".join(f"{getattr(r, get_objective(o).section).time_budget:g} s" for o, r, _ in phases)
         say(f"{label}: {shares} into {run_dir}")

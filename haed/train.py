@@ -175,6 +175,8 @@ def _train_locked(
         "parent_checkpoint": None,
         "time_budget": cfg.time_budget,
         "train_seconds": 0.0,
+        # What ran, which the recipe's `compile` alone does not say: `--no-compile` and CPUs run eager.
+        "compiled": bool(cfg.compile and dev.type == "cuda"),
         # Windows (and bytes) per optimizer step over all processes: batch_size x grad_accum x world_size.
         "global_batch": {
             "windows": cfg.batch_size * cfg.grad_accum * world.size,

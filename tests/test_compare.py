@@ -102,6 +102,11 @@ def test_the_decoder_phases_share_comes_from_the_recipe_unless_given(dataset, tm
     given = compare(recipe, tmp_path / "given", 2.0, systems=("iem",), decoder_fraction=0.5, evals=1, device="cpu")
     decoder = json.loads((tmp_path / "given" / "iem" / "decoder" / "config.json").read_text())["recipe"]
     assert decoder["decoder"]["time_budget"] == 1.0 and given["decoder_fraction"] == 0.5
+    # Into the same folder with another share: refused before anything trains, the finished runs kept.
+    before = sorted(p.name for p in (tmp_path / "recipe" / "iem").iterdir())
+    with pytest.raises(HaedError, match="holds a run made with other settings .*iem.time_budget: 1.5 -> 1.0"):
+        compare(recipe, tmp_path / "recipe", 2.0, systems=("iem",), decoder_fraction=0.5, evals=1, device="cpu")
+    assert sorted(p.name for p in (tmp_path / "recipe" / "iem").iterdir()) == before
     with pytest.raises(HaedError, match=r"compare.decoder_fraction must be in \(0, 1\)"):
         _debug_recipe_with(dataset, ["compare.decoder_fraction=1"])
 

@@ -87,6 +87,9 @@ def test_run_directory_layout_and_refusals(dataset, tmp_path):
         "manifest.json",
     }
     assert json.loads((step / "state.json").read_text())["step"] == 4
+    recipe.iem.compile = True  # asked for, but a CPU runs eager, and the run's config says so
+    train(recipe, "iem", tmp_path / "cpu")
+    assert json.loads((tmp_path / "cpu" / "config.json").read_text())["compiled"] is False
     torch.load(step / "optimizer.pt", weights_only=True)
     assert (run / "metrics.png").stat().st_size > 0
     records = read_metrics(run / "metrics.jsonl")
