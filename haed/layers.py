@@ -225,10 +225,24 @@ class Stack(nn.Module):
             self._grow_rope(start + length)
         return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        pos: torch.Tensor | None = None,
+        blocks: tuple[int, int] | None = None,
+        norm: bool = True,
+    ) -> torch.Tensor:
         """x (B, L, dim). With a cache, x continues the cached sequence at `cache.length`; or, with
         `pos` (a 0-d device tensor) and L = 1, x is written at position `pos` and `cache.length` is
-        left to the caller (fixed shapes for CUDA graphs)."""
+        left to the caller (fixed shapes for CUDA graphs).
+
+        `blocks=(first, last)` runs blocks first .. last - 1 only (from position 0, without a cache),
+        and `norm=False` leaves out the final norm: the decoder phase runs the frozen lower blocks
+        without autograd and trains the top ones, through the same (compiled) forward."""
+        if blocks is not None and cache is not None:
+            raise ValueError("a range of blocks runs without a cache")
+        first, last = blocks if blocks is not None else (0, len(self.blocks))
         if pos is not None:
             if cache is None or x.shape[1] != 1:
                 raise ValueError("a step at a tensor position needs a cache and one position")
@@ -239,22 +253,14 @@ class Stack(nn.Module):
         else:
             cos, sin = self.rope(cache.length if cache is not None else 0, x.shape[1])
         recompute = self.recompute and self.training and cache is None and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
+        for i in range(first, last):
+            block = self.blocks[i]
             if recompute:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, self.causal, use_reentrant=False)
             else:
                 x = block(x, cos, sin, self.causal, cache, i, pos)
         if cache is not None and pos is None:
             cache.length += x.shape[1]
-        return self.norm(x)
-
-    def forward_blocks(self, x: torch.Tensor, first: int, last: int, norm: bool) -> torch.Tensor:
-        """Blocks first .. last - 1 over x (B, L, dim) from position 0, without a cache, then the final norm
-        if `norm`: forward_blocks(x, 0, layers, True) is forward(x) without recomputation. Lets the
-        decoder phase run the frozen lower blocks without autograd and train the top ones."""
-        cos, sin = self.rope(0, x.shape[1])
-        for block in self.blocks[first:last]:
-            x = block(x, cos, sin, self.causal)
         return self.norm(x) if norm else x
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:

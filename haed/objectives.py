@@ -248,8 +248,8 @@ def decoder_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None)
     if n:
         layers = len(model.main.blocks)
         with torch.no_grad():
-            below = model.main.forward_blocks(model.main_inputs_of(x), 0, layers - n, norm=False)
-        h = model.main.forward_blocks(below, layers - n, layers, norm=True)
+            below = model.main(model.main_inputs_of(x), blocks=(0, layers - n), norm=False)
+        h = model.main(below, blocks=(layers - n, layers))
     else:
         with torch.no_grad():
             h = model.hidden(x)

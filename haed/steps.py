@@ -124,10 +124,25 @@ def warm_up_compiled(model, loss_fn, cfg: TrainConfig, x: torch.Tensor, generato
     return time.perf_counter() - t
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Room for one compiled graph per shape and mode. torch.compile keeps at most 8 graphs per function
+    by default, and then runs it eagerly, with only a warning. Every stack (encoder, main model,
+    decoder, flat) is the one `Stack.forward`, and each of them makes a graph for training and one for
+    validation, per shape: counted on the CPU (backend aot_eager), one process that trains IEM and
+    validates it, trains a decoder phase, then trains and validates a flat model (as `haed compare`
+    does) reached the limit at the flat model's validation."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(int(getattr(config, name)), limit))
+            break
+
+
 def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
     """Compile the transformer stacks (not the data-dependent IEM bookkeeping around them)."""
     if not enabled or device.type != "cuda":
         return
+    allow_recompiles()
     if isinstance(model, HAED):
         model.main.compile()
         model.decoder.stack.compile()

@@ -135,8 +135,8 @@ def test_stack_blocks_in_parts_equal_the_whole_stack():
         inputs = model.main_inputs_of(x)
         whole = model.hidden(x)
         for cut in range(layers + 1):
-            below = model.main.forward_blocks(inputs, 0, cut, norm=False)
-            torch.testing.assert_close(model.main.forward_blocks(below, cut, layers, norm=True), whole)
+            below = model.main(inputs, blocks=(0, cut), norm=False)
+            torch.testing.assert_close(model.main(below, blocks=(cut, layers)), whole)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

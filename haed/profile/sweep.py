@@ -26,6 +26,7 @@ from haed.profile.harness import environment, measure_cell, profile_device
 from haed.profile.report import SCHEMA, compute_ratios, describe_cell
 from haed.profile.windows import WindowSource, distinct_patches
 from haed.steps import (
+    allow_recompiles,
     apply_recompute,
     make_optimizer,
     maybe_compile,
@@ -224,7 +225,7 @@ def profile_memory(
     dev = profile_device(device)
     use_compile = bool(compile and dev.type == "cuda")
     if use_compile and compile_scope == "objective":
-        _allow_recompiles()
+        allow_recompiles()
     source = WindowSource.for_recipe(recipe, dataset, seed)
     if source.max_len is not None and source.max_len < max(seq_lens):
         raise HaedError(
@@ -316,12 +317,3 @@ def profile_memory(
 def _check_scope(scope: str) -> None:
     if scope not in ("cell", "objective"):
         raise HaedError(f"compile scope must be 'cell' or 'objective', not {scope!r}")
-
-
-def _allow_recompiles(limit: int = 64) -> None:
-    """Room for one compiled graph per shape when many cells share a compilation."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(config, name):
-            setattr(config, name, max(int(getattr(config, name)), limit))
-            break
