@@ -154,8 +154,7 @@ def compare(
                         f"compare into another --out, or remove it"
                     )
     rows = []
-    for system in systems:
-        label, phases = plans[system]
+    for system, (label, phases) in plans.items():
         run_dir = out_dir / system
         shares = " + ".join(f"{getattr(r, get_objective(o).section).time_budget:g} s" for o, r, _ in phases)
         say(f"{label}: {shares} into {run_dir}")

@@ -11,7 +11,7 @@ from haed.profile.harness import profile_device
 from haed.profile.report import describe_max_context
 from haed.profile.sweep import _check_scope, _check_sweep, objective_cell
 from haed.profile.windows import WindowSource
-from haed.steps import allow_recompiles, train_step
+from haed.steps import train_step
 
 
 def max_context(
@@ -43,8 +43,6 @@ def max_context(
     _check_scope(compile_scope)
     dev = profile_device(device)
     use_compile = bool(compile and dev.type == "cuda")
-    if use_compile and compile_scope == "objective":
-        allow_recompiles()
     source = WindowSource.for_recipe(recipe, dataset, seed)
     cap = max_seq_len if source.max_len is None else min(max_seq_len, source.max_len)
     K = recipe.model.patch_size

@@ -26,7 +26,6 @@ from haed.profile.harness import environment, measure_cell, profile_device
 from haed.profile.report import SCHEMA, compute_ratios, describe_cell
 from haed.profile.windows import WindowSource, distinct_patches
 from haed.steps import (
-    allow_recompiles,
     apply_recompute,
     make_optimizer,
     maybe_compile,
@@ -224,8 +223,6 @@ def profile_memory(
     _check_scope(compile_scope)
     dev = profile_device(device)
     use_compile = bool(compile and dev.type == "cuda")
-    if use_compile and compile_scope == "objective":
-        allow_recompiles()
     source = WindowSource.for_recipe(recipe, dataset, seed)
     if source.max_len is not None and source.max_len < max(seq_lens):
         raise HaedError(
