@@ -13,10 +13,13 @@ Per model, mode and stream count N: a warm-up generation (which captures the gra
 shape), then `--bytes` bytes per stream timed
 with CUDA synchronisation, `--repeats` times; the median aggregate samples/s (all streams) and per
 stream. Sampling is the library's (`haed.generate.generate`): temperature 1, no top-k / top-p.
-Modes (`--modes`): `patch-compiled`, the patch step through torch.compile, then one CUDA graph per
-patch (`haed generate --compile`); `patch-graphs`, one CUDA graph per patch with the sampling inside
-(the default of `haed generate`); `byte-graphs`, one graph per decoder step with the sampling between replays; `eager`,
-the same steps without graphs (all a CPU has).
+Modes (`--modes`): `patch-kernels`, the decoder's steps as Triton kernels (`haed.kernels`) and the
+encoder and main model's step through torch.compile, one CUDA graph per patch (`haed generate --compile
+--decoder-kernels`); `patch-compiled`, the whole patch step through torch.compile, then one CUDA graph
+per patch (`haed generate --compile`); `patch-graphs`, one
+CUDA graph per patch with the sampling inside (the default of `haed generate`); `byte-graphs`, one
+graph per decoder step with the sampling between replays; `eager`, the same steps without graphs (all
+a CPU has).
 With `--out`, a JSON of every number, and a sample per model (`--wav NAME`: a WAV at its rate).
 With `--count-ops`, the operators one whole-patch step dispatches (aten operators other than views, as
 dispatched on `--device`: on CUDA nearly one kernel each, on a CPU some are split up, e.g. RMSNorm
@@ -70,11 +73,12 @@ def load_recipe_model(name: str, device):
     return build_model(recipe.model).to(device).eval(), recipe, config, f"random weights of the {name} recipe"
 
 
-MODES = {  # (graphs, whole patches, compiled patch step)
-    "patch-compiled": (True, True, True),
-    "patch-graphs": (True, True, False),
-    "byte-graphs": (True, False, False),
-    "eager": (False, None, False),
+MODES = {  # (graphs, whole patches, compiled patch step, the decoder as Triton kernels)
+    "patch-kernels": (True, True, True, True),
+    "patch-compiled": (True, True, True, False),
+    "patch-graphs": (True, True, False, False),
+    "byte-graphs": (True, False, False, False),
+    "eager": (False, None, False, False),
 }
 
 
@@ -82,7 +86,7 @@ def warmed_up(model, prompt: bytes, mode: str, streams: int, context: int, cuda_
     """The `generate` options of a mode (temperature 1, no top-k / top-p), after a warm-up generation
     with them (which captures the graphs for that batch shape). `cuda_graphs=False`: the mode's steps
     without their graphs."""
-    graphs, whole, compiled = MODES[mode]
+    graphs, whole, compiled, kernels = MODES[mode]
     graphs = graphs if cuda_graphs is None else cuda_graphs
     options = dict(
         temperature=1.0,
@@ -93,6 +97,7 @@ def warmed_up(model, prompt: bytes, mode: str, streams: int, context: int, cuda_
         num_samples=streams,
         whole_patches=whole,
         compile=compiled,
+        decoder_kernels=kernels,
     )
     generate(model, prompt, 3 * getattr(model, "patch_size", 1) + 3, seed=0, **options)
     return options
@@ -114,7 +119,7 @@ def time_generation(model, prompt: bytes, n: int, streams: int, mode: str, repea
     }
 
 
-def profile_generation(model, prompt: bytes, mode: str, context: int, rows: int = 25) -> str:
+def profile_generation(model, prompt: bytes, mode: str, context: int, rows: int = 60) -> str:
     """The profiler table (by device time on CUDA, else host time) of one stream's steady state: 4 patches
     after the prefill and 2 more patches (each delivered chunk of one patch is one profiler step).
 
@@ -265,7 +270,7 @@ def main() -> None:
             "runs": [],
         }
         for mode in modes:
-            graphs, whole, compiled = MODES[mode]
+            graphs, whole, compiled, kernels = MODES[mode]
             # Without graphs on CUDA a step is much slower: time fewer bytes (on a CPU eager is all there is).
             n = (
                 a.bytes
@@ -278,6 +283,7 @@ def main() -> None:
                     "cuda_graphs": graphs,
                     "whole_patches": whole,
                     "compiled": compiled,
+                    "decoder_kernels": kernels,
                     **time_generation(model, prompt, n, N, mode, a.repeats, context),
                 }
                 entry["runs"].append(row)

@@ -75,13 +75,26 @@ class HierarchicalSampler:
     main model's step) is one fixed-shape step, on CUDA one graph replay per K bytes with nothing
     between the bytes on the host. It runs the same operations as `feed` and `sample_bytes` byte by
     byte, so it draws the same bytes.
+
+    `decoder_kernels`: the patch step's K decoder steps run as Triton kernels (`haed.kernels`: two per
+    layer and byte, where the compiled step launches 6-8 per layer), the encoder and main model's step
+    as before (compiled with `compile_patch`). CUDA only; the same model up to the order of float32
+    sums, so a draw can change only at a near tie.
     """
 
     def __init__(
-        self, model: HAED, context_patches: int, cuda_graphs: bool = True, batch: int = 1, compile_patch: bool = False
+        self,
+        model: HAED,
+        context_patches: int,
+        cuda_graphs: bool = True,
+        batch: int = 1,
+        compile_patch: bool = False,
+        decoder_kernels: bool = False,
     ):
         self.model = model
         self.compile_patch = compile_patch  # run the whole-patch step through torch.compile (`compiled_patch_step`)
+        self.decoder_kernels = decoder_kernels  # the whole-patch step's decoder as Triton kernels (`haed.kernels`)
+        self.kernels = None  # made on first use, over the buffers and caches of `_make_caches`
         self.K = model.patch_size
         self.batch = batch
         self.context_patches = max(2, context_patches)
@@ -133,8 +146,37 @@ class HierarchicalSampler:
         self.patch_out.copy_(self.patch_bytes[:, 0].t())  # one copy per patch, not one per byte
         self._main_step()
 
-    def _run_patch_step(self) -> None:
+    def _kernel_patch_step(self) -> None:
+        """`_patch_step` with the decoder's K steps as Triton kernels (`haed.kernels`). They draw greedy and
+        temperature-only bytes themselves; for top-k or top-p they give the logits to `sample_bytes`."""
+        if self.kernels is None:
+            from haed.kernels import DecoderKernels
+
+            self.kernels = DecoderKernels(
+                self.model.decoder,
+                self.decoder_cache,
+                self.cond,
+                self.patch_bytes,
+                self.options,
+                self.noise,
+                self.noise_positions,
+            )
+        gumbel = None if self.noise is None or self.kernels.draws else self.noise.gumbel_at(self.noise_positions)
+        for k in range(self.K):
+            logits = self.kernels.step(k)
+            if logits is not None:
+                noise = None if gumbel is None else gumbel[:, k]
+                self.patch_bytes[:, 0, k].copy_(sample_bytes(logits, self.options, noise))
+        self.patch_out.copy_(self.patch_bytes[:, 0].t())
         if self.compile_patch:
+            compiled_main_step()(self)
+        else:
+            self._main_step()
+
+    def _run_patch_step(self) -> None:
+        if self.decoder_kernels:
+            self._kernel_patch_step()
+        elif self.compile_patch:
             compiled_patch_step()(self)
         else:
             self._patch_step()
@@ -196,7 +238,7 @@ class HierarchicalSampler:
 
     def set_sampling(self, options: SamplingOptions, noise: StreamNoise | None) -> None:
         """The rule and the noise (None for greedy) that `sample_patch` draws with."""
-        self.options, self.noise, self.patch_graph = options, noise, None
+        self.options, self.noise, self.patch_graph, self.kernels = options, noise, None, None
 
     def can_sample_patch(self) -> bool:
         """At a patch boundary, with room in the main model's context for the patch's step."""
@@ -242,7 +284,7 @@ class HierarchicalSampler:
         self.cond = torch.zeros(
             self.batch, decoder.condition.out_features // width, width, device=self.device, dtype=dtype
         )
-        self.graphs = self.patch_graph = None
+        self.graphs = self.patch_graph = self.kernels = None
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -260,7 +302,7 @@ class HierarchicalSampler:
         # costs what every other does.
         if self.options is not None and self.use_graphs:
             self._recorded_patch_graph()
-        elif self.options is not None and self.compile_patch:
+        elif self.options is not None and (self.compile_patch or self.decoder_kernels):
             with self._state_kept():
                 self._run_patch_step()
         return self.logits
@@ -334,6 +376,21 @@ def compiled_patch_step():
     return _compiled_patch_step
 
 
+_compiled_main_step = None
+
+
+def compiled_main_step():
+    """`HierarchicalSampler._main_step` (the encoder and the main model's step) through torch.compile, made
+    once per process: the compiled part of a patch step whose decoder runs as Triton kernels. Tuned as
+    `compiled_patch_step` is."""
+    global _compiled_main_step
+    if _compiled_main_step is None:
+        _compiled_main_step = torch.compile(
+            HierarchicalSampler._main_step, dynamic=False, options={"coordinate_descent_tuning": True}
+        )
+    return _compiled_main_step
+
+
 class FlatSampler:
     """The same interface for the flat byte-level baseline, with one key/value cache."""
 
@@ -394,14 +451,23 @@ def linear_weights_in(model, dtype: torch.dtype):
     return model
 
 
-def make_sampler(model, context_bytes: int, cuda_graphs: bool = True, batch: int = 1, compile_patch: bool = False):
+def make_sampler(
+    model,
+    context_bytes: int,
+    cuda_graphs: bool = True,
+    batch: int = 1,
+    compile_patch: bool = False,
+    decoder_kernels: bool = False,
+):
     """The sampler of a HAED or flat model. Made under CUDA autocast, it samples from a copy with Linear
     weights in the autocast dtype (`linear_weights_in`: the same arithmetic, without a cast per layer
     per byte), and must then be used under the same autocast."""
     if next(model.parameters()).device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         model = linear_weights_in(model, torch.get_autocast_dtype("cuda"))
     if isinstance(model, HAED):
-        return HierarchicalSampler(model, context_bytes // model.patch_size, cuda_graphs, batch, compile_patch)
+        return HierarchicalSampler(
+            model, context_bytes // model.patch_size, cuda_graphs, batch, compile_patch, decoder_kernels
+        )
     return FlatSampler(model, context_bytes, batch)
 
 
@@ -449,6 +515,7 @@ class Generation:
     seeds: list[int]
     seconds: float
     prefill_seconds: float
+    decoder_kernels: bool = False  # whether the decoder ran as Triton kernels (`haed.kernels`)
 
     @property
     def output(self) -> bytes:
@@ -490,6 +557,7 @@ def generate(
     chunk_bytes: int | None = None,
     whole_patches: bool | None = None,
     compile: bool = False,
+    decoder_kernels: bool = False,
 ) -> Generation:
     """Sample `max_bytes` bytes after `prompt` for each of `num_samples` streams (stream i: seed + i).
 
@@ -504,6 +572,10 @@ def generate(
     is captured (whole patches are then the default without graphs too). The first use per
     architecture, batch and sampling rule in a process compiles, during the prefill: it is counted in
     `prefill_seconds`.
+    `decoder_kernels` (HAED models, CUDA): the whole-patch step's decoder as Triton kernels
+    (`haed.kernels`; whole patches are then the default without graphs too), where they support the
+    model, else an error that says why. Off by default: on an H200 they are slower than the compiled
+    step for one stream (docs/performance.md, section 6d).
     """
     options = check_sampling(temperature, top_k, top_p)
     check_counts(max_bytes, num_samples)
@@ -525,7 +597,9 @@ def generate(
     with autocast(device):
         sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples, compile_patch=compile)
         if isinstance(sampler, HierarchicalSampler):
-            whole = (sampler.use_graphs or compile) if whole_patches is None else whole_patches
+            sampler.decoder_kernels = _use_decoder_kernels(sampler, decoder_kernels, whole_patches)
+            fused = sampler.use_graphs or compile or sampler.decoder_kernels
+            whole = fused if whole_patches is None else whole_patches
             if whole:
                 sampler.set_sampling(options, noise)
         sampler.start(prompt_tensor)
@@ -558,7 +632,30 @@ def generate(
             copier.finish()
         outputs = [bytes(row) for row in out.t().contiguous().cpu().numpy()]
     t2 = time.perf_counter()
-    return Generation(prompt=prompt, outputs=outputs, seeds=seeds, seconds=t2 - t1, prefill_seconds=t1 - t0)
+    kernels = isinstance(sampler, HierarchicalSampler) and sampler.decoder_kernels
+    return Generation(
+        prompt=prompt,
+        outputs=outputs,
+        seeds=seeds,
+        seconds=t2 - t1,
+        prefill_seconds=t1 - t0,
+        decoder_kernels=kernels,
+    )
+
+
+def _use_decoder_kernels(sampler: HierarchicalSampler, asked: bool, whole_patches: bool | None) -> bool:
+    """`generate`'s `decoder_kernels`, checked against the sampler: an error that says why they cannot run."""
+    from haed.kernels import unsupported_reason
+
+    if not asked:
+        return False
+    if whole_patches is False:
+        reason = "they run in the whole-patch step, which whole_patches=False turns off"
+    else:
+        reason = unsupported_reason(sampler.model)
+    if reason is not None:
+        raise HaedError(f"the Triton decoder kernels cannot run here: {reason}")
+    return True
 
 
 def load_for_sampling(run_dir: Path, device: str = "auto", checkpoint: str = "best"):

@@ -19,6 +19,7 @@ from haed.config import Recipe, recipe_from_dict
 from haed.device import resolve_device
 from haed.errors import HaedError
 from haed.generate import Generation, audio_prompt_bytes, check_counts, generate
+from haed.kernels import config_unsupported_reason
 from haed.model import HAED
 from haed.sampling import SamplingOptions, check_sampling, stream_seeds
 
@@ -63,6 +64,7 @@ class GenerationPlan:
     run_dir: Path | None = None  # set by prepare_generation
     checkpoint: Path | None = None  # the weights to sample with (set by prepare_generation)
     device: str = "cpu"
+    decoder_kernels: bool = False  # the decoder's steps as Triton kernels (`haed.kernels`; CUDA)
 
     @property
     def seeds(self) -> list[int]:
@@ -202,6 +204,7 @@ class RunGeneration:
     result: Generation
     cuda_graphs: bool  # whether CUDA graphs were used
     compiled: bool = False  # whether the whole-patch step was compiled (hierarchical models only)
+    decoder_kernels: bool = False  # whether the decoder ran as Triton kernels (`haed.kernels`)
     files: list[Path] = field(default_factory=list)
 
     @property
@@ -212,15 +215,24 @@ class RunGeneration:
         return self.result.bytes_per_second_per_stream / self.plan.sample_rate
 
 
-def prepare_generation(run: Path, device: str = "auto", checkpoint: str = "best", **options) -> GenerationPlan:
+def prepare_generation(
+    run: Path, device: str = "auto", checkpoint: str = "best", decoder_kernels: bool = False, **options
+) -> GenerationPlan:
     """`haed generate`, part 1: find the run and its checkpoint ("best", "last" or "step-N"), check every
     option against it (`plan_generation`) and the device, read the prompt. Nothing is loaded or written
-    yet, so bad input fails at once, cleanly."""
+    yet, so bad input fails at once, cleanly. `decoder_kernels=True` where the Triton decoder kernels
+    cannot run (`haed.kernels`) is refused here, with the reason."""
     run_dir = resolve_sampling_run(Path(run))
     config = read_run_config(run_dir)
     chosen = select_checkpoint(run_dir, checkpoint)
-    plan = plan_generation(recipe_from_dict(config["recipe"]), config["dataset"], **options)
+    recipe = recipe_from_dict(config["recipe"])
+    plan = plan_generation(recipe, config["dataset"], **options)
     plan.run_dir, plan.checkpoint, plan.device = run_dir, chosen, str(resolve_device(device))
+    if decoder_kernels:
+        reason = config_unsupported_reason(recipe.model, torch.device(plan.device))
+        if reason is not None:
+            raise HaedError(f"--decoder-kernels: the Triton decoder kernels cannot run here: {reason}")
+    plan.decoder_kernels = decoder_kernels
     return plan
 
 
@@ -277,6 +289,7 @@ def run_generation(
             on_chunk=on_chunk,
             chunk_bytes=plan.chunk_bytes,
             compile=compile,
+            decoder_kernels=plan.decoder_kernels,
         )
     finally:
         for writer in writers:
@@ -298,5 +311,6 @@ def run_generation(
         result=result,
         cuda_graphs=cuda_graphs and dev.type == "cuda",
         compiled=compile and isinstance(model, HAED),
+        decoder_kernels=result.decoder_kernels,
         files=files,
     )

@@ -106,9 +106,10 @@ class Attention(nn.Module):
             cache.k[layer].index_copy_(2, pos.view(1), k.to(cache.k[layer].dtype))
             cache.v[layer].index_copy_(2, pos.view(1), v.to(cache.v[layer].dtype))
             if torch.compiler.is_compiling() and cache.max_len <= SHORT_SEQUENCE:
-                # Compiled (the whole-patch generation step), a few cached positions are attended with
-                # plain products, which fuse with their neighbours; a fused attention kernel would
-                # be a launch of its own for 9 keys. Eager, the one kernel is the cheaper way.
+                # Compiled (the whole-patch generation step), a cache of a few positions (a main model
+                # with a context of under 16 patches) is attended with plain products, which fuse with
+                # their neighbours. Eager, the one fused kernel is the cheaper way. (The decoder's
+                # steps take the `cache.length` branch below: they always use the fused kernel.)
                 y = short_attention(q, cache.k[layer], cache.v[layer], causal=False, visible=cache.visible)
             else:
                 y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=cache.visible)

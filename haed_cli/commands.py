@@ -293,6 +293,12 @@ def generate(
         help="torch.compile the whole-patch step of a hierarchical model before it is captured (fused "
         "kernels; the compilation is counted in the prefill).",
     ),
+    decoder_kernels: bool = typer.Option(
+        False,
+        "--decoder-kernels",
+        help="Run the byte decoder's steps as Triton kernels (CUDA; two per layer and byte) in the whole-patch "
+        "step. Experimental: on an H200 slower than --compile for one stream (docs/performance.md).",
+    ),
     checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
 ):
     """Sample with cached hierarchical generation (main-model and decoder key/value caches).
@@ -320,6 +326,7 @@ def generate(
         seed=seed,
         num_samples=num_samples,
         stream=stream,
+        decoder_kernels=decoder_kernels,
     )
     # Streamed text is its own progress display: a bar on stderr would tear it.
     show_bar = not (plan.kind == "text" and plan.stream)
@@ -356,7 +363,7 @@ def generate(
     err_console.print(
         f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
         f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}"
-        f"{', compiled' if done.compiled else ''}; "
+        f"{', compiled' if done.compiled else ''}{', Triton decoder' if done.decoder_kernels else ''}; "
         f"weights {plan.checkpoint})[/]",
         highlight=False,
         soft_wrap=True,

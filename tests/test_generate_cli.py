@@ -85,6 +85,7 @@ BAD_AUDIO = [
     (["--num-samples", "-1"], "--num-samples must be an integer >= 1"),
     (["--prompt-file", "{root}/missing.wav"], "audio file not found"),
     (["--num-samples", "3", "--out", "many.wav"], "--out names a folder"),
+    (["--decoder-kernels", "--device", "cpu"], "--decoder-kernels: the Triton decoder kernels cannot run here: CUDA"),
 ]
 
 

@@ -1,0 +1,156 @@
+"""The Triton decoder kernels (`haed.kernels`) against the model's own cached decoder step.
+
+On CUDA the kernels are compiled (`test_cuda_*`, run on the device). Where Triton is installed without
+a GPU, its interpreter runs the same kernels on the CPU (in a subprocess: TRITON_INTERPRET must be set
+before the kernels are defined); the interpreter rounds to bf16 by truncation, hence its looser bound.
+"""
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from _tiny import tiny_model
+
+from haed.errors import HaedError
+from haed.generate import generate, linear_weights_in
+from haed.sampling import SamplingOptions, StreamNoise, sample_bytes
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def bf16_decoder(dim: int, heads: int, layers: int, K: int, conditioning: str, device):
+    """A HAED decoder of this shape with perturbed weights (init alone gives near-uniform logits), its
+    Linear weights in bf16 as a sampler made under autocast has them."""
+    base = tiny_model(patch_size=K, conditioning=conditioning)
+    cfg = replace(base.cfg, decoder=replace(base.cfg.decoder, dim=dim, heads=heads, layers=layers))
+    from haed.model import ByteDecoder, init_weights
+
+    torch.manual_seed(1)
+    decoder = ByteDecoder(cfg)
+    init_weights(decoder)
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p += 0.05 * torch.randn_like(p)
+    return linear_weights_in(decoder, torch.bfloat16).to(device).eval()
+
+
+def kernel_and_model_steps(decoder, batch: int, options: SamplingOptions, device, autocast_device: str):
+    """One patch, position by position, through the kernels and through `decoder.step` (fed the same
+    bytes): [(kernel logits or None, the bytes the kernels drew or None, the model's logits)], and both
+    caches."""
+    from haed.kernels import DecoderKernels
+
+    K = decoder.patch_size
+    g = torch.Generator().manual_seed(batch)
+    cond = torch.randn(batch, K if decoder.conditioning == "add" else 1, decoder.stack.cfg.dim, generator=g)
+    cond = cond.to(device, torch.bfloat16)
+    patch = torch.randint(0, 256, (batch, 1, K), generator=g, dtype=torch.uint8).to(device)
+    positions = torch.arange(100, 100 + K, device=device)
+    noise = StreamNoise(list(range(7, 7 + batch)), device)
+    kernel_cache = decoder.stack.new_cache(batch, K, device, torch.bfloat16)
+    model_cache = decoder.stack.new_cache(batch, K, device, torch.bfloat16)
+    kernels = DecoderKernels(decoder, kernel_cache, cond, patch, options, noise, positions)
+    steps = []
+    with torch.no_grad(), torch.autocast(autocast_device, dtype=torch.bfloat16):
+        for k in range(K):
+            model_cache.length = k
+            tokens = torch.full((batch, 1), 256, device=device) if k == 0 else patch[:, 0, k - 1 : k].long()
+            reference = decoder.step(cond, tokens, model_cache)[:, -1]
+            logits = kernels.step(k)
+            if logits is None:
+                steps.append((None, patch[:, 0, k].clone(), reference))
+            else:  # the kernels' logits buffer is overwritten by the next position
+                steps.append((logits.clone(), None, reference))
+    return steps, kernel_cache, model_cache, noise, positions
+
+
+def check_kernels(device, autocast_device: str, shapes, batches, tolerance: float) -> None:
+    """The kernels' logits follow the model's within `tolerance` (relative to the largest logit), their
+    keys and values too; the bytes they draw are `sample_bytes` of their own logits, for greedy and
+    temperature-only rules (the rules they draw themselves). `shapes`: (decoder dim, heads) pairs."""
+    for conditioning in ("add", "prefix"):
+        for dim, heads in shapes:
+            decoder = bf16_decoder(dim, heads, 2, 4, conditioning, device)
+            for batch in batches:
+                logits_only = SamplingOptions(1.0, 5, 1.0)  # top-k: the kernels give logits
+                steps, kc, mc, _, _ = kernel_and_model_steps(decoder, batch, logits_only, device, autocast_device)
+                for logits, _, reference in steps:
+                    error = (logits.float() - reference.float()).abs().max() / reference.float().abs().max()
+                    assert error < tolerance, (conditioning, dim, batch, float(error))
+                for a, b in zip(kc.k + kc.v, mc.k + mc.v):
+                    assert (a.float() - b.float()).abs().max() < tolerance * b.float().abs().max() * 4
+                for rule in (SamplingOptions(1.0, 0, 1.0), SamplingOptions(0.7, 0, 1.0), SamplingOptions(0.0, 0, 1.0)):
+                    drawn, _, _, noise, positions = kernel_and_model_steps(
+                        decoder, batch, rule, device, autocast_device
+                    )
+                    # The same patch with logits out: fed the drawn bytes, so the logits are those the
+                    # drawing kernels computed.
+                    steps, *_ = kernel_and_model_steps(decoder, batch, logits_only, device, autocast_device)
+                    gumbel = noise.gumbel_at(positions)
+                    for k, ((_, byte, _), (logits, _, _)) in enumerate(zip(drawn, steps)):
+                        if k == 0:  # later positions depend on earlier draws, which the two runs share only at 0
+                            want = sample_bytes(logits, rule, None if rule.temperature == 0 else gumbel[:, k])
+                            assert torch.equal(byte.long(), want), (conditioning, dim, batch, rule)
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA the kernels are compiled: the test_cuda_* tests")
+def test_interpreted_kernels_follow_the_decoder_step():
+    pytest.importorskip("triton")
+    if not INTERPRETED:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        test = f"{__file__}::{test_interpreted_kernels_follow_the_decoder_step.__name__}"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        return
+    # Head widths under 32: the interpreter's bf16 tl.dot is wrong, so only the other products run here.
+    check_kernels(torch.device("cpu"), "cpu", shapes=((32, 2), (64, 4)), batches=(1, 3), tolerance=0.05)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
+def test_cuda_kernels_follow_the_decoder_step():
+    # Head width 32 and more streams than one: tensor-core products (tl.dot), in two row blocks at 17.
+    check_kernels(torch.device("cuda"), "cuda", shapes=((64, 2),), batches=(1, 17), tolerance=0.02)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
+@pytest.mark.parametrize("batch", [1, 17])
+def test_cuda_kernel_patch_graphs_equal_eager_bytes(batch):
+    """Whole patches with the decoder as Triton kernels: their CUDA graph replays draw exactly the bytes of
+    the same launches without graphs, and those are the model's eager bytes (the tiny model's draws
+    have no near ties over these 70 bytes)."""
+    model = tiny_model(patch_size=4).cuda()
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, seed=3, context_bytes=24, num_samples=batch)
+    runs = {
+        graphs: generate(model, b"hello", 70, cuda_graphs=graphs, whole_patches=True, decoder_kernels=True, **kw)
+        for graphs in (True, False)
+    }
+    assert all(run.decoder_kernels for run in runs.values())
+    assert runs[True].outputs == runs[False].outputs
+    eager = generate(model, b"hello", 70, cuda_graphs=False, whole_patches=False, **kw)
+    assert not eager.decoder_kernels
+    assert runs[True].outputs == eager.outputs
+    # Top-p: the kernels' logits through `sample_bytes`, in the graph as without it. Against the model's
+    # own steps only for one stream: where the kept mass crosses top_p a rounding difference moves the
+    # cut (measured on an H200: one of 17 streams went its own way after 9 bytes; one stream agreed).
+    top_p = {
+        graphs: generate(model, b"hi", 40, cuda_graphs=graphs, decoder_kernels=True, **{**kw, "top_p": 0.9})
+        for graphs in (True, False)
+    }
+    assert top_p[True].outputs == top_p[False].outputs
+    if batch == 1:
+        eager_top_p = generate(model, b"hi", 40, cuda_graphs=False, whole_patches=False, **{**kw, "top_p": 0.9})
+        assert top_p[True].outputs == eager_top_p.outputs
+
+
+def test_decoder_kernels_where_they_cannot_run_are_refused_in_one_line():
+    model = tiny_model(patch_size=4)
+    with pytest.raises(HaedError, match="decoder kernels cannot run here: CUDA only|Triton is not installed"):
+        generate(model, b"hi", 8, decoder_kernels=True)
+    with pytest.raises(HaedError, match="which whole_patches=False turns off"):
+        generate(model.to(torch.device("cuda" if CUDA else "cpu")), b"hi", 8, decoder_kernels=True, whole_patches=False)
+    assert not generate(model, b"hi", 8).decoder_kernels  # off unless asked for
