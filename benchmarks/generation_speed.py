@@ -142,7 +142,15 @@ def profile_generation(model, prompt: bytes, mode: str, context: int, rows: int 
     if cuda:
         from torch.autograd import DeviceType
 
-        kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+        # Kernels only: the profiler also puts each step's annotation (ProfilerStep*) on the device's
+        # timeline, which spans the whole step (the table's "Self CUDA time total" leaves it out too).
+        kernels = [
+            e
+            for e in averages
+            if e.device_type == DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)
+            and not e.key.startswith("ProfilerStep")
+        ]
         busy_us = sum(e.self_device_time_total for e in kernels) / 4
         summary = f"per patch: {sum(e.count for e in kernels) / 4:.0f} kernels, {busy_us:.0f} us of device time"
         summary += " (the same steps without their CUDA graphs)\n" if graphs else "\n"
