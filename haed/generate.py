@@ -77,9 +77,9 @@ class HierarchicalSampler:
     byte, so it draws the same bytes.
 
     `decoder_kernels`: the patch step's K decoder steps run as Triton kernels (`haed.kernels`: two per
-    layer and byte, where the compiled step launches 6-8 per layer), the encoder and main model's step
-    as before (compiled with `compile_patch`). CUDA only; the same model up to the order of float32
-    sums, so a draw can change only at a near tie.
+    layer and byte, and one for the head), the encoder and main model's step as before (compiled with
+    `compile_patch`). CUDA only; the same model up to the order of float32 sums, so a draw can change
+    only at a near tie.
     """
 
     def __init__(
@@ -602,6 +602,8 @@ def generate(
             whole = fused if whole_patches is None else whole_patches
             if whole:
                 sampler.set_sampling(options, noise)
+        elif decoder_kernels:
+            raise HaedError("the Triton decoder kernels cannot run here: a flat model has no byte decoder")
         sampler.start(prompt_tensor)
         sync()
         t1 = time.perf_counter()

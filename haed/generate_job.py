@@ -19,7 +19,6 @@ from haed.config import Recipe, recipe_from_dict
 from haed.device import resolve_device
 from haed.errors import HaedError
 from haed.generate import Generation, audio_prompt_bytes, check_counts, generate
-from haed.kernels import config_unsupported_reason
 from haed.model import HAED
 from haed.sampling import SamplingOptions, check_sampling, stream_seeds
 
@@ -229,6 +228,8 @@ def prepare_generation(
     plan = plan_generation(recipe, config["dataset"], **options)
     plan.run_dir, plan.checkpoint, plan.device = run_dir, chosen, str(resolve_device(device))
     if decoder_kernels:
+        from haed.kernels import config_unsupported_reason  # imports Triton where it is installed
+
         reason = config_unsupported_reason(recipe.model, torch.device(plan.device))
         if reason is not None:
             raise HaedError(f"--decoder-kernels: the Triton decoder kernels cannot run here: {reason}")

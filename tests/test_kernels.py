@@ -153,4 +153,6 @@ def test_decoder_kernels_where_they_cannot_run_are_refused_in_one_line():
         generate(model, b"hi", 8, decoder_kernels=True)
     with pytest.raises(HaedError, match="which whole_patches=False turns off"):
         generate(model.to(torch.device("cuda" if CUDA else "cpu")), b"hi", 8, decoder_kernels=True, whole_patches=False)
+    with pytest.raises(HaedError, match="a flat model has no byte decoder"):
+        generate(tiny_model(arch="flat"), b"hi", 8, decoder_kernels=True)
     assert not generate(model, b"hi", 8).decoder_kernels  # off unless asked for
