@@ -604,9 +604,16 @@ def generate(
                 sampler.set_sampling(options, noise)
         elif decoder_kernels:
             raise HaedError("the Triton decoder kernels cannot run here: a flat model has no byte decoder")
+        # The prefill can take minutes (compiling with coordinate-descent tuning): say so while it runs.
+        compiling = isinstance(sampler, HierarchicalSampler) and (compile or sampler.decoder_kernels)
+        prefill = None
+        if progress is not None:
+            prefill = progress.add_task("prefill" + (", compiling the patch step" if compiling else ""), total=None)
         sampler.start(prompt_tensor)
         sync()
         t1 = time.perf_counter()
+        if prefill is not None:
+            progress.remove_task(prefill)
         task = progress.add_task("generate", total=max_bytes) if progress is not None else None
         t = 0
         while t < max_bytes:

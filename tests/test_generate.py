@@ -268,9 +268,36 @@ def test_compiled_patch_step_draws_the_eager_bytes():
     cache as it was) and re-prefills (context 18 bytes), for two streams."""
     model = tiny_model(patch_size=3)  # the prompt leaves 2 bytes of its last patch to the byte steps
     kw = dict(temperature=1.0, top_k=0, top_p=1.0, seed=3, context_bytes=18, num_samples=2)
-    compiled = generate(model, b"hey!", 40, whole_patches=True, compile=True, **kw)
+    progress = RecordingProgress()
+    compiled = generate(model, b"hey!", 40, whole_patches=True, compile=True, progress=progress, **kw)
     eager = generate(model, b"hey!", 40, whole_patches=False, **kw)
     assert compiled.outputs == eager.outputs
+    assert progress.events[0] == ("add", "prefill, compiling the patch step", None)  # minutes on a GPU
+
+
+class RecordingProgress:
+    """What `generate` tells a rich-like progress display, in order."""
+
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def add_task(self, description, total=None):
+        self.events.append(("add", description, total))
+        return len(self.events)
+
+    def remove_task(self, task):
+        self.events.append(("remove", task))
+
+    def update(self, task, completed=None):
+        self.events.append(("update", task, completed))
+
+
+def test_generate_shows_the_prefill_then_the_bytes():
+    progress = RecordingProgress()
+    generate(tiny_model(patch_size=4), b"hi", 70, progress=progress)
+    kinds = [e[0] for e in progress.events]
+    assert progress.events[:3] == [("add", "prefill", None), ("remove", 1), ("add", "generate", 70)]
+    assert kinds[3:] == ["update"] * (len(kinds) - 3) and progress.events[-1] == ("update", 3, 70)
 
 
 def test_compiled_patch_step_is_one_graph():
