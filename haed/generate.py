@@ -91,6 +91,12 @@ class HierarchicalSampler:
         compile_patch: bool = False,
         decoder_kernels: bool = False,
     ):
+        if decoder_kernels:
+            from haed.kernels import unsupported_reason
+
+            reason = unsupported_reason(model)
+            if reason is not None:
+                raise HaedError(f"the Triton decoder kernels cannot run here: {reason}")
         self.model = model
         self.compile_patch = compile_patch  # run the whole-patch step through torch.compile (`compiled_patch_step`)
         self.decoder_kernels = decoder_kernels  # the whole-patch step's decoder as Triton kernels (`haed.kernels`)
@@ -468,6 +474,8 @@ def make_sampler(
         return HierarchicalSampler(
             model, context_bytes // model.patch_size, cuda_graphs, batch, compile_patch, decoder_kernels
         )
+    if decoder_kernels:
+        raise HaedError("the Triton decoder kernels cannot run here: a flat model has no byte decoder")
     return FlatSampler(model, context_bytes, batch)
 
 
@@ -595,17 +603,18 @@ def generate(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     with autocast(device):
-        sampler = make_sampler(model, context_bytes, cuda_graphs, batch=num_samples, compile_patch=compile)
+        if decoder_kernels and whole_patches is False:
+            raise HaedError(
+                "the Triton decoder kernels cannot run here: they run in the whole-patch step, "
+                "which whole_patches=False turns off"
+            )
+        sampler = make_sampler(model, context_bytes, cuda_graphs, num_samples, compile, decoder_kernels)
         if isinstance(sampler, HierarchicalSampler):
-            sampler.decoder_kernels = _use_decoder_kernels(sampler, decoder_kernels, whole_patches)
-            fused = sampler.use_graphs or compile or sampler.decoder_kernels
-            whole = fused if whole_patches is None else whole_patches
-            if whole:
+            fused = sampler.use_graphs or compile or decoder_kernels
+            if fused if whole_patches is None else whole_patches:
                 sampler.set_sampling(options, noise)
-        elif decoder_kernels:
-            raise HaedError("the Triton decoder kernels cannot run here: a flat model has no byte decoder")
         # The prefill can take minutes (compiling with coordinate-descent tuning): say so while it runs.
-        compiling = isinstance(sampler, HierarchicalSampler) and (compile or sampler.decoder_kernels)
+        compiling = isinstance(sampler, HierarchicalSampler) and (compile or decoder_kernels)
         prefill = None
         if progress is not None:
             prefill = progress.add_task("prefill" + (", compiling the patch step" if compiling else ""), total=None)
@@ -641,30 +650,14 @@ def generate(
             copier.finish()
         outputs = [bytes(row) for row in out.t().contiguous().cpu().numpy()]
     t2 = time.perf_counter()
-    kernels = isinstance(sampler, HierarchicalSampler) and sampler.decoder_kernels
     return Generation(
         prompt=prompt,
         outputs=outputs,
         seeds=seeds,
         seconds=t2 - t1,
         prefill_seconds=t1 - t0,
-        decoder_kernels=kernels,
+        decoder_kernels=decoder_kernels,
     )
-
-
-def _use_decoder_kernels(sampler: HierarchicalSampler, asked: bool, whole_patches: bool | None) -> bool:
-    """`generate`'s `decoder_kernels`, checked against the sampler: an error that says why they cannot run."""
-    from haed.kernels import unsupported_reason
-
-    if not asked:
-        return False
-    if whole_patches is False:
-        reason = "they run in the whole-patch step, which whole_patches=False turns off"
-    else:
-        reason = unsupported_reason(sampler.model)
-    if reason is not None:
-        raise HaedError(f"the Triton decoder kernels cannot run here: {reason}")
-    return True
 
 
 def load_for_sampling(run_dir: Path, device: str = "auto", checkpoint: str = "best"):
