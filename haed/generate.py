@@ -167,10 +167,12 @@ class HierarchicalSampler:
                 self.noise,
                 self.noise_positions,
             )
-        gumbel = None if self.noise is None or self.kernels.draws else self.noise.gumbel_at(self.noise_positions)
-        for k in range(self.K):
-            logits = self.kernels.step(k)
-            if logits is not None:
+        if self.kernels.draws:
+            self.kernels.patch()  # the K bytes in one launch
+        else:
+            gumbel = None if self.noise is None else self.noise.gumbel_at(self.noise_positions)
+            for k in range(self.K):
+                logits = self.kernels.step(k)
                 noise = None if gumbel is None else gumbel[:, k]
                 self.patch_bytes[:, 0, k].copy_(sample_bytes(logits, self.options, noise))
         self.patch_out.copy_(self.patch_bytes[:, 0].t())

@@ -72,11 +72,11 @@ def _pow2(n: int) -> int:
 
 
 if triton is not None:
-    # Every load that does not depend on an earlier result is written before it is needed, and loops
-    # over shares and cached positions are unrolled (`tl.static_range`), so that a program's loads are
-    # in flight together: at one row, a kernel's time is load latency, and a loop of dependent loads
-    # (a `range` loop is not unrolled) costs one latency per iteration (measured on an H200: summing 43
-    # shares one by one made a launch take 20 us).
+    # Every load that does not depend on an earlier result is written before it is needed, and short
+    # loops are unrolled (`tl.static_range`), so that a program's loads are in flight together: at one
+    # row a stage's time is load latency, not arithmetic. Data that other programs of the same launch
+    # wrote (the residual stream, queries, the cache, hidden units, the head's maxima) is read with
+    # `.cg`, from L2, never from an SM's own L1, which is not kept coherent.
 
     @triton.jit
     def load_rows(w_ptr, stride, rows_valid, NR: tl.constexpr, NC: tl.constexpr):
@@ -99,133 +99,29 @@ if triton is not None:
         return (x * rstd[:, None] * w[None, :]).to(tl.bfloat16)
 
     @triton.jit
-    def residual(x_ptr, parts_ptr, B, rows, rmask, NP: tl.constexpr, D: tl.constexpr):
-        """x + the bf16 rounding of the sum of NP shares (NP, B, D): a residual stream after a Linear."""
+    def load_residual(x_ptr, rows, rmask, D: tl.constexpr):
         cols = tl.arange(0, D)
+        return tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+
+    @triton.jit
+    def add_to_residual(x_ptr, rows, rmask, cols, out, D: tl.constexpr):
+        """x[rows, cols] += out, the bf16 rounding of a Linear's float32 output (each column has one writer)."""
         offs = rows[:, None] * D + cols[None, :]
         m = rmask[:, None]
-        x = tl.load(x_ptr + offs, mask=m, other=0.0)
-        total = tl.load(parts_ptr + offs, mask=m, other=0.0)
-        for p in tl.static_range(1, NP):
-            total += tl.load(parts_ptr + p * B * D + offs, mask=m, other=0.0)
-        return x + total.to(tl.bfloat16).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
+        tl.store(x_ptr + offs, x + out.to(tl.bfloat16).to(tl.float32), mask=m)
 
     @triton.jit
-    def attention_kernel(
-        tokens_ptr, emb_ptr, cond_ptr, cond_len, x_res_ptr, mlp_parts_ptr, x_in_ptr,
-        norm_ptr, qkv_ptr, out_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, attn_parts_ptr,
-        B, pos, eps, scale,
-        D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr,
-        NP: tl.constexpr, FIRST: tl.constexpr, ADD: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr,
-        START: tl.constexpr,
-    ):  # fmt: skip
-        h = tl.program_id(0)
-        rows = tl.program_id(1) * BB + tl.arange(0, BB)
-        rmask = rows < B
-        cols = tl.arange(0, D)
-        m = rmask[:, None]
-        HALF: tl.constexpr = HD // 2
-        # The head's rows of W_qkv in halves (rotary pairs dimension i with i + HD / 2).
-        wq1 = load_rows(qkv_ptr + (h * HD) * D, D, HALF, HALF, D)
-        wq2 = load_rows(qkv_ptr + (h * HD + HALF) * D, D, HALF, HALF, D)
-        wk1 = load_rows(qkv_ptr + (D + h * HD) * D, D, HALF, HALF, D)
-        wk2 = load_rows(qkv_ptr + (D + h * HD + HALF) * D, D, HALF, HALF, D)
-        wv1 = load_rows(qkv_ptr + (2 * D + h * HD) * D, D, HALF, HALF, D)
-        wv2 = load_rows(qkv_ptr + (2 * D + h * HD + HALF) * D, D, HALF, HALF, D)
-        norm_w = tl.load(norm_ptr + cols)
-        if FIRST:  # the byte's embedding (START at position 0) and the patch's conditioning
-            prev = tl.load(tokens_ptr + rows * KC + tl.maximum(pos - 1, 0), mask=rmask, other=0).to(tl.int32)
-            token = tl.where(pos > 0, prev, START)
-            x = tl.load(emb_ptr + token[:, None] * D + cols[None, :], mask=m, other=0.0)
-            if ADD:
-                c = tl.load(cond_ptr + (rows[:, None] * cond_len + pos) * D + cols[None, :], mask=m, other=0.0)
-                x = x + c.to(tl.float32)
-            else:  # "prefix": the conditioning vector in place of START's embedding
-                c = tl.load(cond_ptr + rows[:, None] * cond_len * D + cols[None, :], mask=m, other=0.0)
-                x = tl.where(pos == 0, c.to(tl.float32), x)
-        else:
-            x = residual(x_res_ptr, mlp_parts_ptr, B, rows, rmask, NP, D)
-        if h == 0:
-            tl.store(x_in_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
-        xn = rms_norm(x, norm_w, eps, D)
-        # The head's query, key and value, each rounded to bf16 as the projection's output is.
-        q1 = times_t(xn, wq1, DOT).to(tl.bfloat16).to(tl.float32)
-        q2 = times_t(xn, wq2, DOT).to(tl.bfloat16).to(tl.float32)
-        k1 = times_t(xn, wk1, DOT).to(tl.bfloat16).to(tl.float32)
-        k2 = times_t(xn, wk2, DOT).to(tl.bfloat16).to(tl.float32)
-        v1 = times_t(xn, wv1, DOT).to(tl.bfloat16)
-        v2 = times_t(xn, wv2, DOT).to(tl.bfloat16)
-        # Its HD input columns of W_out, for its share of the output projection (loaded while attending).
-        wo1 = load_rows(out_ptr + h * HD, D, D, D, HALF)
-        wo2 = load_rows(out_ptr + h * HD + HALF, D, D, D, HALF)
-        half = tl.arange(0, HALF)
-        cos1 = tl.load(cos_ptr + pos * HD + half)[None, :]
-        cos2 = tl.load(cos_ptr + pos * HD + HALF + half)[None, :]
-        sin1 = tl.load(sin_ptr + pos * HD + half)[None, :]  # the table's sign: (-sin, sin)
-        sin2 = tl.load(sin_ptr + pos * HD + HALF + half)[None, :]
-        q1, q2 = (q1 * cos1 + q2 * sin1).to(tl.bfloat16), (q2 * cos2 + q1 * sin2).to(tl.bfloat16)
-        k1, k2 = (k1 * cos1 + k2 * sin1).to(tl.bfloat16), (k2 * cos2 + k1 * sin2).to(tl.bfloat16)
-        # The cache (B, NH, KC, HD): positions before this one read back as one (BB, KP, HALF) tile per
-        # half (KP: KC to a power of two; those from `pos` on are masked out), then this position's key
-        # and value written.
-        slot = ((rows * NH + h) * KC)[:, None] * HD + half[None, :]  # (BB, HALF): position 0 of the row
-        j = tl.arange(0, KP)
-        seen = rmask[:, None] & (j < pos)[None, :]  # (BB, KP)
-        tile = slot[:, None, :] + (j * HD)[None, :, None]
-        kc1 = tl.load(k_cache_ptr + tile, mask=seen[:, :, None], other=0.0).to(tl.float32)
-        kc2 = tl.load(k_cache_ptr + tile + HALF, mask=seen[:, :, None], other=0.0).to(tl.float32)
-        vc1 = tl.load(v_cache_ptr + tile, mask=seen[:, :, None], other=0.0).to(tl.float32)
-        vc2 = tl.load(v_cache_ptr + tile + HALF, mask=seen[:, :, None], other=0.0).to(tl.float32)
-        here = slot + pos * HD
-        tl.store(k_cache_ptr + here, k1, mask=m)
-        tl.store(k_cache_ptr + here + HALF, k2, mask=m)
-        tl.store(v_cache_ptr + here, v1, mask=m)
-        tl.store(v_cache_ptr + here + HALF, v2, mask=m)
-        qf1, qf2 = q1.to(tl.float32), q2.to(tl.float32)
-        s_here = (tl.sum(qf1 * k1.to(tl.float32), axis=1) + tl.sum(qf2 * k2.to(tl.float32), axis=1)) * scale
-        s = (tl.sum(qf1[:, None, :] * kc1, axis=2) + tl.sum(qf2[:, None, :] * kc2, axis=2)) * scale
-        s = tl.where(seen, s, float("-inf"))
-        best = tl.maximum(tl.max(s, axis=1), s_here)
-        p = tl.exp(s - best[:, None])  # (BB, KP); 0 where masked
-        p_here = tl.exp(s_here - best)
-        total = tl.sum(p, axis=1) + p_here
-        acc1 = tl.sum(p[:, :, None] * vc1, axis=1) + p_here[:, None] * v1.to(tl.float32)
-        acc2 = tl.sum(p[:, :, None] * vc2, axis=1) + p_here[:, None] * v2.to(tl.float32)
-        y1 = (acc1 / total[:, None]).to(tl.bfloat16)
-        y2 = (acc2 / total[:, None]).to(tl.bfloat16)
-        part = times_t(y1, wo1, DOT) + times_t(y2, wo2, DOT)
-        tl.store(attn_parts_ptr + (h * B + rows[:, None]) * D + cols[None, :], part, mask=m)
-
-    @triton.jit
-    def mlp_kernel(
-        x_in_ptr, attn_parts_ptr, x_res_ptr, norm_ptr, up_ptr, down_ptr, mlp_parts_ptr,
-        B, eps, H,
-        D: tl.constexpr, NH: tl.constexpr, HB: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr,
-    ):  # fmt: skip
-        j = tl.program_id(0)
-        rows = tl.program_id(1) * BB + tl.arange(0, BB)
-        rmask = rows < B
-        cols = tl.arange(0, D)
-        m = rmask[:, None]
-        first = j * HB
-        valid = H - first
-        # The block's gate and value rows of W_up (2H, D) and its HB input columns of W_down (D, H);
-        # rows and columns past H read as 0 (so do their hidden units).
-        w_gate = load_rows(up_ptr + first * D, D, valid, HB, D)
-        w_value = load_rows(up_ptr + (H + first) * D, D, valid, HB, D)
-        c = tl.arange(0, HB)
-        w_down = tl.load(down_ptr + cols[:, None] * H + first + c[None, :], mask=(c < valid)[None, :], other=0.0)
-        norm_w = tl.load(norm_ptr + cols)
-        x = residual(x_in_ptr, attn_parts_ptr, B, rows, rmask, NH, D)
-        if j == 0:
-            tl.store(x_res_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
-        xn = rms_norm(x, norm_w, eps, D)
-        gate = times_t(xn, w_gate, DOT).to(tl.bfloat16).to(tl.float32)
-        value = times_t(xn, w_value, DOT).to(tl.bfloat16).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)  # SiLU, rounded as F.silu's output
-        hidden = (act * value).to(tl.bfloat16)
-        part = times_t(hidden, w_down, DOT)  # this block's share of the down projection
-        tl.store(mlp_parts_ptr + (j * B + rows[:, None]) * D + cols[None, :], part, mask=m)
+    def grid_sync(counter_ptr, target):
+        """Wait until every program of the launch has arrived: the counter (zeroed before the launch)
+        reaches `target`, the program count times the number of syncs so far. The release and acquire
+        make every program's earlier writes visible to every program after the sync."""
+        tl.debug_barrier()  # the program's threads have all written
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
 
     @triton.jit
     def mix32(h):
@@ -236,82 +132,370 @@ if triton is not None:
         return h ^ (h >> 16)
 
     @triton.jit
-    def head_kernel(
-        x_res_ptr, mlp_parts_ptr, norm_ptr, head_ptr, logits_ptr, tokens_ptr,
-        k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr,
-        B, pos, eps, temperature,
-        D: tl.constexpr, NP: tl.constexpr, KC: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr,
-        RULE: tl.constexpr, CHUNK: tl.constexpr,
+    def picked_bytes(best_ptr, best_byte_ptr, rows, rmask, HT: tl.constexpr, HTP: tl.constexpr):
+        """The byte the head stage drew for each row: the first maximum over its HT tasks' maxima (tasks
+        are in byte order and each keeps its first maximum, so this is the first maximum of all 256)."""
+        c = tl.arange(0, HTP)
+        m = rmask[:, None] & (c < HT)[None, :]
+        scores = tl.load(best_ptr + rows[:, None] * HT + c[None, :], mask=m, other=float("-inf"), cache_modifier=".cg")
+        task = tl.argmax(scores, axis=1, tie_break_left=True)
+        return tl.load(best_byte_ptr + rows * HT + task, mask=rmask, other=0, cache_modifier=".cg")
+
+    @triton.jit
+    def qkv_stage(
+        pid, layer, pos, from_best, bytes_ptr, emb_ptr, cond_ptr, cond_len, norm1_ptr, qkv_ptr,
+        cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, best_ptr, best_byte_ptr, B, eps,
+        D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, ADD: tl.constexpr,
+        START: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr, QP: tl.constexpr,
+        HT: tl.constexpr, HTP: tl.constexpr,
     ):  # fmt: skip
-        """RULE 0: greedy; 1: Gumbel-max at `temperature`; 2: logits only (the rule runs afterwards).
-        The 256 logits are made CHUNK at a time (a running maximum), so no tile is 256 x D."""
-        rows = tl.program_id(0) * BB + tl.arange(0, BB)
-        rmask = rows < B
+        """The layer's input (at layer 0: the byte's embedding and conditioning), its norm, and QP rotary
+        pairs of rows of the query, key or value per task: queries to q, keys and values to the cache."""
+        HALF: tl.constexpr = HD // 2
+        TASKS: tl.constexpr = 3 * D // 2 // QP
+        cols = tl.arange(0, D)
+        norm_w = tl.load(norm1_ptr + layer * D + cols)
+        w_layer = qkv_ptr + layer * 3 * D * D
+        for t in range(pid, TASKS, NPROG):
+            j0 = t * QP  # the task's first pair: dimension i0 of head h of part (query, key, value)
+            part = j0 // (D // 2)
+            h = (j0 % (D // 2)) // HALF
+            i0 = j0 % HALF
+            row_a = part * D + h * HD + i0  # its rows: row_a + i and, turning with them, row_a + HALF + i
+            wa = load_rows(w_layer + row_a * D, D, QP, QP, D)
+            wb = load_rows(w_layer + (row_a + HALF) * D, D, QP, QP, D)
+            i = i0 + tl.arange(0, QP)
+            cos_a = tl.load(cos_ptr + pos * HD + i)[None, :]
+            cos_b = tl.load(cos_ptr + pos * HD + HALF + i)[None, :]
+            sin_a = tl.load(sin_ptr + pos * HD + i)[None, :]  # the table's sign: (-sin, sin)
+            sin_b = tl.load(sin_ptr + pos * HD + HALF + i)[None, :]
+            for r0 in range(0, B, BB):
+                rows = r0 + tl.arange(0, BB)
+                rmask = rows < B
+                m = rmask[:, None]
+                if layer == 0:
+                    if from_best:  # the byte this launch drew at pos - 1
+                        token = picked_bytes(best_ptr, best_byte_ptr, rows, rmask, HT, HTP).to(tl.int32)
+                    else:
+                        prev = tl.load(bytes_ptr + rows * KC + tl.maximum(pos - 1, 0), mask=rmask, other=0)
+                        token = tl.where(pos > 0, prev.to(tl.int32), START)
+                    x = tl.load(emb_ptr + token[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                    if ADD:
+                        c = tl.load(cond_ptr + (rows[:, None] * cond_len + pos) * D + cols[None, :], mask=m, other=0.0)
+                        x = x + c.to(tl.float32)
+                    else:  # "prefix": the conditioning vector in place of START's embedding
+                        c = tl.load(cond_ptr + rows[:, None] * cond_len * D + cols[None, :], mask=m, other=0.0)
+                        x = tl.where(pos == 0, c.to(tl.float32), x)
+                    if t == 0:
+                        tl.store(x_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
+                else:
+                    x = load_residual(x_ptr, rows, rmask, D)
+                xn = rms_norm(x, norm_w, eps, D)
+                a = times_t(xn, wa, DOT).to(tl.bfloat16).to(tl.float32)  # rounded as the projection's output
+                b = times_t(xn, wb, DOT).to(tl.bfloat16).to(tl.float32)
+                if part < 2:  # rotary positions for queries and keys
+                    a, b = a * cos_a + b * sin_a, b * cos_b + a * sin_b
+                a16 = a.to(tl.bfloat16)
+                b16 = b.to(tl.bfloat16)
+                if part == 0:
+                    offs = rows[:, None] * D + (h * HD + i)[None, :]
+                    tl.store(q_ptr + offs, a16, mask=m)
+                    tl.store(q_ptr + offs + HALF, b16, mask=m)
+                else:
+                    slot = ((((layer * B + rows) * NH + h) * KC + pos) * HD)[:, None] + i[None, :]
+                    if part == 1:
+                        tl.store(k_cache_ptr + slot, a16, mask=m)
+                        tl.store(k_cache_ptr + slot + HALF, b16, mask=m)
+                    else:
+                        tl.store(v_cache_ptr + slot, a16, mask=m)
+                        tl.store(v_cache_ptr + slot + HALF, b16, mask=m)
+
+    @triton.jit
+    def attention_stage(
+        pid, layer, pos, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, x_ptr, B, scale,
+        D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr,
+        BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr, OUT_R: tl.constexpr,
+    ):  # fmt: skip
+        """Attention of every head over positions 0 .. pos (each task computes all heads: a few KB), and
+        OUT_R rows of the output projection per task, added to the residual stream."""
+        TASKS: tl.constexpr = D // OUT_R
+        d = tl.arange(0, HD)
+        j = tl.arange(0, KP)
+        w_layer = out_ptr + layer * D * D
+        visible = (j <= pos)[None, :]  # (1, KP)
+        for t in range(pid, TASKS, NPROG):
+            r_out = t * OUT_R + tl.arange(0, OUT_R)
+            for r0 in range(0, B, BB):
+                rows = r0 + tl.arange(0, BB)
+                rmask = rows < B
+                m = rmask[:, None]
+                seen = m & visible
+                acc = tl.zeros([BB, OUT_R], tl.float32)
+                for h in tl.static_range(NH):
+                    w = tl.load(w_layer + r_out[:, None] * D + h * HD + d[None, :])  # (OUT_R, HD)
+                    q = tl.load(
+                        q_ptr + rows[:, None] * D + h * HD + d[None, :], mask=m, other=0.0, cache_modifier=".cg"
+                    )
+                    first = ((layer * B + rows) * NH + h) * KC  # (BB,): the row's position 0
+                    tile = ((first[:, None] + j[None, :]) * HD)[:, :, None] + d[None, None, :]  # (BB, KP, HD)
+                    kc = tl.load(k_cache_ptr + tile, mask=seen[:, :, None], other=0.0, cache_modifier=".cg")
+                    vc = tl.load(v_cache_ptr + tile, mask=seen[:, :, None], other=0.0, cache_modifier=".cg")
+                    s = tl.sum(q.to(tl.float32)[:, None, :] * kc.to(tl.float32), axis=2) * scale
+                    s = tl.where(visible, s, float("-inf"))
+                    p = tl.exp(s - tl.max(s, axis=1)[:, None])
+                    y = tl.sum(p[:, :, None] * vc.to(tl.float32), axis=1) / tl.sum(p, axis=1)[:, None]
+                    acc += times_t(y.to(tl.bfloat16), w, DOT)
+                add_to_residual(x_ptr, rows, rmask, r_out, acc, D)
+
+    @triton.jit
+    def up_stage(
+        pid, layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr, B, eps, H,
+        D: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr,
+        UP_R: tl.constexpr,
+    ):  # fmt: skip
+        """The norm, and UP_R hidden units per task: gate and value, SiLU(gate) * value."""
+        cols = tl.arange(0, D)
+        c = tl.arange(0, UP_R)
+        norm_w = tl.load(norm2_ptr + layer * D + cols)
+        w_layer = up_ptr + layer * 2 * H * D
+        for t in range(pid, tl.cdiv(H, UP_R), NPROG):
+            first = t * UP_R
+            valid = H - first  # units past H read as 0
+            w_gate = load_rows(w_layer + first * D, D, valid, UP_R, D)
+            w_value = load_rows(w_layer + (H + first) * D, D, valid, UP_R, D)
+            for r0 in range(0, B, BB):
+                rows = r0 + tl.arange(0, BB)
+                rmask = rows < B
+                xn = rms_norm(load_residual(x_ptr, rows, rmask, D), norm_w, eps, D)
+                gate = times_t(xn, w_gate, DOT).to(tl.bfloat16).to(tl.float32)
+                value = times_t(xn, w_value, DOT).to(tl.bfloat16).to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)  # rounded as F.silu's output
+                m = rmask[:, None] & (c < valid)[None, :]
+                tl.store(hidden_ptr + rows[:, None] * HP + first + c[None, :], (act * value).to(tl.bfloat16), mask=m)
+
+    @triton.jit
+    def down_stage(
+        pid, layer, down_ptr, hidden_ptr, x_ptr, B, H,
+        D: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr,
+        DOWN_R: tl.constexpr,
+    ):  # fmt: skip
+        """DOWN_R rows of the down projection per task, added to the residual stream."""
+        c = tl.arange(0, HP)
+        w_layer = down_ptr + layer * D * H
+        for t in range(pid, D // DOWN_R, NPROG):
+            r_out = t * DOWN_R + tl.arange(0, DOWN_R)
+            w = tl.load(w_layer + r_out[:, None] * H + c[None, :], mask=(c < H)[None, :], other=0.0)
+            for r0 in range(0, B, BB):
+                rows = r0 + tl.arange(0, BB)
+                rmask = rows < B
+                m = rmask[:, None] & (c < H)[None, :]
+                hidden = tl.load(hidden_ptr + rows[:, None] * HP + c[None, :], mask=m, other=0.0, cache_modifier=".cg")
+                add_to_residual(x_ptr, rows, rmask, r_out, times_t(hidden, w, DOT), D)
+
+    @triton.jit
+    def head_stage(
+        pid, pos, norm_ptr, head_ptr, x_ptr, logits_ptr, best_ptr, best_byte_ptr,
+        k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature,
+        D: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr, HEAD_R: tl.constexpr,
+        RULE: tl.constexpr,
+    ):  # fmt: skip
+        """The final norm and HEAD_R logits per task. RULE 0 (greedy) and 1 (Gumbel-max at `temperature`,
+        with `StreamNoise`'s uniforms for (stream key, output position, byte value) bit for bit) keep
+        each task's first maximum and its byte; RULE 2 writes the logits (the rule runs afterwards)."""
+        HT: tl.constexpr = 256 // HEAD_R
         cols = tl.arange(0, D)
         norm_w = tl.load(norm_ptr + cols)
-        x = residual(x_res_ptr, mlp_parts_ptr, B, rows, rmask, NP, D)
-        xn = rms_norm(x, norm_w, eps, D)
-        if RULE == 1:
-            # StreamNoise's uniforms for (stream key, output position, byte value), bit for bit.
-            t = (tl.load(positions_ptr + pos) & 0xFFFFFFFF).to(tl.uint32)
-            k0 = tl.load(k0_ptr + rows, mask=rmask, other=0).to(tl.uint32)
-            k1 = tl.load(k1_ptr + rows, mask=rmask, other=0).to(tl.uint32)
-            w = mix32(mix32(t ^ k0) ^ k1)
-        best = tl.full([BB], float("-inf"), tl.float32)
-        best_byte = tl.zeros([BB], tl.int32)
-        for i in tl.static_range(256 // CHUNK):
-            byte_values = i * CHUNK + tl.arange(0, CHUNK)
-            logits = times_t(xn, load_rows(head_ptr + i * CHUNK * D, D, CHUNK, CHUNK, D), DOT).to(tl.bfloat16)
-            if RULE == 2:
-                offs = rows[:, None] * 256 + byte_values[None, :]
-                tl.store(logits_ptr + offs, logits, mask=rmask[:, None])
-            else:
-                scores = logits.to(tl.float32)
-                if RULE == 1:
-                    if temperature != 1.0:
-                        scores = scores / temperature
-                    keys = tl.load(byte_keys_ptr + byte_values).to(tl.uint32)
-                    hashed = mix32(w[:, None] ^ keys[None, :])
-                    u = ((hashed >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
-                    scores = scores - tl.log(-tl.log(u))
-                chunk_best = tl.max(scores, axis=1)
-                chunk_byte = tl.argmax(scores, axis=1, tie_break_left=True) + i * CHUNK
-                better = chunk_best > best  # strictly: the first maximum wins, as torch.argmax's
-                best_byte = tl.where(better, chunk_byte, best_byte)
-                best = tl.where(better, chunk_best, best)
-        if RULE != 2:
-            tl.store(tokens_ptr + rows * KC + pos, best_byte.to(tl.uint8), mask=rmask)
+        for t in range(pid, HT, NPROG):
+            byte_values = t * HEAD_R + tl.arange(0, HEAD_R)
+            w = load_rows(head_ptr + t * HEAD_R * D, D, HEAD_R, HEAD_R, D)
+            for r0 in range(0, B, BB):
+                rows = r0 + tl.arange(0, BB)
+                rmask = rows < B
+                xn = rms_norm(load_residual(x_ptr, rows, rmask, D), norm_w, eps, D)
+                logits = times_t(xn, w, DOT).to(tl.bfloat16)
+                if RULE == 2:
+                    tl.store(logits_ptr + rows[:, None] * 256 + byte_values[None, :], logits, mask=rmask[:, None])
+                else:
+                    scores = logits.to(tl.float32)
+                    if RULE == 1:
+                        step = (tl.load(positions_ptr + pos) & 0xFFFFFFFF).to(tl.uint32)
+                        k0 = tl.load(k0_ptr + rows, mask=rmask, other=0).to(tl.uint32)
+                        k1 = tl.load(k1_ptr + rows, mask=rmask, other=0).to(tl.uint32)
+                        stream = mix32(mix32(step ^ k0) ^ k1)
+                        if temperature != 1.0:
+                            scores = scores / temperature
+                        keys = tl.load(byte_keys_ptr + byte_values).to(tl.uint32)
+                        u = (
+                            (mix32(stream[:, None] ^ keys[None, :]) >> 9).to(tl.float32) + 0.5
+                        ) * 1.1920928955078125e-07
+                        scores = scores - tl.log(-tl.log(u))
+                    best = tl.max(scores, axis=1)
+                    best_byte = tl.argmax(scores, axis=1, tie_break_left=True) + t * HEAD_R
+                    tl.store(best_ptr + rows * HT + t, best, mask=rmask)
+                    tl.store(best_byte_ptr + rows * HT + t, best_byte.to(tl.int32), mask=rmask)
+
+    @triton.jit
+    def store_bytes(pid, pos, bytes_ptr, best_ptr, best_byte_ptr, B, KC: tl.constexpr, BB: tl.constexpr,
+                    HT: tl.constexpr, HTP: tl.constexpr):  # fmt: skip
+        if pid == 0:
+            for r0 in range(0, B, BB):
+                rows = r0 + tl.arange(0, BB)
+                rmask = rows < B
+                byte = picked_bytes(best_ptr, best_byte_ptr, rows, rmask, HT, HTP)
+                tl.store(bytes_ptr + rows * KC + pos, byte.to(tl.uint8), mask=rmask)
+
+    @triton.jit
+    def decoder_kernel(
+        bytes_ptr, emb_ptr, cond_ptr, cond_len,
+        norm1_ptr, qkv_ptr, out_ptr, norm2_ptr, up_ptr, down_ptr, final_norm_ptr, head_ptr,
+        cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+        x_ptr, q_ptr, hidden_ptr, best_ptr, best_byte_ptr, logits_ptr, counter_ptr,
+        k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr,
+        B, first_pos, end_pos, stage_layer, eps, scale, temperature, H,
+        D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, LAYERS: tl.constexpr, KC: tl.constexpr,
+        KP: tl.constexpr, HP: tl.constexpr, ADD: tl.constexpr, START: tl.constexpr, RULE: tl.constexpr,
+        BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr, QP: tl.constexpr, OUT_R: tl.constexpr,
+        UP_R: tl.constexpr, DOWN_R: tl.constexpr, HEAD_R: tl.constexpr, STAGE: tl.constexpr,
+    ):  # fmt: skip
+        """STAGE -1: decoder positions first_pos .. end_pos - 1, every stage of every layer, the NPROG
+        programs meeting at `grid_sync` between stages (all of them must be resident at once: NPROG is at
+        most the SM count). STAGE 0-5: that stage alone, of layer `stage_layer` at position first_pos
+        (Triton's interpreter runs programs one after another, so it cannot wait at a sync)."""
+        pid = tl.program_id(0)
+        HT: tl.constexpr = 256 // HEAD_R
+        HTP: tl.constexpr = HT if HT > 1 else 2
+        if STAGE == -1:
+            syncs = 0
+            for pos in range(first_pos, end_pos):
+                for layer in tl.static_range(LAYERS):
+                    qkv_stage(
+                        pid, layer, pos, pos > first_pos, bytes_ptr, emb_ptr, cond_ptr, cond_len, norm1_ptr, qkv_ptr,
+                        cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, best_ptr, best_byte_ptr, B, eps,
+                        D, HD, NH, KC, ADD, START, BB, DOT, NPROG, QP, HT, HTP,
+                    )  # fmt: skip
+                    syncs += NPROG
+                    grid_sync(counter_ptr, syncs)
+                    attention_stage(
+                        pid, layer, pos, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, x_ptr, B, scale,
+                        D, HD, NH, KC, KP, BB, DOT, NPROG, OUT_R,
+                    )  # fmt: skip
+                    syncs += NPROG
+                    grid_sync(counter_ptr, syncs)
+                    up_stage(pid, layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr, B, eps, H, D, HP, BB, DOT, NPROG, UP_R)
+                    syncs += NPROG
+                    grid_sync(counter_ptr, syncs)
+                    down_stage(pid, layer, down_ptr, hidden_ptr, x_ptr, B, H, D, HP, BB, DOT, NPROG, DOWN_R)
+                    syncs += NPROG
+                    grid_sync(counter_ptr, syncs)
+                head_stage(
+                    pid, pos, final_norm_ptr, head_ptr, x_ptr, logits_ptr, best_ptr, best_byte_ptr,
+                    k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature, D, BB, DOT, NPROG, HEAD_R, RULE,
+                )  # fmt: skip
+                if RULE != 2:
+                    syncs += NPROG
+                    grid_sync(counter_ptr, syncs)
+                    store_bytes(pid, pos, bytes_ptr, best_ptr, best_byte_ptr, B, KC, BB, HT, HTP)
+        elif STAGE == 0:
+            qkv_stage(
+                pid, stage_layer, first_pos, False, bytes_ptr, emb_ptr, cond_ptr, cond_len, norm1_ptr, qkv_ptr,
+                cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, best_ptr, best_byte_ptr, B, eps,
+                D, HD, NH, KC, ADD, START, BB, DOT, NPROG, QP, HT, HTP,
+            )  # fmt: skip
+        elif STAGE == 1:
+            attention_stage(
+                pid, stage_layer, first_pos, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, x_ptr, B, scale,
+                D, HD, NH, KC, KP, BB, DOT, NPROG, OUT_R,
+            )  # fmt: skip
+        elif STAGE == 2:
+            up_stage(pid, stage_layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr, B, eps, H, D, HP, BB, DOT, NPROG, UP_R)
+        elif STAGE == 3:
+            down_stage(pid, stage_layer, down_ptr, hidden_ptr, x_ptr, B, H, D, HP, BB, DOT, NPROG, DOWN_R)
+        elif STAGE == 4:
+            head_stage(
+                pid, first_pos, final_norm_ptr, head_ptr, x_ptr, logits_ptr, best_ptr, best_byte_ptr,
+                k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature, D, BB, DOT, NPROG, HEAD_R, RULE,
+            )  # fmt: skip
+        else:
+            store_bytes(pid, first_pos, bytes_ptr, best_ptr, best_byte_ptr, B, KC, BB, HT, HTP)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 64  # Triton's interpreter: any count runs
 
 
 class DecoderKernels:
-    """The decoder's byte step for `batch` streams as Triton launches over a sampler's buffers.
+    """The decoder's byte steps for `batch` streams as one Triton kernel over a sampler's buffers.
 
-    `step(k)` runs decoder position k: reads the patch's bytes before k from `patch_bytes` (B, 1, K)
-    uint8, its conditioning from `cond`, writes position k's keys and values into `cache`, and, with a
-    rule the kernels draw (greedy or temperature only), writes the drawn byte to `patch_bytes[:, 0, k]`
-    with the noise of output position `positions[k]`; otherwise it returns the (B, 256) bf16 logits.
-    Every launch has fixed arguments, so a sequence of steps can be captured in a CUDA graph.
+    `patch()` runs decoder positions 0 .. K - 1 in one launch when the kernel draws the bytes (greedy or
+    temperature only), writing them to `patch_bytes[:, 0]` with the noise of output positions
+    `positions`. `step(k)` runs position k alone: it reads the patch's bytes before k from
+    `patch_bytes` (B, 1, K) uint8, its conditioning from `cond`, writes position k's keys and values
+    into `cache`, and either draws byte k into `patch_bytes` (returning None) or, for top-k and top-p,
+    returns the (B, 256) bf16 logits. Every launch has fixed arguments, so a patch of steps can be
+    captured in a CUDA graph.
+
+    `persistent` (the default on CUDA): one launch of `programs` programs runs every stage, meeting at
+    a grid-wide sync between stages; otherwise (Triton's interpreter) each stage is its own launch, with
+    the same arithmetic in the same order, so the two give the same numbers bit for bit.
     """
 
-    def __init__(self, decoder, cache, cond: torch.Tensor, patch_bytes: torch.Tensor, options, noise, positions):
-        cfg = decoder.stack.cfg
-        self.decoder, self.cache, self.cond, self.patch_bytes = decoder, cache, cond, patch_bytes
+    def __init__(
+        self, decoder, cache, cond: torch.Tensor, patch_bytes: torch.Tensor, options, noise, positions,
+        persistent: bool | None = None, programs: int | None = None,
+    ):  # fmt: skip
+        stack = decoder.stack
+        cfg = stack.cfg
+        self.cache, self.cond, self.patch_bytes = cache, cond, patch_bytes
         self.batch, self.K = patch_bytes.shape[0], patch_bytes.shape[2]
         self.dim, self.heads, self.head_dim = cfg.dim, cfg.heads, cfg.dim // cfg.heads
-        self.hidden = decoder.stack.blocks[0].mlp.down.in_features
-        # Streams per program: one alone; else 16, with tensor-core products (tl.dot takes 16 rows and
-        # widths of 16; rows past the batch are masked), or as few as the batch needs at smaller widths.
-        self.hidden_block = 32
+        self.layers = cfg.layers
+        self.hidden = stack.blocks[0].mlp.down.in_features
+        dev = cond.device
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        self.persistent = not interpreted if persistent is None else persistent
+        # One program per SM at most, so that all are resident at once and can wait for each other.
+        # (Two in the interpreter: tasks still stride over programs, at little cost.)
+        self.programs = min(programs or (2 if interpreted else 64), _sm_count(dev))
+        # Streams per block of rows: one alone; else 16 with tensor-core products (tl.dot takes 16 rows
+        # and widths of 16; rows past the batch are masked), or as few as the batch needs.
         self.dot = self.batch > 1 and self.head_dim >= 32 and self.dim >= 16
         self.rows = 1 if self.batch == 1 else 16 if self.dot else min(16, _pow2(self.batch))
-        self.parts = -(-self.hidden // self.hidden_block)
-        dev = cond.device
+        # Rows of each stage's weights per task: few on a GPU, so that a stage's work spreads over every
+        # program (16 with tensor-core products); in Triton's interpreter, whose cost is per operation
+        # more than per element, one task per stage where it can. Outputs are split, never sums, so the
+        # split does not change the numbers.
+        if interpreted:
+            self.pairs, self.out_rows, self.down_rows = self.head_dim // 2, self.dim, self.dim
+            self.up_rows, self.head_rows = min(_pow2(self.hidden), 256), 256
+        else:
+            wide = 16 if self.dot else 4
+            self.pairs = min(16 if self.dot else 8, self.head_dim // 2)
+            self.out_rows = self.down_rows = self.head_rows = wide
+            self.up_rows = 16
+        # The decoder's weights, every layer's in one tensor (the kernel addresses layers by offset).
+        blocks = stack.blocks
+        self.norm1 = torch.stack([b.norm1.weight.float() for b in blocks]).contiguous()
+        self.norm2 = torch.stack([b.norm2.weight.float() for b in blocks]).contiguous()
+        self.qkv = torch.stack([b.attn.qkv.weight for b in blocks]).contiguous()
+        self.out = torch.stack([b.attn.out.weight for b in blocks]).contiguous()
+        self.up = torch.stack([b.mlp.up.weight for b in blocks]).contiguous()
+        self.down = torch.stack([b.mlp.down.weight for b in blocks]).contiguous()
+        self.final_norm = stack.norm.weight.float().contiguous()
+        self.head = decoder.head.weight
+        self.embedding = decoder.token_embedding.weight
+        self.add = decoder.conditioning == "add"
         f32 = dict(device=dev, dtype=torch.float32)
-        self.x_in = torch.zeros(self.batch, self.dim, **f32)
-        self.x_res = torch.zeros(self.batch, self.dim, **f32)
-        self.attn_parts = torch.zeros(self.heads, self.batch, self.dim, **f32)
-        self.mlp_parts = torch.zeros(self.parts, self.batch, self.dim, **f32)
+        self.hidden_pad = _pow2(self.hidden)
+        self.x = torch.zeros(self.batch, self.dim, **f32)
+        self.q = torch.zeros(self.batch, self.dim, device=dev, dtype=torch.bfloat16)
+        self.hidden_units = torch.zeros(self.batch, self.hidden_pad, device=dev, dtype=torch.bfloat16)
+        head_tasks = 256 // self.head_rows
+        self.best = torch.zeros(self.batch, head_tasks, **f32)
+        self.best_byte = torch.zeros(self.batch, head_tasks, device=dev, dtype=torch.int32)
         self.logits = torch.zeros(self.batch, 256, device=dev, dtype=torch.bfloat16)
+        self.counter = torch.zeros(1, device=dev, dtype=torch.int32)
         if options.temperature == 0:
             self.rule = 0
         elif options.top_k == 0 or options.top_k >= 256:
@@ -319,44 +503,54 @@ class DecoderKernels:
         else:
             self.rule = 2
         self.temperature = float(options.temperature)
-        self.noise, self.positions = noise, positions
+        self.positions = positions
         if self.rule == 1:
             self.k0, self.k1, self.byte_keys = noise.k0.view(-1), noise.k1.view(-1), noise.byte_keys
         else:
             self.k0 = self.k1 = self.byte_keys = torch.zeros(1, dtype=torch.int64, device=dev)
         # Rotary tables for positions 0 .. K - 1, as the stack's cached step reads them.
-        cos, sin = decoder.stack.rope(0, self.K)
+        cos, sin = stack.rope(0, self.K)
         self.cos, self.sin = cos.contiguous(), sin.contiguous()
         self.eps = torch.finfo(torch.float32).eps  # F.rms_norm's default for the float32 residual stream
         self.scale = self.head_dim**-0.5
         self.draws = self.rule != 2
 
-    def step(self, k: int) -> torch.Tensor | None:
-        B, D, BB = self.batch, self.dim, self.rows
-        blocks = -(-B // BB)
-        warps = 8
-        dec = self.decoder
-        add = dec.conditioning == "add"
-        for i, block in enumerate(dec.stack.blocks):
-            attention_kernel[(self.heads, blocks)](
-                self.patch_bytes, dec.token_embedding.weight, self.cond, self.cond.shape[1],
-                self.x_res, self.mlp_parts, self.x_in,
-                block.norm1.weight, block.attn.qkv.weight, block.attn.out.weight, self.cos, self.sin,
-                self.cache.k[i], self.cache.v[i], self.attn_parts,
-                B, k, self.eps, self.scale,
-                D=D, HD=self.head_dim, NH=self.heads, KC=self.K, KP=_pow2(self.K), NP=self.parts, FIRST=i == 0,
-                ADD=add, BB=BB, DOT=self.dot, START=START, num_warps=warps,
-            )  # fmt: skip
-            mlp_kernel[(self.parts, blocks)](
-                self.x_in, self.attn_parts, self.x_res, block.norm2.weight, block.mlp.up.weight,
-                block.mlp.down.weight, self.mlp_parts,
-                B, self.eps, self.hidden,
-                D=D, NH=self.heads, HB=self.hidden_block, BB=BB, DOT=self.dot, num_warps=warps,
-            )  # fmt: skip
-        head_kernel[(blocks,)](
-            self.x_res, self.mlp_parts, dec.stack.norm.weight, dec.head.weight, self.logits, self.patch_bytes,
+    def _launch(self, first: int, end: int, stage: int, layer: int = 0) -> None:
+        # num_stages=1: no software pipelining of the task loops, whose buffers asked for 303 KB of shared
+        # memory at 16 rows (an H200 has 227 KB); a task's loads are already issued together.
+        warps = 4 if self.batch == 1 else 8
+        decoder_kernel[(self.programs,)](
+            self.patch_bytes, self.embedding, self.cond, self.cond.shape[1],
+            self.norm1, self.qkv, self.out, self.norm2, self.up, self.down, self.final_norm, self.head,
+            self.cos, self.sin, self.cache.k_layers, self.cache.v_layers,
+            self.x, self.q, self.hidden_units, self.best, self.best_byte, self.logits, self.counter,
             self.k0, self.k1, self.byte_keys, self.positions,
-            B, k, self.eps, self.temperature,
-            D=D, NP=self.parts, KC=self.K, BB=BB, DOT=self.dot, RULE=self.rule, CHUNK=64, num_warps=warps,
+            self.batch, first, end, layer, self.eps, self.scale, self.temperature, self.hidden,
+            D=self.dim, HD=self.head_dim, NH=self.heads, LAYERS=self.layers, KC=self.K, KP=_pow2(self.K),
+            HP=self.hidden_pad, ADD=self.add, START=START, RULE=self.rule, BB=self.rows, DOT=self.dot,
+            NPROG=self.programs, QP=self.pairs, OUT_R=self.out_rows, UP_R=self.up_rows, DOWN_R=self.down_rows,
+            HEAD_R=self.head_rows, STAGE=stage, num_warps=warps, num_stages=1,
         )  # fmt: skip
+
+    def _run(self, first: int, end: int) -> None:
+        if self.persistent:
+            self.counter.zero_()
+            self._launch(first, end, -1)
+            return
+        for k in range(first, end):
+            for layer in range(self.layers):
+                for stage in range(4):
+                    self._launch(k, k + 1, stage, layer)
+            self._launch(k, k + 1, 4)
+            if self.draws:
+                self._launch(k, k + 1, 5)
+
+    def patch(self) -> None:
+        """Positions 0 .. K - 1, drawing every byte (a rule the kernel draws: `draws`)."""
+        assert self.draws
+        self._run(0, self.K)
+
+    def step(self, k: int) -> torch.Tensor | None:
+        """Position k: None when the kernel drew the byte, else the (B, 256) logits."""
+        self._run(k, k + 1)
         return None if self.draws else self.logits

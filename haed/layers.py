@@ -68,9 +68,14 @@ class KVCache:
     """Keys and values of every layer of one stack, for incremental (cached) decoding."""
 
     def __init__(self, layers: int, batch: int, heads: int, head_dim: int, max_len: int, device, dtype):
-        shape = (batch, heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        shape = (layers, batch, heads, max_len, head_dim)
+        # Every layer's keys in one tensor, `k[i]` a view of layer i: the decoder's Triton kernels
+        # (`haed.kernels`) address all layers from one pointer.
+        self.k_layers = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_layers = torch.zeros(shape, device=device, dtype=dtype)
+        with torch.enable_grad():  # a view made under no_grad could not be written to with grad mode on
+            self.k = [self.k_layers[i] for i in range(layers)]
+            self.v = [self.v_layers[i] for i in range(layers)]
         self.length = 0
         self.max_len = max_len
         self.slots = torch.arange(max_len, device=device)

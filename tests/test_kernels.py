@@ -114,7 +114,45 @@ def test_interpreted_kernels_follow_the_decoder_step():
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 def test_cuda_kernels_follow_the_decoder_step():
     # Head width 32 and more streams than one: tensor-core products (tl.dot), in two row blocks at 17.
-    check_kernels(torch.device("cuda"), "cuda", shapes=((64, 2),), batches=(1, 17), tolerance=0.02)
+    check_kernels(torch.device("cuda"), "cuda", shapes=((64, 2), (256, 4)), batches=(1, 17), tolerance=0.02)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
+@pytest.mark.parametrize("batch", [1, 17])
+def test_cuda_persistent_kernel_equals_its_stages_launched_one_by_one(batch):
+    """The one-launch patch (every stage, programs meeting at grid-wide syncs) computes exactly what the
+    same stages compute as separate launches: the same logits, caches and drawn bytes, bit for bit. So
+    the syncs order every write before every read that depends on it. At the `speech` decoder's widths,
+    with fewer programs than tasks too (tasks then loop over programs)."""
+    from haed.kernels import DecoderKernels
+
+    device = torch.device("cuda")
+    K = 8
+    decoder = bf16_decoder(256, 4, 3, K, "add", device)
+    g = torch.Generator().manual_seed(5)
+    cond = torch.randn(batch, K, 256, generator=g).to(device, torch.bfloat16)
+    positions = torch.arange(50, 50 + K, device=device)
+    noise = StreamNoise(list(range(batch)), device)
+    for options in (SamplingOptions(1.0, 0, 1.0), SamplingOptions(0.0, 0, 1.0), SamplingOptions(1.0, 5, 1.0)):
+        results = []
+        for persistent, programs in ((True, None), (True, 7), (False, None)):
+            patch = torch.zeros(batch, 1, K, dtype=torch.uint8, device=device)
+            cache = decoder.stack.new_cache(batch, K, device, torch.bfloat16)
+            kernels = DecoderKernels(decoder, cache, cond, patch, options, noise, positions, persistent, programs)
+            logits = []
+            if kernels.draws:
+                kernels.patch()
+            else:
+                for k in range(K):
+                    logits.append(kernels.step(k).clone())
+                    patch[:, 0, k] = logits[-1].float().argmax(dim=-1).to(torch.uint8)
+            torch.cuda.synchronize()
+            results.append((patch.clone(), cache.k_layers.clone(), cache.v_layers.clone(), logits))
+        first = results[0]
+        for other in results[1:]:
+            assert torch.equal(first[0], other[0]), options
+            assert torch.equal(first[1], other[1]) and torch.equal(first[2], other[2]), options
+            assert all(torch.equal(a, b) for a, b in zip(first[3], other[3])), options
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
