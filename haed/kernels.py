@@ -112,16 +112,23 @@ if triton is not None:
         tl.store(x_ptr + offs, x + out.to(tl.bfloat16).to(tl.float32), mask=m)
 
     @triton.jit
-    def grid_sync(counter_ptr, target):
-        """Wait until every program of the launch has arrived: the counter (zeroed before the launch)
-        reaches `target`, the program count times the number of syncs so far. The release and acquire
-        make every program's earlier writes visible to every program after the sync."""
-        tl.debug_barrier()  # the program's threads have all written
-        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
+    def arrive(counter_ptr, synced):
+        """This program has written everything of its stage (`synced`: the stages run in one launch)."""
+        if synced:
+            tl.debug_barrier()  # the program's threads have all written
+            tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def wait(counter_ptr, target, synced):
+        """Until every program has arrived `target / programs` times: the counter (zeroed before the launch)
+        reaches `target`. With `arrive`'s release, this acquire makes every write before any program's
+        arrival visible to this program. Stages call it after loading their weights, which do not
+        depend on the stage before, so those loads are in flight while the program waits."""
+        if synced:
             seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
+            while seen < target:
+                seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()
 
     @triton.jit
     def mix32(h):
@@ -143,11 +150,12 @@ if triton is not None:
 
     @triton.jit
     def qkv_stage(
-        pid, layer, pos, from_best, bytes_ptr, emb_ptr, cond_ptr, cond_len, norm1_ptr, qkv_ptr,
-        cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, best_ptr, best_byte_ptr, B, eps,
+        pid, nprog, counter_ptr, target, synced, layer, pos, from_best, bytes_ptr, emb_ptr, cond_ptr, cond_len,
+        norm1_ptr, qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, best_ptr, best_byte_ptr,
+        B, eps,
         D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, ADD: tl.constexpr,
-        START: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr, QP: tl.constexpr,
-        HT: tl.constexpr, HTP: tl.constexpr,
+        START: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, QP: tl.constexpr, HT: tl.constexpr,
+        HTP: tl.constexpr,
     ):  # fmt: skip
         """The layer's input (at layer 0: the byte's embedding and conditioning), its norm, and QP rotary
         pairs of rows of the query, key or value per task: queries to q, keys and values to the cache."""
@@ -156,7 +164,7 @@ if triton is not None:
         cols = tl.arange(0, D)
         norm_w = tl.load(norm1_ptr + layer * D + cols)
         w_layer = qkv_ptr + layer * 3 * D * D
-        for t in range(pid, TASKS, NPROG):
+        for t in range(pid, TASKS, nprog):
             j0 = t * QP  # the task's first pair: dimension i0 of head h of part (query, key, value)
             part = j0 // (D // 2)
             h = (j0 % (D // 2)) // HALF
@@ -169,6 +177,8 @@ if triton is not None:
             cos_b = tl.load(cos_ptr + pos * HD + HALF + i)[None, :]
             sin_a = tl.load(sin_ptr + pos * HD + i)[None, :]  # the table's sign: (-sin, sin)
             sin_b = tl.load(sin_ptr + pos * HD + HALF + i)[None, :]
+            if t == pid:
+                wait(counter_ptr, target, synced)
             for r0 in range(0, B, BB):
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
@@ -209,30 +219,36 @@ if triton is not None:
                     else:
                         tl.store(v_cache_ptr + slot, a16, mask=m)
                         tl.store(v_cache_ptr + slot + HALF, b16, mask=m)
+        if pid >= TASKS:
+            wait(counter_ptr, target, synced)
 
     @triton.jit
     def attention_stage(
-        pid, layer, pos, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, x_ptr, B, scale,
+        pid, nprog, counter_ptr, target, synced, layer, pos, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, x_ptr,
+        B, scale,
         D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr,
-        BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr, OUT_R: tl.constexpr,
+        BB: tl.constexpr, DOT: tl.constexpr, OUT_R: tl.constexpr,
     ):  # fmt: skip
         """Attention of every head over positions 0 .. pos (each task computes all heads: a few KB), and
         OUT_R rows of the output projection per task, added to the residual stream."""
         TASKS: tl.constexpr = D // OUT_R
         d = tl.arange(0, HD)
         j = tl.arange(0, KP)
+        head = tl.arange(0, NH)
         w_layer = out_ptr + layer * D * D
         visible = (j <= pos)[None, :]  # (1, KP)
-        for t in range(pid, TASKS, NPROG):
+        for t in range(pid, TASKS, nprog):
             r_out = t * OUT_R + tl.arange(0, OUT_R)
+            w = load_rows(w_layer + t * OUT_R * D, D, OUT_R, OUT_R, D)
+            if t == pid:
+                wait(counter_ptr, target, synced)
             for r0 in range(0, B, BB):
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
                 m = rmask[:, None]
                 seen = m & visible
-                acc = tl.zeros([BB, OUT_R], tl.float32)
+                y = tl.zeros([BB, NH, HD], tl.float32)  # the heads' outputs side by side
                 for h in tl.static_range(NH):
-                    w = tl.load(w_layer + r_out[:, None] * D + h * HD + d[None, :])  # (OUT_R, HD)
                     q = tl.load(
                         q_ptr + rows[:, None] * D + h * HD + d[None, :], mask=m, other=0.0, cache_modifier=".cg"
                     )
@@ -243,26 +259,31 @@ if triton is not None:
                     s = tl.sum(q.to(tl.float32)[:, None, :] * kc.to(tl.float32), axis=2) * scale
                     s = tl.where(visible, s, float("-inf"))
                     p = tl.exp(s - tl.max(s, axis=1)[:, None])
-                    y = tl.sum(p[:, :, None] * vc.to(tl.float32), axis=1) / tl.sum(p, axis=1)[:, None]
-                    acc += times_t(y.to(tl.bfloat16), w, DOT)
-                add_to_residual(x_ptr, rows, rmask, r_out, acc, D)
+                    y_h = tl.sum(p[:, :, None] * vc.to(tl.float32), axis=1) / tl.sum(p, axis=1)[:, None]
+                    y = tl.where((head == h)[None, :, None], y_h.to(tl.bfloat16).to(tl.float32)[:, None, :], y)
+                out = times_t(tl.reshape(y, (BB, D)).to(tl.bfloat16), w, DOT)
+                add_to_residual(x_ptr, rows, rmask, r_out, out, D)
+        if pid >= TASKS:
+            wait(counter_ptr, target, synced)
 
     @triton.jit
     def up_stage(
-        pid, layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr, B, eps, H,
-        D: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr,
-        UP_R: tl.constexpr,
+        pid, nprog, counter_ptr, target, synced, layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr, B, eps, H,
+        D: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, UP_R: tl.constexpr,
     ):  # fmt: skip
         """The norm, and UP_R hidden units per task: gate and value, SiLU(gate) * value."""
         cols = tl.arange(0, D)
         c = tl.arange(0, UP_R)
         norm_w = tl.load(norm2_ptr + layer * D + cols)
         w_layer = up_ptr + layer * 2 * H * D
-        for t in range(pid, tl.cdiv(H, UP_R), NPROG):
+        tasks = tl.cdiv(H, UP_R)
+        for t in range(pid, tasks, nprog):
             first = t * UP_R
             valid = H - first  # units past H read as 0
             w_gate = load_rows(w_layer + first * D, D, valid, UP_R, D)
             w_value = load_rows(w_layer + (H + first) * D, D, valid, UP_R, D)
+            if t == pid:
+                wait(counter_ptr, target, synced)
             for r0 in range(0, B, BB):
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
@@ -272,32 +293,37 @@ if triton is not None:
                 act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)  # rounded as F.silu's output
                 m = rmask[:, None] & (c < valid)[None, :]
                 tl.store(hidden_ptr + rows[:, None] * HP + first + c[None, :], (act * value).to(tl.bfloat16), mask=m)
+        if pid >= tasks:
+            wait(counter_ptr, target, synced)
 
     @triton.jit
     def down_stage(
-        pid, layer, down_ptr, hidden_ptr, x_ptr, B, H,
-        D: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr,
-        DOWN_R: tl.constexpr,
+        pid, nprog, counter_ptr, target, synced, layer, down_ptr, hidden_ptr, x_ptr, B, H,
+        D: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, DOWN_R: tl.constexpr,
     ):  # fmt: skip
         """DOWN_R rows of the down projection per task, added to the residual stream."""
+        TASKS: tl.constexpr = D // DOWN_R
         c = tl.arange(0, HP)
         w_layer = down_ptr + layer * D * H
-        for t in range(pid, D // DOWN_R, NPROG):
+        for t in range(pid, TASKS, nprog):
             r_out = t * DOWN_R + tl.arange(0, DOWN_R)
             w = tl.load(w_layer + r_out[:, None] * H + c[None, :], mask=(c < H)[None, :], other=0.0)
+            if t == pid:
+                wait(counter_ptr, target, synced)
             for r0 in range(0, B, BB):
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
                 m = rmask[:, None] & (c < H)[None, :]
                 hidden = tl.load(hidden_ptr + rows[:, None] * HP + c[None, :], mask=m, other=0.0, cache_modifier=".cg")
                 add_to_residual(x_ptr, rows, rmask, r_out, times_t(hidden, w, DOT), D)
+        if pid >= TASKS:
+            wait(counter_ptr, target, synced)
 
     @triton.jit
     def head_stage(
-        pid, pos, norm_ptr, head_ptr, x_ptr, logits_ptr, best_ptr, best_byte_ptr,
-        k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature,
-        D: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr, HEAD_R: tl.constexpr,
-        RULE: tl.constexpr,
+        pid, nprog, counter_ptr, target, synced, pos, norm_ptr, head_ptr, x_ptr, logits_ptr, best_ptr,
+        best_byte_ptr, k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature,
+        D: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, HEAD_R: tl.constexpr, RULE: tl.constexpr,
     ):  # fmt: skip
         """The final norm and HEAD_R logits per task. RULE 0 (greedy) and 1 (Gumbel-max at `temperature`,
         with `StreamNoise`'s uniforms for (stream key, output position, byte value) bit for bit) keep
@@ -305,9 +331,11 @@ if triton is not None:
         HT: tl.constexpr = 256 // HEAD_R
         cols = tl.arange(0, D)
         norm_w = tl.load(norm_ptr + cols)
-        for t in range(pid, HT, NPROG):
+        for t in range(pid, HT, nprog):
             byte_values = t * HEAD_R + tl.arange(0, HEAD_R)
             w = load_rows(head_ptr + t * HEAD_R * D, D, HEAD_R, HEAD_R, D)
+            if t == pid:
+                wait(counter_ptr, target, synced)
             for r0 in range(0, B, BB):
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
@@ -333,11 +361,16 @@ if triton is not None:
                     best_byte = tl.argmax(scores, axis=1, tie_break_left=True) + t * HEAD_R
                     tl.store(best_ptr + rows * HT + t, best, mask=rmask)
                     tl.store(best_byte_ptr + rows * HT + t, best_byte.to(tl.int32), mask=rmask)
+        if pid >= HT:
+            wait(counter_ptr, target, synced)
 
     @triton.jit
-    def store_bytes(pid, pos, bytes_ptr, best_ptr, best_byte_ptr, B, KC: tl.constexpr, BB: tl.constexpr,
-                    HT: tl.constexpr, HTP: tl.constexpr):  # fmt: skip
+    def store_bytes(
+        pid, counter_ptr, target, synced, pos, bytes_ptr, best_ptr, best_byte_ptr, B,
+        KC: tl.constexpr, BB: tl.constexpr, HT: tl.constexpr, HTP: tl.constexpr,
+    ):  # fmt: skip
         if pid == 0:
+            wait(counter_ptr, target, synced)
             for r0 in range(0, B, BB):
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
@@ -351,72 +384,66 @@ if triton is not None:
         cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
         x_ptr, q_ptr, hidden_ptr, best_ptr, best_byte_ptr, logits_ptr, counter_ptr,
         k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr,
-        B, first_pos, end_pos, stage_layer, eps, scale, temperature, H,
-        D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, LAYERS: tl.constexpr, KC: tl.constexpr,
-        KP: tl.constexpr, HP: tl.constexpr, ADD: tl.constexpr, START: tl.constexpr, RULE: tl.constexpr,
-        BB: tl.constexpr, DOT: tl.constexpr, NPROG: tl.constexpr, QP: tl.constexpr, OUT_R: tl.constexpr,
-        UP_R: tl.constexpr, DOWN_R: tl.constexpr, HEAD_R: tl.constexpr, STAGE: tl.constexpr,
+        B, first_pos, end_pos, first_layer, end_layer, stage, nprog, eps, scale, temperature, H,
+        D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr,
+        HP: tl.constexpr, ADD: tl.constexpr, START: tl.constexpr, RULE: tl.constexpr, BB: tl.constexpr,
+        DOT: tl.constexpr, QP: tl.constexpr, OUT_R: tl.constexpr, UP_R: tl.constexpr, DOWN_R: tl.constexpr,
+        HEAD_R: tl.constexpr,
     ):  # fmt: skip
-        """STAGE -1: decoder positions first_pos .. end_pos - 1, every stage of every layer, the NPROG
-        programs meeting at `grid_sync` between stages (all of them must be resident at once: NPROG is at
-        most the SM count). STAGE 0-5: that stage alone, of layer `stage_layer` at position first_pos
-        (Triton's interpreter runs programs one after another, so it cannot wait at a sync)."""
+        """`stage` -1: decoder positions first_pos .. end_pos - 1, every stage of layers first_layer ..
+        end_layer - 1 and the head, the `nprog` programs meeting between stages (`arrive`, `wait`: all of
+        them must be resident at once, so nprog is at most the SM count). `stage` 0-5 (qkv, attention, up,
+        down, head, the bytes): that stage alone, at position first_pos, of the layer first_layer (Triton's
+        interpreter runs programs one after another, so it cannot wait). The same code runs both ways."""
         pid = tl.program_id(0)
         HT: tl.constexpr = 256 // HEAD_R
         HTP: tl.constexpr = HT if HT > 1 else 2
-        if STAGE == -1:
-            syncs = 0
-            for pos in range(first_pos, end_pos):
-                for layer in tl.static_range(LAYERS):
+        synced = stage < 0
+        syncs = 0  # arrivals so far, over all programs
+        for pos in range(first_pos, end_pos):
+            for layer in range(first_layer, end_layer):
+                if synced | (stage == 0):
                     qkv_stage(
-                        pid, layer, pos, pos > first_pos, bytes_ptr, emb_ptr, cond_ptr, cond_len, norm1_ptr, qkv_ptr,
-                        cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, best_ptr, best_byte_ptr, B, eps,
-                        D, HD, NH, KC, ADD, START, BB, DOT, NPROG, QP, HT, HTP,
+                        pid, nprog, counter_ptr, syncs, synced, layer, pos, pos > first_pos, bytes_ptr, emb_ptr,
+                        cond_ptr, cond_len, norm1_ptr, qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr,
+                        q_ptr, best_ptr, best_byte_ptr, B, eps, D, HD, NH, KC, ADD, START, BB, DOT, QP, HT, HTP,
                     )  # fmt: skip
-                    syncs += NPROG
-                    grid_sync(counter_ptr, syncs)
+                    arrive(counter_ptr, synced)
+                    syncs += nprog
+                if synced | (stage == 1):
                     attention_stage(
-                        pid, layer, pos, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, x_ptr, B, scale,
-                        D, HD, NH, KC, KP, BB, DOT, NPROG, OUT_R,
+                        pid, nprog, counter_ptr, syncs, synced, layer, pos, q_ptr, k_cache_ptr, v_cache_ptr,
+                        out_ptr, x_ptr, B, scale, D, HD, NH, KC, KP, BB, DOT, OUT_R,
                     )  # fmt: skip
-                    syncs += NPROG
-                    grid_sync(counter_ptr, syncs)
-                    up_stage(pid, layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr, B, eps, H, D, HP, BB, DOT, NPROG, UP_R)
-                    syncs += NPROG
-                    grid_sync(counter_ptr, syncs)
-                    down_stage(pid, layer, down_ptr, hidden_ptr, x_ptr, B, H, D, HP, BB, DOT, NPROG, DOWN_R)
-                    syncs += NPROG
-                    grid_sync(counter_ptr, syncs)
+                    arrive(counter_ptr, synced)
+                    syncs += nprog
+                if synced | (stage == 2):
+                    up_stage(
+                        pid, nprog, counter_ptr, syncs, synced, layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr,
+                        B, eps, H, D, HP, BB, DOT, UP_R,
+                    )  # fmt: skip
+                    arrive(counter_ptr, synced)
+                    syncs += nprog
+                if synced | (stage == 3):
+                    down_stage(
+                        pid, nprog, counter_ptr, syncs, synced, layer, down_ptr, hidden_ptr, x_ptr, B, H,
+                        D, HP, BB, DOT, DOWN_R,
+                    )  # fmt: skip
+                    arrive(counter_ptr, synced)
+                    syncs += nprog
+            if synced | (stage == 4):
                 head_stage(
-                    pid, pos, final_norm_ptr, head_ptr, x_ptr, logits_ptr, best_ptr, best_byte_ptr,
-                    k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature, D, BB, DOT, NPROG, HEAD_R, RULE,
+                    pid, nprog, counter_ptr, syncs, synced, pos, final_norm_ptr, head_ptr, x_ptr, logits_ptr,
+                    best_ptr, best_byte_ptr, k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature,
+                    D, BB, DOT, HEAD_R, RULE,
                 )  # fmt: skip
-                if RULE != 2:
-                    syncs += NPROG
-                    grid_sync(counter_ptr, syncs)
-                    store_bytes(pid, pos, bytes_ptr, best_ptr, best_byte_ptr, B, KC, BB, HT, HTP)
-        elif STAGE == 0:
-            qkv_stage(
-                pid, stage_layer, first_pos, False, bytes_ptr, emb_ptr, cond_ptr, cond_len, norm1_ptr, qkv_ptr,
-                cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, best_ptr, best_byte_ptr, B, eps,
-                D, HD, NH, KC, ADD, START, BB, DOT, NPROG, QP, HT, HTP,
-            )  # fmt: skip
-        elif STAGE == 1:
-            attention_stage(
-                pid, stage_layer, first_pos, q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, x_ptr, B, scale,
-                D, HD, NH, KC, KP, BB, DOT, NPROG, OUT_R,
-            )  # fmt: skip
-        elif STAGE == 2:
-            up_stage(pid, stage_layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr, B, eps, H, D, HP, BB, DOT, NPROG, UP_R)
-        elif STAGE == 3:
-            down_stage(pid, stage_layer, down_ptr, hidden_ptr, x_ptr, B, H, D, HP, BB, DOT, NPROG, DOWN_R)
-        elif STAGE == 4:
-            head_stage(
-                pid, first_pos, final_norm_ptr, head_ptr, x_ptr, logits_ptr, best_ptr, best_byte_ptr,
-                k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature, D, BB, DOT, NPROG, HEAD_R, RULE,
-            )  # fmt: skip
-        else:
-            store_bytes(pid, first_pos, bytes_ptr, best_ptr, best_byte_ptr, B, KC, BB, HT, HTP)
+                arrive(counter_ptr, synced)
+                syncs += nprog
+            if RULE != 2:
+                if synced | (stage == 5):
+                    store_bytes(
+                        pid, counter_ptr, syncs, synced, pos, bytes_ptr, best_ptr, best_byte_ptr, B, KC, BB, HT, HTP
+                    )
 
 
 def _sm_count(device: torch.device) -> int:
@@ -515,27 +542,32 @@ class DecoderKernels:
         self.scale = self.head_dim**-0.5
         self.draws = self.rule != 2
 
-    def _launch(self, first: int, end: int, stage: int, layer: int = 0) -> None:
+    def _launch(self, first: int, end: int, stage: int = -1, layer: int = 0) -> None:
         # num_stages=1: no software pipelining of the task loops, whose buffers asked for 303 KB of shared
         # memory at 16 rows (an H200 has 227 KB); a task's loads are already issued together.
         warps = 4 if self.batch == 1 else 8
+        if stage < 0:
+            layers = (0, self.layers)
+        else:
+            layers = (layer, layer + 1) if stage < 4 else (0, 0)
         decoder_kernel[(self.programs,)](
             self.patch_bytes, self.embedding, self.cond, self.cond.shape[1],
             self.norm1, self.qkv, self.out, self.norm2, self.up, self.down, self.final_norm, self.head,
             self.cos, self.sin, self.cache.k_layers, self.cache.v_layers,
             self.x, self.q, self.hidden_units, self.best, self.best_byte, self.logits, self.counter,
             self.k0, self.k1, self.byte_keys, self.positions,
-            self.batch, first, end, layer, self.eps, self.scale, self.temperature, self.hidden,
-            D=self.dim, HD=self.head_dim, NH=self.heads, LAYERS=self.layers, KC=self.K, KP=_pow2(self.K),
-            HP=self.hidden_pad, ADD=self.add, START=START, RULE=self.rule, BB=self.rows, DOT=self.dot,
-            NPROG=self.programs, QP=self.pairs, OUT_R=self.out_rows, UP_R=self.up_rows, DOWN_R=self.down_rows,
-            HEAD_R=self.head_rows, STAGE=stage, num_warps=warps, num_stages=1,
+            self.batch, first, end, *layers, stage, self.programs, self.eps, self.scale, self.temperature,
+            self.hidden,
+            D=self.dim, HD=self.head_dim, NH=self.heads, KC=self.K, KP=_pow2(self.K), HP=self.hidden_pad,
+            ADD=self.add, START=START, RULE=self.rule, BB=self.rows, DOT=self.dot, QP=self.pairs,
+            OUT_R=self.out_rows, UP_R=self.up_rows, DOWN_R=self.down_rows, HEAD_R=self.head_rows,
+            num_warps=warps, num_stages=1,
         )  # fmt: skip
 
     def _run(self, first: int, end: int) -> None:
         if self.persistent:
             self.counter.zero_()
-            self._launch(first, end, -1)
+            self._launch(first, end)
             return
         for k in range(first, end):
             for layer in range(self.layers):
