@@ -76,10 +76,10 @@ class HierarchicalSampler:
     between the bytes on the host. It runs the same operations as `feed` and `sample_bytes` byte by
     byte, so it draws the same bytes.
 
-    `decoder_kernels`: the patch step's K decoder steps run as Triton kernels (`haed.kernels`: two per
-    layer and byte, and one for the head), the encoder and main model's step as before (compiled with
-    `compile_patch`). CUDA only; the same model up to the order of float32 sums, so a draw can change
-    only at a near tie.
+    `decoder_kernels`: the patch step's K decoder steps run as a Triton kernel (`haed.kernels`: one
+    launch per patch when it draws the bytes, one per byte for top-k and top-p), the encoder and main
+    model's step as before (compiled with `compile_patch`). CUDA only; the same model up to the order
+    of float32 sums, so a draw can change only at a near tie.
     """
 
     def __init__(
@@ -153,8 +153,9 @@ class HierarchicalSampler:
         self._main_step()
 
     def _kernel_patch_step(self) -> None:
-        """`_patch_step` with the decoder's K steps as Triton kernels (`haed.kernels`). They draw greedy and
-        temperature-only bytes themselves; for top-k or top-p they give the logits to `sample_bytes`."""
+        """`_patch_step` with the decoder's K steps as a Triton kernel (`haed.kernels`). It draws greedy and
+        temperature-only bytes itself, all K in one launch; for top-k or top-p it gives each position's
+        logits to `sample_bytes`."""
         if self.kernels is None:
             from haed.kernels import DecoderKernels
 
@@ -584,8 +585,8 @@ def generate(
     `prefill_seconds`.
     `decoder_kernels` (HAED models, CUDA): the whole-patch step's decoder as Triton kernels
     (`haed.kernels`; whole patches are then the default without graphs too), where they support the
-    model, else an error that says why. Off by default: on an H200 they are slower than the compiled
-    step for one stream (docs/performance.md, section 6d).
+    model, else an error that says why. Off by default: on an H200, with `compile`, they are the
+    fastest mode for one stream and slower than the compiled step for 64 (docs/performance.md, 6e).
     """
     options = check_sampling(temperature, top_k, top_p)
     check_counts(max_bytes, num_samples)

@@ -296,8 +296,8 @@ def generate(
     decoder_kernels: bool = typer.Option(
         False,
         "--decoder-kernels",
-        help="Run the byte decoder's steps as Triton kernels (CUDA; two per layer and byte) in the whole-patch "
-        "step. Experimental: on an H200 slower than --compile for one stream (docs/performance.md).",
+        help="Run the byte decoder's steps as one Triton kernel per patch (CUDA) in the whole-patch step. With "
+        "--compile the fastest mode for one stream; for many streams --compile alone is faster (docs/performance.md).",
     ),
     checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
 ):
