@@ -1,0 +1,174 @@
+"""The decoder's Triton kernel alone: microseconds per patch, by program count and stream count.
+
+`haed.kernels.decoder_kernel` runs a whole patch of the byte decoder in one launch. Its programs meet
+at a grid-wide sync between stages (13 per byte at `speech`), and the program count sets both the work
+per program and the cost of each sync. This sweeps that count for the recipes' decoder architectures
+(random weights), without the encoder or the main model and without torch.compile. So each
+configuration costs one Triton compilation (seconds), not an inductor compile (minutes):
+
+    python3 benchmarks/decoder_kernel.py                                   # speech and enwik8, N = 1 and 64
+    python3 benchmarks/decoder_kernel.py --recipe speech --streams 1 --programs 16,32,48,64,96,128 --out runs/dk
+
+Per recipe, stream count N and program count: one patch is captured in a CUDA graph (the counter's
+reset and the launch) after a warm-up. `--patches` replays are then timed with CUDA synchronisation,
+`--repeats` times, and the median is reported in us per patch and per byte. `--stages` also times
+the same kernel launched stage by stage (one launch per stage: 13 per byte at `speech`), which does
+the same arithmetic without the syncs. Sampling is temperature 1 (the kernel draws the bytes). With
+`--out`, a JSON of every number and the command.
+
+Without CUDA, `TRITON_INTERPRET=1` runs a smoke check of the code path (stage by stage, tiny patch
+count; the times mean nothing, and above one stream neither do the bytes: the interpreter's bf16
+`tl.dot`, which the kernel uses for blocks of 16 streams, gives wrong numbers):
+
+    TRITON_INTERPRET=1 python3 benchmarks/decoder_kernel.py --recipe speech --streams 1 --programs 2,5 --patches 1 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from haed.config import load_recipe  # noqa: E402
+from haed.generate import linear_weights_in  # noqa: E402
+from haed.model import build_model  # noqa: E402
+from haed.sampling import SamplingOptions, StreamNoise  # noqa: E402
+
+
+def ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of whole numbers, not {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"positive whole numbers, not {text!r}")
+    return values
+
+
+def time_patches(run, patches: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds per patch of `run` (one patch), `repeats` times over `patches` patches."""
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(patches):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append((time.perf_counter() - start) / patches)
+    return out
+
+
+def measure(decoder, batch: int, programs: int, persistent: bool, args, device) -> dict:
+    from haed.kernels import DecoderKernels  # imports Triton
+
+    K, dim = decoder.patch_size, decoder.stack.cfg.dim
+    g = torch.Generator().manual_seed(0)
+    cond_len = K if decoder.conditioning == "add" else 1
+    cond = torch.randn(batch, cond_len, dim, generator=g).to(device, torch.bfloat16)
+    patch = torch.zeros(batch, 1, K, dtype=torch.uint8, device=device)
+    cache = decoder.stack.new_cache(batch, K, device, torch.bfloat16)
+    positions = torch.arange(K, device=device)
+    noise = StreamNoise(list(range(batch)), device)
+    options = SamplingOptions(1.0, 0, 1.0)
+    kernels = DecoderKernels(decoder, cache, cond, patch, options, noise, positions, persistent, programs)
+    kernels.patch()  # compiles
+    run = kernels.patch
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            kernels.patch()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            kernels.patch()
+        graph.replay()
+        run = graph.replay
+    seconds = time_patches(run, args.patches, args.repeats, device)
+    us = statistics.median(seconds) * 1e6
+    return {
+        "streams": batch,
+        "programs": kernels.programs,
+        "persistent": persistent,
+        "us_per_patch": [s * 1e6 for s in seconds],
+        "median_us_per_patch": us,
+        "median_us_per_byte": us / K,
+        "bytes_drawn": patch[0, 0].tolist(),  # a check that something was drawn
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", action="append", help="speech, enwik8 or tiny (repeatable; default speech and enwik8)")
+    p.add_argument("--streams", type=ints, default=[1, 64], help="stream counts (default 1,64)")
+    p.add_argument("--programs", type=ints, default=[64], help="program counts (default 64; capped at the SM count)")
+    p.add_argument("--patches", type=int, default=200, help="patches per timing (default 200)")
+    p.add_argument("--repeats", type=int, default=5, help="timings per configuration (default 5)")
+    p.add_argument("--stages", action="store_true", help="also time the stage-by-stage launches")
+    p.add_argument("--out", type=Path, help="write DIR/decoder-kernel.json")
+    args = p.parse_args()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not interpreted:
+        p.error("needs CUDA (or TRITON_INTERPRET=1 for a smoke check of the code path on the CPU)")
+    if args.patches < 1 or args.repeats < 1:
+        p.error("--patches and --repeats must be at least 1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from haed.kernels import config_unsupported_reason
+
+    names = args.recipe or ["speech", "enwik8"]
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)",
+        "torch": torch.__version__,
+        "command": " ".join(["benchmarks/decoder_kernel.py", *sys.argv[1:]]),
+        "models": {},
+    }
+    print(f"device: {results['device']}, torch {torch.__version__}")
+    print(f"{'recipe':<8} {'N':>4} {'programs':>8} {'launch':<11} {'us/patch':>9} {'us/byte':>8}")
+    for name in names:
+        recipe = load_recipe(name)
+        reason = config_unsupported_reason(recipe.model, device)
+        if reason:
+            sys.exit(f"{name}: the kernel cannot run this architecture: {reason}")
+        torch.manual_seed(0)
+        model = build_model(recipe.model)
+        decoder = linear_weights_in(model.decoder, torch.bfloat16).to(device).eval()
+        cfg = recipe.model.decoder
+        runs = []
+        modes = [False] if interpreted else [True]
+        if args.stages and not interpreted:
+            modes.append(False)
+        with torch.no_grad():
+            for batch in args.streams:
+                for programs in args.programs:
+                    for persistent in modes:
+                        row = measure(decoder, batch, programs, persistent, args, device)
+                        runs.append(row)
+                        launch = "one" if persistent else "per stage"
+                        print(
+                            f"{name:<8} {batch:>4} {row['programs']:>8} {launch:<11} "
+                            f"{row['median_us_per_patch']:>9.1f} {row['median_us_per_byte']:>8.2f}",
+                            flush=True,
+                        )
+        results["models"][name] = {
+            "decoder": {"dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads, "mlp_ratio": cfg.mlp_ratio},
+            "patch_size": recipe.model.patch_size,
+            "runs": runs,
+        }
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "decoder-kernel.json").write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out / 'decoder-kernel.json'}")
+
+
+if __name__ == "__main__":
+    main()
