@@ -20,7 +20,8 @@ Without CUDA, `TRITON_INTERPRET=1` runs a smoke check of the code path (stage by
 count; the times mean nothing, and above one stream neither do the bytes: the interpreter's bf16
 `tl.dot`, which the kernel uses for blocks of 16 streams, gives wrong numbers):
 
-    TRITON_INTERPRET=1 python3 benchmarks/decoder_kernel.py --recipe speech --streams 1 --programs 2,5 --patches 1 --repeats 1
+    TRITON_INTERPRET=1 python3 benchmarks/decoder_kernel.py --recipe speech --streams 1 --programs 2,5 \
+        --patches 1 --repeats 1
 """
 
 from __future__ import annotations
