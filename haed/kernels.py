@@ -304,6 +304,14 @@ if triton is not None:
             wait(counter_ptr, target, synced)
 
     @triton.jit
+    def gated(xn, w_gate, w_value, DOT: tl.constexpr):
+        """The hidden units SiLU(gate) * value (bf16) of the normed input xn for the tiles' rows of W_up."""
+        gate = times_t(xn, w_gate, DOT).to(tl.bfloat16).to(tl.float32)
+        value = times_t(xn, w_value, DOT).to(tl.bfloat16).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)  # rounded as F.silu's output
+        return (act * value).to(tl.bfloat16)
+
+    @triton.jit
     def up_stage(
         pid, nprog, counter_ptr, target, synced, layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr, B, eps, H,
         D: tl.constexpr, HP: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, UP_R: tl.constexpr,
@@ -325,11 +333,8 @@ if triton is not None:
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
                 xn = rms_norm(load_residual(x_ptr, rows, rmask, D), norm_w, eps, D)
-                gate = times_t(xn, w_gate, DOT).to(tl.bfloat16).to(tl.float32)
-                value = times_t(xn, w_value, DOT).to(tl.bfloat16).to(tl.float32)
-                act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)  # rounded as F.silu's output
                 m = rmask[:, None] & (c < valid)[None, :]
-                tl.store(hidden_ptr + rows[:, None] * HP + first + c[None, :], (act * value).to(tl.bfloat16), mask=m)
+                tl.store(hidden_ptr + rows[:, None] * HP + first + c[None, :], gated(xn, w_gate, w_value, DOT), mask=m)
         if pid >= tasks:
             wait(counter_ptr, target, synced)
 
@@ -382,10 +387,7 @@ if triton is not None:
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
                 xn = rms_norm(load_residual(x_ptr, rows, rmask, D), norm_w, eps, D)
-                gate = times_t(xn, w_gate, DOT).to(tl.bfloat16).to(tl.float32)
-                value = times_t(xn, w_value, DOT).to(tl.bfloat16).to(tl.float32)
-                act = (gate / (1.0 + tl.exp(-gate))).to(tl.bfloat16).to(tl.float32)  # rounded as F.silu's output
-                share = times_t((act * value).to(tl.bfloat16), w_down, DOT)  # (BB, D)
+                share = times_t(gated(xn, w_gate, w_value, DOT), w_down, DOT)  # (BB, D)
                 tl.store(parts_ptr + (t * B + rows[:, None]) * D + cols[None, :], share, mask=rmask[:, None])
         if pid >= tasks:
             wait(counter_ptr, target, synced)
