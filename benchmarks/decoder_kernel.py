@@ -13,9 +13,8 @@ Per recipe, stream count N and program count: one patch is captured in a CUDA gr
 reset and the launch) after a warm-up. `--patches` replays are then timed with CUDA synchronisation,
 `--repeats` times, and the median is reported in us per patch and per byte. `--stages` also times
 the same kernel launched stage by stage (one launch per stage: 13 per byte at `speech`), which does
-the same arithmetic without the syncs. `--fused-mlp` also times the MLP as one stage
-(`DecoderKernels(fused_mlp=True)`: 3 syncs per layer, not 4), and `--warps 4,8` sets the warps per
-program (default: the kernel's own choice). Sampling is temperature 1 (the kernel draws the bytes).
+the same arithmetic without the syncs. `--warps 4,8` sets the warps per program (default: the
+kernel's own choice). Sampling is temperature 1 (the kernel draws the bytes).
 With `--out`, a JSON of every number and the command.
 
 Without CUDA, `TRITON_INTERPRET=1` runs a smoke check of the code path (stage by stage, tiny patch
@@ -72,7 +71,7 @@ def time_patches(run, patches: int, repeats: int, device: torch.device) -> list[
     return out
 
 
-def measure(decoder, batch: int, programs: int, persistent: bool, fused: bool, warps, args, device) -> dict:
+def measure(decoder, batch: int, programs: int, persistent: bool, warps, args, device) -> dict:
     from haed.kernels import DecoderKernels  # imports Triton
 
     K, dim = decoder.patch_size, decoder.stack.cfg.dim
@@ -84,7 +83,7 @@ def measure(decoder, batch: int, programs: int, persistent: bool, fused: bool, w
     positions = torch.arange(K, device=device)
     noise = StreamNoise(list(range(batch)), device)
     options = SamplingOptions(1.0, 0, 1.0)
-    kernels = DecoderKernels(decoder, cache, cond, patch, options, noise, positions, persistent, programs, fused, warps)
+    kernels = DecoderKernels(decoder, cache, cond, patch, options, noise, positions, persistent, programs, warps)
     kernels.patch()  # compiles
     run = kernels.patch
     if device.type == "cuda":
@@ -104,7 +103,6 @@ def measure(decoder, batch: int, programs: int, persistent: bool, fused: bool, w
         "streams": batch,
         "programs": kernels.programs,
         "persistent": persistent,
-        "fused_mlp": fused,
         "warps": kernels.warps,
         "us_per_patch": [s * 1e6 for s in seconds],
         "median_us_per_patch": us,
@@ -121,7 +119,6 @@ def main() -> None:
     p.add_argument("--patches", type=int, default=200, help="patches per timing (default 200)")
     p.add_argument("--repeats", type=int, default=5, help="timings per configuration (default 5)")
     p.add_argument("--stages", action="store_true", help="also time the stage-by-stage launches")
-    p.add_argument("--fused-mlp", action="store_true", help="also time the MLP as one stage (fused_mlp=True)")
     p.add_argument("--warps", type=ints, default=None, help="warps per program, e.g. 4,8 (default: the kernel's)")
     p.add_argument("--out", type=Path, help="write DIR/decoder-kernel.json")
     args = p.parse_args()
@@ -141,9 +138,7 @@ def main() -> None:
         "models": {},
     }
     print(f"device: {results['device']}, torch {torch.__version__}")
-    print(
-        f"{'recipe':<8} {'N':>4} {'programs':>8} {'warps':>5} {'launch':<11} {'mlp':<6} {'us/patch':>9} {'us/byte':>8}"
-    )
+    print(f"{'recipe':<8} {'N':>4} {'programs':>8} {'warps':>5} {'launch':<11} {'us/patch':>9} {'us/byte':>8}")
     for name in names:
         recipe = load_recipe(name)
         reason = config_unsupported_reason(recipe.model, device)
@@ -159,15 +154,12 @@ def main() -> None:
             modes.append(False)
         with torch.no_grad():
             for batch in args.streams:
-                for programs, warps, persistent, fused in itertools.product(
-                    args.programs, args.warps or [None], modes, [False, True] if args.fused_mlp else [False]
-                ):
-                    row = measure(decoder, batch, programs, persistent, fused, warps, args, device)
+                for programs, warps, persistent in itertools.product(args.programs, args.warps or [None], modes):
+                    row = measure(decoder, batch, programs, persistent, warps, args, device)
                     runs.append(row)
                     launch = "one" if persistent else "per stage"
-                    mlp = "fused" if fused else "2"
                     print(
-                        f"{name:<8} {batch:>4} {row['programs']:>8} {row['warps']:>5} {launch:<11} {mlp:<6} "
+                        f"{name:<8} {batch:>4} {row['programs']:>8} {row['warps']:>5} {launch:<11} "
                         f"{row['median_us_per_patch']:>9.1f} {row['median_us_per_byte']:>8.2f}",
                         flush=True,
                     )

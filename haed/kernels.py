@@ -119,32 +119,6 @@ if triton is not None:
         tl.store(x_ptr + offs, x + out.to(tl.bfloat16).to(tl.float32), mask=m)
 
     @triton.jit
-    def layer_input(x_ptr, parts_ptr, rows, rmask, B, D: tl.constexpr, BB: tl.constexpr, NT: tl.constexpr):
-        """The residual stream at `x_ptr`, plus (NT > 0: the MLP fused into one stage) the bf16 rounding of
-        the sum of the NT tasks' shares of the down projection (NT, B, D), summed in a fixed order."""
-        x = load_residual(x_ptr, rows, rmask, D)
-        if NT > 0:
-            cols = tl.arange(0, D)
-            m = rmask[:, None]
-            total = tl.zeros([BB, D], tl.float32)
-            if BB == 1:  # 8 shares per load, all of them in flight at once (unrolled)
-                p = tl.arange(0, 8)
-                for c in tl.static_range(0, NT, 8):
-                    share = c + p
-                    offs = (share[:, None, None] * B + rows[None, :, None]) * D + cols[None, None, :]
-                    tile = tl.load(
-                        parts_ptr + offs, mask=(share < NT)[:, None, None] & m[None, :, :], other=0.0,
-                        cache_modifier=".cg",
-                    )  # fmt: skip
-                    total += tl.sum(tile, axis=0)
-            else:
-                for share in range(NT):
-                    offs = (share * B + rows[:, None]) * D + cols[None, :]
-                    total += tl.load(parts_ptr + offs, mask=m, other=0.0, cache_modifier=".cg")
-            x = x + total.to(tl.bfloat16).to(tl.float32)
-        return x
-
-    @triton.jit
     def arrive(counter_ptr, synced):
         """This program has written everything of its stage (`synced`: the stages run in one launch)."""
         if synced:
@@ -184,15 +158,15 @@ if triton is not None:
     @triton.jit
     def qkv_stage(
         pid, nprog, counter_ptr, target, synced, layer, pos, from_best, bytes_ptr, emb_ptr, cond_ptr, cond_len,
-        norm1_ptr, qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_in_ptr, x_ptr, parts_ptr, q_ptr,
-        best_ptr, best_byte_ptr, B, eps,
+        norm1_ptr, qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, best_ptr,
+        best_byte_ptr, B, eps,
         D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, ADD: tl.constexpr,
         START: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, QP: tl.constexpr, HT: tl.constexpr,
-        HTP: tl.constexpr, NT: tl.constexpr,
+        HTP: tl.constexpr,
     ):  # fmt: skip
-        """The layer's input (at layer 0: the byte's embedding and conditioning; else `layer_input` of
-        x_in, stored at x when it is a new buffer), its norm, and QP rotary pairs of rows of the query,
-        key or value per task: queries to q, keys and values to the cache."""
+        """The layer's input (at layer 0: the byte's embedding and conditioning, stored at x; else the
+        residual stream x), its norm, and QP rotary pairs of rows of the query, key or value per task:
+        queries to q, keys and values to the cache."""
         HALF: tl.constexpr = HD // 2
         TASKS: tl.constexpr = 3 * D // 2 // QP
         cols = tl.arange(0, D)
@@ -233,10 +207,7 @@ if triton is not None:
                     if t == 0:
                         tl.store(x_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
                 else:
-                    x = layer_input(x_in_ptr, parts_ptr, rows, rmask, B, D, BB, NT)
-                    if NT > 0:
-                        if t == 0:
-                            tl.store(x_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
+                    x = load_residual(x_ptr, rows, rmask, D)
                 xn = rms_norm(x, norm_w, eps, D)
                 a = times_t(xn, wa, DOT).to(tl.bfloat16).to(tl.float32)  # rounded as the projection's output
                 b = times_t(xn, wb, DOT).to(tl.bfloat16).to(tl.float32)
@@ -362,42 +333,10 @@ if triton is not None:
             wait(counter_ptr, target, synced)
 
     @triton.jit
-    def mlp_stage(
-        pid, nprog, counter_ptr, target, synced, layer, norm2_ptr, up_ptr, down_ptr, x_ptr, parts_ptr, B, eps, H,
-        D: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, UP_R: tl.constexpr,
-    ):  # fmt: skip
-        """`up_stage` and `down_stage` in one: UP_R hidden units per task, and the task's share of the down
-        projection (all D outputs) to its own slot of `parts`, which the next stage sums (`layer_input`):
-        one sync per layer fewer."""
-        cols = tl.arange(0, D)
-        c = tl.arange(0, UP_R)
-        norm_w = tl.load(norm2_ptr + layer * D + cols)
-        up_layer = up_ptr + layer * 2 * H * D
-        down_layer = down_ptr + layer * D * H
-        tasks = tl.cdiv(H, UP_R)
-        for t in range(pid, tasks, nprog):
-            first = t * UP_R
-            valid = H - first  # units past H read as 0, so their share is 0
-            w_gate = load_rows(up_layer + first * D, D, valid, UP_R, D)
-            w_value = load_rows(up_layer + (H + first) * D, D, valid, UP_R, D)
-            w_down = tl.load(down_layer + cols[:, None] * H + first + c[None, :], mask=(c < valid)[None, :], other=0.0)
-            if t == pid:
-                wait(counter_ptr, target, synced)
-            for r0 in range(0, B, BB):
-                rows = r0 + tl.arange(0, BB)
-                rmask = rows < B
-                xn = rms_norm(load_residual(x_ptr, rows, rmask, D), norm_w, eps, D)
-                share = times_t(gated(xn, w_gate, w_value, DOT), w_down, DOT)  # (BB, D)
-                tl.store(parts_ptr + (t * B + rows[:, None]) * D + cols[None, :], share, mask=rmask[:, None])
-        if pid >= tasks:
-            wait(counter_ptr, target, synced)
-
-    @triton.jit
     def head_stage(
-        pid, nprog, counter_ptr, target, synced, pos, norm_ptr, head_ptr, x_ptr, parts_ptr, logits_ptr, best_ptr,
+        pid, nprog, counter_ptr, target, synced, pos, norm_ptr, head_ptr, x_ptr, logits_ptr, best_ptr,
         best_byte_ptr, k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature,
         D: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr, HEAD_R: tl.constexpr, RULE: tl.constexpr,
-        NT: tl.constexpr,
     ):  # fmt: skip
         """The final norm and HEAD_R logits per task. RULE 0 (greedy) and 1 (Gumbel-max at `temperature`,
         with `StreamNoise`'s uniforms for (stream key, output position, byte value) bit for bit) keep
@@ -413,7 +352,7 @@ if triton is not None:
             for r0 in range(0, B, BB):
                 rows = r0 + tl.arange(0, BB)
                 rmask = rows < B
-                xn = rms_norm(layer_input(x_ptr, parts_ptr, rows, rmask, B, D, BB, NT), norm_w, eps, D)
+                xn = rms_norm(load_residual(x_ptr, rows, rmask, D), norm_w, eps, D)
                 logits = times_t(xn, w, DOT).to(tl.bfloat16)
                 if RULE == 2:
                     tl.store(logits_ptr + rows[:, None] * 256 + byte_values[None, :], logits, mask=rmask[:, None])
@@ -456,23 +395,19 @@ if triton is not None:
         bytes_ptr, emb_ptr, cond_ptr, cond_len,
         norm1_ptr, qkv_ptr, out_ptr, norm2_ptr, up_ptr, down_ptr, final_norm_ptr, head_ptr,
         cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
-        x_ptr, q_ptr, hidden_ptr, parts_ptr, best_ptr, best_byte_ptr, logits_ptr, counter_ptr,
+        x_ptr, q_ptr, hidden_ptr, best_ptr, best_byte_ptr, logits_ptr, counter_ptr,
         k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr,
-        B, first_pos, end_pos, first_layer, end_layer, layers, stage, nprog, eps, scale, temperature, H,
+        B, first_pos, end_pos, first_layer, end_layer, stage, nprog, eps, scale, temperature, H,
         D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, KP: tl.constexpr,
         HP: tl.constexpr, ADD: tl.constexpr, START: tl.constexpr, RULE: tl.constexpr, BB: tl.constexpr,
         DOT: tl.constexpr, QP: tl.constexpr, OUT_R: tl.constexpr, UP_R: tl.constexpr, DOWN_R: tl.constexpr,
-        HEAD_R: tl.constexpr, NT: tl.constexpr,
+        HEAD_R: tl.constexpr,
     ):  # fmt: skip
         """`stage` -1: decoder positions first_pos .. end_pos - 1, every stage of layers first_layer ..
         end_layer - 1 and the head, the `nprog` programs meeting between stages (`arrive`, `wait`: all of
         them must be resident at once, so nprog is at most the SM count). `stage` 0-5 (qkv, attention, up,
         down, head, the bytes): that stage alone, at position first_pos, of the layer first_layer (Triton's
-        interpreter runs programs one after another, so it cannot wait). The same code runs both ways.
-
-        NT > 0: the MLP as one stage (`mlp_stage`, stage 2, whose NT tasks' shares of the down
-        projection the next stage adds), with the residual stream in two buffers, layer l's at
-        x[l % 2] (the next layer's input is written while this one's is read)."""
+        interpreter runs programs one after another, so it cannot wait). The same code runs both ways."""
         pid = tl.program_id(0)
         HT: tl.constexpr = 256 // HEAD_R
         HTP: tl.constexpr = HT if HT > 1 else 2
@@ -480,60 +415,40 @@ if triton is not None:
         syncs = 0  # arrivals so far, over all programs
         for pos in range(first_pos, end_pos):
             for layer in range(first_layer, end_layer):
-                if NT > 0:
-                    x_layer = x_ptr + (layer % 2) * B * D
-                    x_before = x_ptr + ((layer + 1) % 2) * B * D  # the layer before's (layer > 0)
-                else:
-                    x_layer = x_ptr
-                    x_before = x_ptr
                 if synced | (stage == 0):
                     qkv_stage(
                         pid, nprog, counter_ptr, syncs, synced, layer, pos, pos > first_pos, bytes_ptr, emb_ptr,
-                        cond_ptr, cond_len, norm1_ptr, qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_before,
-                        x_layer, parts_ptr, q_ptr, best_ptr, best_byte_ptr, B, eps, D, HD, NH, KC, ADD, START, BB,
-                        DOT, QP, HT, HTP, NT,
+                        cond_ptr, cond_len, norm1_ptr, qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr,
+                        q_ptr, best_ptr, best_byte_ptr, B, eps, D, HD, NH, KC, ADD, START, BB, DOT, QP, HT, HTP,
                     )  # fmt: skip
                     arrive(counter_ptr, synced)
                     syncs += nprog
                 if synced | (stage == 1):
                     attention_stage(
                         pid, nprog, counter_ptr, syncs, synced, layer, pos, q_ptr, k_cache_ptr, v_cache_ptr,
-                        out_ptr, x_layer, B, scale, D, HD, NH, KC, KP, BB, DOT, OUT_R,
+                        out_ptr, x_ptr, B, scale, D, HD, NH, KC, KP, BB, DOT, OUT_R,
                     )  # fmt: skip
                     arrive(counter_ptr, synced)
                     syncs += nprog
-                if NT > 0:
-                    if synced | (stage == 2):
-                        mlp_stage(
-                            pid, nprog, counter_ptr, syncs, synced, layer, norm2_ptr, up_ptr, down_ptr, x_layer,
-                            parts_ptr, B, eps, H, D, BB, DOT, UP_R,
-                        )  # fmt: skip
-                        arrive(counter_ptr, synced)
-                        syncs += nprog
-                else:
-                    if synced | (stage == 2):
-                        up_stage(
-                            pid, nprog, counter_ptr, syncs, synced, layer, norm2_ptr, up_ptr, x_layer, hidden_ptr,
-                            B, eps, H, D, HP, BB, DOT, UP_R,
-                        )  # fmt: skip
-                        arrive(counter_ptr, synced)
-                        syncs += nprog
-                    if synced | (stage == 3):
-                        down_stage(
-                            pid, nprog, counter_ptr, syncs, synced, layer, down_ptr, hidden_ptr, x_layer, B, H,
-                            D, HP, BB, DOT, DOWN_R,
-                        )  # fmt: skip
-                        arrive(counter_ptr, synced)
-                        syncs += nprog
+                if synced | (stage == 2):
+                    up_stage(
+                        pid, nprog, counter_ptr, syncs, synced, layer, norm2_ptr, up_ptr, x_ptr, hidden_ptr,
+                        B, eps, H, D, HP, BB, DOT, UP_R,
+                    )  # fmt: skip
+                    arrive(counter_ptr, synced)
+                    syncs += nprog
+                if synced | (stage == 3):
+                    down_stage(
+                        pid, nprog, counter_ptr, syncs, synced, layer, down_ptr, hidden_ptr, x_ptr, B, H,
+                        D, HP, BB, DOT, DOWN_R,
+                    )  # fmt: skip
+                    arrive(counter_ptr, synced)
+                    syncs += nprog
             if synced | (stage == 4):
-                if NT > 0:
-                    x_last = x_ptr + ((layers - 1) % 2) * B * D
-                else:
-                    x_last = x_ptr
                 head_stage(
-                    pid, nprog, counter_ptr, syncs, synced, pos, final_norm_ptr, head_ptr, x_last, parts_ptr,
-                    logits_ptr, best_ptr, best_byte_ptr, k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps,
-                    temperature, D, BB, DOT, HEAD_R, RULE, NT,
+                    pid, nprog, counter_ptr, syncs, synced, pos, final_norm_ptr, head_ptr, x_ptr, logits_ptr,
+                    best_ptr, best_byte_ptr, k0_ptr, k1_ptr, byte_keys_ptr, positions_ptr, B, eps, temperature,
+                    D, BB, DOT, HEAD_R, RULE,
                 )  # fmt: skip
                 arrive(counter_ptr, synced)
                 syncs += nprog
@@ -565,15 +480,13 @@ class DecoderKernels:
     a grid-wide sync between stages; otherwise (Triton's interpreter) each stage is its own launch, with
     the same arithmetic in the same order, so the two give the same numbers bit for bit.
 
-    `fused_mlp`: each layer's MLP as one stage instead of two (`mlp_stage`): 3 syncs per layer, not 4,
-    at the cost of every reader of the residual stream summing the MLP tasks' shares. Not yet measured
-    on a GPU (`benchmarks/decoder_kernel.py --fused-mlp` compares the two), so off by default.
+    `programs` (default 64) and `warps` (default 4 for one stream, 8 for blocks of 16) were chosen with
+    `benchmarks/decoder_kernel.py` on an H200 (docs/performance.md, 6f).
     """
 
     def __init__(
         self, decoder, cache, cond: torch.Tensor, patch_bytes: torch.Tensor, options, noise, positions,
-        persistent: bool | None = None, programs: int | None = None, fused_mlp: bool = False,
-        warps: int | None = None,
+        persistent: bool | None = None, programs: int | None = None, warps: int | None = None,
     ):  # fmt: skip
         stack = decoder.stack
         cfg = stack.cfg
@@ -599,8 +512,6 @@ class DecoderKernels:
         if interpreted:
             self.pairs, self.out_rows, self.down_rows = self.head_dim // 2, self.dim, self.dim
             self.up_rows, self.head_rows = min(_pow2(self.hidden), 256), 256
-            if fused_mlp:  # 16 shares: the sum over them runs in two unrolled blocks of 8
-                self.up_rows = max(1, _pow2(self.hidden) // 16)
         else:
             wide = 16 if self.dot else 4
             self.pairs = min(16 if self.dot else 8, self.head_dim // 2)
@@ -620,14 +531,10 @@ class DecoderKernels:
         self.add = decoder.conditioning == "add"
         f32 = dict(device=dev, dtype=torch.float32)
         self.hidden_pad = _pow2(self.hidden)
-        self.fused_mlp = fused_mlp
-        # Warps per program: 4 for one stream (measured); 8 for blocks of 16 streams, and for the fused
-        # MLP, whose sum over 64 shares needs 8 to stay in registers (compiled offline for sm_90 with
-        # Triton 3.9: 249 registers and no stack at 8 warps, 255 and a 128-byte stack at 4).
-        self.warps = warps or (4 if self.batch == 1 and not fused_mlp else 8)
-        self.shares = -(-self.hidden // self.up_rows) if fused_mlp else 0  # the MLP tasks' shares per stream
-        self.x = torch.zeros(2 if fused_mlp else 1, self.batch, self.dim, **f32)
-        self.parts = torch.zeros(max(1, self.shares), self.batch, self.dim, **f32)
+        # Warps per program: 4 for one stream (on an H200, 275 us per `speech` patch against 317 at 8);
+        # 8 for blocks of 16 streams, whose tiles spill at 4.
+        self.warps = warps or (4 if self.batch == 1 else 8)
+        self.x = torch.zeros(self.batch, self.dim, **f32)
         self.q = torch.zeros(self.batch, self.dim, device=dev, dtype=torch.bfloat16)
         self.hidden_units = torch.zeros(self.batch, self.hidden_pad, device=dev, dtype=torch.bfloat16)
         head_tasks = 256 // self.head_rows
@@ -665,14 +572,14 @@ class DecoderKernels:
             self.patch_bytes, self.embedding, self.cond, self.cond.shape[1],
             self.norm1, self.qkv, self.out, self.norm2, self.up, self.down, self.final_norm, self.head,
             self.cos, self.sin, self.cache.k_layers, self.cache.v_layers,
-            self.x, self.q, self.hidden_units, self.parts, self.best, self.best_byte, self.logits, self.counter,
+            self.x, self.q, self.hidden_units, self.best, self.best_byte, self.logits, self.counter,
             self.k0, self.k1, self.byte_keys, self.positions,
-            self.batch, first, end, *layers, self.layers, stage, self.programs, self.eps, self.scale,
-            self.temperature, self.hidden,
+            self.batch, first, end, *layers, stage, self.programs, self.eps, self.scale, self.temperature,
+            self.hidden,
             D=self.dim, HD=self.head_dim, NH=self.heads, KC=self.K, KP=_pow2(self.K), HP=self.hidden_pad,
             ADD=self.add, START=START, RULE=self.rule, BB=self.rows, DOT=self.dot, QP=self.pairs,
             OUT_R=self.out_rows, UP_R=self.up_rows, DOWN_R=self.down_rows, HEAD_R=self.head_rows,
-            NT=self.shares, num_warps=self.warps, num_stages=1,
+            num_warps=self.warps, num_stages=1,
         )  # fmt: skip
 
     def _run(self, first: int, end: int) -> None:
@@ -682,7 +589,7 @@ class DecoderKernels:
             return
         for k in range(first, end):
             for layer in range(self.layers):
-                for stage in range(3 if self.fused_mlp else 4):
+                for stage in range(4):
                     self._launch(k, k + 1, stage, layer)
             self._launch(k, k + 1, 4)
             if self.draws:

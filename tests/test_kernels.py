@@ -39,9 +39,7 @@ def bf16_decoder(dim: int, heads: int, layers: int, K: int, conditioning: str, d
     return linear_weights_in(decoder, torch.bfloat16).to(device).eval()
 
 
-def kernel_and_model_steps(
-    decoder, batch: int, options: SamplingOptions, device, autocast_device: str, fused_mlp: bool = False
-):
+def kernel_and_model_steps(decoder, batch: int, options: SamplingOptions, device, autocast_device: str):
     """One patch, position by position, through the kernels and through `decoder.step` (fed the same
     bytes): [(kernel logits or None, the bytes the kernels drew or None, the model's logits)], and both
     caches."""
@@ -56,7 +54,7 @@ def kernel_and_model_steps(
     noise = StreamNoise(list(range(7, 7 + batch)), device)
     kernel_cache = decoder.stack.new_cache(batch, K, device, torch.bfloat16)
     model_cache = decoder.stack.new_cache(batch, K, device, torch.bfloat16)
-    kernels = DecoderKernels(decoder, kernel_cache, cond, patch, options, noise, positions, fused_mlp=fused_mlp)
+    kernels = DecoderKernels(decoder, kernel_cache, cond, patch, options, noise, positions)
     steps = []
     with torch.no_grad(), torch.autocast(autocast_device, dtype=torch.bfloat16):
         for k in range(K):
@@ -71,7 +69,7 @@ def kernel_and_model_steps(
     return steps, kernel_cache, model_cache, noise, positions
 
 
-def check_kernels(device, autocast_device: str, shapes, batches, tolerance: float, fused_mlp: bool = False) -> None:
+def check_kernels(device, autocast_device: str, shapes, batches, tolerance: float) -> None:
     """The kernels' logits follow the model's within `tolerance` (relative to the largest logit), their
     keys and values too; the bytes they draw are `sample_bytes` of their own logits, for greedy and
     temperature-only rules (the rules they draw themselves). `shapes`: (decoder dim, heads) pairs."""
@@ -80,9 +78,7 @@ def check_kernels(device, autocast_device: str, shapes, batches, tolerance: floa
             decoder = bf16_decoder(dim, heads, 2, 4, conditioning, device)
             for batch in batches:
                 logits_only = SamplingOptions(1.0, 5, 1.0)  # top-k: the kernels give logits
-                steps, kc, mc, _, _ = kernel_and_model_steps(
-                    decoder, batch, logits_only, device, autocast_device, fused_mlp
-                )
+                steps, kc, mc, _, _ = kernel_and_model_steps(decoder, batch, logits_only, device, autocast_device)
                 for logits, _, reference in steps:
                     error = (logits.float() - reference.float()).abs().max() / reference.float().abs().max()
                     assert error < tolerance, (conditioning, dim, batch, float(error))
@@ -90,11 +86,11 @@ def check_kernels(device, autocast_device: str, shapes, batches, tolerance: floa
                     assert (a.float() - b.float()).abs().max() < tolerance * b.float().abs().max() * 4
                 for rule in (SamplingOptions(1.0, 0, 1.0), SamplingOptions(0.7, 0, 1.0), SamplingOptions(0.0, 0, 1.0)):
                     drawn, _, _, noise, positions = kernel_and_model_steps(
-                        decoder, batch, rule, device, autocast_device, fused_mlp
+                        decoder, batch, rule, device, autocast_device
                     )
                     # The same patch with logits out: fed the drawn bytes, so the logits are those the
                     # drawing kernels computed.
-                    steps, *_ = kernel_and_model_steps(decoder, batch, logits_only, device, autocast_device, fused_mlp)
+                    steps, *_ = kernel_and_model_steps(decoder, batch, logits_only, device, autocast_device)
                     gumbel = noise.gumbel_at(positions)
                     for k, ((_, byte, _), (logits, _, _)) in enumerate(zip(drawn, steps)):
                         if k == 0:  # later positions depend on earlier draws, which the two runs share only at 0
@@ -114,15 +110,13 @@ def test_interpreted_kernels_follow_the_decoder_step():
         return
     # Head widths under 32: the interpreter's bf16 tl.dot is wrong, so only the other products run here.
     check_kernels(torch.device("cpu"), "cpu", shapes=((32, 2), (64, 4)), batches=(1, 3), tolerance=0.05)
-    check_kernels(torch.device("cpu"), "cpu", shapes=((64, 4),), batches=(1, 3), tolerance=0.05, fused_mlp=True)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 def test_cuda_kernels_follow_the_decoder_step():
     # The `speech` decoder's widths (head width 64), and more streams than one: tensor-core products (tl.dot), in
     # two row blocks at 17. (Each shape, batch and rule is a compilation of several seconds.)
-    for fused_mlp in (False, True):
-        check_kernels(torch.device("cuda"), "cuda", ((256, 4),), batches=(1, 17), tolerance=0.02, fused_mlp=fused_mlp)
+    check_kernels(torch.device("cuda"), "cuda", ((256, 4),), batches=(1, 17), tolerance=0.02)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
@@ -131,7 +125,7 @@ def test_cuda_persistent_kernel_equals_its_stages_launched_one_by_one(batch):
     """The one-launch patch (every stage, programs meeting at grid-wide syncs) computes exactly what the
     same stages compute as separate launches: the same logits, caches and drawn bytes, bit for bit. So
     the syncs order every write before every read that depends on it. At the `speech` decoder's widths,
-    with fewer programs than tasks too (tasks then loop over programs), with the MLP in two stages and in one."""
+    with fewer programs than tasks too (tasks then loop over programs)."""
     from haed.kernels import DecoderKernels
 
     device = torch.device("cuda")
@@ -143,14 +137,12 @@ def test_cuda_persistent_kernel_equals_its_stages_launched_one_by_one(batch):
     noise = StreamNoise(list(range(batch)), device)
     for options in (SamplingOptions(1.0, 0, 1.0), SamplingOptions(0.0, 0, 1.0), SamplingOptions(1.0, 5, 1.0)):
         results = []
-        for persistent, programs, fused_mlp in product((True, False), (None, 7), (False, True)):
+        for persistent, programs in product((True, False), (None, 7)):
             if not persistent and programs:
                 continue
             patch = torch.zeros(batch, 1, K, dtype=torch.uint8, device=device)
             cache = decoder.stack.new_cache(batch, K, device, torch.bfloat16)
-            kernels = DecoderKernels(
-                decoder, cache, cond, patch, options, noise, positions, persistent, programs, fused_mlp
-            )
+            kernels = DecoderKernels(decoder, cache, cond, patch, options, noise, positions, persistent, programs)
             logits = []
             if kernels.draws:
                 kernels.patch()
@@ -159,14 +151,12 @@ def test_cuda_persistent_kernel_equals_its_stages_launched_one_by_one(batch):
                     logits.append(kernels.step(k).clone())
                     patch[:, 0, k] = logits[-1].float().argmax(dim=-1).to(torch.uint8)
             torch.cuda.synchronize()
-            results.append((fused_mlp, (patch.clone(), cache.k_layers.clone(), cache.v_layers.clone(), logits)))
-        # The fused MLP sums its shares in another order: equal to the two-stage MLP only within rounding.
-        for fused_mlp in (False, True):
-            first, *others = [result for fused, result in results if fused == fused_mlp]
-            for other in others:
-                assert torch.equal(first[0], other[0]), (options, fused_mlp)
-                assert torch.equal(first[1], other[1]) and torch.equal(first[2], other[2]), (options, fused_mlp)
-                assert all(torch.equal(a, b) for a, b in zip(first[3], other[3])), (options, fused_mlp)
+            results.append((patch.clone(), cache.k_layers.clone(), cache.v_layers.clone(), logits))
+        first, *others = results
+        for other in others:
+            assert torch.equal(first[0], other[0]), options
+            assert torch.equal(first[1], other[1]) and torch.equal(first[2], other[2]), options
+            assert all(torch.equal(a, b) for a, b in zip(first[3], other[3])), options
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
