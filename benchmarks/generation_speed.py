@@ -14,12 +14,12 @@ shape), then `--bytes` bytes per stream timed
 with CUDA synchronisation, `--repeats` times; the median aggregate samples/s (all streams) and per
 stream. Sampling is the library's (`haed.generate.generate`): temperature 1, no top-k / top-p.
 Modes (`--modes`): `patch-kernels`, the decoder's steps as Triton kernels (`haed.kernels`) and the
-encoder and main model's step through torch.compile, one CUDA graph per patch (`haed generate --compile
---decoder-kernels`); `patch-compiled`, the whole patch step through torch.compile, then one CUDA graph
-per patch (`haed generate --compile`); `patch-graphs`, one
-CUDA graph per patch with the sampling inside (the default of `haed generate`); `byte-graphs`, one
-graph per decoder step with the sampling between replays; `eager`, the same steps without graphs (all
-a CPU has).
+encoder and main model's step as one too for one stream where `MainKernels` supports the model (else
+through torch.compile), one CUDA graph per patch (`haed generate --compile --decoder-kernels`);
+`patch-compiled`, the whole patch step through torch.compile, then one CUDA graph per patch (`haed
+generate --compile`); `patch-graphs`, one CUDA graph per patch with the sampling inside (the default
+of `haed generate`); `byte-graphs`, one graph per decoder step with the sampling between replays;
+`eager`, the same steps without graphs (all a CPU has).
 With `--out`, a JSON of every number, and a sample per model (`--wav NAME`: a WAV at its rate).
 With `--count-ops`, the operators one whole-patch step dispatches (aten operators other than views, as
 dispatched on `--device`: on CUDA nearly one kernel each, on a CPU some are split up, e.g. RMSNorm
@@ -116,6 +116,7 @@ def time_generation(model, prompt: bytes, n: int, streams: int, mode: str, repea
         "median_per_stream": median / streams,
         "ms_per_step": 1e3 * streams / median,
         "prefill_seconds": [g.prefill_seconds for g in runs],
+        "main_kernels": runs[0].main_kernels,  # the encoder and main model's step as one Triton kernel
     }
 
 

@@ -77,9 +77,10 @@ class HierarchicalSampler:
     byte, so it draws the same bytes.
 
     `decoder_kernels`: the patch step's K decoder steps run as a Triton kernel (`haed.kernels`: one
-    launch per patch when it draws the bytes, one per byte for top-k and top-p), the encoder and main
-    model's step as before (compiled with `compile_patch`). CUDA only; the same model up to the order
-    of float32 sums, so a draw can change only at a near tie.
+    launch per patch when it draws the bytes, one per byte for top-k and top-p); for one stream, where
+    `MainKernels` supports the model, the encoder and main model's step too (one launch), else as before
+    (compiled with `compile_patch`). CUDA only; the same model up to the order of float32 sums, so a
+    draw can change only at a near tie.
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class HierarchicalSampler:
         self.compile_patch = compile_patch  # run the whole-patch step through torch.compile (`compiled_patch_step`)
         self.decoder_kernels = decoder_kernels  # the whole-patch step's decoder as Triton kernels (`haed.kernels`)
         self.kernels = None  # made on first use, over the buffers and caches of `_make_caches`
+        self.main_kernels = None  # likewise, where `MainKernels` supports the model and batch
         self.K = model.patch_size
         self.batch = batch
         self.context_patches = max(2, context_patches)
@@ -157,7 +159,7 @@ class HierarchicalSampler:
         temperature-only bytes itself, all K in one launch; for top-k or top-p it gives each position's
         logits to `sample_bytes`."""
         if self.kernels is None:
-            from haed.kernels import DecoderKernels
+            from haed.kernels import DecoderKernels, MainKernels, main_unsupported_reason
 
             self.kernels = DecoderKernels(
                 self.model.decoder,
@@ -168,6 +170,8 @@ class HierarchicalSampler:
                 self.noise,
                 self.noise_positions,
             )
+            if main_unsupported_reason(self.model, self.batch) is None:
+                self.main_kernels = MainKernels(self.model, self.main_cache, self.patch_bytes, self.position, self.cond)
         if self.kernels.draws:
             self.kernels.patch()  # the K bytes in one launch
         else:
@@ -177,7 +181,9 @@ class HierarchicalSampler:
                 noise = None if gumbel is None else gumbel[:, k]
                 self.patch_bytes[:, 0, k].copy_(sample_bytes(logits, self.options, noise))
         self.patch_out.copy_(self.patch_bytes[:, 0].t())
-        if self.compile_patch:
+        if self.main_kernels is not None:
+            self.main_kernels.step()
+        elif self.compile_patch:
             compiled_main_step()(self)
         else:
             self._main_step()
@@ -247,7 +253,7 @@ class HierarchicalSampler:
 
     def set_sampling(self, options: SamplingOptions, noise: StreamNoise | None) -> None:
         """The rule and the noise (None for greedy) that `sample_patch` draws with."""
-        self.options, self.noise, self.patch_graph, self.kernels = options, noise, None, None
+        self.options, self.noise, self.patch_graph, self.kernels, self.main_kernels = options, noise, None, None, None
 
     def can_sample_patch(self) -> bool:
         """At a patch boundary, with room in the main model's context for the patch's step."""
@@ -293,7 +299,7 @@ class HierarchicalSampler:
         self.cond = torch.zeros(
             self.batch, decoder.condition.out_features // width, width, device=self.device, dtype=dtype
         )
-        self.graphs = self.patch_graph = self.kernels = None
+        self.graphs = self.patch_graph = self.kernels = self.main_kernels = None
 
     @torch.no_grad()
     def start(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -527,6 +533,7 @@ class Generation:
     seconds: float
     prefill_seconds: float
     decoder_kernels: bool = False  # whether the decoder ran as Triton kernels (`haed.kernels`)
+    main_kernels: bool = False  # whether the encoder and main model's step did too (`MainKernels`)
 
     @property
     def output(self) -> bytes:
@@ -660,6 +667,7 @@ def generate(
         seconds=t2 - t1,
         prefill_seconds=t1 - t0,
         decoder_kernels=decoder_kernels,
+        main_kernels=getattr(sampler, "main_kernels", None) is not None,
     )
 
 

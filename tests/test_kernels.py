@@ -112,6 +112,115 @@ def test_interpreted_kernels_follow_the_decoder_step():
     check_kernels(torch.device("cpu"), "cpu", shapes=((32, 2), (64, 4)), batches=(1, 3), tolerance=0.05)
 
 
+def bf16_model(pooling: str, conditioning: str, device, main_dim: int = 64, main_heads: int = 4, encoder_dim: int = 32):
+    """A tiny HAED model with perturbed weights, its Linear weights in bf16 (as a sampler has them)."""
+    model = tiny_model(patch_size=4, pooling=pooling, conditioning=conditioning)
+    cfg = model.cfg
+    cfg = replace(
+        cfg,
+        encoder=replace(cfg.encoder, dim=encoder_dim, heads=2),
+        main=replace(cfg.main, dim=main_dim, heads=main_heads),
+    )
+    from haed.model import HAED
+
+    torch.manual_seed(2)
+    model = HAED(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p += 0.05 * torch.randn_like(p)
+    return linear_weights_in(model, torch.bfloat16).to(device).eval()
+
+
+def check_main_kernels(device, autocast_device: str, tolerance: float, **shape) -> None:
+    """`MainKernels.step` against the model's own patch step (`HierarchicalSampler._main_step`): the
+    conditioning vectors it writes, and the keys and values it adds to the main model's cache (whose
+    other slots it leaves alone), at several positions of a cache with history."""
+    from haed.kernels import MainKernels
+
+    for pooling, conditioning in (("concat", "add"), ("mean", "prefix")):
+        model = bf16_model(pooling, conditioning, device, **shape)
+        K, slots = model.patch_size, 70
+        g = torch.Generator().manual_seed(4)
+        patch = torch.randint(0, 256, (1, 1, K), generator=g, dtype=torch.uint8).to(device)
+        cache = model.main.new_cache(1, slots, device, torch.bfloat16)
+        cache.k_layers.copy_(torch.randn(cache.k_layers.shape, generator=g))
+        cache.v_layers.copy_(torch.randn(cache.v_layers.shape, generator=g))
+        cond_len = K if conditioning == "add" else 1
+        cond = torch.zeros(
+            1, cond_len, model.decoder.token_embedding.embedding_dim, device=device, dtype=torch.bfloat16
+        )
+        position = torch.zeros((), dtype=torch.long, device=device)
+        kernel_cache = model.main.new_cache(1, slots, device, torch.bfloat16)
+        kernels = MainKernels(model, kernel_cache, patch, position, cond)
+        for pos in (0, 5, 69):
+            kernel_cache.k_layers.copy_(cache.k_layers)
+            kernel_cache.v_layers.copy_(cache.v_layers)
+            position.fill_(pos)
+            with torch.no_grad(), torch.autocast(autocast_device, dtype=torch.bfloat16):
+                reference_cache = model.main.new_cache(1, slots, device, torch.bfloat16)
+                reference_cache.k_layers.copy_(cache.k_layers)
+                reference_cache.v_layers.copy_(cache.v_layers)
+                h = model.main(model.encoder(patch), reference_cache, pos=position)[:, -1]
+                want = model.decoder.conditioning_vectors(h)
+                kernels.step()
+            error = (cond.float() - want.float()).abs().max() / want.float().abs().max()
+            assert error < tolerance, (pooling, conditioning, pos, float(error))
+            for a, b in (
+                (kernel_cache.k_layers, reference_cache.k_layers),
+                (kernel_cache.v_layers, reference_cache.v_layers),
+            ):
+                others = torch.arange(slots, device=device) != pos
+                assert torch.equal(a[:, :, :, others], b[:, :, :, others])  # only the step's slot is written
+                new, ref = a[:, :, :, pos].float(), b[:, :, :, pos].float()
+                assert (new - ref).abs().max() < tolerance * ref.abs().max() * 4, (pooling, conditioning, pos)
+
+
+@pytest.mark.skipif(CUDA, reason="with CUDA the kernels are compiled: the test_cuda_* tests")
+def test_interpreted_main_kernels_follow_the_model():
+    pytest.importorskip("triton")
+    if not INTERPRETED:
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        test = f"{__file__}::{test_interpreted_main_kernels_follow_the_model.__name__}"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        return
+    check_main_kernels(torch.device("cpu"), "cpu", tolerance=0.05)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
+def test_cuda_main_kernels_follow_the_model():
+    # The `speech` encoder's and main model's widths: the task sizes of a GPU, 8 heads in 16 parts each.
+    check_main_kernels(torch.device("cuda"), "cuda", tolerance=0.02, main_dim=512, main_heads=8, encoder_dim=128)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
+def test_cuda_persistent_main_kernel_equals_its_stages_launched_one_by_one():
+    """One launch (programs meeting at grid-wide syncs) computes exactly what its stages compute as
+    separate launches, bit for bit, with fewer programs than tasks too. (The program count sets the
+    parts attention over the cache is split into, so results are compared at equal counts.)"""
+    from haed.kernels import MainKernels
+
+    device = torch.device("cuda")
+    model = bf16_model("concat", "add", device, main_dim=512, main_heads=8, encoder_dim=128)
+    K, slots = model.patch_size, 300
+    g = torch.Generator().manual_seed(6)
+    patch = torch.randint(0, 256, (1, 1, K), generator=g, dtype=torch.uint8).to(device)
+    history = torch.randn(model.main.new_cache(1, slots, "cpu", torch.bfloat16).k_layers.shape, generator=g)
+    position = torch.tensor(250, device=device)
+    results = {}
+    for persistent, programs in product((True, False), (None, 16)):
+        cache = model.main.new_cache(1, slots, device, torch.bfloat16)
+        cache.k_layers.copy_(history)
+        cache.v_layers.copy_(history.flip(0))
+        cond = torch.zeros(1, K, model.decoder.token_embedding.embedding_dim, device=device, dtype=torch.bfloat16)
+        MainKernels(model, cache, patch, position, cond, persistent, programs).step()
+        torch.cuda.synchronize()
+        results[persistent, programs] = (cond, cache.k_layers, cache.v_layers)
+    for programs in (None, 16):
+        assert all(torch.equal(a, b) for a, b in zip(results[True, programs], results[False, programs])), programs
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 def test_cuda_kernels_follow_the_decoder_step():
     # The `speech` decoder's widths (head width 64), and more streams than one: tensor-core products (tl.dot), in
@@ -172,6 +281,7 @@ def test_cuda_kernel_patch_graphs_equal_eager_bytes(batch):
         for graphs in (True, False)
     }
     assert all(run.decoder_kernels for run in runs.values())
+    assert all(run.main_kernels == (batch == 1) for run in runs.values())  # one stream: the main model's too
     assert runs[True].outputs == runs[False].outputs
     eager = generate(model, b"hello", 70, cuda_graphs=False, whole_patches=False, **kw)
     assert not eager.decoder_kernels
