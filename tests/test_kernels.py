@@ -191,7 +191,9 @@ def test_interpreted_main_kernels_follow_the_model():
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 def test_cuda_main_kernels_follow_the_model():
     # The `speech` encoder's and main model's widths: the task sizes of a GPU, 8 heads in 16 parts each.
-    check_main_kernels(torch.device("cuda"), "cuda", tolerance=0.02, main_dim=512, main_heads=8, encoder_dim=128)
+    # The bound is bf16's: at these widths the model under autocast is itself 0.5-2.1% (of the largest
+    # conditioning value) from the same model in float32, and the kernel 0.5-1.9% (H200, 2026-12-02).
+    check_main_kernels(torch.device("cuda"), "cuda", tolerance=0.03, main_dim=512, main_heads=8, encoder_dim=128)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
@@ -271,9 +273,10 @@ def test_cuda_persistent_kernel_equals_its_stages_launched_one_by_one(batch):
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 @pytest.mark.parametrize("batch", [1, 17])
 def test_cuda_kernel_patch_graphs_equal_eager_bytes(batch):
-    """Whole patches with the decoder as Triton kernels: their CUDA graph replays draw exactly the bytes of
-    the same launches without graphs, and those are the model's eager bytes (the tiny model's draws
-    have no near ties over these 70 bytes)."""
+    """Whole patches with the decoder as Triton kernels (one stream: the encoder and main model's step
+    too): their CUDA graph replays draw exactly the bytes of the same launches without graphs, and
+    those are the model's eager bytes (the tiny model's Gumbel-max draws have no near ties over these
+    70 bytes)."""
     model = tiny_model(patch_size=4).cuda()
     kw = dict(temperature=1.0, top_k=0, top_p=1.0, seed=3, context_bytes=24, num_samples=batch)
     runs = {
@@ -287,8 +290,10 @@ def test_cuda_kernel_patch_graphs_equal_eager_bytes(batch):
     assert not eager.decoder_kernels
     assert runs[True].outputs == eager.outputs
     # Top-p: the kernels' logits through `sample_bytes`, in the graph as without it. Against the model's
-    # own steps only for one stream: where the kept mass crosses top_p a rounding difference moves the
-    # cut (measured on an H200: one of 17 streams went its own way after 9 bytes; one stream agreed).
+    # own steps only for one stream and its first patch, drawn from the prefill's conditioning: where the
+    # kept mass crosses top_p a rounding difference moves the cut (measured on an H200: one of 17
+    # streams went its own way after 9 bytes; with the main model's step as a kernel too, one stream
+    # after 8, the first byte after that step; temperature-only draws above agree over 70 bytes).
     top_p = {
         graphs: generate(model, b"hi", 40, cuda_graphs=graphs, decoder_kernels=True, **{**kw, "top_p": 0.9})
         for graphs in (True, False)
@@ -296,7 +301,7 @@ def test_cuda_kernel_patch_graphs_equal_eager_bytes(batch):
     assert top_p[True].outputs == top_p[False].outputs
     if batch == 1:
         eager_top_p = generate(model, b"hi", 40, cuda_graphs=False, whole_patches=False, **{**kw, "top_p": 0.9})
-        assert top_p[True].outputs == eager_top_p.outputs
+        assert top_p[True].outputs[0][:4] == eager_top_p.outputs[0][:4]
 
 
 def test_decoder_kernels_where_they_cannot_run_are_refused_in_one_line():
