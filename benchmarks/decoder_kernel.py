@@ -1,4 +1,4 @@
-"""The decoder's Triton kernel alone: microseconds per patch, by program count and stream count.
+"""The patch step's Triton kernels alone: microseconds per patch, by program count and stream count.
 
 `haed.kernels.decoder_kernel` runs a whole patch of the byte decoder in one launch. Its programs meet
 at a grid-wide sync between stages (13 per byte at `speech`), and the program count sets both the work
@@ -15,6 +15,9 @@ reset and the launch) after a warm-up. `--patches` replays are then timed with C
 the same kernel launched stage by stage (one launch per stage: 13 per byte at `speech`), which does
 the same arithmetic without the syncs. `--warps 4,8` sets the warps per program (default: the
 kernel's own choice). Sampling is temperature 1 (the kernel draws the bytes).
+`--main` also times the rest of a one-stream patch step, the encoder and the main model's step as one
+kernel (`haed.kernels.MainKernels`), by `--main-programs` and `--warps`, at position `--position` of a
+main-model cache of 1,025 slots (a context of 8,192 bytes); its attention reads positions up to it.
 With `--out`, a JSON of every number and the command.
 
 Without CUDA, `TRITON_INTERPRET=1` runs a smoke check of the code path (stage by stage, tiny patch
@@ -71,6 +74,50 @@ def time_patches(run, patches: int, repeats: int, device: torch.device) -> list[
     return out
 
 
+def graphed(step, device: torch.device):
+    """`step` after a first run (which compiles), on CUDA as the replay of its CUDA graph."""
+    step()
+    if device.type != "cuda":
+        return step
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    return graph.replay
+
+
+def measure_main(model, programs: int, warps: int, args, device) -> dict:
+    """The encoder and main model's step as one kernel (`MainKernels`): us per patch."""
+    from haed.kernels import MainKernels
+
+    K = model.patch_size
+    g = torch.Generator().manual_seed(0)
+    cache = model.main.new_cache(1, 1025, device, torch.bfloat16)
+    cache.k_layers.copy_(torch.randn(cache.k_layers.shape, generator=g))
+    cache.v_layers.copy_(torch.randn(cache.v_layers.shape, generator=g))
+    patch = torch.randint(0, 256, (1, 1, K), generator=g, dtype=torch.uint8).to(device)
+    position = torch.tensor(args.position, device=device)
+    width = model.decoder.token_embedding.embedding_dim
+    cond = torch.zeros(1, model.decoder.condition.out_features // width, width, device=device, dtype=torch.bfloat16)
+    kernels = MainKernels(model, cache, patch, position, cond, programs=programs, warps=warps)
+    seconds = time_patches(graphed(kernels.step, device), args.patches, args.repeats, device)
+    us = statistics.median(seconds) * 1e6
+    return {
+        "part": "encoder and main model",
+        "programs": kernels.programs,
+        "warps": warps,
+        "splits": kernels.splits,
+        "position": args.position,
+        "us_per_patch": [t * 1e6 for t in seconds],
+        "median_us_per_patch": us,
+    }
+
+
 def measure(decoder, batch: int, programs: int, persistent: bool, warps, args, device) -> dict:
     from haed.kernels import DecoderKernels  # imports Triton
 
@@ -84,20 +131,7 @@ def measure(decoder, batch: int, programs: int, persistent: bool, warps, args, d
     noise = StreamNoise(list(range(batch)), device)
     options = SamplingOptions(1.0, 0, 1.0)
     kernels = DecoderKernels(decoder, cache, cond, patch, options, noise, positions, persistent, programs, warps)
-    kernels.patch()  # compiles
-    run = kernels.patch
-    if device.type == "cuda":
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            kernels.patch()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            kernels.patch()
-        graph.replay()
-        run = graph.replay
-    seconds = time_patches(run, args.patches, args.repeats, device)
+    seconds = time_patches(graphed(kernels.patch, device), args.patches, args.repeats, device)
     us = statistics.median(seconds) * 1e6
     return {
         "streams": batch,
@@ -120,6 +154,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timings per configuration (default 5)")
     p.add_argument("--stages", action="store_true", help="also time the stage-by-stage launches")
     p.add_argument("--warps", type=ints, default=None, help="warps per program, e.g. 4,8 (default: the kernel's)")
+    p.add_argument("--main", action="store_true", help="also time the encoder and main model's step (MainKernels)")
+    p.add_argument("--main-programs", type=ints, default=[128], help="MainKernels program counts (default 128)")
+    p.add_argument("--position", type=int, default=375, help="the main model's position for --main (default 375)")
     p.add_argument("--out", type=Path, help="write DIR/decoder-kernel.json")
     args = p.parse_args()
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -127,6 +164,8 @@ def main() -> None:
         p.error("needs CUDA (or TRITON_INTERPRET=1 for a smoke check of the code path on the CPU)")
     if args.patches < 1 or args.repeats < 1:
         p.error("--patches and --repeats must be at least 1")
+    if not 0 <= args.position < 1025:
+        p.error("--position must be from 0 to 1024 (the main model's cache has 1,025 slots)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from haed.kernels import config_unsupported_reason
 
@@ -146,7 +185,8 @@ def main() -> None:
             sys.exit(f"{name}: the kernel cannot run this architecture: {reason}")
         torch.manual_seed(0)
         model = build_model(recipe.model)
-        decoder = linear_weights_in(model.decoder, torch.bfloat16).to(device).eval()
+        model = linear_weights_in(model, torch.bfloat16).to(device).eval()
+        decoder = model.decoder
         cfg = recipe.model.decoder
         runs = []
         modes = [False] if interpreted else [True]
@@ -161,6 +201,21 @@ def main() -> None:
                     print(
                         f"{name:<8} {batch:>4} {row['programs']:>8} {row['warps']:>5} {launch:<11} "
                         f"{row['median_us_per_patch']:>9.1f} {row['median_us_per_byte']:>8.2f}",
+                        flush=True,
+                    )
+            if args.main:
+                from haed.kernels import main_unsupported_reason
+
+                reason = main_unsupported_reason(model, 1)
+                for programs, warps in itertools.product(args.main_programs, args.warps or [4]):
+                    if reason:
+                        print(f"{name:<8} main model: {reason}")
+                        break
+                    row = measure_main(model, programs, warps, args, device)
+                    runs.append(row)
+                    print(
+                        f"{name:<8} {1:>4} {row['programs']:>8} {warps:>5} {'main model':<11} "
+                        f"{row['median_us_per_patch']:>9.1f}",
                         flush=True,
                     )
         results["models"][name] = {

@@ -592,8 +592,10 @@ def generate(
     `prefill_seconds`.
     `decoder_kernels` (HAED models, CUDA): the whole-patch step's decoder as Triton kernels
     (`haed.kernels`; whole patches are then the default without graphs too), where they support the
-    model, else an error that says why. Off by default: on an H200, with `compile`, they are the
-    fastest mode for one stream and slower than the compiled step for 64 (docs/performance.md, 6e).
+    model, else an error that says why; for one stream the encoder and main model's step as well
+    where `MainKernels` supports the model (`Generation.main_kernels` says whether it did). Off by
+    default: on an H200, with `compile`, they are the fastest mode for one stream and slower than
+    the compiled step for 64 (docs/performance.md, 6e-6f).
     """
     options = check_sampling(temperature, top_k, top_p)
     check_counts(max_bytes, num_samples)

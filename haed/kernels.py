@@ -1,4 +1,5 @@
-"""A Triton kernel for the byte-level decoder's generation steps: a whole patch in one launch.
+"""Triton kernels for a patch step of generation: the byte decoder's whole patch in one launch, and
+for one stream the encoder and main model's step in another (`main_kernel`, `MainKernels`).
 
 A generation step of the decoder is one row per stream through a few small layers (the `speech`
 recipe: 3 x 256), so its time is set by launch count and load latency, not by arithmetic (the eager
@@ -28,9 +29,15 @@ The arithmetic follows the model under bf16 autocast: bf16 weights and matrix in
 accumulation, each Linear's output rounded to bf16, the residual stream and the norms in float32,
 softmax in float32. It differs from the eager step only in the order of float32 sums (and the
 attention weights are not rounded to bf16 as flash attention rounds them), so a draw changes only at
-a near tie, as with the compiled step. Measured on an H200 (docs/performance.md, 6e): for one stream
-the fastest way to generate; for 64 streams slower than the compiled step. This module imports
+a near tie, as with the compiled step. Measured on an H200 (docs/performance.md, 6e-6f): for one
+stream the fastest way to generate; for 64 streams slower than the compiled step. This module imports
 Triton; the rest of haed imports it only when the kernels are asked for.
+
+`main_kernel` reuses the decoder's stages: the encoder's K positions of one stream are its rows (each
+with its own rotary position, every position seeing every other), then a stage pools them into the
+main model's input; the main model's layers are the decoder's stages with attention over the long
+cache split into parts per head (`split_attention_stage`) and combined with the output projection
+(`combine_out_stage`); a last stage writes the decoder's conditioning. About 46 stages at `speech`.
 """
 
 from __future__ import annotations

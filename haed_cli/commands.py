@@ -296,7 +296,8 @@ def generate(
     decoder_kernels: bool = typer.Option(
         False,
         "--decoder-kernels",
-        help="Run the byte decoder's steps as one Triton kernel per patch (CUDA) in the whole-patch step. With "
+        help="Run the byte decoder's steps as one Triton kernel per patch (CUDA) in the whole-patch step, and for "
+        "one stream the encoder and main model's step as another where the model's widths are powers of two. With "
         "--compile the fastest mode for one stream; for many streams --compile alone is faster (docs/performance.md).",
     ),
     checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
@@ -360,10 +361,13 @@ def generate(
     if plan.kind == "audio":
         rtf = done.real_time_factor
         rate += f", real-time factor {rtf:.3f}" + (f" per stream ({rtf * n:.2f} for all {n})" if n > 1 else "")
+    kernels = ""
+    if done.decoder_kernels:
+        kernels = ", Triton decoder and main model" if result.main_kernels else ", Triton decoder"
     err_console.print(
         f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
         f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}"
-        f"{', compiled' if done.compiled else ''}{', Triton decoder' if done.decoder_kernels else ''}; "
+        f"{', compiled' if done.compiled else ''}{kernels}; "
         f"weights {plan.checkpoint})[/]",
         highlight=False,
         soft_wrap=True,
