@@ -55,6 +55,14 @@ except ImportError:
     triton = None
 
 
+def _width_reason(name: str, stack_cfg) -> str | None:
+    """Why a stack's widths do not suit the kernels' tiles (None: they do): power-of-two widths up to 4096."""
+    dim, head_dim = stack_cfg.dim, stack_cfg.dim // stack_cfg.heads
+    if dim & (dim - 1) or head_dim & (head_dim - 1) or head_dim < 2 or dim > 4096:
+        return f"they need power-of-two widths up to 4096 ({name} dim {dim}, head width {head_dim})"
+    return None
+
+
 def config_unsupported_reason(model_cfg, device: torch.device) -> str | None:
     """Why the kernels cannot run a model of this configuration on `device` (None: they can), known
     before any weights are loaded: they need CUDA (or Triton's interpreter), Triton, a hierarchical
@@ -65,10 +73,7 @@ def config_unsupported_reason(model_cfg, device: torch.device) -> str | None:
         return "Triton is not installed"
     if model_cfg.arch != "haed":
         return "a flat model has no byte decoder"
-    dim, head_dim = model_cfg.decoder.dim, model_cfg.decoder.dim // model_cfg.decoder.heads
-    if dim & (dim - 1) or head_dim & (head_dim - 1) or head_dim < 2 or dim > 4096:
-        return f"they need power-of-two widths up to 4096 (decoder dim {dim}, head width {head_dim})"
-    return None
+    return _width_reason("decoder", model_cfg.decoder)
 
 
 def unsupported_reason(model) -> str | None:
@@ -631,7 +636,7 @@ if triton is not None:
         norm1_ptr, qkv_ptr, out_ptr, norm2_ptr, up_ptr, down_ptr, norm_ptr, cond_w_ptr,
         cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, x_ptr, q_ptr, hidden_ptr, m_ptr, l_ptr, acc_ptr,
         cond_ptr, counter_ptr,
-        e_first, e_end, first, end, stage, nprog, e_eps, eps, e_scale, scale, e_H, H, cond_out,
+        e_first, e_end, first, end, stage, nprog, eps, e_scale, scale, e_H, H, cond_out,
         K: tl.constexpr, KP: tl.constexpr, MEAN: tl.constexpr,
         DE: tl.constexpr, HDE: tl.constexpr, NHE: tl.constexpr, HPE: tl.constexpr, RE: tl.constexpr,
         E_QP: tl.constexpr, E_OUT_R: tl.constexpr, E_UP_R: tl.constexpr, E_DOWN_R: tl.constexpr,
@@ -658,7 +663,7 @@ if triton is not None:
                 qkv_stage(
                     pid, nprog, counter_ptr, syncs, synced, layer, 0, False, bytes_ptr, e_emb_ptr, cond_ptr, 0,
                     e_norm1_ptr, e_qkv_ptr, e_cos_ptr, e_sin_ptr, e_k_ptr, e_v_ptr, e_x_ptr, e_q_ptr, m_ptr,
-                    m_ptr, K, e_eps, DE, HDE, NHE, K, False, 0, RE, False, E_QP, 1, 2, 2, K,
+                    m_ptr, K, eps, DE, HDE, NHE, K, False, 0, RE, False, E_QP, 1, 2, 2, K,
                 )  # fmt: skip
                 arrive(counter_ptr, synced)
                 syncs += nprog
@@ -672,7 +677,7 @@ if triton is not None:
             if synced | (stage == 2):
                 up_stage(
                     pid, nprog, counter_ptr, syncs, synced, layer, e_norm2_ptr, e_up_ptr, e_x_ptr, e_hidden_ptr,
-                    K, e_eps, e_H, DE, HPE, RE, False, E_UP_R,
+                    K, eps, e_H, DE, HPE, RE, False, E_UP_R,
                 )  # fmt: skip
                 arrive(counter_ptr, synced)
                 syncs += nprog
@@ -684,7 +689,7 @@ if triton is not None:
                 arrive(counter_ptr, synced)
                 syncs += nprog
         if synced | (stage == 4):
-            pool_stage(pid, nprog, counter_ptr, syncs, synced, e_norm_ptr, proj_ptr, e_x_ptr, x_ptr, e_eps, K, KP, DE,
+            pool_stage(pid, nprog, counter_ptr, syncs, synced, e_norm_ptr, proj_ptr, e_x_ptr, x_ptr, eps, K, KP, DE,
                        D, POOL_R, MEAN)  # fmt: skip
             arrive(counter_ptr, synced)
             syncs += nprog
@@ -899,10 +904,9 @@ def main_unsupported_reason(model, batch: int) -> str | None:
     if batch != 1:
         return "one stream only (more are faster through the compiled main-model step)"
     cfg = model.cfg
-    for name, stack in (("encoder", cfg.encoder), ("main", cfg.main)):
-        head_dim = stack.dim // stack.heads
-        if stack.dim & (stack.dim - 1) or head_dim & (head_dim - 1) or head_dim < 2 or stack.dim > 4096:
-            return f"they need power-of-two widths up to 4096 ({name} dim {stack.dim}, head width {head_dim})"
+    reason = _width_reason("encoder", cfg.encoder) or _width_reason("main", cfg.main)
+    if reason is not None:
+        return reason
     if cfg.patch_size > 16:
         return f"patches of at most 16 bytes (patch size {cfg.patch_size})"
     return None
@@ -945,7 +949,7 @@ class MainKernels:
         sms = _sm_count(dev)
         self.programs = programs or (2 if interpreted else 1 << (min(128, sms).bit_length() - 1))
         self.programs = min(self.programs, sms)
-        e_head_dim, head_dim = self.e_dim // self.e_heads, self.dim // self.heads
+        self.e_head_dim, self.head_dim = e_head_dim, head_dim = self.e_dim // self.e_heads, self.dim // self.heads
         P = self.programs
         # Rows of weights per task: about one task per program on a GPU (the interpreter, whose cost is
         # per operation, takes as few tasks as it can). Attention over the main cache: S parts per head.
@@ -998,9 +1002,8 @@ class MainKernels:
         self.part_acc = torch.zeros(parts, head_dim, **f32)
         self.counter = torch.zeros(1, device=dev, dtype=torch.int32)
         # F.rms_norm's default eps: float32's, for the bf16 residual stream of the main model too (measured).
-        self.e_eps = self.eps = torch.finfo(torch.float32).eps
+        self.eps = torch.finfo(torch.float32).eps
         self.e_scale, self.scale = e_head_dim**-0.5, head_dim**-0.5
-        self.e_head_dim, self.head_dim = e_head_dim, head_dim
 
     def _launch(self, stage: int = -1, layer: int = 0) -> None:
         if stage < 0:
@@ -1015,7 +1018,7 @@ class MainKernels:
             self.norm1, self.qkv, self.out, self.norm2, self.up, self.down, self.norm, self.cond_weight,
             self.cos, self.sin, self.cache.k_layers, self.cache.v_layers, self.x, self.q, self.hidden_units,
             self.part_max, self.part_sum, self.part_acc, self.cond, self.counter,
-            *layers, stage, self.programs, self.e_eps, self.eps, self.e_scale, self.scale, self.e_hidden,
+            *layers, stage, self.programs, self.eps, self.e_scale, self.scale, self.e_hidden,
             self.hidden, self.cond_out,
             K=self.K, KP=_pow2(self.K), MEAN=self.mean,
             DE=self.e_dim, HDE=self.e_head_dim, NHE=self.e_heads, HPE=_pow2(self.e_hidden), RE=_pow2(self.K),

@@ -98,15 +98,22 @@ def check_kernels(device, autocast_device: str, shapes, batches, tolerance: floa
                             assert torch.equal(byte.long(), want), (conditioning, dim, batch, rule)
 
 
+def rerun_interpreted(test) -> bool:
+    """Outside Triton's interpreter, run `test` in a subprocess under it (TRITON_INTERPRET must be set
+    before the kernels are defined) and assert that it passed: True, the caller is done. Inside: False."""
+    pytest.importorskip("triton")
+    if INTERPRETED:
+        return False
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{test.__name__}"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    return True
+
+
 @pytest.mark.skipif(CUDA, reason="with CUDA the kernels are compiled: the test_cuda_* tests")
 def test_interpreted_kernels_follow_the_decoder_step():
-    pytest.importorskip("triton")
-    if not INTERPRETED:
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        test = f"{__file__}::{test_interpreted_kernels_follow_the_decoder_step.__name__}"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    if rerun_interpreted(test_interpreted_kernels_follow_the_decoder_step):
         return
     # Head widths under 32: the interpreter's bf16 tl.dot is wrong, so only the other products run here.
     check_kernels(torch.device("cpu"), "cpu", shapes=((32, 2), (64, 4)), batches=(1, 3), tolerance=0.05)
@@ -177,13 +184,7 @@ def check_main_kernels(device, autocast_device: str, tolerance: float, **shape) 
 
 @pytest.mark.skipif(CUDA, reason="with CUDA the kernels are compiled: the test_cuda_* tests")
 def test_interpreted_main_kernels_follow_the_model():
-    pytest.importorskip("triton")
-    if not INTERPRETED:
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        test = f"{__file__}::{test_interpreted_main_kernels_follow_the_model.__name__}"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    if rerun_interpreted(test_interpreted_main_kernels_follow_the_model):
         return
     check_main_kernels(torch.device("cpu"), "cpu", tolerance=0.05)
 
