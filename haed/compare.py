@@ -1,13 +1,17 @@
-"""`haed compare`: which objective should I train? IEM + decoder phase, full and flat at one time budget.
+"""`haed compare`: which objective should I train? IEM + decoder phase, full, flat and the MEGABYTE-pytorch
+peer at one time budget, optionally under one enforced cap on GPU memory.
 
 Every system gets the same seconds of training on the same device (validation and checkpoint writing
 not counted), its best validation checkpoint is kept, and each is scored by exact bits per byte on the
 test split (and on any other data given). The IEM system splits its budget between the IEM phase and
 the decoder phase (`decoder_fraction`). The flat baseline is the recipe's main stack over bytes, its
-depth chosen so that its parameter count is closest to the hierarchical model's.
+depth chosen so that its parameter count is closest to the hierarchical model's. The peer
+(`haed.peer`) has the recipe's main stack as its global model and its decoder as its local model.
+With a memory cap (`haed.memory_cap`) each phase trains at the fastest micro-batch and recomputation
+of its own that fits, chosen by a short probe before any clock starts.
 
     out_dir/
-      iem/ (and iem/decoder/), full/, flat/    the runs
+      iem/ (and iem/decoder/), full/, flat/, megabyte/    the runs
       compare.json                             every number, the budget split, parameter counts
       compare.png                              validation bits per byte against training seconds
 """
@@ -20,17 +24,23 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from haed import peer
 from haed.atomic import save_figure, write_text_atomic
 from haed.checkpoint import read_run_config
 from haed.config import Recipe, apply_overrides, recipe_from_dict
+from haed.device import resolve_device
 from haed.errors import HaedError
 from haed.evaluate import evaluate_run
+from haed.memory_cap import apply_configuration, choose_configuration, enforced_cap, probe_measure
 from haed.model import build_model, count_parameters
 from haed.objectives import get_objective
 from haed.runs import read_metrics, recipe_changes
 from haed.train import finish_phase
 
 UNCAPPED_STEPS = 10**9  # with a time budget, `steps` only caps the run
+PEER_MISSING = f"{peer.PACKAGE} is not installed (pip install 'haed[peer]')"
 
 
 def flat_recipe(recipe: Recipe, overrides: list[str] | None = None) -> Recipe:
@@ -83,7 +93,18 @@ def _flat_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: 
     return f"flat {r.model.main.layers}x{r.model.main.dim}", [("flat", r, "")]
 
 
-SYSTEMS = {"iem": _iem_system, "full": _full_system, "flat": _flat_system}
+def _megabyte_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, flat_overrides):
+    values = recipe.to_dict()
+    values["model"]["arch"] = "megabyte"
+    r = recipe_from_dict(values)
+    r.full = _budgeted(r.full, budget, evals)
+    m = r.model
+    label = f"MEGABYTE-pytorch {peer.VERSION} {m.main.layers}x{m.main.dim} + {m.decoder.layers}x{m.decoder.dim}"
+    return label, [("megabyte", r, "")]
+
+
+SYSTEMS = {"iem": _iem_system, "full": _full_system, "flat": _flat_system, "megabyte": _megabyte_system}
+DEFAULT_SYSTEMS = ("iem", "full", "flat", "megabyte")
 
 
 def _valid_curve(run_dir: Path, offset: float = 0.0, metric: str = "bits_per_byte") -> list[list[float]]:
@@ -94,52 +115,45 @@ def _valid_curve(run_dir: Path, offset: float = 0.0, metric: str = "bits_per_byt
     ]
 
 
-def compare(
-    recipe: Recipe,
-    out_dir: Path,
-    budget: float,
-    *,
-    systems: tuple[str, ...] = ("iem", "full", "flat"),
-    decoder_fraction: float | None = None,
-    evals: int = 10,
-    flat_overrides: list[str] | None = None,
-    eval_data: list[Path] | None = None,
-    eval_bytes: int | None = None,
-    device: str = "auto",
-    compile: bool = False,
-    on_event: Callable[[dict], None] | None = None,
-) -> dict:
-    """Train each system for `budget` seconds into `out_dir`, score it, write compare.json and compare.png.
-
-    Finished runs are not retrained, so an interrupted comparison continues where it stopped.
-    `eval_bytes`: score only the first N bytes of each split or file (all by default).
-    `decoder_fraction`: the decoder phase's share of the IEM system's budget (default: the recipe's
-    `compare.decoder_fraction`).
-    """
-    if budget <= 0:
-        raise HaedError(f"the time budget must be positive, not {budget}")
-    if decoder_fraction is None:
-        decoder_fraction = recipe.compare.decoder_fraction
-    if not 0 < decoder_fraction < 1:
-        raise HaedError(f"--decoder-fraction must lie between 0 and 1, not {decoder_fraction}")
+def _choose_systems(systems: tuple[str, ...] | None, say) -> tuple[str, ...]:
+    """The systems asked for; by default every one, the peer only where its package is installed."""
+    explicit = systems is not None
+    systems = tuple(systems) if explicit else DEFAULT_SYSTEMS
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         raise HaedError(f"unknown system {unknown[0] if unknown else '(none)'}: choose from {', '.join(SYSTEMS)}")
+    if "megabyte" in systems:
+        try:
+            peer.megabyte_class()
+        except HaedError as e:
+            if explicit:
+                raise HaedError(f"{e}; or leave megabyte out of --systems") from None
+            say(f"megabyte left out: {PEER_MISSING}")
+            systems = tuple(s for s in systems if s != "megabyte")
+    return systems
+
+
+def _check_options(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, eval_data, eval_bytes) -> None:
+    if budget <= 0:
+        raise HaedError(f"the time budget must be positive, not {budget}")
+    if not 0 < decoder_fraction < 1:
+        raise HaedError(f"--decoder-fraction must lie between 0 and 1, not {decoder_fraction}")
+    if evals < 1:
+        raise HaedError(f"--evals must be at least 1, not {evals}")
+    if eval_bytes is not None and eval_bytes < 1:
+        raise HaedError(f"--eval-bytes must be at least 1, not {eval_bytes}")
     if recipe.model.arch != "haed":
         raise HaedError("compare starts from a hierarchical recipe (model.arch = 'haed')")
     for path in eval_data or []:
         if not Path(path).exists():
             raise HaedError(f"--eval-data {path} does not exist")
-    out_dir = Path(out_dir)
 
-    def say(text: str) -> None:
-        if on_event:
-            on_event({"event": "message", "text": text})
 
-    plans = {system: SYSTEMS[system](recipe, budget, decoder_fraction, evals, flat_overrides) for system in systems}
-    # A folder that already holds a phase made with other settings (another budget, share or recipe)
-    # is refused before anything trains: its numbers would not be this comparison's. A phase's settings
-    # are the data, the model and its own section (a copied IEM phase may differ in `decoder`).
+def _refuse_other_runs(out_dir: Path, plans: dict) -> None:
+    """A folder that already holds a phase made with other settings (another budget, share, recipe or
+    capped configuration) is refused before anything trains: its numbers would not be this comparison's.
+    A phase's settings are the data, the model and its own section (a copied IEM phase may differ in
+    `decoder`)."""
     for system, (_, phases) in plans.items():
         for objective, phase_recipe, sub in phases:
             phase_dir = out_dir / system / sub
@@ -153,72 +167,95 @@ def compare(
                         f"{phase_dir} holds a run made with other settings ({'; '.join(changes)}): "
                         f"compare into another --out, or remove it"
                     )
-    rows = []
-    for system, (label, phases) in plans.items():
-        run_dir = out_dir / system
-        shares = " + ".join(f"{getattr(r, get_objective(o).section).time_budget:g} s" for o, r, _ in phases)
-        say(f"{label}: {shares} into {run_dir}")
-        seconds, curve, parent, phase_rows = 0.0, [], None, []
-        for objective, phase_recipe, sub in phases:
-            phase_dir = run_dir / sub
-            if (
-                finish_phase(
-                    phase_recipe,
-                    objective,
-                    phase_dir,
-                    init_from=parent,
-                    device=device,
-                    compile=compile,
-                    on_event=on_event,
-                )
-                is None
-            ):
-                say(f"{phase_dir} already finished")
-            # The byte loss of an IEM phase (when on) gives validation bits per byte on a sample of patches.
-            phase_curve = _valid_curve(phase_dir, offset=seconds, metric="bits_per_byte")
-            phase_curve += _valid_curve(phase_dir, offset=seconds, metric="byte_bits_per_byte")
-            curve += phase_curve
-            phase_rows.append(_phase_row(objective, read_run_config(phase_dir), max(phase_curve, default=None)))
-            seconds += phase_rows[-1]["train_seconds"]
-            parent, scored = phase_dir, phase_dir
-        curve.sort()
-        config = read_run_config(scored)
-        test = evaluate_run(scored, "test", device=device, max_bytes=eval_bytes)
-        row = {
-            "system": system,
-            "label": label,
-            "arch": config["recipe"]["model"]["arch"],
-            "run": str(scored),
-            "train_seconds": seconds,
-            "parameters": config["parameters"]["total"],
-            "peak_memory_gib": config.get("peak_memory_gib"),
-            "checkpoint": test["checkpoint"],
-            "test_bits_per_byte": test["bits_per_byte"],
-            "test_bytes": test["bytes"],
-            "valid_curve": curve,
-            "phases": phase_rows,
-            "other_data": {},
-        }
-        for path in eval_data or []:
-            other = evaluate_run(scored, device=device, max_bytes=eval_bytes, data=Path(path))
-            row["other_data"][str(path)] = other["bits_per_byte"]
-        rows.append(row)
 
-    by_arch = {
+
+def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, measure_for=None) -> dict:
+    """Each phase of each system at its fastest configuration under the cap (probed now, before any clock
+    starts); the probes are kept per phase. `measure_for(recipe, objective)` replaces the real probe (tests)."""
+    capped, probes = {}, {}
+    for system, (label, phases) in plans.items():
+        new_phases = []
+        for objective, phase_recipe, sub in phases:
+            measure = (measure_for or (lambda r, o: probe_measure(r, o, device, compile)))(phase_recipe, objective)
+            name = f"{label}, {objective} phase" if len(phases) > 1 else label
+            chosen, tried = choose_configuration(phase_recipe, objective, measure, cap_gib, name)
+            say(f"{name} under {cap_gib:g} GiB: {chosen.describe()} ({len(tried)} probed)")
+            new_phases.append((objective, apply_configuration(phase_recipe, objective, chosen), sub))
+            probes[(system, objective)] = tried
+        capped[system] = (label, new_phases)
+    return capped, probes
+
+
+def compare(
+    recipe: Recipe,
+    out_dir: Path,
+    budget: float,
+    *,
+    systems: tuple[str, ...] | None = None,
+    decoder_fraction: float | None = None,
+    evals: int = 10,
+    flat_overrides: list[str] | None = None,
+    eval_data: list[Path] | None = None,
+    eval_bytes: int | None = None,
+    device: str = "auto",
+    compile: bool = False,
+    memory_cap_gib: float | None = None,
+    on_event: Callable[[dict], None] | None = None,
+    _measure_for=None,
+) -> dict:
+    """Train each system for `budget` seconds into `out_dir`, score it, write compare.json and compare.png.
+
+    `systems`: any of iem (IEM + decoder phase), full, flat, megabyte (the MEGABYTE-pytorch peer); by
+    default all of them, the peer where its package is installed. Finished runs are not retrained, so an
+    interrupted comparison continues where it stopped. `eval_bytes`: score only the first N bytes of each
+    split or file (all by default). `decoder_fraction`: the decoder phase's share of the IEM system's budget
+    (default: the recipe's `compare.decoder_fraction`). `memory_cap_gib`: every phase trains under this
+    enforced cap on GPU memory, at the fastest micro-batch and recomputation of its own that fits
+    (`haed.memory_cap`, probed before any clock starts).
+    """
+
+    def say(text: str) -> None:
+        if on_event:
+            on_event({"event": "message", "text": text})
+
+    decoder_fraction = recipe.compare.decoder_fraction if decoder_fraction is None else decoder_fraction
+    _check_options(recipe, budget, decoder_fraction, evals, eval_data, eval_bytes)
+    if memory_cap_gib is not None and not memory_cap_gib > 0:
+        raise HaedError(f"--memory-cap must be a positive number of GiB, not {memory_cap_gib}")
+    systems = _choose_systems(systems, say)
+    out_dir = Path(out_dir)
+    plans = {system: SYSTEMS[system](recipe, budget, decoder_fraction, evals, flat_overrides) for system in systems}
+    dev = resolve_device(device)
+    probes: dict = {}
+    with enforced_cap(dev, memory_cap_gib):
+        if memory_cap_gib is not None:
+            plans, probes = _cap_plans(plans, memory_cap_gib, dev, compile, say, _measure_for)
+        _refuse_other_runs(out_dir, plans)
+        rows = [
+            _run_system(system, label, phases, out_dir, device, compile, eval_data, eval_bytes, say, on_event)
+            for system, (label, phases) in plans.items()
+        ]
+    for row in rows:
+        for phase in row["phases"]:
+            phase["probe"] = probes.get((row["system"], phase["objective"]))
+    best = {
         arch: min((r["test_bits_per_byte"] for r in rows if r["arch"] == arch), default=None)
-        for arch in ("haed", "flat")
+        for arch in ("haed", "flat", "megabyte")
     }
     result = {
         "budget_seconds": budget,
         "decoder_fraction": decoder_fraction,
+        "memory_cap_gib": memory_cap_gib,
         "dataset": recipe.data.dataset,
         "recipe": recipe.name,
-        "device": test["device"],
-        "unit": test["unit"],
-        "windowing": test["windowing"],
+        "device": rows[0]["device"],
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "unit": rows[0]["unit"],
+        "windowing": rows[0]["windowing"],
         "rows": rows,
         "iem_vs_full": _ratio(rows, "iem", "full"),
-        "best_haed_vs_flat": by_arch["haed"] / by_arch["flat"] if by_arch["haed"] and by_arch["flat"] else None,
+        "best_haed_vs_flat": best["haed"] / best["flat"] if best["haed"] and best["flat"] else None,
+        "best_haed_vs_megabyte": best["haed"] / best["megabyte"] if best["haed"] and best["megabyte"] else None,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "compare.json", json.dumps(result, indent=2))
@@ -226,18 +263,69 @@ def compare(
     return result
 
 
+def _run_system(system, label, phases, out_dir, device, compile, eval_data, eval_bytes, say, on_event) -> dict:
+    """Train (or finish) one system's phases in order, each from the one before, and score the last."""
+    run_dir = out_dir / system
+    shares = " + ".join(f"{getattr(r, get_objective(o).section).time_budget:g} s" for o, r, _ in phases)
+    say(f"{label}: {shares} into {run_dir}")
+    seconds, curve, parent, phase_rows = 0.0, [], None, []
+    for objective, phase_recipe, sub in phases:
+        phase_dir = run_dir / sub
+        done = finish_phase(
+            phase_recipe, objective, phase_dir, init_from=parent, device=device, compile=compile, on_event=on_event
+        )
+        if done is None:
+            say(f"{phase_dir} already finished")
+        # The byte loss of an IEM phase (when on) gives validation bits per byte on a sample of patches.
+        phase_curve = _valid_curve(phase_dir, offset=seconds, metric="bits_per_byte")
+        phase_curve += _valid_curve(phase_dir, offset=seconds, metric="byte_bits_per_byte")
+        curve += phase_curve
+        phase_rows.append(_phase_row(objective, read_run_config(phase_dir), max(phase_curve, default=None)))
+        seconds += phase_rows[-1]["train_seconds"]
+        parent = phase_dir
+    config = read_run_config(parent)
+    test = evaluate_run(parent, "test", device=device, max_bytes=eval_bytes)
+    row = {
+        "system": system,
+        "label": label,
+        "arch": config["recipe"]["model"]["arch"],
+        "run": str(parent),
+        "train_seconds": seconds,
+        "parameters": config["parameters"]["total"],
+        "peak_memory_gib": max((p["peak_memory_gib"] or 0 for p in phase_rows), default=None) or None,
+        "checkpoint": test["checkpoint"],
+        "test_bits_per_byte": test["bits_per_byte"],
+        "test_bytes": test["bytes"],
+        "device": test["device"],
+        "unit": test["unit"],
+        "windowing": test["windowing"],
+        "valid_curve": sorted(curve),
+        "phases": phase_rows,
+        "other_data": {},
+    }
+    for path in eval_data or []:
+        other = evaluate_run(parent, device=device, max_bytes=eval_bytes, data=Path(path))
+        row["other_data"][str(path)] = other["bits_per_byte"]
+    return row
+
+
 def _phase_row(objective: str, config: dict, last_valid: list[float] | None = None) -> dict:
     """What one phase did with its seconds: steps, training bytes per second (a system that trails at
     equal seconds may have learned less per step, or made fewer steps), and where its validation bits
     per byte ended (for an IEM phase, its byte loss's: how much the decoder phase still had to do)."""
     steps, seconds = config.get("steps_done", 0), config["train_seconds"]
-    window_bytes = config.get("global_batch", {}).get("bytes", 0)
+    batch = config.get("global_batch", {})
+    phase = config["recipe"][get_objective(objective).section]
     return {
         "objective": objective,
         "steps": steps,
         "train_seconds": seconds,
-        "bytes_per_second": steps * window_bytes / seconds if seconds > 0 else None,
+        "bytes_per_second": steps * batch.get("bytes", 0) / seconds if seconds > 0 else None,
         "last_valid_bits_per_byte": last_valid[1] if last_valid else None,
+        "peak_memory_gib": config.get("peak_memory_gib"),
+        "batch_size": batch.get("batch_size"),
+        "grad_accum": batch.get("grad_accum"),
+        "recompute": phase.get("recompute", ""),
     }
 
 
@@ -247,6 +335,15 @@ def describe_phases(row: dict) -> str:
     steps = " + ".join(f"{p['steps']:,}" for p in phases)
     rates = " + ".join(f"{p['bytes_per_second'] / 1e6:.3g}" if p["bytes_per_second"] else "-" for p in phases)
     return f"{steps} steps, {rates} MB/s"
+
+
+def describe_configuration(row: dict) -> str:
+    """'16 x 1 + 8 x 2 (decoder)': each phase's micro-batch x accumulation, and what it recomputes."""
+    parts = []
+    for p in row.get("phases") or []:
+        text = f"{p.get('batch_size')} x {p.get('grad_accum')}"
+        parts.append(text + (f" ({p['recompute']})" if p.get("recompute") else ""))
+    return " + ".join(parts)
 
 
 def describe_phase_ends(row: dict) -> str:

@@ -44,7 +44,8 @@ class StackConfig:
 @dataclass
 class ModelConfig:
     arch: str = (
-        "haed"  # "haed" (encoder / main / decoder) or "flat" (byte-level causal transformer = `main` over bytes)
+        "haed"  # "haed" (encoder / main / decoder), "flat" (byte-level causal transformer = `main` over bytes) or
+        # "megabyte" (the peer, MEGABYTE-pytorch: global model = `main`, local model = `decoder`; haed.peer)
     )
     patch_size: int = 8  # K bytes per patch
     encoder: StackConfig = field(default_factory=lambda: StackConfig(dim=128, layers=1, heads=4))
@@ -159,8 +160,8 @@ class Recipe:
         """Check every field's type and range, then the rules that tie fields together."""
         check_fields(self)
         m = self.model
-        if m.arch not in ("haed", "flat"):
-            raise HaedError(f"model.arch must be 'haed' or 'flat', not {m.arch!r}")
+        if m.arch not in ("haed", "flat", "megabyte"):
+            raise HaedError(f"model.arch must be 'haed', 'flat' or 'megabyte', not {m.arch!r}")
         if m.pooling not in ("concat", "mean"):
             raise HaedError(f"model.pooling must be 'concat' or 'mean', not {m.pooling!r}")
         if m.conditioning not in ("add", "prefix"):
@@ -186,7 +187,7 @@ class Recipe:
             raise HaedError(
                 f"decoder.main_layers ({self.decoder.main_layers}) must be at most main.layers ({m.main.layers})"
             )
-        if m.arch == "haed" and self.data.seq_len % m.patch_size:
+        if m.arch != "flat" and self.data.seq_len % m.patch_size:
             raise HaedError(
                 f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})"
             )

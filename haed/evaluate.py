@@ -13,7 +13,6 @@ from haed.checkpoint import load_run, resolve_sampling_run
 from haed.data import open_dataset
 from haed.device import autocast, resolve_device
 from haed.errors import HaedError
-from haed.model import HAED
 
 
 def _window_nll(model, x: torch.Tensor, counted: int) -> torch.Tensor:
@@ -39,7 +38,7 @@ def bits_per_byte(
     n = len(data) if max_bytes is None else min(len(data), max_bytes)
     if n == 0:
         raise HaedError("nothing to evaluate: the split is empty")
-    patch = model.patch_size if isinstance(model, HAED) else 1
+    patch = getattr(model, "patch_size", 1)  # windows of whole patches (HAED, the MEGABYTE peer)
     full_windows, remainder = divmod(n, seq_len)
     total = torch.zeros((), dtype=torch.float64, device=device)
     task = progress.add_task("evaluate", total=n) if progress is not None else None
@@ -118,7 +117,7 @@ def evaluate_run(
     else:
         values, source = read_eval_data(data, split, kind, sample_rate)
     seq_len = recipe.data.seq_len if seq_len is None else seq_len
-    if isinstance(model, HAED) and seq_len % model.patch_size:
+    if seq_len % getattr(model, "patch_size", 1):
         raise HaedError(f"--seq-len must be a multiple of the patch size {model.patch_size}")
     result = bits_per_byte(model, values, seq_len, batch_size, dev, max_bytes, progress)
     unit = "bits per 8-bit sample" if kind == "audio" else "bits per byte"

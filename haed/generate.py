@@ -483,6 +483,11 @@ def make_sampler(
         return HierarchicalSampler(
             model, context_bytes // model.patch_size, cuda_graphs, batch, compile_patch, decoder_kernels
         )
+    if not isinstance(model, FlatTransformer):
+        raise HaedError(
+            f"haed samples its own models, not {type(model).__name__} (a comparison's MEGABYTE-pytorch run: "
+            "use that package's own generate)"
+        )
     if decoder_kernels:
         raise HaedError("the Triton decoder kernels cannot run here: a flat model has no byte decoder")
     return FlatSampler(model, context_bytes, batch)

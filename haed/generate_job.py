@@ -225,6 +225,11 @@ def prepare_generation(
     config = read_run_config(run_dir)
     chosen = select_checkpoint(run_dir, checkpoint)
     recipe = recipe_from_dict(config["recipe"])
+    if recipe.model.arch == "megabyte":
+        raise HaedError(
+            f"{run_dir} is a MEGABYTE-pytorch run (a comparison's peer): haed samples its own models; "
+            "use that package's own generate"
+        )
     plan = plan_generation(recipe, config["dataset"], **options)
     plan.run_dir, plan.checkpoint, plan.device = run_dir, chosen, str(resolve_device(device))
     if decoder_kernels:

@@ -272,3 +272,12 @@ class Stack(nn.Module):
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         heads = self.cfg.heads
         return KVCache(self.cfg.layers, batch, heads, self.cfg.dim // heads, max_len, device, dtype)
+
+
+def linear_weights(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def attention_flops(layers: int, dim: int, rows: int, context: int, causal: bool) -> float:
+    """Forward FLOPs of the attention products (QK^T and AV) of a stack."""
+    return 4.0 * rows * context * dim * layers * (0.5 if causal else 1.0)

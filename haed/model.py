@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from haed.config import ModelConfig
-from haed.layers import START, KVCache, Stack
+from haed.layers import START, KVCache, Stack, attention_flops, linear_weights
 
 
 class PatchEncoder(nn.Module):
@@ -264,6 +264,10 @@ def init_weights(model: nn.Module) -> None:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch == "megabyte":  # the peer, from its own package (haed.peer imports it only when asked)
+        from haed.peer import MegabytePeer
+
+        return MegabytePeer(cfg)
     return HAED(cfg) if cfg.arch == "haed" else FlatTransformer(cfg)
 
 
@@ -278,19 +282,12 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         counts["main"] += model.start.numel() + model.score_proj.weight.numel()
         if hasattr(model, "score_log_scale"):
             counts["main"] += 1
+    elif hasattr(model, "parameter_counts"):  # the MEGABYTE peer: its global and local models
+        return model.parameter_counts()
     else:
         counts = {"flat": sum(p.numel() for p in model.parameters())}
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
-
-
-def linear_weights(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-
-
-def attention_flops(layers: int, dim: int, rows: int, context: int, causal: bool) -> float:
-    """Forward FLOPs of the attention products (QK^T and AV) of a stack."""
-    return 4.0 * rows * context * dim * layers * (0.5 if causal else 1.0)
 
 
 def forward_flops(
@@ -301,9 +298,11 @@ def forward_flops(
     2 x linear weights x rows, attention 4 x rows x context x dim per layer (halved when causal);
     embedding lookups, norms and elementwise work are not counted. The encoder runs on the `distinct`
     patches (default: every patch); IEM's "scores" are W h_t and the rows x `candidates` products.
-    A flat model has one part, "flat".
+    A flat model has one part, "flat"; the MEGABYTE peer one, "megabyte".
     """
     B, N = batch_size, seq_len
+    if hasattr(model, "forward_flops"):  # the MEGABYTE peer counts its own
+        return model.forward_flops(B, N)
     if not isinstance(model, HAED):
         s = model.cfg.main
         flat = 2.0 * (linear_weights(model.stack) + model.head.weight.numel()) * B * N

@@ -1,4 +1,4 @@
-"""The three training objectives (IEM, decoder phase, full) and the flat baseline's, over one model.
+"""The three training objectives (IEM, decoder phase, full), the flat baseline's and the MEGABYTE peer's.
 
 Each objective takes the model and a batch of byte windows (B, N) and returns (loss, metrics), so the
 trainer is the same for all of them.
@@ -270,6 +270,13 @@ def flat_loss(model: FlatTransformer, x: torch.Tensor, cfg: TrainConfig, generat
     return loss, _byte_metrics(loss)
 
 
+def peer_loss(model, x: torch.Tensor, cfg: TrainConfig, generator=None):
+    """The MEGABYTE peer (`haed.peer`): the byte cross-entropy of every byte of the window, as haed evaluates
+    it (the package's own loss leaves out the byte 0, its padding id)."""
+    loss = byte_cross_entropy(model(x), x)
+    return loss, _byte_metrics(loss)
+
+
 def _all_parameters(model, cfg=None):
     return list(model.parameters())
 
@@ -319,7 +326,7 @@ class Objective:
     loss: Callable
     trained_parameters: Callable  # (model, phase config) -> the parameters this objective trains
     section: str  # the recipe section that holds its TrainConfig
-    arch: str  # the model architecture it trains ("haed" or "flat")
+    arch: str  # the model architecture it trains ("haed", "flat" or "megabyte": haed.peer)
     selection_metric: str  # validation metric (lower is better) that picks the best checkpoint
     # (model, phase config) -> the parts of the model a step runs, each with its multiple of forward
     # FLOPs: 3 trained (forward + backward), 1 frozen (forward only), a fraction for a part that runs
@@ -328,6 +335,9 @@ class Objective:
     parent_objective: str | None = None  # the objective of the run whose weights it starts from
     frozen_parts: tuple[str, ...] = ()  # parts that run without training, in eval mode (no dropout)
     trains_decoder: bool = True  # False: the run's byte decoder is untrained (evaluate and sample its decoder phase)
+    # What `haed compare --memory-cap` may recompute (a phase's `recompute`), least compute first: each
+    # choice saves more activation memory than the one before it and costs more time.
+    recompute_choices: tuple[str, ...] = ("",)
 
     def __call__(self, model, x, cfg, generator=None):
         return self.loss(model, x, cfg, generator)
@@ -345,6 +355,7 @@ OBJECTIVES = {
             "loss",
             step_parts=_iem_step_parts,
             trains_decoder=False,
+            recompute_choices=("", "main", "encoder,main,decoder"),
         ),
         Objective(
             "decoder",
@@ -356,6 +367,7 @@ OBJECTIVES = {
             step_parts=_decoder_step_parts,
             parent_objective="iem",
             frozen_parts=("encoder", "main"),
+            recompute_choices=("", "decoder", "main,decoder"),
         ),
         Objective(
             "full",
@@ -365,6 +377,7 @@ OBJECTIVES = {
             "haed",
             "bits_per_byte",
             step_parts=lambda model, cfg: (("encoder", 3), ("main", 3), ("decoder", 3)),
+            recompute_choices=("", "decoder", "main,decoder", "encoder,main,decoder"),
         ),
         Objective(
             "flat",
@@ -374,6 +387,16 @@ OBJECTIVES = {
             "flat",
             "bits_per_byte",
             step_parts=lambda model, cfg: (("flat", 3),),
+            recompute_choices=("", "main"),
+        ),
+        Objective(
+            "megabyte",
+            peer_loss,
+            _all_parameters,
+            "full",
+            "megabyte",
+            "bits_per_byte",
+            step_parts=lambda model, cfg: (("megabyte", 3),),
         ),
     )
 }

@@ -61,8 +61,10 @@ def apply_recompute(model, cfg: TrainConfig) -> None:
     names = set(recompute_stacks(cfg.recompute))
     if isinstance(model, HAED):
         stacks = {"encoder": model.encoder.stack, "main": model.main, "decoder": model.decoder.stack}
-    else:
+    elif hasattr(model, "stack"):
         stacks = {"main": model.stack}
+    else:  # the MEGABYTE peer: its package has no recomputation
+        stacks = {}
     for name, stack in stacks.items():
         stack.recompute = stack.cfg.recompute or name in names
 
@@ -147,8 +149,10 @@ def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
         model.main.compile()
         model.decoder.stack.compile()
         model.encoder.stack.compile(dynamic=True)  # the number of distinct patches changes every step
-    else:
+    elif hasattr(model, "stack"):
         model.stack.compile()
+    else:  # the MEGABYTE peer: the whole package model
+        model.net.compile()
 
 
 @torch.no_grad()

@@ -388,7 +388,13 @@ def compare(
     out: Path = typer.Option(
         Path("runs/compare"), "--out", "-o", help="Where the runs, compare.json and compare.png go."
     ),
-    systems: str = typer.Option("iem,full,flat", help="Comma-separated: iem (IEM + decoder phase), full, flat."),
+    systems: Optional[str] = typer.Option(
+        None,
+        help="Comma-separated: iem (IEM + decoder phase), full, flat, megabyte (MEGABYTE-pytorch, the peer) "
+        "\\[default: all; megabyte where its package is installed].",
+        metavar="LIST",
+        show_default=False,
+    ),
     decoder_fraction: Optional[float] = typer.Option(
         None,
         help="Share of the IEM system's budget given to the decoder phase (default: the recipe's "
@@ -413,13 +419,22 @@ def compare(
         "--compile/--no-compile",
         help="torch.compile the stacks and IEM's softmax (CUDA) for every system, before its clock starts.",
     ),
+    memory_cap: Optional[float] = typer.Option(
+        None,
+        "--memory-cap",
+        help="Train every system under this cap on GPU memory, enforced, each at the fastest micro-batch "
+        "(same global batch) and recomputation of its own that fits, probed before the clock starts.",
+        metavar="GIB",
+        show_default=False,
+    ),
 ):
-    """Which objective should I train? IEM + decoder phase, full and flat for the same seconds, then test bits per byte.
+    """Which objective should I train? IEM + decoder phase, full, flat and MEGABYTE-pytorch for the same seconds.
+
+    Every system trains for the same seconds on the same device and is scored by exact test bits per byte.
 
     Example: haed compare --recipe tiny --dataset data/stdlib --time-budget 120 --out runs/compare
     """
     from haed.compare import compare as run_compare
-    from haed.compare import describe_phase_ends, describe_phases
     from haed.runs import recipe_for_run
 
     r = recipe_for_run(None, recipe, overrides, _recipe_values(dataset, None, None, seq_len, None, "iem"))
@@ -428,7 +443,7 @@ def compare(
             r,
             out,
             budget,
-            systems=tuple(s.strip() for s in systems.split(",") if s.strip()),
+            systems=tuple(s.strip() for s in systems.split(",") if s.strip()) if systems is not None else None,
             decoder_fraction=decoder_fraction,
             evals=evals,
             flat_overrides=flat_overrides,
@@ -436,14 +451,34 @@ def compare(
             eval_bytes=eval_bytes,
             device=device,
             compile=compile,
+            memory_cap_gib=memory_cap,
             on_event=display,
         )
-    table = Table(title=f"{result['recipe']}: {result['budget_seconds']:g} s of training each, {result['device']}")
+    console.print(compare_table(result))
+    if result["iem_vs_full"] is not None:
+        console.print(f"IEM + decoder phase / full: {result['iem_vs_full']:.3f}")
+    if result["best_haed_vs_megabyte"] is not None:
+        console.print(f"best haed system / MEGABYTE-pytorch: {result['best_haed_vs_megabyte']:.3f}")
+    console.print(f"written: {Path(out) / 'compare.json'}, {Path(out) / 'compare.png'} ({result['windowing']})")
+
+
+def compare_table(result: dict) -> Table:
+    """`haed compare`'s table: per system its size, seconds, steps and speed, what it ran at (micro-batch x
+    accumulation, recomputation: what a memory cap chose), its peak GPU memory and its scores."""
+    from haed.compare import describe_configuration, describe_phase_ends, describe_phases
+
+    cap = result.get("memory_cap_gib")
+    title = (
+        f"{result['recipe']}: {result['budget_seconds']:g} s of training each, {result.get('gpu') or result['device']}"
+    )
+    table = Table(title=title + (f", under a {cap:g} GiB cap" if cap else ""))
     columns = (
         "system",
         "parameters",
         "train s",
         "steps, training MB/s",
+        "micro-batch x accum, recompute",
+        "peak GiB",
         "valid at phase ends",
         f"test {result['unit']}",
     )
@@ -455,14 +490,13 @@ def compare(
             f"{row['parameters'] / 1e6:.2f}M",
             f"{row['train_seconds']:.1f}",
             describe_phases(row),
+            describe_configuration(row),
+            f"{row['peak_memory_gib']:.2f}" if row.get("peak_memory_gib") else "-",
             describe_phase_ends(row),
             f"{row['test_bits_per_byte']:.4f}",
             *(f"{v:.4f}" for v in row["other_data"].values()),
         )
-    console.print(table)
-    if result["iem_vs_full"] is not None:
-        console.print(f"IEM + decoder phase / full: {result['iem_vs_full']:.3f}")
-    console.print(f"written: {Path(out) / 'compare.json'}, {Path(out) / 'compare.png'} ({result['windowing']})")
+    return table
 
 
 def quickstart(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,15 +31,44 @@ PREPARE_APP = dict(
     ),
 )
 
+INCLUDE_HELP = (
+    "Keep only files whose path inside the folder or archive (or whose name) matches this shell pattern, e.g. "
+    "'*.c'; repeat for more."
+)
+EXCLUDE_HELP = "Leave out files whose path or name matches this shell pattern; repeat for more."
 OUT_HELP = "Dataset directory to create (train.bin, valid.bin, test.bin, meta.json)."
 FORCE_HELP = "Replace --out if it already holds a haed dataset (only after the new one is complete)."
 
 
+class PlainProgress:
+    """The part of rich's Progress that haed.prepare uses, as plain lines for logs: one line per task at
+    most every `every` seconds, and one when it completes."""
+
+    def __init__(self, every: float = 15.0):
+        self.every, self.tasks = every, {}
+
+    def add_task(self, description: str, total=None) -> int:
+        self.tasks[len(self.tasks)] = {"description": description, "total": total, "done": 0, "said": time.monotonic()}
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def update(self, task: int, advance: float = 0, **_) -> None:
+        t = self.tasks[task]
+        t["done"] += advance
+        now, total = time.monotonic(), t["total"]
+        if now - t["said"] >= self.every or (total and t["done"] >= total and t["said"] != -1):
+            t["said"] = -1 if total and t["done"] >= total else now
+            of = f" of {total:,.0f} ({100 * t['done'] / total:.0f}%)" if total else ""
+            console.print(f"{t['description']}: {t['done']:,.0f}{of}", highlight=False, markup=False)
+
+
 @contextlib.contextmanager
 def _progress(bytes_mode: bool):
-    """A transient progress display on a terminal; nothing (None) when output is redirected."""
+    """A transient progress display on a terminal; plain lines every few seconds when output is redirected."""
     if not console.is_terminal:
-        yield None
+        yield PlainProgress()
         return
     columns = [TextColumn("{task.description}"), BarColumn()]
     columns.append(DownloadColumn() if bytes_mode else MofNCompleteColumn())
@@ -130,28 +160,56 @@ def stdlib(
 
 def text(
     paths: List[Path] = typer.Argument(
-        ..., help="Files and folders (folders are read recursively).", show_default=False
+        ...,
+        help="Files, folders (read recursively) and .tar archives (.tar, .tar.gz, .tar.bz2, .tar.xz).",
+        show_default=False,
+        metavar="PATH...",
     ),
-    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP, metavar="DIR"),
+    include: List[str] = typer.Option([], "--include", help=INCLUDE_HELP, metavar="PATTERN", show_default=False),
+    exclude: List[str] = typer.Option([], "--exclude", help=EXCLUDE_HELP, metavar="PATTERN", show_default=False),
+    split_rule: str = typer.Option(
+        "stream",
+        "--split-rule",
+        help="stream: the concatenation cut at its end (train, valid, test); hash: each whole file to one split by "
+        "a hash of its path, so that no file is in two splits (test files are never trained on).",
+        metavar="stream|hash",
+    ),
+    max_bytes: int = typer.Option(
+        0,
+        "--max-bytes",
+        help="Take files in order up to N bytes in all (the last one cut); 0: everything.",
+        metavar="N",
+    ),
     valid_fraction: float = typer.Option(
-        0.05, "--valid-fraction", help="Fraction of the bytes for valid (taken after train)."
+        0.05, "--valid-fraction", help="Fraction of the bytes (stream) or files (hash) for valid.", metavar="F"
     ),
     test_fraction: float = typer.Option(
-        0.05, "--test-fraction", help="Fraction of the bytes for test (the end of the stream)."
+        0.05, "--test-fraction", help="Fraction of the bytes (stream) or files (hash) for test.", metavar="F"
     ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
-    """Concatenate files and folders into one byte stream and split it at its end.
+    """Concatenate files, folders and archives into one byte stream, then split it.
 
     Order: the paths as given; a folder gives every file below it sorted by relative path (names starting with '.'
-    skipped). The stream is cut into train, then valid, then test; the three splits concatenated give back the input
-    bytes exactly. meta.json lists every file's offset.
+    skipped), an archive its files in stored order; --include / --exclude filter both. --split-rule stream cuts the
+    stream into train, then valid, then test; hash sends each whole file to one split. meta.json lists every file's
+    split, offset and length.
     """
     from haed.prepare import prepare_text
 
     with _progress(bytes_mode=True) as p:
         meta = prepare_text(
-            paths, out, valid_fraction=valid_fraction, test_fraction=test_fraction, force=force, progress=p
+            paths,
+            out,
+            valid_fraction=valid_fraction,
+            test_fraction=test_fraction,
+            include=include,
+            exclude=exclude,
+            split_rule=split_rule,
+            max_bytes=max_bytes,
+            force=force,
+            progress=p,
         )
     print_summary(meta, out)
 
@@ -177,7 +235,10 @@ def enwik8(
 
 def audio(
     source: Optional[Path] = typer.Argument(
-        None, help="Folder of WAV/FLAC files (searched recursively).", show_default=False
+        None,
+        help="Folder or .tar archive of audio files (searched recursively): WAV, FLAC, Ogg Vorbis/Opus, MP3, AIFF.",
+        show_default=False,
+        metavar="SOURCE",
     ),
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
     sample_rate: int = typer.Option(
@@ -199,12 +260,20 @@ def audio(
     test_fraction: Optional[float] = typer.Option(
         None, "--test-fraction", help="hash rule: fraction of files for test \\[default: 0.05]."
     ),
+    include: List[str] = typer.Option([], "--include", help=INCLUDE_HELP, metavar="PATTERN", show_default=False),
+    exclude: List[str] = typer.Option([], "--exclude", help=EXCLUDE_HELP, metavar="PATTERN", show_default=False),
+    max_bytes: int = typer.Option(
+        0,
+        "--max-bytes",
+        help="Stop after N samples in all (one byte each; 3600 x the rate is an hour; the last file cut); 0: all.",
+        metavar="N",
+    ),
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Leave out unreadable files (counted and listed in meta.json) instead of failing."
     ),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
 ):
-    """Raw audio as 8-bit mu-law bytes: mono mixdown, soxr resampling, split by whole file.
+    """Raw audio as 8-bit mu-law bytes: mono downmix, soxr resampling, split by whole file.
 
     Every recording lands in exactly one split; meta.json gives each file's split, offset and length (in samples =
     bytes).
@@ -221,6 +290,9 @@ def audio(
             split_rule=split_rule,
             valid_fraction=valid_fraction,
             test_fraction=test_fraction,
+            include=include,
+            exclude=exclude,
+            max_bytes=max_bytes,
             skip_bad=skip_bad,
             force=force,
             progress=p,
@@ -239,9 +311,12 @@ def register(app: typer.Typer) -> None:
     )(user_errors(stdlib))
     sub.command(
         "text",
-        short_help="Files and folders of text, concatenated in sorted order. Example: haed prepare text notes/ --out "
-        "data/notes",
-        epilog="Example: haed prepare text notes/ book.txt --out data/notes --valid-fraction 0.05 --test-fraction 0.05",
+        short_help="Files, folders and .tar archives of text. Example: haed prepare text notes/ --out data/notes",
+        epilog=(
+            "Examples:\n\n  haed prepare text notes/ book.txt --out data/notes\n\n"
+            "  haed prepare text linux-source-6.1.tar.xz --include '*.c' --include '*.h' --split-rule hash "
+            "--max-bytes 300000000 --out data/code"
+        ),
     )(user_errors(text))
     sub.command(
         "enwik8",
@@ -251,11 +326,13 @@ def register(app: typer.Typer) -> None:
     )(user_errors(enwik8))
     sub.command(
         "audio",
-        short_help="WAV/FLAC folder (or --hf dataset) to 8-bit mu-law. Example: haed prepare audio wavs/ --out "
+        short_help="Audio folder or archive (or --hf dataset) to 8-bit mu-law. Example: haed prepare audio wavs/ --out "
         "data/speech --sample-rate 16000",
         epilog=(
             "Examples:\n\n  haed prepare audio ../shared/data/fsdd --out data/fsdd-8k --sample-rate 8000 "
             "--split-rule fsdd\n\n"
+            "  haed prepare audio usr/share/games/wesnoth/1.16/data/core/music --include '*.ogg' --sample-rate 16000 "
+            "--max-bytes 57600000 --valid-fraction 0.1 --test-fraction 0.1 --out data/music\n\n"
             "  haed prepare audio --hf NAME --out data/speech --sample-rate 16000"
         ),
     )(user_errors(audio))

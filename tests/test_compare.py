@@ -6,7 +6,7 @@ import pytest
 from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
-from haed.compare import compare, describe_phase_ends, flat_recipe
+from haed.compare import _choose_systems, compare, describe_phase_ends, flat_recipe
 from haed.config import apply_overrides, debug_recipe, recipe_from_dict
 from haed.errors import HaedError
 from haed.model import build_model, count_parameters
@@ -37,7 +37,12 @@ def test_compare_gives_every_system_the_budget_and_a_test_score(dataset, tmp_pat
     other.write_bytes(b"the cat sat on the mat " * 40)
     result = compare(recipe, tmp_path / "cmp", 1.0, evals=2, eval_data=[other], device="cpu")
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"iem", "full", "flat"}
+    assert set(rows) == {"iem", "full", "flat", "megabyte"}  # by default the peer too, where it is installed
+    assert rows["megabyte"]["arch"] == "megabyte" and rows["megabyte"]["label"].startswith("MEGABYTE-pytorch 0.3.6")
+    assert result["best_haed_vs_megabyte"] == pytest.approx(
+        min(rows["iem"]["test_bits_per_byte"], rows["full"]["test_bits_per_byte"])
+        / rows["megabyte"]["test_bits_per_byte"]
+    )
     for row in rows.values():
         assert row["train_seconds"] >= 0.9 * 1.0  # the IEM system's two phases share one budget
         assert 0 < row["test_bits_per_byte"] < 9 and row["test_bytes"] == 600
@@ -82,6 +87,32 @@ def test_compare_refuses_bad_options(dataset, tmp_path):
         compare(recipe, tmp_path / "a", 1, decoder_fraction=1.5)
     with pytest.raises(HaedError, match="unknown system"):
         compare(recipe, tmp_path / "a", 1, systems=("iem", "mystery"))
+    with pytest.raises(HaedError, match="--evals must be at least 1"):
+        compare(recipe, tmp_path / "a", 1, evals=0)
+    with pytest.raises(HaedError, match="--eval-bytes must be at least 1"):
+        compare(recipe, tmp_path / "a", 1, eval_bytes=0)
+    with pytest.raises(HaedError, match="--memory-cap must be a positive"):
+        compare(recipe, tmp_path / "a", 1, memory_cap_gib=0)
+    with pytest.raises(HaedError, match="needs a CUDA device"):
+        compare(recipe, tmp_path / "a", 1, memory_cap_gib=8, device="cpu")
+    assert not (tmp_path / "a").exists()
+
+
+def test_without_the_peers_package_megabyte_is_left_out_by_default_and_refused_when_asked(
+    dataset, tmp_path, monkeypatch
+):
+    from haed import peer
+
+    def missing():
+        raise HaedError("model.arch = 'megabyte' needs MEGABYTE-pytorch (No module named 'MEGABYTE_pytorch')")
+
+    monkeypatch.setattr(peer, "megabyte_class", missing)
+    recipe = debug_recipe(str(dataset))
+    with pytest.raises(HaedError, match="leave megabyte out of --systems"):
+        compare(recipe, tmp_path / "a", 1, systems=("full", "megabyte"), device="cpu")
+    said = []
+    assert _choose_systems(None, said.append) == ("iem", "full", "flat")
+    assert said == ["megabyte left out: MEGABYTE-pytorch is not installed (pip install 'haed[peer]')"]
     assert not (tmp_path / "a").exists()
 
 
@@ -145,3 +176,82 @@ def test_cli_compare_and_plain_progress_lines(dataset, tmp_path):
     assert "step 1 (0." in result.output and "/0.45 s): loss " in result.output
     assert "train.py:" not in result.output
     assert json.loads((tmp_path / "c" / "compare.json").read_text())["budget_seconds"] == 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# --memory-cap: the probe's choice under a fake cap (a fake measurement: no GPU needed)
+
+
+def fake_measure(peaks: dict, times: dict):
+    """A `measure` that reports, per (micro-batch, recompute), a peak (GiB) and a step time (ms); an
+    absent peak is an out-of-memory cell."""
+    tried = []
+
+    def measure(candidate):
+        tried.append(candidate)
+        key = (candidate.batch_size, candidate.recompute)
+        if key not in peaks:
+            return {"status": "OOM", "peak_allocated_gib": 9.9, "peak_reserved_gib": 10.0, "median_step_ms": None}
+        return {"status": "ok", "peak_allocated_gib": peaks[key], "peak_reserved_gib": peaks[key],
+                "median_step_ms": times[key]}  # fmt: skip
+
+    return measure, tried
+
+
+def test_the_probe_picks_the_fastest_configuration_that_fits():
+    from haed.memory_cap import Candidate, choose_configuration, micro_batches
+
+    assert micro_batches(16) == [16, 8, 4, 2, 1] and micro_batches(12) == [12, 6, 3, 1] and micro_batches(1) == [1]
+    recipe = _debug_recipe_with(None, ["full.batch_size=8", "full.grad_accum=2"])  # a global batch of 16
+    # 16 at once fits only with the main model recomputed (slow); 8 x 2 fits with nothing recomputed.
+    peaks = {(16, "main,decoder"): 7.0, (8, ""): 7.5, (4, ""): 4.0}
+    times = {(16, "main,decoder"): 300.0, (8, ""): 250.0, (4, ""): 260.0}
+    measure, tried = fake_measure(peaks, times)
+    chosen, probes = choose_configuration(recipe, "full", measure, cap_gib=8.0, label="full")
+    assert chosen == Candidate(8, 2, "")
+    # 16: none, decoder, main+decoder (fits); 8: none fits, so smaller micro-batches are not tried.
+    assert [(c.batch_size, c.recompute) for c in tried] == [(16, ""), (16, "decoder"), (16, "main,decoder"), (8, "")]
+    assert [p["fits"] for p in probes] == [False, False, True, True]
+    # A peak within the headroom below the cap does not fit: 7.7 GiB of 8 leaves less than 5%.
+    measure, _ = fake_measure({(16, ""): 7.7, (8, ""): 7.0}, {(16, ""): 100.0, (8, ""): 120.0})
+    assert choose_configuration(recipe, "full", measure, 8.0, "full")[0] == Candidate(8, 2, "")
+
+
+def test_a_cap_nothing_fits_is_one_error_before_anything_trains(dataset, tmp_path, monkeypatch):
+    import haed.compare as compare_module
+    from haed.memory_cap import enforced_cap
+
+    monkeypatch.setattr(compare_module, "enforced_cap", lambda dev, cap: enforced_cap(dev, None))  # no GPU here
+    measure, tried = fake_measure({}, {})
+    with pytest.raises(HaedError, match=r"--memory-cap 0.5 GiB: no configuration of full \(end to end\) fits"):
+        compare(
+            debug_recipe(str(dataset)), tmp_path / "capped", 1.0, systems=("iem", "full"), device="cpu",
+            memory_cap_gib=0.5, _measure_for=lambda recipe, objective: measure if objective == "full" else
+            fake_measure({(2, ""): 0.1}, {(2, ""): 5.0})[0],
+        )  # fmt: skip
+    assert len(tried) == 2 * 4  # micro-batches 2 and 1, each with every recomputation of full training
+    assert not (tmp_path / "capped").exists()
+
+
+def test_capped_phases_train_at_the_chosen_configuration(dataset, tmp_path, monkeypatch):
+    import haed.compare as compare_module
+    from haed.memory_cap import enforced_cap
+
+    monkeypatch.setattr(compare_module, "enforced_cap", lambda dev, cap: enforced_cap(dev, None))
+    recipe = _debug_recipe_with(dataset, ["full.batch_size=4"])
+    peaks = {
+        (4, ""): 9.0,
+        (4, "decoder"): 9.0,
+        (4, "main,decoder"): 9.0,
+        (4, "encoder,main,decoder"): 9.0,
+        (2, ""): 1.0,
+    }
+    result = compare(
+        recipe, tmp_path / "capped", 0.5, systems=("full",), evals=1, device="cpu", memory_cap_gib=2.0,
+        _measure_for=lambda r, o: fake_measure(peaks, {k: 10.0 for k in peaks})[0],
+    )  # fmt: skip
+    phase = result["rows"][0]["phases"][0]
+    assert (phase["batch_size"], phase["grad_accum"], phase["recompute"]) == (2, 2, "")
+    assert [p["fits"] for p in phase["probe"]] == [False] * 4 + [True] and result["memory_cap_gib"] == 2.0
+    config = json.loads((tmp_path / "capped" / "full" / "config.json").read_text())
+    assert config["global_batch"]["windows"] == 4 and config["recipe"]["full"]["grad_accum"] == 2

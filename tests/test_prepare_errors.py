@@ -76,7 +76,7 @@ def test_audio_bad_inputs(tmp_path, wavs, prepare_cli, assert_clean_failure):
     assert_clean_failure(prepare_cli("audio", tmp_path / "empty", "--out", out, *sr), out, "is empty")
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "readme.txt").write_text("hello")
-    assert_clean_failure(prepare_cli("audio", tmp_path / "texts", "--out", out, *sr), out, "no WAV or FLAC files")
+    assert_clean_failure(prepare_cli("audio", tmp_path / "texts", "--out", out, *sr), out, "contains no audio files")
     assert_clean_failure(prepare_cli("audio", wavs / "0_spk_0.wav", "--out", out, *sr), out, "not a folder")
     assert_clean_failure(prepare_cli("audio", wavs, "--out", out, "--sample-rate", "12"), out, "--sample-rate")
     assert_clean_failure(prepare_cli("audio", wavs, "--out", out, *sr, "--split-rule", "random"), out, "--split-rule")

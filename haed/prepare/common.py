@@ -7,6 +7,7 @@ or an interruption leaves nothing half-written.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import threading
@@ -89,6 +90,23 @@ class StreamSplitter:
             self.writer.write(SPLITS[i], mv[:take])
             self.pos += take
             mv = mv[take:]
+
+
+HASH_SPLIT_RULE = (
+    "by file: u = (first 8 bytes of sha256 of the file's path inside its folder or archive, UTF-8, as a "
+    "big-endian integer) / 2^64; u < test_fraction -> test, u < test_fraction + valid_fraction -> valid, else train"
+)
+
+
+def hash_split(name: str, valid_fraction: float, test_fraction: float) -> str:
+    """The default audio split rule: u = first 8 bytes of sha256(name) / 2^64;
+    u < test_fraction -> test, u < test_fraction + valid_fraction -> valid, else train."""
+    u = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + valid_fraction:
+        return "valid"
+    return "train"
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,43 +12,61 @@ import sysconfig
 from pathlib import Path
 from typing import Iterable
 
-from haed.data import DatasetWriter, _one_line, check_output_dir
+from haed.data import SPLITS, DatasetWriter, _one_line, check_output_dir
 from haed.errors import HaedError
-from haed.prepare.common import CHUNK, ProgressTask, StreamSplitter, check_fractions, split_sizes, walk_files
-
-TEXT_ORDER_RULE = (
-    "paths in the order given; a folder contributes every file below it (recursively), sorted by "
-    "path relative to the folder (POSIX form, code point order), skipping names that start with '.'; "
-    "files are concatenated with nothing in between"
+from haed.prepare.common import (
+    CHUNK,
+    HASH_SPLIT_RULE,
+    ProgressTask,
+    StreamSplitter,
+    check_fractions,
+    hash_split,
+    split_sizes,
+    walk_files,
 )
+from haed.prepare.sources import ORDER_RULE, SourceFile, Sources
+
+TEXT_ORDER_RULE = ORDER_RULE + "; files are concatenated with nothing in between"
+TEXT_SPLIT_RULES = ("stream", "hash")
 
 
-def collect_text_files(paths: Iterable[str | os.PathLike], exclude: Path | None = None) -> list[tuple[Path, str]]:
-    """(path, name) of every input file, in the documented order (:data:`TEXT_ORDER_RULE`)."""
-    paths = list(paths)
-    if not paths:
-        raise HaedError("give at least one file or folder")
-    exclude = exclude.resolve() if exclude is not None else None
-    files: list[tuple[Path, str]] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise HaedError(f"no such file or folder: {p}")
-        if p.is_file():
-            files.append((p, p.as_posix()))
-        elif p.is_dir():
-            inside = walk_files(p)
-            if exclude is not None:
-                inside = [(f, n) for f, n in inside if exclude not in f.resolve().parents]
-            if not inside:
-                raise HaedError(f"folder {p} contains no files")
-            files.extend((f, f"{p.as_posix().rstrip('/')}/{n}") for f, n in inside)
-        else:
-            raise HaedError(f"{p} is neither a file nor a folder")
-    return files
+def _take(files: list[SourceFile], max_bytes: int | None) -> list[tuple[SourceFile, int]]:
+    """(file, bytes taken) in order until `max_bytes` (None: all); the file that crosses the cap is cut."""
+    taken, total = [], 0
+    for f in files:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        n = f.size if max_bytes is None else min(f.size, max_bytes - total)
+        taken.append((f, n))
+        total += n
+    return taken
+
+
+def _split_of_files(
+    taken: list[tuple[SourceFile, int]], rule: str, valid_fraction: float, test_fraction: float
+) -> tuple[list[str] | None, str]:
+    """Each file's split under the hash rule (None for the stream rule, which splits by position)."""
+    total = sum(n for _, n in taken)
+    if total == 0:
+        raise HaedError("the input files are all empty (0 bytes)")
+    if rule == "stream":
+        sizes = split_sizes(total, valid_fraction, test_fraction)
+        return None, (
+            f"the stream split at its end, in order: the first {sizes[0]:,} bytes train, "
+            f"the next {sizes[1]:,} valid, the last {sizes[2]:,} test"
+        )
+    splits = [hash_split(f.name, valid_fraction, test_fraction) for f, _ in taken]
+    for s in SPLITS:
+        if not any(n for (_, n), split in zip(taken, splits) if split == s):
+            raise HaedError(
+                f"--split-rule hash puts none of the {len(taken):,} non-empty files in the {s} split; "
+                "use more files or larger fractions"
+            )
+    return splits, HASH_SPLIT_RULE
 
 
 def _prepare_files(
-    files: list[tuple[Path, str]],
+    sources: Sources,
     out,
     *,
     valid_fraction: float,
@@ -58,58 +76,54 @@ def _prepare_files(
     force: bool,
     progress,
     max_bytes: int | None = None,
+    split_rule: str = "stream",
 ) -> dict:
     check_fractions(valid_fraction, test_fraction)
+    if split_rule not in TEXT_SPLIT_RULES:
+        raise HaedError(f"unknown --split-rule {split_rule!r}: choose {', '.join(TEXT_SPLIT_RULES)}")
+    taken = _take(sources.files, max_bytes)
+    splits, rule_text = _split_of_files(taken, split_rule, valid_fraction, test_fraction)
+    total = sum(n for _, n in taken)
     entries = []
-    total = 0
-    for path, name in files:
-        size = path.stat().st_size
-        if max_bytes is not None and total + size > max_bytes:
-            size = max_bytes - total
-        if size > 0 or max_bytes is None:
-            entries.append({"name": name, "offset": total, "length": size, "_path": path})
-        total += size
-        if max_bytes is not None and total >= max_bytes:
-            break
-    if total == 0:
-        raise HaedError("the input files are all empty (0 bytes)")
-    sizes = split_sizes(total, valid_fraction, test_fraction)
     with DatasetWriter(out, force=force) as w:
-        splitter = StreamSplitter(w, sizes)
+        splitter = StreamSplitter(w, split_sizes(total, valid_fraction, test_fraction)) if splits is None else None
         task = ProgressTask(progress, "reading text", total)
-        for e in entries:
-            remaining = e["length"]
-            try:
-                with open(e["_path"], "rb") as fh:
-                    while remaining > 0:
-                        chunk = fh.read(min(CHUNK, remaining))
-                        if not chunk:
-                            break
-                        splitter.write(chunk)
-                        remaining -= len(chunk)
-                        task.advance(len(chunk))
-            except OSError as err:
-                raise HaedError(f"cannot read {e['name']}: {_one_line(err)}") from None
-            if remaining != 0:
-                raise HaedError(f"{e['name']} changed size while it was being read")
-        if splitter.pos != total:
-            raise HaedError("the input changed while it was being read")
-        for e in entries:
-            del e["_path"]
+        for i, (f, fh) in enumerate(sources.open_each([f for f, _ in taken])):
+            split, length = (splits[i] if splits is not None else None), taken[i][1]
+            entry = {"name": f.label, **({"split": split} if split else {})}
+            entry.update(offset=w.bytes_written(split) if split else splitter.pos, length=length)
+            write = splitter.write if split is None else (lambda b, s=split: w.write(s, b))
+            remaining = length
+            while remaining > 0:
+                chunk = _read(fh, min(CHUNK, remaining), f.label)
+                if not chunk:
+                    raise HaedError(f"{f.label} changed size while it was being read")
+                write(chunk)
+                remaining -= len(chunk)
+                task.advance(len(chunk))
+            if length < f.size:
+                entry["truncated_from"] = f.size
+            entries.append(entry)
         return w.finish(
             {
                 "kind": "text",
                 "source": source,
                 "order": order,
-                "split_rule": (
-                    f"the stream split at its end, in order: the first {sizes[0]:,} bytes train, "
-                    f"the next {sizes[1]:,} valid, the last {sizes[2]:,} test"
-                ),
+                "split_rule": rule_text,
+                "split_by": "file" if splits is not None else "position",
                 "valid_fraction": valid_fraction,
                 "test_fraction": test_fraction,
+                "max_bytes": max_bytes,
                 "files": entries,
             }
         )
+
+
+def _read(fh, n: int, label: str) -> bytes:
+    try:
+        return fh.read(n)
+    except (OSError, EOFError) as err:
+        raise HaedError(f"cannot read {label}: {_one_line(err)}") from None
 
 
 def prepare_text(
@@ -118,22 +132,26 @@ def prepare_text(
     *,
     valid_fraction: float = 0.05,
     test_fraction: float = 0.05,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    split_rule: str = "stream",
+    max_bytes: int | None = None,
     force: bool = False,
     progress=None,
 ) -> dict:
-    """Concatenate files and folders (in :data:`TEXT_ORDER_RULE` order) and split the stream at its end."""
+    """Concatenate files, folders and .tar archives (in :data:`TEXT_ORDER_RULE` order, filtered by the
+    `include` / `exclude` patterns), cut at `max_bytes` (None or 0: all), and split the stream at its end
+    (`split_rule="stream"`) or each whole file by a hash of its name (`"hash"`: no file is cut in two)."""
     check_fractions(valid_fraction, test_fraction)
+    if max_bytes is not None and max_bytes < 0:
+        raise HaedError(f"--max-bytes must be 0 (no cap) or positive (got {max_bytes})")
+    if split_rule not in TEXT_SPLIT_RULES:
+        raise HaedError(f"unknown --split-rule {split_rule!r}: choose {', '.join(TEXT_SPLIT_RULES)}")
     out = check_output_dir(out, force)
-    paths = [Path(p) for p in paths]
-    files = collect_text_files(paths, exclude=out)
-    source = {
-        "type": "text",
-        "description": f"{len(files):,} file{'s' if len(files) != 1 else ''} from "
-        f"{', '.join(p.as_posix() for p in paths)}",
-        "paths": [p.as_posix() for p in paths],
-    }
+    sources = Sources(paths, include, exclude, outside=out)
+    source = {"type": "text", "description": sources.describe(), **sources.meta()}
     return _prepare_files(
-        files,
+        sources,
         out,
         valid_fraction=valid_fraction,
         test_fraction=test_fraction,
@@ -141,6 +159,8 @@ def prepare_text(
         order=TEXT_ORDER_RULE,
         force=force,
         progress=progress,
+        max_bytes=max_bytes or None,
+        split_rule=split_rule,
     )
 
 
@@ -191,7 +211,7 @@ def prepare_stdlib(
     max_bytes = max_bytes or None
     out = check_output_dir(out, force)
     root = stdlib_root()
-    files = stdlib_files(root)
+    files = Sources.from_files([SourceFile(n, n, p.stat().st_size, None, p) for p, n in stdlib_files(root)])
     ver = ".".join(map(str, sys.version_info[:3]))
     source = {
         "type": "stdlib",

@@ -13,7 +13,7 @@ FLOPs per step. An out-of-memory cell is reported as "OOM"; the sweep goes on.
 - :mod:`haed.profile.report`: ratios, merging profiles, one-line descriptions, JSON, the plot.
 """
 
-from haed.model import attention_flops, linear_weights
+from haed.layers import attention_flops, linear_weights
 from haed.profile.context import max_context
 from haed.profile.defaults import CPU_DEFAULTS, CUDA_DEFAULTS, SweepDefaults, SweepPlan, default_sweep, plan_sweep
 from haed.profile.flops import DEFAULT_PEAK_TFLOPS, FLOPS_CONVENTION, add_fraction_of_peak, step_flops

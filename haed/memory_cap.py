@@ -1,0 +1,178 @@
+"""`haed compare --memory-cap GIB`: every system under the same enforced cap on GPU memory, each at the
+fastest configuration of its own that fits.
+
+A phase's configuration is its micro-batch (with gradient accumulation keeping the global batch: the
+recipe's `batch_size x grad_accum` windows per optimizer step) and which stacks recompute their
+activations in the backward pass (the objective's `recompute_choices`, cheapest first). Before any
+clock starts, a short probe trains a few real optimizer steps of each candidate under the cap: from
+the whole batch at once downwards, at each micro-batch the cheapest recomputation that fits, until one
+fits with no recomputation at all (a smaller micro-batch is then only slower). The fastest candidate
+that fits, with `HEADROOM` to spare (the distinct patches of an IEM batch vary from step to step), is
+chosen; a phase that nothing fits is one error before anything trains.
+
+The cap is enforced by PyTorch's caching allocator (`torch.cuda.set_per_process_memory_fraction`):
+a run that would need more fails with an out-of-memory error instead of reporting a number above it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from haed.config import Recipe
+from haed.errors import HaedError
+from haed.objectives import OBJECTIVES, get_objective
+from haed.profile.harness import GIB, measure_cell
+from haed.profile.sweep import build_for_objective
+from haed.profile.windows import WindowSource
+from haed.steps import to_device, torch_generator, train_step
+
+HEADROOM = 0.05  # a candidate fits when its peak allocation stays this fraction below the cap
+PROBE_WARMUP, PROBE_STEPS = 1, 2
+
+
+@dataclass(frozen=True)
+class Candidate:
+    batch_size: int  # windows per micro-batch
+    grad_accum: int  # micro-batches per optimizer step
+    recompute: str  # stacks recomputed in the backward pass ("" for none)
+
+    def describe(self) -> str:
+        what = f"{self.batch_size} x {self.grad_accum}"
+        return what + (f", recompute {self.recompute}" if self.recompute else "")
+
+
+def micro_batches(total: int) -> list[int]:
+    """The micro-batch sizes tried for a global batch of `total` windows: total, total / 2, ... , 1
+    (halving while it divides, then 1)."""
+    sizes, b = [], total
+    while True:
+        sizes.append(b)
+        if b % 2 or b == 1:
+            break
+        b //= 2
+    return sizes if sizes[-1] == 1 else sizes + [1]
+
+
+def fits(cell: dict, cap_gib: float) -> bool:
+    return cell["status"] == "ok" and cell["peak_allocated_gib"] <= cap_gib * (1 - HEADROOM)
+
+
+def choose_configuration(
+    recipe: Recipe, objective: str, measure: Callable[[Candidate], dict], cap_gib: float, label: str
+) -> tuple[Candidate, list[dict]]:
+    """(the fastest candidate that fits under `cap_gib`, every probe made). `measure(candidate)` gives a
+    cell of `haed.profile.harness.measure_cell` (status, peak_allocated_gib, median_step_ms)."""
+    spec = get_objective(objective)
+    cfg = getattr(recipe, spec.section)
+    total = cfg.batch_size * cfg.grad_accum
+    probes, best = [], None
+    for b in micro_batches(total):
+        plain_fits = False
+        for recompute in spec.recompute_choices:
+            candidate = Candidate(b, total // b, recompute)
+            cell = measure(candidate)
+            ok = fits(cell, cap_gib)
+            probes.append(
+                {
+                    **dataclasses.asdict(candidate),
+                    "status": cell["status"],
+                    "peak_allocated_gib": cell.get("peak_allocated_gib"),
+                    "peak_reserved_gib": cell.get("peak_reserved_gib"),
+                    "median_step_ms": cell.get("median_step_ms"),
+                    "fits": ok,
+                }
+            )
+            if ok:
+                if best is None or cell["median_step_ms"] < best[1]:
+                    best = (candidate, cell["median_step_ms"])
+                plain_fits = recompute == ""
+                break
+        if plain_fits:
+            break
+    if best is None:
+        smallest = probes[-1]
+        peak = smallest["peak_allocated_gib"]
+        raise HaedError(
+            f"--memory-cap {cap_gib:g} GiB: no configuration of {label} fits (micro-batch 1"
+            + (f", recompute {smallest['recompute']}" if smallest["recompute"] else "")
+            + (f" peaked at {peak:.2f} GiB" if peak is not None else "")
+            + f", {smallest['status']}); raise the cap, or shrink the model or --seq-len"
+        )
+    return best[0], probes
+
+
+def apply_configuration(recipe: Recipe, objective: str, candidate: Candidate) -> Recipe:
+    """The recipe with the objective's phase at `candidate`'s micro-batch, accumulation and recomputation."""
+    section = get_objective(objective).section
+    cfg = dataclasses.replace(
+        getattr(recipe, section),
+        batch_size=candidate.batch_size,
+        grad_accum=candidate.grad_accum,
+        recompute=candidate.recompute,
+    )
+    return dataclasses.replace(recipe, **{section: cfg})
+
+
+def probe_measure(recipe: Recipe, objective: str, device: torch.device, compile: bool) -> Callable[[Candidate], dict]:
+    """A `measure` for `choose_configuration`: a few real optimizer steps of the candidate on `device`,
+    through the trainer's own pieces, on windows of the recipe's train split."""
+    source = WindowSource.for_recipe(
+        recipe, recipe.data.dataset, seed=getattr(recipe, get_objective(objective).section).seed
+    )
+    seq_len, loss_fn = recipe.data.seq_len, OBJECTIVES[objective]
+
+    def measure(candidate: Candidate) -> dict:
+        cfg = dataclasses.replace(
+            getattr(apply_configuration(recipe, objective, candidate), get_objective(objective).section),
+            compile=compile,
+        )
+
+        def setup():
+            if compile and device.type == "cuda":
+                torch._dynamo.reset()
+            return build_for_objective(recipe, objective, cfg, device, compile)
+
+        def make_batch(i):
+            a = candidate.grad_accum
+            batches = [
+                (
+                    to_device(source.windows(i * a + m, candidate.batch_size, seq_len), device),
+                    torch_generator(cfg.seed, i, m),
+                )
+                for m in range(a)
+            ]
+            return batches, {}
+
+        def step(state, batches):
+            model, optimizer, params = state
+            train_step(model, optimizer, params, loss_fn, cfg, batches, device)
+
+        return measure_cell(
+            objective, seq_len, candidate.batch_size, setup=setup, step=step, make_batch=make_batch,
+            device=device, steps=PROBE_STEPS, warmup=PROBE_WARMUP,
+        )  # fmt: skip
+
+    return measure
+
+
+@contextlib.contextmanager
+def enforced_cap(device: torch.device, cap_gib: float | None) -> Iterator[None]:
+    """Hold PyTorch's allocator on `device` to `cap_gib` for the block (nothing without a cap)."""
+    if cap_gib is None:
+        yield
+        return
+    if device.type != "cuda":
+        raise HaedError("--memory-cap caps GPU memory: it needs a CUDA device (--device cuda)")
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    if cap_gib > total:
+        raise HaedError(f"--memory-cap {cap_gib:g} GiB is more than this GPU has ({total:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(cap_gib / total, device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
