@@ -59,7 +59,8 @@ def micro_batches(total: int) -> list[int]:
 
 
 def fits(cell: dict, cap_gib: float) -> bool:
-    return cell["status"] == "ok" and cell["peak_allocated_gib"] <= cap_gib * (1 - HEADROOM)
+    peak = cell.get("peak_allocated_gib")
+    return cell["status"] == "ok" and peak is not None and peak <= cap_gib * (1 - HEADROOM)
 
 
 def choose_configuration(
