@@ -22,6 +22,8 @@ RATIO_PAIRS = (
     ("decoder", "iem"),
     ("flat", "iem"),
     ("flat", "full"),
+    ("megabyte", "iem"),
+    ("megabyte", "full"),
     ("full", "megabyte-peer"),
     ("iem", "megabyte-peer"),
     ("flat", "megabyte-peer"),
