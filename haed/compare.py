@@ -372,7 +372,9 @@ def plot_comparison(result: dict, png_path: Path) -> Path:
     ax.set_xlabel("training seconds (validation and checkpoints not counted)")
     ax.set_ylabel(f"validation {result['unit']}")
     ax.set_title(
-        f"{result['recipe']} on {Path(result['dataset']).name}: {result['budget_seconds']:g} s each, {result['device']}"
+        f"{result['recipe']} on {Path(result['dataset']).name}: {result['budget_seconds']:g} s each, "
+        f"{result.get('gpu') or result['device']}"
+        + (f", {result['memory_cap_gib']:g} GiB cap" if result.get("memory_cap_gib") else "")
     )
     ax.grid(alpha=0.3)
     ax.legend()

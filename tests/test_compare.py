@@ -1,6 +1,7 @@
 """`haed compare`: every system trained for the same seconds, scored on test bytes, written as JSON and PNG."""
 
 import json
+import re
 
 import pytest
 from _tiny import make_text_dataset
@@ -173,7 +174,8 @@ def test_cli_compare_and_plain_progress_lines(dataset, tmp_path):
     assert result.exit_code == 0, result.output
     assert "IEM + decoder phase" in result.output and "full (end to end)" in result.output
     # Not a terminal: one plain line per log interval, with the budget's seconds, and no source locations.
-    assert "step 1 (0." in result.output and "/0.45 s): loss " in result.output
+    # (the seconds of step 1 depend on the machine's load: the line's form is what is checked)
+    assert re.search(r"step 1 \(\d+\.\d+/0\.45 s\): loss ", result.output), result.output
     assert "train.py:" not in result.output
     assert json.loads((tmp_path / "c" / "compare.json").read_text())["budget_seconds"] == 0.5
 

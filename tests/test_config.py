@@ -43,7 +43,9 @@ runner = CliRunner()
 def test_builtin_recipes_are_package_data():
     recipes = importlib.resources.files("haed") / "recipes"
     assert sorted(p.name for p in recipes.iterdir() if p.name.endswith(".toml")) == [
+        "code.toml",
         "enwik8.toml",
+        "music.toml",
         "speech.toml",
         "tiny.toml",
     ]
@@ -55,7 +57,7 @@ def test_builtin_recipes_are_package_data():
 
 def test_builtin_recipe_found_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ("tiny", "enwik8", "speech"):
+    for name in ("tiny", "enwik8", "speech", "code", "music"):
         assert load_recipe(name).name == name
 
 
