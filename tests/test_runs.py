@@ -199,7 +199,22 @@ def test_best_checkpoint_is_the_lowest_validation_point(dataset, tmp_path, monke
     assert [r["bits_per_byte"] for r in valid] == [3.0, 1.0, 2.0, 1.5]
 
 
-def test_time_budget_ends_the_run_on_time_and_resume_uses_what_is_left(dataset, tmp_path):
+class SteadyClock:
+    """A perf_counter that advances `tick` seconds per reading: every step of the trainer then takes the
+    same seconds whatever the machine's load (the budget is counted in these seconds)."""
+
+    def __init__(self, tick: float):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_time_budget_ends_the_run_on_time_and_resume_uses_what_is_left(dataset, tmp_path, monkeypatch):
+    import haed.train
+
+    monkeypatch.setattr(haed.train, "time", SteadyClock(0.02))  # a step is 0.02 s: 50 steps in the budget
     recipe = debug_recipe(str(dataset))
     cfg = recipe.full
     cfg.time_budget, cfg.steps, cfg.eval_every, cfg.ckpt_every, cfg.log_every, cfg.warmup_steps = 1.0, 10**6, 0, 5, 1, 2
