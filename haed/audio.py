@@ -16,14 +16,15 @@ tensor functions.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from haed.atomic import atomic_path
-from haed.errors import HaedError
+from haed.atomic import atomic_path, remove_quietly
+from haed.errors import HaedError, write_error
 
 MU = 255  # quantization_channels - 1
 QUANTIZATION_CHANNELS = 256
@@ -107,11 +108,45 @@ def read_audio_info(src, sample_rate: int | None, name: str | None = None):
     """Like :func:`read_audio`, also returning ``(samples, source_rate, source_channels)``."""
     if name is None:
         name = str(src)
+    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+        raise HaedError(f"{src} is a folder, not an audio file")
     if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
         raise HaedError(f"audio file not found: {src}")
     if isinstance(src, (bytes, bytearray, memoryview)):
         src = io.BytesIO(bytes(src))
+    if isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as f:
+            _check_wav_length(f, name)
+    elif hasattr(src, "seek") and hasattr(src, "read"):
+        _check_wav_length(src, name)
     return _decode(src, sample_rate, name)
+
+
+def _check_wav_length(f, name: str) -> None:
+    """Refuse a RIFF WAV whose data chunk holds fewer bytes than its header promises (a file cut short
+    after an intact header, which decoders read silently as a shorter recording)."""
+    import struct
+
+    start = f.tell()
+    try:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return  # not a RIFF WAV (FLAC, Ogg, RF64 ...): its decoder checks it
+        size = f.seek(0, os.SEEK_END)
+        offset = 12
+        while offset + 8 <= size:
+            f.seek(offset)
+            chunk, length = struct.unpack("<4sI", f.read(8))
+            if chunk == b"data":
+                if length not in (0, 0xFFFFFFFF) and offset + 8 + length > size:  # 0 / -1: length left open
+                    raise HaedError(
+                        f"audio file {name} is truncated: its header promises {length:,} bytes of samples, "
+                        f"the file holds {size - offset - 8:,}"
+                    )
+                return
+            offset += 8 + length + (length & 1)
+    finally:
+        f.seek(start)
 
 
 def read_audio(path, sample_rate: int | None) -> np.ndarray:
@@ -137,7 +172,10 @@ def write_wav(path, codes_or_float, sample_rate: int) -> Path:
     pcm = to_pcm16(codes_or_float).reshape(-1)
     if sample_rate <= 0:
         raise HaedError(f"sample rate must be positive (got {sample_rate})")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path.parent, e) from None
     with atomic_path(path) as tmp:
         with wave.open(str(tmp), "wb") as w:
             w.setnchannels(1)
@@ -163,10 +201,15 @@ class WavWriter:
         self.path = Path(path)
         self.sample_rate = int(sample_rate)
         self.frames = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "wb")
-        self._file.write(self._header(0))
-        self._file.flush()
+        self._file = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "wb")
+            self._file.write(self._header(0))
+            self._file.flush()
+        except OSError as e:
+            self.abort()
+            raise write_error(self.path, e) from None
 
     def _header(self, frames: int) -> bytes:
         import struct
@@ -194,17 +237,30 @@ class WavWriter:
         pcm = to_pcm16(codes_or_float).reshape(-1)
         if not pcm.size:
             return
-        self._file.seek(0, os.SEEK_END)
-        self._file.write(pcm.astype("<i2").tobytes())
-        self._file.flush()
-        self.frames += int(pcm.size)
-        self._file.seek(0)
-        self._file.write(self._header(self.frames))
-        self._file.flush()
+        try:
+            self._file.seek(0, os.SEEK_END)
+            self._file.write(pcm.astype("<i2").tobytes())
+            self._file.flush()
+            self.frames += int(pcm.size)
+            self._file.seek(0)
+            self._file.write(self._header(self.frames))
+            self._file.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from None
 
     def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()
+        if self._file is not None and not self._file.closed:
+            try:
+                self._file.close()
+            except OSError as e:
+                raise write_error(self.path, e) from None
+
+    def abort(self) -> None:
+        """Close and remove the file: a WAV whose writing failed is not left behind, not even its header."""
+        if self._file is not None:  # opened (and so truncated) by this writer
+            with contextlib.suppress(OSError):
+                self._file.close()
+            remove_quietly(self.path)
 
     def __enter__(self) -> "WavWriter":
         return self

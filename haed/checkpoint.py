@@ -10,14 +10,15 @@
 
 Every checkpoint is written to a uniquely named temporary sibling and renamed into place, so a crash
 never leaves a half-written `step-N`. `manifest.json` records each file's size and sha256 at write
-time; loading verifies them, and a damaged latest checkpoint gives way to the newest intact one.
+time, and the weights carry their own digest (`haed.integrity`), so that a checkpoint can be verified
+even without its manifest. A damaged or unverifiable latest checkpoint gives way to the newest
+verifiable one, with a warning; evaluation and sampling refuse an unverifiable one unless asked.
 Weights load through safetensors and the optimizer through `torch.load(weights_only=True)`: loading
 a run never executes code.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,17 +26,18 @@ import socket
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from haed.atomic import temporary_sibling
+from haed.atomic import remove_quietly, temporary_sibling
 from haed.config import Recipe, recipe_from_dict
-from haed.errors import HaedError, warn
+from haed.errors import HaedError, WriteError, warn, write_error
+from haed.integrity import MANIFEST, load_tensors, manifest_problem, sha256_file, state_files_problem, weights_problem
+from haed.integrity import save_weights as save_file  # one name for tests to intercept the weights write
 from haed.model import build_model
 from haed.objectives import get_objective
 
 STEP_PREFIX = "step-"
 BEST = "best"
-MANIFEST = "manifest.json"
+UNVERIFIABLE = "it cannot be verified: it has no manifest.json and its weights carry no digest"
 
 
 def step_dirs(run_dir: Path) -> list[Path]:
@@ -51,61 +53,72 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_problem(checkpoint_dir: Path) -> str | None:
-    """Why a checkpoint cannot be trusted (a missing, truncated or altered file), or None if intact.
+    """Why a checkpoint cannot be trusted (a missing, truncated or altered file, a malformed manifest,
+    weights that differ from their digest), `UNVERIFIABLE`, or None if it is intact.
 
-    Checkpoints written before manifests existed are taken as they are when their weights exist.
+    With a manifest every file is checked against it; without one, the weights against their digest.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    manifest_path = checkpoint_dir / MANIFEST
-    if not manifest_path.is_file():
-        return None if (checkpoint_dir / "model.safetensors").is_file() else "model.safetensors is missing"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
-        return f"{MANIFEST} is unreadable"
-    for name, expected in manifest["files"].items():
-        path = checkpoint_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != expected["size"]:
-            return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
-        if _sha256(path) != expected["sha256"]:
-            return f"{name} does not match the sha256 recorded when it was written"
-    return None
+    weights = checkpoint_dir / "model.safetensors"
+    if not (checkpoint_dir / MANIFEST).is_file():
+        if not weights.is_file():
+            return "model.safetensors is missing"
+        problem = weights_problem(weights)
+        return UNVERIFIABLE if problem == "no digest" else problem
+    problem = manifest_problem(checkpoint_dir)
+    if problem is None:
+        problem = weights_problem(weights)
+    return None if problem == "no digest" else problem
+
+
+def _unusable(checkpoint: Path, problem: str) -> str:
+    if problem == UNVERIFIABLE:
+        return f"checkpoint {checkpoint} cannot be verified (no manifest.json, and its weights carry no digest)"
+    return f"checkpoint {checkpoint} is damaged ({problem})"
 
 
 def latest_intact_checkpoint(run_dir: Path) -> Path | None:
-    """The newest step checkpoint that passes verification; damaged newer ones are skipped with a warning."""
+    """The newest step checkpoint that passes verification and whose optimizer and random-number states
+    load; damaged or unverifiable newer ones are skipped with a warning."""
     for checkpoint in reversed(step_dirs(run_dir)):
-        problem = checkpoint_problem(checkpoint)
+        problem = checkpoint_problem(checkpoint) or state_files_problem(checkpoint)
         if problem is None:
             return checkpoint
-        warn(f"checkpoint {checkpoint} is damaged ({problem}); falling back to an earlier one")
+        warn(f"{_unusable(checkpoint, problem)}; falling back to an earlier one")
     return None
 
 
+def read_state(checkpoint_dir: Path) -> dict:
+    """A checkpoint's state.json, its shape checked ("step" a non-negative integer)."""
+    path = Path(checkpoint_dir) / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise HaedError(f"{path} is missing or not valid JSON: the checkpoint is damaged") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise HaedError(f"{path} does not record a step: the checkpoint is damaged")
+    return state
+
+
 def checkpoint_step(checkpoint_dir: Path) -> int:
-    return int(json.loads((Path(checkpoint_dir) / "state.json").read_text())["step"])
+    return read_state(checkpoint_dir)["step"]
 
 
 def save_checkpoint(
     run_dir: Path, step: int, model, optimizer, state: dict, config: dict, keep_last: int = 2, name: str | None = None
 ) -> Path:
-    """Write `run_dir/step-NNNNNN` (or `run_dir/<name>`) atomically, with its manifest; keep the last step dirs."""
+    """Write `run_dir/step-NNNNNN` (or `run_dir/<name>`) atomically, with its manifest; keep the last step dirs.
+
+    A write that fails (a full disk, a read-only folder) leaves no temporary behind and raises a
+    `WriteError` naming the checkpoint; the checkpoints already written are untouched.
+    """
     run_dir = Path(run_dir)
     final = run_dir / (name or f"{STEP_PREFIX}{step:06d}")
     tmp = temporary_sibling(final)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(weights, str(tmp / "model.safetensors"))
         if optimizer is not None:
@@ -119,9 +132,14 @@ def save_checkpoint(
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_manifest(tmp)
         install_directory(tmp, final)
+    except OSError as e:
+        raise write_error(final, e) from None
+    except Exception as e:  # safetensors reports a failed write with its own error type
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise WriteError(f"cannot write {final}: {' '.join(str(e).split()).lower() or 'the weights'}") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        remove_quietly(tmp)
     if name is None:
         keep_newest(run_dir, keep_last)
     return final
@@ -130,7 +148,7 @@ def save_checkpoint(
 def write_manifest(checkpoint_dir: Path) -> None:
     """Record the size and sha256 of every file below `checkpoint_dir` in its manifest.json."""
     files = {
-        p.relative_to(checkpoint_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.relative_to(checkpoint_dir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(checkpoint_dir.rglob("*"))
         if p.is_file()
     }
@@ -170,10 +188,13 @@ def read_run_config(run_dir: Path) -> dict:
 
 
 def load_weights(model, checkpoint_dir: Path, strict: bool = True) -> None:
-    try:
-        state = load_file(str(Path(checkpoint_dir) / "model.safetensors"))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise HaedError(f"cannot read the weights in {checkpoint_dir}: {e}") from None
+    """Load a checkpoint's weights into `model`, checked against their digest; weights written before
+    haed recorded digests load with one line saying that they are verified by the manifest only."""
+    from haed.integrity import read_weights
+
+    state, has_digest = read_weights(Path(checkpoint_dir) / "model.safetensors")
+    if not has_digest and (Path(checkpoint_dir) / MANIFEST).is_file():
+        warn(f"the weights in {checkpoint_dir} carry no digest (an older haed wrote them): verified by {MANIFEST} only")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
@@ -188,14 +209,19 @@ def load_optimizer_state(checkpoint_dir: Path, device) -> dict:
     path = Path(checkpoint_dir) / "optimizer.pt"
     if not path.is_file():
         raise HaedError(f"{checkpoint_dir} has no optimizer.pt: it cannot be resumed exactly")
-    return torch.load(path, map_location=device, weights_only=True)
+    state = load_tensors(path, map_location=device)
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) or "param_groups" not in state:
+        raise HaedError(f"{path} is not an optimizer state: the checkpoint is damaged")
+    return state
 
 
 def restore_rng_state(checkpoint_dir: Path) -> None:
     path = Path(checkpoint_dir) / "rng.pt"
     if not path.is_file():
         raise HaedError(f"{checkpoint_dir} has no rng.pt: it cannot be resumed exactly")
-    rng = torch.load(path, weights_only=True)
+    rng = load_tensors(path)
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), torch.Tensor) or rng["cpu"].dtype != torch.uint8:
+        raise HaedError(f"{path} is not a random-number state: the checkpoint is damaged")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -216,45 +242,64 @@ def resolve_sampling_run(run_dir: Path) -> Path:
     return run_dir
 
 
-def select_checkpoint(run_dir: Path, which: str = "best") -> Path:
+def _sampling_problem(checkpoint: Path, allow_unverified: bool) -> str | None:
+    problem = checkpoint_problem(checkpoint)
+    if problem != UNVERIFIABLE:
+        return problem
+    if not allow_unverified:
+        raise HaedError(
+            f"{_unusable(checkpoint, problem)}: choose another with --checkpoint, or pass --allow-unverified "
+            "to use it anyway"
+        )
+    warn(f"{_unusable(checkpoint, problem)}: using it unverified, as asked")
+    return None
+
+
+def select_checkpoint(run_dir: Path, which: str = "best", allow_unverified: bool = False) -> Path:
     """The checkpoint directory `which` names: "best" (the best validation point, else the last),
-    "last" (the newest intact step), or "step-N"."""
+    "last" (the newest intact step), or "step-N". A damaged best or last one gives way to an intact one
+    with a warning; one that cannot be verified is refused unless `allow_unverified` (then a warning)."""
     run_dir = Path(run_dir)
     if which == BEST:
         best = run_dir / BEST
         if best.is_dir():
-            problem = checkpoint_problem(best)
+            problem = _sampling_problem(best, allow_unverified)
             if problem is None:
                 return best
             warn(f"the best checkpoint {best} is damaged ({problem}); using the last one")
         which = "last"
     if which == "last":
-        checkpoint = latest_intact_checkpoint(run_dir)
-        if checkpoint is None:
-            if step_dirs(run_dir):
-                raise HaedError(f"{run_dir} has no intact checkpoint (every step-N directory is damaged)")
-            raise HaedError(f"{run_dir} has no checkpoint yet (no step-N directory)")
-        return checkpoint
+        for checkpoint in reversed(step_dirs(run_dir)):
+            problem = _sampling_problem(checkpoint, allow_unverified)
+            if problem is None:
+                return checkpoint
+            warn(f"{_unusable(checkpoint, problem)}; falling back to an earlier one")
+        if step_dirs(run_dir):
+            raise HaedError(f"{run_dir} has no intact checkpoint (every step-N directory is damaged)")
+        raise HaedError(f"{run_dir} has no checkpoint yet (no step-N directory)")
     name = which if which.startswith(STEP_PREFIX) else None
     if name is None or not name[len(STEP_PREFIX) :].isdigit():
         raise HaedError(f"--checkpoint must be best, last or step-N, not {which!r}")
     wanted = int(name[len(STEP_PREFIX) :])
     for checkpoint in step_dirs(run_dir):
         if int(checkpoint.name[len(STEP_PREFIX) :]) == wanted:
-            problem = checkpoint_problem(checkpoint)
+            problem = _sampling_problem(checkpoint, allow_unverified)
             if problem is not None:
-                raise HaedError(f"checkpoint {checkpoint} is damaged ({problem})")
+                raise HaedError(_unusable(checkpoint, problem))
             return checkpoint
     kept = ", ".join(p.name for p in step_dirs(run_dir)) or "none"
     raise HaedError(f"{run_dir} has no checkpoint {which} (kept: {kept})")
 
 
-def load_run(run_dir: Path, device="cpu", checkpoint: str = "best") -> tuple[torch.nn.Module, Recipe, dict]:
-    """Build the model of a run and load a checkpoint's weights (the best validation point by default):
-    (model in eval mode, recipe, run config with "checkpoint" set to the directory loaded)."""
+def load_run(
+    run_dir: Path, device="cpu", checkpoint: str | Path = "best", allow_unverified: bool = False
+) -> tuple[torch.nn.Module, Recipe, dict]:
+    """Build the model of a run and load a checkpoint's weights (the best validation point by default, or
+    a checkpoint directory already chosen by `select_checkpoint`): (model in eval mode, recipe, run config
+    with "checkpoint" set to the directory loaded)."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    chosen = select_checkpoint(run_dir, checkpoint)
+    chosen = checkpoint if isinstance(checkpoint, Path) else select_checkpoint(run_dir, checkpoint, allow_unverified)
     recipe = recipe_from_dict(config["recipe"])
     model = build_model(recipe.model)
     load_weights(model, chosen)
@@ -275,32 +320,64 @@ class RunLock:
         self.file = None
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
         try:
-            import fcntl
-
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # pragma: no cover - not POSIX: no lock
-            pass
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        holder = _try_lock(f)
+        if holder is not None:
             f.close()
-            raise HaedError(
-                f"{self.path.parent} is being written by {holder}: wait for it or choose another --out"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on host {socket.gethostname()}")
-        f.flush()
+            raise HaedError(f"{self.path.parent} is being written by {holder}: wait for it or choose another --out")
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on host {socket.gethostname()}")
+            f.flush()
+        except OSError as e:
+            f.close()
+            raise write_error(self.path, e) from None
         self.file = f
         # Temporaries of a writer that was killed mid-write: nobody else can be writing them now.
         for leftover in self.path.parent.glob(".*.tmp"):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            remove_quietly(leftover)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.file is not None:
             self.file.close()  # closing releases the lock
             self.file = None
+
+
+def _try_lock(f, wait: bool = False) -> str | None:
+    """Take the exclusive lock on the open file `f`; None, or the holder's line when another process has it."""
+    try:
+        import fcntl
+
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        pass
+    except OSError:
+        f.seek(0)
+        return f.read().strip() or "another process"
+    return None
+
+
+def wait_for_writer(run_dir: Path, wait: bool = False, on_wait=None) -> None:
+    """Refuse (or, with `wait`, wait for) a run that another process is still writing: its checkpoints
+    would be a moment of an unfinished run. Reads the lock without taking the run over."""
+    path = Path(run_dir) / ".lock"
+    if not path.is_file():
+        return
+    with open(path) as f:
+        holder = _try_lock(f)
+        if holder is None:
+            return
+        if not wait:
+            raise HaedError(
+                f"{run_dir} is still being trained by {holder}: wait for it to finish, or pass --wait to start "
+                "when it does"
+            )
+        if on_wait is not None:
+            on_wait(f"waiting for {run_dir} to finish training ({holder})")
+        _try_lock(f, wait=True)

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from haed import peer
-from haed.atomic import save_figure, write_text_atomic
+from haed.atomic import check_writable, save_figure, write_text_atomic
 from haed.checkpoint import read_run_config
 from haed.config import Recipe, apply_overrides, recipe_from_dict
 from haed.device import resolve_device
@@ -224,6 +224,7 @@ def compare(
         raise HaedError(f"--memory-cap must be a positive number of GiB, not {memory_cap_gib}")
     systems = _choose_systems(systems, say)
     out_dir = Path(out_dir)
+    check_writable(out_dir / "compare.json", what="--out")
     plans = {system: SYSTEMS[system](recipe, budget, decoder_fraction, evals, flat_overrides) for system in systems}
     dev = resolve_device(device)
     probes: dict = {}

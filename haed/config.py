@@ -23,7 +23,7 @@ try:  # Python >= 3.11
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from haed.errors import HaedError
+from haed.errors import HaedError, os_reason
 
 # The built-in recipes are package data: installed with haed, found beside this file.
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -392,9 +392,9 @@ def _deep_update(target: dict, values: dict, where: str = "") -> None:
 def resolve_recipe_path(name_or_path: str) -> Path:
     """A .toml path as given, or the name of a built-in recipe (`tiny`, `enwik8`, `speech`)."""
     path = Path(name_or_path)
-    if path.is_file():
-        return path
     builtin = RECIPES_DIR / f"{name_or_path}.toml"
+    if path.is_file() or (path.is_dir() and not builtin.is_file()):  # a folder: refused when read, as a folder
+        return path
     if builtin.is_file():
         return builtin
     raise HaedError(
@@ -411,9 +411,12 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None, values: d
     `values` ({"key.path": value}, set as given: typed options need no quoting), and check it."""
     path = resolve_recipe_path(name_or_path)
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise HaedError(f"recipe {path} is not valid TOML: {e}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        why = "it is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else os_reason(e)
+        raise HaedError(f"cannot read recipe {path}: {why}") from None
     table.setdefault("name", path.stem)
     apply_overrides(table, overrides or [])
     apply_values(table, values or {})

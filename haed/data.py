@@ -15,6 +15,7 @@ interrupted ``haed prepare`` leaves no output directory behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -26,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from haed import __version__
-from haed.atomic import temporary_sibling
-from haed.errors import HaedError
+from haed.atomic import check_free_space, remove_quietly, temporary_sibling
+from haed.errors import HaedError, WriteError, write_error
 
 SPLITS = ("train", "valid", "test")
 META_NAME = "meta.json"
@@ -62,7 +63,7 @@ class ByteDataset:
         if not file.is_file():
             raise HaedError(f"dataset {self.path} has no {file.name}; prepare it again with `haed prepare`")
         size = file.stat().st_size
-        expected = self.meta.get("splits", {}).get(name, {}).get("bytes")
+        expected = self.meta["splits"][name]["bytes"]
         if expected is not None and int(expected) != size:
             raise HaedError(
                 f"dataset {self.path}: {file.name} has {size:,} bytes but meta.json says {int(expected):,}; "
@@ -103,6 +104,13 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise HaedError(f"{meta_file}: unknown dataset kind {meta.get('kind')!r}")
     if meta["kind"] == "audio" and not isinstance(meta.get("sample_rate"), int):
         raise HaedError(f"{meta_file}: an audio dataset needs an integer sample_rate")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or any(not isinstance(splits.get(s), dict) for s in SPLITS):
+        raise HaedError(f"{meta_file}: splits must be an object with an entry for each of {', '.join(SPLITS)}")
+    for name in SPLITS:
+        size = splits[name].get("bytes")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise HaedError(f"{meta_file}: splits.{name}.bytes must be a byte count, not {size!r}")
     return meta
 
 
@@ -161,21 +169,32 @@ def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
 
 
 class _SplitFile:
-    def __init__(self, path: Path):
-        self.path = path
-        self.fh = open(path, "wb")
+    """One split being written; a failed write or close is a WriteError naming the dataset (`label`)."""
+
+    def __init__(self, path: Path, label: Path):
+        self.path, self.label = path, label
+        try:
+            self.fh = open(path, "wb")
+        except OSError as e:
+            raise write_error(label, e) from None
         self.sha = hashlib.sha256()
         self.bytes = 0
 
     def write(self, b) -> None:
         mv = memoryview(b).cast("B")
-        self.fh.write(mv)
+        try:
+            self.fh.write(mv)
+        except OSError as e:
+            raise write_error(self.label, e) from None
         self.sha.update(mv)
         self.bytes += len(mv)
 
     def close(self) -> None:
         if not self.fh.closed:
-            self.fh.close()
+            try:
+                self.fh.close()
+            except OSError as e:
+                raise write_error(self.label, e) from None
 
 
 class DatasetWriter:
@@ -213,13 +232,23 @@ class DatasetWriter:
         except OSError as e:
             self._remove_parents()
             raise HaedError(f"cannot write in {parent}: {_one_line(e)}") from None
-        self._files = {s: _SplitFile(self.tmp / f"{s}.bin") for s in SPLITS}
+        self._files: dict[str, _SplitFile] = {}
         self.finished = False
+        try:
+            for s in SPLITS:
+                self._files[s] = _SplitFile(self.tmp / f"{s}.bin", self.out)
+        except WriteError:
+            self.abort()
+            raise
 
     # -- writing --------------------------------------------------------------------------------
 
     def write(self, split: str, b) -> None:
         self._files[split].write(b)
+
+    def expect(self, size: int) -> None:
+        """Refuse, before writing, a dataset of `size` bytes that the disk has no room for."""
+        check_free_space(self.tmp, size, f"the dataset {self.out}")
 
     def bytes_written(self, split: str) -> int:
         return self._files[split].bytes
@@ -244,7 +273,11 @@ class DatasetWriter:
             "total_bytes": sum(self._files[s].bytes for s in SPLITS),
         }
         full.update({k: v for k, v in meta.items() if k not in full})
-        (self.tmp / META_NAME).write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        try:
+            text = json.dumps(full, indent=2, ensure_ascii=False) + "\n"
+            (self.tmp / META_NAME).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise write_error(self.out, e) from None
         self._install()
         self.finished = True
         return full
@@ -276,8 +309,9 @@ class DatasetWriter:
 
     def abort(self) -> None:
         for f in self._files.values():
-            f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+            with contextlib.suppress(OSError, WriteError):  # a full disk fails the final flush too
+                f.close()
+        remove_quietly(self.tmp)
         self._remove_parents()
 
     def __enter__(self) -> "DatasetWriter":

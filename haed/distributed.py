@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from haed.data import random_windows
-from haed.errors import HaedError
+from haed.errors import HaedError, write_error
 from haed.layers import Block
 from haed.model import gather_rows, pad_rows, row_bucket, unique_patches
 
@@ -239,9 +239,12 @@ class World:
 
         if self.size == 1:
             return save_checkpoint(run_dir, step, model, optimizer, state, config, name=name)
-        if optimizer is None:
-            return sharded.save_gathered(self, Path(run_dir), step, model, state, config, name)
-        return sharded.save_sharded(self, Path(run_dir), step, model, optimizer, state, config)
+        try:
+            if optimizer is None:
+                return sharded.save_gathered(self, Path(run_dir), step, model, state, config, name)
+            return sharded.save_sharded(self, Path(run_dir), step, model, optimizer, state, config)
+        except OSError as e:
+            raise write_error(Path(run_dir) / (name or f"step-{step:06d}"), e) from None
 
     def load_optimizer_state(self, checkpoint: Path, device) -> dict | None:
         """The optimizer state of a one-process checkpoint resumed by one process (else None: it is

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 
 class HaedError(Exception):
-    """A user-facing error: the CLI prints its message as one line and exits non-zero."""
+    """A user-facing error: the CLI prints its message as one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class WriteError(HaedError):
+    """A file or folder could not be written (a full disk, a read-only folder, no permission)."""
+
+
+class RunStopped(HaedError):
+    """Training stopped because it could not write (a checkpoint, its metrics); the last intact
+    checkpoint is still the resume point. Exit status 75 (EX_TEMPFAIL: try again once there is room)."""
+
+    exit_code = 75
 
 
 class HaedWarning(UserWarning):
@@ -15,3 +29,14 @@ class HaedWarning(UserWarning):
 
 def warn(message: str) -> None:
     warnings.warn(message, HaedWarning, stacklevel=2)
+
+
+def os_reason(e: OSError) -> str:
+    """The cause of an OSError in a few words: "no space left on device", "permission denied", ..."""
+    text = e.strerror or str(e) or type(e).__name__
+    return " ".join(text.split()).lower()
+
+
+def write_error(path: Path | str, e: OSError) -> WriteError:
+    """The one line for a failed write: the path and the cause."""
+    return WriteError(f"cannot write {path}: {os_reason(e)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from haed.atomic import check_writable, write_text_atomic
 from haed.checkpoint import load_run, resolve_sampling_run
 from haed.data import open_dataset
 from haed.device import autocast, resolve_device
@@ -99,18 +101,23 @@ def evaluate_run(
     progress=None,
     checkpoint: str = "best",
     data: Path | None = None,
+    json_out: Path | None = None,
+    allow_unverified: bool = False,
 ) -> dict:
     """Exact bits per byte of a run's dataset split, or of `data` (a file or a dataset directory).
 
     An IEM run is evaluated through its decoder phase. `checkpoint`: "best" (the best validation point,
-    else the last), "last" or "step-N".
+    else the last), "last" or "step-N"; one that cannot be verified is refused unless `allow_unverified`.
+    `json_out`: also write the result there (checked for writing before anything is evaluated).
     """
     for option, value in (("--batch-size", batch_size), ("--max-bytes", max_bytes), ("--seq-len", seq_len)):
         if value is not None and value < 1:
             raise HaedError(f"{option} must be >= 1, not {value}")
+    if json_out is not None:
+        check_writable(json_out, what="--json")
     run_dir = resolve_sampling_run(Path(run_dir))
     dev = resolve_device(device)
-    model, recipe, config = load_run(run_dir, dev, checkpoint)
+    model, recipe, config = load_run(run_dir, dev, checkpoint, allow_unverified)
     kind, sample_rate = config["dataset"]["kind"], config["dataset"].get("sample_rate")
     if data is None:
         values, source = open_dataset(config["dataset"]["path"]).split(split), f"{split} split"
@@ -132,4 +139,6 @@ def evaluate_run(
             "device": str(dev),
         }
     )
+    if json_out is not None:
+        write_text_atomic(json_out, json.dumps(result, indent=2))
     return result

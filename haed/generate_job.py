@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from haed.atomic import write_bytes_atomic
+from haed.atomic import check_writable, remove_quietly, write_bytes_atomic
 from haed.checkpoint import load_run, read_run_config, resolve_sampling_run, select_checkpoint
 from haed.config import Recipe, recipe_from_dict
 from haed.device import resolve_device
-from haed.errors import HaedError
+from haed.errors import HaedError, write_error
 from haed.generate import Generation, audio_prompt_bytes, check_counts, generate
 from haed.model import HAED
 from haed.sampling import SamplingOptions, check_sampling, stream_seeds
@@ -64,6 +65,7 @@ class GenerationPlan:
     checkpoint: Path | None = None  # the weights to sample with (set by prepare_generation)
     device: str = "cpu"
     decoder_kernels: bool = False  # the decoder's steps as Triton kernels (`haed.kernels`; CUDA)
+    length_option: str = "--max-bytes"  # the option (or recipe field) that set max_bytes
 
     @property
     def seeds(self) -> list[int]:
@@ -132,6 +134,8 @@ def plan_generation(
         prompt_bytes = audio_prompt_bytes(prompt_file, sample_rate) if prompt_file is not None else b""
     elif prompt_file is not None:
         prompt_file = Path(prompt_file)
+        if prompt_file.is_dir():
+            raise HaedError(f"prompt file {prompt_file} is a folder, not a file")
         if not prompt_file.is_file():
             raise HaedError(f"prompt file {prompt_file} does not exist")
         if looks_like_audio(prompt_file):
@@ -153,6 +157,7 @@ def plan_generation(
         outputs=outputs,
         sample_rate=sample_rate,
         context_bytes=recipe.data.seq_len,
+        length_option=n_name,
     )
 
 
@@ -215,15 +220,22 @@ class RunGeneration:
 
 
 def prepare_generation(
-    run: Path, device: str = "auto", checkpoint: str = "best", decoder_kernels: bool = False, **options
+    run: Path,
+    device: str = "auto",
+    checkpoint: str = "best",
+    decoder_kernels: bool = False,
+    allow_unverified: bool = False,
+    **options,
 ) -> GenerationPlan:
     """`haed generate`, part 1: find the run and its checkpoint ("best", "last" or "step-N"), check every
     option against it (`plan_generation`) and the device, read the prompt. Nothing is loaded or written
-    yet, so bad input fails at once, cleanly. `decoder_kernels=True` where the Triton decoder kernels
-    cannot run (`haed.kernels`) is refused here, with the reason."""
+    yet, so bad input fails at once, cleanly: a length the device cannot hold, outputs that cannot be
+    written or do not fit on the disk. `decoder_kernels=True` where the Triton decoder kernels cannot run
+    (`haed.kernels`) is refused here, with the reason. `allow_unverified`: sample from a checkpoint that
+    cannot be verified (no manifest, no digest), with a warning, instead of refusing it."""
     run_dir = resolve_sampling_run(Path(run))
     config = read_run_config(run_dir)
-    chosen = select_checkpoint(run_dir, checkpoint)
+    chosen = select_checkpoint(run_dir, checkpoint, allow_unverified)
     recipe = recipe_from_dict(config["recipe"])
     if recipe.model.arch == "megabyte":
         raise HaedError(
@@ -232,6 +244,7 @@ def prepare_generation(
         )
     plan = plan_generation(recipe, config["dataset"], **options)
     plan.run_dir, plan.checkpoint, plan.device = run_dir, chosen, str(resolve_device(device))
+    check_room(plan)
     if decoder_kernels:
         from haed.kernels import config_unsupported_reason  # imports Triton where it is installed
 
@@ -240,6 +253,35 @@ def prepare_generation(
             raise HaedError(f"--decoder-kernels: the Triton decoder kernels cannot run here: {reason}")
     plan.decoder_kernels = decoder_kernels
     return plan
+
+
+def _available_memory(device: torch.device) -> int:
+    """Bytes that `device` can still give: free GPU memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_room(plan: GenerationPlan) -> None:
+    """Refuse, before anything loads, a length that the device cannot hold and outputs that cannot be
+    written: a folder that refuses files, or a disk without room for them."""
+    streams, per_stream = plan.num_samples, len(plan.prompt) + plan.max_bytes
+    device = torch.device(plan.device)
+    need = plan.max_bytes * streams + (0 if device.type == "cuda" else 3 * per_stream * streams)
+    if need > _available_memory(device):
+        raise HaedError(
+            f"{plan.length_option} {plan.max_bytes:,} for {streams} stream{'s' * (streams > 1)} needs about "
+            f"{need / 1e9:,.1f} GB of memory; {device} has {_available_memory(device) / 1e9:,.1f} GB available: "
+            "generate less"
+        )
+    if plan.outputs:
+        size = (44 + 2 * per_stream) if plan.kind == "audio" else per_stream
+        check_writable(plan.outputs[0], size * streams, "output")
 
 
 def run_generation(
@@ -254,17 +296,21 @@ def run_generation(
     written as they are generated: valid at every moment, their header rewritten after each chunk.
     """
     dev = torch.device(plan.device)
-    model, _, _ = load_run(plan.run_dir, dev, plan.checkpoint.name)
+    model, _, _ = load_run(plan.run_dir, dev, plan.checkpoint)
     files: list[Path] = []
     writers = []
     on_chunk = None
     if plan.kind == "audio":
         from haed.audio import WavWriter
 
-        for path in plan.outputs:
-            writer = WavWriter(path, plan.sample_rate)
-            writer.write(np.frombuffer(plan.prompt, dtype=np.uint8))
-            writers.append(writer)
+        try:
+            for path in plan.outputs:
+                writers.append(WavWriter(path, plan.sample_rate))
+                writers[-1].write(np.frombuffer(plan.prompt, dtype=np.uint8))
+        except Exception:
+            for writer in writers:
+                writer.abort()
+            raise
         files = list(plan.outputs)
 
         def on_chunk(parts: list[bytes]) -> None:
@@ -279,6 +325,7 @@ def run_generation(
             stdout.write(decoder.decode(parts[0]))
             stdout.flush()
 
+    failed = True
     try:
         result = generate(
             model,
@@ -297,14 +344,25 @@ def run_generation(
             compile=compile,
             decoder_kernels=plan.decoder_kernels,
         )
+        failed = False
+    except KeyboardInterrupt:  # the WAVs hold what was generated so far, each one valid: kept
+        failed = False
+        raise
     finally:
         for writer in writers:
-            writer.close()
+            writer.abort() if failed else writer.close()  # a failed write leaves no partial WAV
     if plan.kind == "text":
         if plan.outputs is not None:
-            for path, output in zip(plan.outputs, result.outputs):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_bytes_atomic(path, plan.prompt + output)
+            written = []
+            try:
+                for path, output in zip(plan.outputs, result.outputs):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_bytes_atomic(path, plan.prompt + output)
+                    written.append(path)
+            except (OSError, HaedError) as e:
+                for path in written:  # all the streams or none
+                    remove_quietly(path)
+                raise write_error(path.parent, e) if isinstance(e, OSError) else e from None
             files = list(plan.outputs)
         elif plan.stream:
             stdout.write(decoder.decode(b"", final=True) + "\n")

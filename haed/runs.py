@@ -4,14 +4,15 @@ whether a phase has finished, its best validation point, and its metrics file an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 
 from haed.atomic import save_figure, write_text_atomic
-from haed.checkpoint import BEST, latest_intact_checkpoint, read_run_config
+from haed.checkpoint import BEST, latest_intact_checkpoint, read_run_config, read_state
 from haed.config import Recipe, TrainConfig, apply_overrides, apply_values, load_recipe, recipe_from_dict
-from haed.errors import HaedError
+from haed.errors import HaedError, write_error
 from haed.objectives import get_objective
 
 
@@ -27,7 +28,7 @@ def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None, v
     table = parent["recipe"]
     apply_overrides(table, list(overrides or []))
     apply_values(table, values or {})
-    return recipe_from_dict(table)
+    return absolute_dataset(recipe_from_dict(table), parent.get("dataset", {}).get("path"))
 
 
 def recipe_for_run(
@@ -36,10 +37,72 @@ def recipe_for_run(
     """`run_dir`'s own recipe (when given) or the named recipe, with `--set` overrides and typed values."""
     if run_dir is None:
         return load_recipe(recipe, overrides, values)
-    table = read_run_config(run_dir)["recipe"]
+    config = read_run_config(run_dir)
+    table = config["recipe"]
     apply_overrides(table, list(overrides or []))
     apply_values(table, values or {})
-    return recipe_from_dict(table)
+    return absolute_dataset(recipe_from_dict(table), config.get("dataset", {}).get("path"))
+
+
+def absolute_dataset(recipe: Recipe, recorded: str | None = None) -> Recipe:
+    """`recipe` with its dataset path made absolute, so that a run resumes from any folder: a relative
+    path is resolved here, or taken from `recorded` (the absolute path a run recorded beside its recipe,
+    for runs written before recipes stored it absolute)."""
+    dataset = recipe.data.dataset
+    if not dataset or Path(dataset).is_absolute():
+        return recipe
+    path = Path(recorded) if recorded and not Path(dataset).exists() else Path(dataset).resolve()
+    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, dataset=str(path)))
+
+
+def new_run_config(recipe: Recipe, objective: str, dataset, model, init_from, cfg: TrainConfig, dev, world_size: int):
+    """The `config.json` of a run as it starts: recipe, objective, dataset, parameters, parent, batch."""
+    from haed import __version__
+    from haed.model import count_parameters
+
+    windows = cfg.batch_size * cfg.grad_accum * world_size
+    return {
+        "haed_version": __version__,
+        "objective": objective,
+        "recipe": recipe.to_dict(),
+        "dataset": {
+            "path": str(Path(recipe.data.dataset).resolve()),
+            "kind": dataset.kind,
+            "sample_rate": dataset.sample_rate,
+        },
+        "parameters": count_parameters(model),
+        "parent_run": str(Path(init_from).resolve()) if init_from else None,
+        "parent_checkpoint": None,
+        "time_budget": cfg.time_budget,
+        "train_seconds": 0.0,
+        # What ran, which the recipe's `compile` alone does not say: `--no-compile` and CPUs run eager.
+        "compiled": bool(cfg.compile and dev.type == "cuda"),
+        # Windows (and bytes) per optimizer step over all processes: batch_size x grad_accum x world_size.
+        "global_batch": {
+            "windows": windows,
+            "bytes": windows * recipe.data.seq_len,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "world_size": world_size,
+        },
+    }
+
+
+def resumed_recipe(run_dir: Path, objective: str, recipe: Recipe | None, allow_changes: bool) -> tuple[Recipe, dict]:
+    """(the recipe a resumed run continues with, the run's config): the run's own recipe (`recipe` None),
+    or `recipe` when it equals the run's own or `allow_changes`; a run of another objective is refused."""
+    previous = read_run_config(run_dir)
+    if previous.get("objective") != objective:
+        raise HaedError(f"--resume: {run_dir} was trained with {previous.get('objective')}, not {objective}")
+    if recipe is None:
+        return absolute_dataset(recipe_from_dict(previous["recipe"]), previous.get("dataset", {}).get("path")), previous
+    changes = recipe_changes(previous["recipe"], recipe)
+    if changes and not allow_changes:
+        raise HaedError(
+            f"--resume: the recipe differs from the run's own ({'; '.join(changes)}); "
+            f"resume without recipe options, or allow the change explicitly"
+        )
+    return recipe, previous
 
 
 def phase_finished(run_dir: Path, cfg: TrainConfig) -> bool:
@@ -47,7 +110,7 @@ def phase_finished(run_dir: Path, cfg: TrainConfig) -> bool:
     checkpoint = latest_intact_checkpoint(run_dir)
     if checkpoint is None:
         return False
-    state = json.loads((checkpoint / "state.json").read_text())
+    state = read_state(checkpoint)
     return state["step"] >= cfg.steps or bool(cfg.time_budget and state.get("train_seconds", 0.0) >= cfg.time_budget)
 
 
@@ -76,16 +139,21 @@ def _comparable(recipe: dict) -> dict:
 def read_best(run_dir: Path, metric: str) -> dict:
     """The best validation point kept so far in `run_dir` (value inf when there is none)."""
     path = Path(run_dir) / BEST / "state.json"
-    if path.is_file():
-        state = json.loads(path.read_text())
-        if state.get("metric") == metric:
-            return {k: state[k] for k in ("step", "metric", "value", "train_seconds") if k in state}
+    try:
+        state = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError):  # damaged: the next validation point replaces it
+        state = {}
+    if isinstance(state, dict) and state.get("metric") == metric and isinstance(state.get("value"), (int, float)):
+        return {k: state[k] for k in ("step", "metric", "value", "train_seconds") if k in state}
     return {"step": None, "metric": metric, "value": math.inf}
 
 
 def append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise write_error(path, e) from None
 
 
 def truncate_metrics(path: Path, step: int) -> None:

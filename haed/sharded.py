@@ -25,6 +25,7 @@ from haed.checkpoint import (
     write_manifest,
 )
 from haed.errors import HaedError
+from haed.integrity import load_tensors, save_weights
 
 SHARDS = "dcp"  # the DCP directory inside a step checkpoint of a multi-process run
 RNG_DIR = "rng"
@@ -45,7 +46,6 @@ def save_sharded(
     world, run_dir: Path, step: int, model, optimizer, state: dict, config: dict, keep_last: int = 2
 ) -> Path:
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     final = run_dir / f"{STEP_PREFIX}{step:06d}"
@@ -60,7 +60,7 @@ def save_sharded(
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         world.barrier()
         if world.is_main:
-            save_file({k: v.contiguous() for k, v in full.items()}, str(tmp / "model.safetensors"))
+            save_weights(full, tmp / "model.safetensors")
             (tmp / "state.json").write_text(json.dumps({**state, "world_size": world.size}, indent=2))
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             write_manifest(tmp)
@@ -128,7 +128,7 @@ def restore_rank_rng(world, checkpoint: Path) -> None:
     """This rank's generator states at a sharded checkpoint; a rank it did not have keeps its own."""
     path = checkpoint / RNG_DIR / f"rank-{world.rank:05d}.pt"
     if path.is_file():
-        rng = torch.load(path, weights_only=True)
+        rng = load_tensors(path)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and world.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], world.device)

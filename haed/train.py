@@ -18,24 +18,35 @@ from typing import Callable
 
 import torch
 
-from haed import __version__
 from haed.atomic import write_text_atomic
-from haed.checkpoint import BEST, latest_intact_checkpoint, load_weights, read_run_config, select_checkpoint, step_dirs
-from haed.config import Recipe, TrainConfig, recipe_from_dict
+from haed.checkpoint import (
+    BEST,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    load_weights,
+    read_run_config,
+    read_state,
+    select_checkpoint,
+    step_dirs,
+    wait_for_writer,
+)
+from haed.config import Recipe, TrainConfig
 from haed.data import open_dataset
 from haed.device import resolve_device
 from haed.distributed import init_world
-from haed.errors import HaedError
+from haed.errors import HaedError, RunStopped, WriteError
 from haed.guards import NonFiniteWatch, StopRequests, preflight
-from haed.model import build_model, count_parameters
+from haed.model import build_model
 from haed.objectives import OBJECTIVES, get_objective
 from haed.runs import (
+    absolute_dataset,
     append_metrics,
+    new_run_config,
     phase_finished,
     plot_metrics,
     read_best,
-    recipe_changes,
     recipe_for_run,
+    resumed_recipe,
     truncate_metrics,
 )
 from haed.steps import (
@@ -82,6 +93,7 @@ def train(
     stop_after: int | None = None,
     compile: bool | None = None,
     on_event: Callable[[dict], None] | None = None,
+    wait_for_parent: bool = False,
 ) -> TrainResult:
     """Train `recipe`'s model with `objective` ("iem", "decoder", "full", "flat") into `run_dir`.
 
@@ -96,6 +108,9 @@ def train(
     (it changes speed, not results).
     `on_event`: called with a dict per event ("start", "log", "valid", "best", "checkpoint",
     "message", "progress", "end"); the library itself prints nothing.
+    `wait_for_parent`: wait for an `init_from` run that is still training (else it is refused).
+    A write that fails (a full disk, a read-only folder) stops training with `RunStopped`: the
+    checkpoints already written stay, the newest intact one the resume point.
     """
     spec = get_objective(objective)
     run_dir = Path(run_dir)
@@ -103,8 +118,13 @@ def train(
         raise HaedError(f"the {objective} phase needs a {spec.parent_objective} run to start from")
     if recipe is None and not resume:
         raise HaedError("a recipe is needed to start a run")
+    if allow_changes and not resume:
+        raise HaedError("--allow-changes applies to --resume only: a new run takes the recipe as given")
     if resume and latest_intact_checkpoint(run_dir) is None:
         raise HaedError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if init_from is not None and not resume:  # a parent still training would hand over a moment of its run
+        wait_for_writer(Path(init_from), wait_for_parent, lambda text: _emit(on_event, "message", text=text))
+    recipe = absolute_dataset(recipe) if recipe is not None else None
     created = run_dir.absolute()  # the outermost folder this call creates, if any
     while not created.parent.exists():
         created = created.parent
@@ -115,10 +135,14 @@ def train(
             return _train_locked(
                 recipe, spec, run_dir, resume, allow_changes, init_from, device, stop_after, compile, on_event
             )
-    except HaedError:
+    except HaedError as e:
         # A run refused before its first checkpoint leaves nothing behind.
         if world.is_main and created is not None and not step_dirs(run_dir) and not (run_dir / BEST).exists():
             shutil.rmtree(created, ignore_errors=True)
+        if isinstance(e, WriteError):  # a full disk or a read-only folder: the saved checkpoints stand
+            last = latest_checkpoint(run_dir)
+            where = f"the last intact checkpoint {last} is where --resume continues" if last else "nothing was saved"
+            raise RunStopped(f"{e}; training stopped: {where}") from None
         raise
 
 
@@ -129,18 +153,7 @@ def _train_locked(
     previous = checkpoint = None
     if resume:
         checkpoint = latest_intact_checkpoint(run_dir)
-        previous = read_run_config(run_dir)
-        if previous.get("objective") != objective:
-            raise HaedError(f"--resume: {run_dir} was trained with {previous.get('objective')}, not {objective}")
-        if recipe is None:
-            recipe = recipe_from_dict(previous["recipe"])
-        else:
-            changes = recipe_changes(previous["recipe"], recipe)
-            if changes and not allow_changes:
-                raise HaedError(
-                    f"--resume: the recipe differs from the run's own ({'; '.join(changes)}); "
-                    f"resume without recipe options, or allow the change explicitly"
-                )
+        recipe, previous = resumed_recipe(run_dir, objective, recipe, allow_changes)
     elif step_dirs(run_dir):
         raise HaedError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
     if recipe.model.arch != spec.arch:
@@ -161,38 +174,14 @@ def _train_locked(
     seq_len = recipe.data.seq_len
 
     model = build_model(recipe.model)
-    config = {
-        "haed_version": __version__,
-        "objective": objective,
-        "recipe": recipe.to_dict(),
-        "dataset": {
-            "path": str(Path(recipe.data.dataset).resolve()),
-            "kind": dataset.kind,
-            "sample_rate": dataset.sample_rate,
-        },
-        "parameters": count_parameters(model),
-        "parent_run": str(Path(init_from).resolve()) if init_from else None,
-        "parent_checkpoint": None,
-        "time_budget": cfg.time_budget,
-        "train_seconds": 0.0,
-        # What ran, which the recipe's `compile` alone does not say: `--no-compile` and CPUs run eager.
-        "compiled": bool(cfg.compile and dev.type == "cuda"),
-        # Windows (and bytes) per optimizer step over all processes: batch_size x grad_accum x world_size.
-        "global_batch": {
-            "windows": cfg.batch_size * cfg.grad_accum * world.size,
-            "bytes": cfg.batch_size * cfg.grad_accum * world.size * seq_len,
-            "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum,
-            "world_size": world.size,
-        },
-    }
+    config = new_run_config(recipe, objective, dataset, model, init_from, cfg, dev, world.size)
     preflight(run_dir, model, cfg, {"train": train_data, **({"valid": valid_data} if validating else {})}, seq_len)
 
     start_step, train_seconds, optimizer_state = 0, 0.0, None
     if checkpoint is not None:
         load_weights(model, checkpoint)
         optimizer_state = world.load_optimizer_state(checkpoint, dev)
-        state = json.loads((checkpoint / "state.json").read_text())
+        state = read_state(checkpoint)
         start_step, train_seconds = state["step"], float(state.get("train_seconds", 0.0))
         config["parent_run"] = previous.get("parent_run")
         config["parent_checkpoint"] = previous.get("parent_checkpoint")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +14,7 @@ from haed_cli.common import TrainingDisplay, console, err_console, user_errors
 RECIPE_HELP = "Recipe name (tiny, enwik8, speech) or path to a .toml file."
 CHECKPOINT_HELP = "Which weights: best (the best validation point; the last if none), last, or step-N."
 SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
+UNVERIFIED_HELP = "Use a checkpoint that cannot be verified (no manifest, no weights digest), with a warning."
 
 
 def _recipe_values(
@@ -73,6 +73,7 @@ def _train(
     no_compile: bool,
     init_from=None,
     recipe=None,
+    wait_for_parent: bool = False,
 ):
     from haed.train import train_command
 
@@ -90,6 +91,7 @@ def _train(
             init_from=init_from,
             compile=False if no_compile else None,
             on_event=display,
+            wait_for_parent=wait_for_parent,
         )
     _print_train_result(result, objective)
     if result.interrupted:
@@ -183,6 +185,7 @@ def train_decoder(
     allow_changes: bool = typer.Option(False, "--allow-changes", help=ALLOW_HELP),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the decoder (CUDA)."),
+    wait: bool = typer.Option(False, "--wait", help="If the IEM run is still training, wait for it to finish."),
 ):
     """Decoder phase: freeze an IEM run's encoder and main model (its best checkpoint), train the byte decoder.
 
@@ -204,6 +207,7 @@ def train_decoder(
         no_compile,
         init_from=None if resume else run,
         recipe=recipe,
+        wait_for_parent=wait,
     )
 
 
@@ -222,6 +226,7 @@ def evaluate(
         "--split).",
     ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    allow_unverified: bool = typer.Option(False, "--allow-unverified", help=UNVERIFIED_HELP),
 ):
     """Exact bits per byte of a split or other data (every byte through the decoder; bits per sample for audio).
 
@@ -229,11 +234,12 @@ def evaluate(
     """
     from rich.progress import Progress
 
-    from haed.atomic import write_text_atomic
     from haed.evaluate import evaluate_run
 
     with Progress(console=console, transient=True) as progress:
-        result = evaluate_run(run, split, batch_size, device, max_bytes, seq_len, progress, checkpoint, data)
+        result = evaluate_run(
+            run, split, batch_size, device, max_bytes, seq_len, progress, checkpoint, data, json_out, allow_unverified
+        )
     table = Table(title=f"exact evaluation: {result['data']}, checkpoint {Path(result['checkpoint']).name}")
     table.add_column("run")
     table.add_column(result["unit"], justify="right")
@@ -241,8 +247,6 @@ def evaluate(
     table.add_column("windowing")
     table.add_row(result["run"], f"{result['bits_per_byte']:.4f}", f"{result['bytes']:,}", result["windowing"])
     console.print(table)
-    if json_out is not None:
-        write_text_atomic(json_out, json.dumps(result, indent=2))
 
 
 def generate(
@@ -301,6 +305,7 @@ def generate(
         "--compile the fastest mode for one stream; for many streams --compile alone is faster (docs/performance.md).",
     ),
     checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
+    allow_unverified: bool = typer.Option(False, "--allow-unverified", help=UNVERIFIED_HELP),
 ):
     """Sample with cached hierarchical generation (main-model and decoder key/value caches).
 
@@ -328,6 +333,7 @@ def generate(
         num_samples=num_samples,
         stream=stream,
         decoder_kernels=decoder_kernels,
+        allow_unverified=allow_unverified,
     )
     # Streamed text is its own progress display: a bar on stderr would tear it.
     show_bar = not (plan.kind == "text" and plan.stream)

@@ -19,20 +19,26 @@ console = Console(quiet=not is_main_process())  # under torchrun only rank 0 pri
 err_console = Console(stderr=True)
 
 
-def fail(message: str, code: int = 1) -> None:
+def print_error(message: str) -> None:
+    """The one `error:` line on stderr."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    print_error(message)
     raise typer.Exit(code)
 
 
 def user_errors(fn):
-    """Run a command body; a HaedError (bad input) becomes one line on stderr and exit 1."""
+    """Run a command body; a HaedError (bad input) becomes one line on stderr and its exit status (1, or
+    75 for training stopped by a failed write: `haed.errors.RunStopped`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except HaedError as e:
-            fail(str(e))
+            fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             err_console.print("interrupted")
             sys.exit(130)

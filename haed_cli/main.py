@@ -5,9 +5,11 @@ from __future__ import annotations
 import typer
 
 from haed import __version__
+from haed_cli.usage import HaedGroup
 
 app = typer.Typer(
     name="haed",
+    cls=HaedGroup,  # usage errors as one `error:` line, exit status 2
     help="Train and sample hierarchical (HAED) byte models of text and raw audio, with IEM.",
     no_args_is_help=True,
     add_completion=False,

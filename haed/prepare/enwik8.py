@@ -70,6 +70,7 @@ def prepare_enwik8(out, *, source: str | os.PathLike | None = None, force: bool 
         source = Path(source)
         _open_enwik8_source(source)[0].close()  # check before creating anything
     with DatasetWriter(out, force=force) as w:
+        w.expect(ENWIK8_BYTES)
         if source is None:
             url = _enwik8_url()
             zpath = w.tmp / "enwik8.zip.download"

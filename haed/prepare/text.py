@@ -86,6 +86,7 @@ def _prepare_files(
     total = sum(n for _, n in taken)
     entries = []
     with DatasetWriter(out, force=force) as w:
+        w.expect(total)
         splitter = StreamSplitter(w, split_sizes(total, valid_fraction, test_fraction)) if splits is None else None
         task = ProgressTask(progress, "reading text", total)
         for i, (f, fh) in enumerate(sources.open_each([f for f, _ in taken])):
