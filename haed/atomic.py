@@ -98,8 +98,8 @@ def check_free_space(folder: Path, size: int, label: str) -> None:
     free = shutil.disk_usage(existing_ancestor(folder)).free
     if free < size + FREE_SPACE_MARGIN:
         raise WriteError(
-            f"cannot write {label}: it needs about {_megabytes(size)} and {existing_ancestor(folder)} has "
-            f"{_megabytes(free)} free"
+            f"cannot write {label}: not enough free space (it needs about {_megabytes(size)}, "
+            f"{existing_ancestor(folder)} has {_megabytes(free)} free)"
         )
 
 

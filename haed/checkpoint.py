@@ -19,6 +19,7 @@ a run never executes code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -335,7 +336,8 @@ class RunLock:
             f.write(f"pid {os.getpid()} on host {socket.gethostname()}")
             f.flush()
         except OSError as e:
-            f.close()
+            with contextlib.suppress(OSError):  # the unwritten line fails the close's flush again
+                f.close()
             raise write_error(self.path, e) from None
         self.file = f
         # Temporaries of a writer that was killed mid-write: nobody else can be writing them now.

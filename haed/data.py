@@ -224,14 +224,14 @@ class DatasetWriter:
         try:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise HaedError(f"cannot create {parent}: {_one_line(e)}") from None
+            raise write_error(parent, e) from None
         self._created_parents = missing  # deepest first
         self.tmp = temporary_sibling(self.out)
         try:
             self.tmp.mkdir()
         except OSError as e:
             self._remove_parents()
-            raise HaedError(f"cannot write in {parent}: {_one_line(e)}") from None
+            raise write_error(self.out, e) from None
         self._files: dict[str, _SplitFile] = {}
         self.finished = False
         try:
@@ -248,7 +248,7 @@ class DatasetWriter:
 
     def expect(self, size: int) -> None:
         """Refuse, before writing, a dataset of `size` bytes that the disk has no room for."""
-        check_free_space(self.tmp, size, f"the dataset {self.out}")
+        check_free_space(self.out.absolute().parent, size, f"the dataset {self.out}")
 
     def bytes_written(self, split: str) -> int:
         return self._files[split].bytes
