@@ -121,7 +121,8 @@ def train(
     if allow_changes and not resume:
         raise HaedError("--allow-changes applies to --resume only: a new run takes the recipe as given")
     if resume and latest_intact_checkpoint(run_dir) is None:
-        raise HaedError(f"--resume: {run_dir} has no checkpoint to resume from")
+        why = "that can be verified and loaded (each is named above)" if step_dirs(run_dir) else "to resume from"
+        raise HaedError(f"--resume: {run_dir} has no checkpoint {why}")
     if init_from is not None and not resume:  # a parent still training would hand over a moment of its run
         wait_for_writer(Path(init_from), wait_for_parent, lambda text: _emit(on_event, "message", text=text))
     recipe = absolute_dataset(recipe) if recipe is not None else None
