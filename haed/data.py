@@ -171,7 +171,7 @@ def check_output_dir(out: str | os.PathLike, force: bool) -> Path:
 class _SplitFile:
     """One split being written; a failed write or close is a WriteError naming the dataset (`label`)."""
 
-    def __init__(self, path: Path, label: Path):
+    def __init__(self, path: Path, label: str):
         self.path, self.label = path, label
         try:
             self.fh = open(path, "wb")
@@ -231,12 +231,12 @@ class DatasetWriter:
             self.tmp.mkdir()
         except OSError as e:
             self._remove_parents()
-            raise write_error(self.out, e) from None
+            raise write_error(f"the dataset {self.out}", e) from None
         self._files: dict[str, _SplitFile] = {}
         self.finished = False
         try:
             for s in SPLITS:
-                self._files[s] = _SplitFile(self.tmp / f"{s}.bin", self.out)
+                self._files[s] = _SplitFile(self.tmp / f"{s}.bin", f"the dataset {self.out}")
         except WriteError:
             self.abort()
             raise
@@ -277,7 +277,7 @@ class DatasetWriter:
             text = json.dumps(full, indent=2, ensure_ascii=False) + "\n"
             (self.tmp / META_NAME).write_text(text, encoding="utf-8")
         except OSError as e:
-            raise write_error(self.out, e) from None
+            raise write_error(f"the dataset {self.out}", e) from None
         self._install()
         self.finished = True
         return full

@@ -140,10 +140,11 @@ def train(
         # A run refused before its first checkpoint leaves nothing behind.
         if world.is_main and created is not None and not step_dirs(run_dir) and not (run_dir / BEST).exists():
             shutil.rmtree(created, ignore_errors=True)
-        if isinstance(e, WriteError):  # a full disk or a read-only folder: the saved checkpoints stand
-            last = latest_checkpoint(run_dir)
-            where = f"the last intact checkpoint {last} is where --resume continues" if last else "nothing was saved"
-            raise RunStopped(f"{e}; training stopped: {where}") from None
+        last = latest_checkpoint(run_dir) if isinstance(e, WriteError) else None
+        if last is not None:  # a full disk or a read-only folder mid-run: the saved checkpoints stand
+            raise RunStopped(
+                f"{e}; training stopped: the last intact checkpoint {last} is where --resume continues"
+            ) from None
         raise
 
 
