@@ -284,6 +284,37 @@ def check_room(plan: GenerationPlan) -> None:
         check_writable(plan.outputs[0], size * streams, "output")
 
 
+def _open_wavs(plan: GenerationPlan) -> list:
+    """One streamed WAV per output, each holding the prompt; none is left if one cannot be written."""
+    from haed.audio import WavWriter
+
+    writers = []
+    try:
+        for path in plan.outputs:
+            writers.append(WavWriter(path, plan.sample_rate))
+            writers[-1].write(np.frombuffer(plan.prompt, dtype=np.uint8))
+    except Exception:
+        for writer in writers:
+            writer.abort()
+        raise
+    return writers
+
+
+def _write_texts(plan: GenerationPlan, outputs: list[bytes]) -> list[Path]:
+    """Prompt + sample into each output file, atomically: all the streams' files, or none."""
+    written = []
+    try:
+        for path, output in zip(plan.outputs, outputs):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomic(path, plan.prompt + output)
+            written.append(path)
+    except (OSError, HaedError) as e:
+        for path in written:
+            remove_quietly(path)
+        raise write_error(path.parent, e) if isinstance(e, OSError) else e from None
+    return list(plan.outputs)
+
+
 def run_generation(
     plan: GenerationPlan, cuda_graphs: bool = True, progress=None, stdout=None, compile: bool = False
 ) -> RunGeneration:
@@ -301,16 +332,7 @@ def run_generation(
     writers = []
     on_chunk = None
     if plan.kind == "audio":
-        from haed.audio import WavWriter
-
-        try:
-            for path in plan.outputs:
-                writers.append(WavWriter(path, plan.sample_rate))
-                writers[-1].write(np.frombuffer(plan.prompt, dtype=np.uint8))
-        except Exception:
-            for writer in writers:
-                writer.abort()
-            raise
+        writers = _open_wavs(plan)
         files = list(plan.outputs)
 
         def on_chunk(parts: list[bytes]) -> None:
@@ -353,17 +375,7 @@ def run_generation(
             writer.abort() if failed else writer.close()  # a failed write leaves no partial WAV
     if plan.kind == "text":
         if plan.outputs is not None:
-            written = []
-            try:
-                for path, output in zip(plan.outputs, result.outputs):
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_bytes_atomic(path, plan.prompt + output)
-                    written.append(path)
-            except (OSError, HaedError) as e:
-                for path in written:  # all the streams or none
-                    remove_quietly(path)
-                raise write_error(path.parent, e) if isinstance(e, OSError) else e from None
-            files = list(plan.outputs)
+            files = _write_texts(plan, result.outputs)
         elif plan.stream:
             stdout.write(decoder.decode(b"", final=True) + "\n")
             stdout.flush()
