@@ -109,3 +109,17 @@ def assert_clean_failure():
         return lines[0]
 
     return check
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """A folder holding `words` (a tiny text dataset) and `run`, a finished full run of the debug recipe on it
+    (step-000002, step-000004, best/), shared by the fault tests: copy it before changing it."""
+    from _tiny import make_text_dataset
+
+    from haed.config import debug_recipe
+    from haed.train import train
+
+    root = tmp_path_factory.mktemp("faults")
+    train(debug_recipe(str(make_text_dataset(root / "words"))), "full", root / "run", device="cpu")
+    return root

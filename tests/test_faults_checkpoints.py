@@ -5,29 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+import torch
 from _faults import cli, one_error
-from _tiny import make_text_dataset
 from safetensors.torch import load_file, save_file
 
 from haed.checkpoint import checkpoint_problem, latest_intact_checkpoint
-from haed.config import debug_recipe
 from haed.errors import HaedError, HaedWarning
 from haed.integrity import DIGEST_KEY
 from haed.train import train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished full run: step-000002, step-000004 and best/."""
-    root = tmp_path_factory.mktemp("faults")
-    dataset = make_text_dataset(root / "words")
-    train(debug_recipe(str(dataset)), "full", root / "run", device="cpu")
-    return root / "run"
+@pytest.fixture
+def trained(text_run):
+    return text_run / "run"
 
 
 @pytest.fixture
@@ -130,17 +124,18 @@ def test_a_truncated_optimizer_state_with_its_manifest_updated_falls_back(run):
         assert latest_intact_checkpoint(run).name == "step-000002"
 
 
-_EVIL = """
-import os, sys, torch
-class Evil:
+class _Evil:
+    """Unpickled, it would run a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (os.system, ("touch " + sys.argv[2],))
-torch.save({"state": Evil(), "param_groups": [], "cpu": Evil()}, sys.argv[1])
-"""
+        return (os.system, (f"touch {self.marker}",))
 
 
 def _poison(checkpoint, name, marker):
-    subprocess.run([sys.executable, "-c", _EVIL, str(checkpoint / name), str(marker)], check=True)
+    torch.save({"state": _Evil(marker), "param_groups": [], "cpu": _Evil(marker)}, checkpoint / name)
     _update_manifest(checkpoint, name)
 
 

@@ -12,7 +12,6 @@ import threading
 import numpy as np
 import pytest
 from _faults import cli, one_error
-from _tiny import make_text_dataset
 
 from haed.checkpoint import RunLock, read_run_config
 from haed.config import debug_recipe
@@ -21,12 +20,9 @@ from haed.errors import HaedError
 from haed.train import train
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("inputs")
-    make_text_dataset(root / "words")
-    train(debug_recipe(str(root / "words")), "full", root / "run", device="cpu")
-    return root
+@pytest.fixture
+def root(text_run):
+    return text_run
 
 
 def test_a_length_the_device_cannot_hold_is_refused_before_loading(root):
@@ -116,11 +112,13 @@ def test_the_help_and_version_are_unchanged():
 
 def test_a_relative_dataset_is_stored_absolute_and_resumes_from_anywhere(root, tmp_path, monkeypatch):
     monkeypatch.chdir(root)
-    train(debug_recipe("words"), "full", tmp_path / "run", stop_after=2)
+    recipe = debug_recipe("words")
+    recipe.full.steps, recipe.full.ckpt_every, recipe.full.eval_every = 2, 1, 0
+    train(recipe, "full", tmp_path / "run", stop_after=1)
     recorded = read_run_config(tmp_path / "run")["recipe"]["data"]["dataset"]
     assert recorded == str(root / "words")
     monkeypatch.chdir(tmp_path)
-    assert train(None, "full", tmp_path / "run", resume=True).step == 4
+    assert train(None, "full", tmp_path / "run", resume=True).step == 2
 
 
 def test_allow_changes_without_resume_is_an_error(root, tmp_path):
@@ -135,14 +133,15 @@ def test_a_folder_given_as_a_prompt_file_is_named_as_a_folder(root, tmp_path):
 
 def test_the_decoder_phase_refuses_a_parent_still_training_or_waits_for_it(root, tmp_path):
     parent = tmp_path / "iem"
-    train(debug_recipe(str(root / "words")), "iem", parent)
+    recipe = debug_recipe(str(root / "words"))
+    recipe.iem.steps = recipe.decoder.steps = 2
+    train(recipe, "iem", parent)
     lock = RunLock(parent).__enter__()  # as a training process holds it
     try:
         one_error(cli("train-decoder", "--run", parent), "still being trained", "--wait")
         assert not (parent / "decoder").exists()
         threading.Timer(0.5, lock.__exit__, (None, None, None)).start()
         messages = []
-        recipe = debug_recipe(str(root / "words"))
         result = train(
             recipe,
             "decoder",
@@ -153,4 +152,4 @@ def test_the_decoder_phase_refuses_a_parent_still_training_or_waits_for_it(root,
         )
     finally:
         lock.__exit__(None, None, None)
-    assert result.step == 4 and any("waiting for" in m for m in messages)
+    assert result.step == 2 and any("waiting for" in m for m in messages)

@@ -12,7 +12,6 @@ import shutil
 
 import pytest
 from _faults import cli, failing_open, fill, one_error, small_disk, temporaries
-from _tiny import make_text_dataset
 from safetensors.torch import load_file
 
 import haed.atomic
@@ -28,13 +27,11 @@ RATE = 1000
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, text_run):
     """A finished text run (step-000002, step-000004, best) and a tiny audio run."""
     import numpy as np
 
     root = tmp_path_factory.mktemp("writes")
-    text = make_text_dataset(root / "words")
-    train(debug_recipe(str(text)), "full", root / "text", device="cpu")
     with DatasetWriter(root / "tone") as w:
         for split, n in (("train", 3000), ("valid", 400), ("test", 400)):
             w.write(split, (128 + 20 * np.sin(np.arange(n) / 3)).astype(np.uint8).tobytes())
@@ -42,7 +39,7 @@ def runs(tmp_path_factory):
     recipe = debug_recipe(str(root / "tone"))
     recipe.full.steps = 2
     train(recipe, "full", root / "audio", device="cpu")
-    return {"text": root / "text", "audio": root / "audio", "words": text, "root": root}
+    return {"text": text_run / "run", "audio": root / "audio", "words": text_run / "words", "root": root}
 
 
 def _resumable_copy(runs, folder):
