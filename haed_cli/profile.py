@@ -156,7 +156,9 @@ def profile_memory(
         False, "--compare-full", help="Profile iem, decoder and full (plus any --objectives, e.g. flat)."
     ),
     objectives: Optional[str] = typer.Option(
-        None, "--objectives", help="Comma-separated: iem, decoder, full, flat, megabyte (the MEGABYTE-pytorch peer) (default: iem)."
+        None,
+        "--objectives",
+        help="Comma-separated: iem, decoder, full, flat, megabyte (the MEGABYTE-pytorch peer) (default: iem).",
     ),
     seq_lens: Optional[str] = typer.Option(
         None, "--seq-lens", help="Comma-separated window lengths in bytes (default: 2048,4096,8192,16384)."
