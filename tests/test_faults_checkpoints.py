@@ -59,19 +59,23 @@ def test_the_weights_carry_their_digest(trained):
     assert checkpoint_problem(trained / "step-000004") is None
 
 
-@pytest.mark.parametrize("manifest", ["{}", "[1, 2]", '{"files": {"model.safetensors": 3}}'])
+@pytest.mark.parametrize("manifest", ["{}", "[1, 2]", '{"files": {"model.safetensors": 3}}', '{"files": []}'])
 def test_a_manifest_of_the_wrong_shape_is_a_damaged_checkpoint(run, manifest):
-    for name in ("step-000004", "best"):
-        (run / name / "manifest.json").write_text(manifest)
+    (run / "step-000004" / "manifest.json").write_text(manifest)
     assert "not a haed manifest" in checkpoint_problem(run / "step-000004")
     with pytest.warns(HaedWarning, match="step-000004 is damaged"):
         assert latest_intact_checkpoint(run).name == "step-000002"
+
+
+def test_a_malformed_manifest_is_never_used_by_the_commands(run):
+    for name in ("step-000004", "best"):
+        (run / name / "manifest.json").write_text("[1, 2]")
     with pytest.warns(HaedWarning, match="best .* is damaged"):  # best and last damaged: step-000002
         r = cli("evaluate", "--run", run, "--max-bytes", "64")
     assert r.exit_code == 0 and "step-000002" in r.stdout, (r.stdout, r.stderr)
     one_error(cli("generate", "--run", run, "--checkpoint", "step-4"), "step-000004 is damaged", "manifest")
     with pytest.warns(HaedWarning, match="step-000004 is damaged"):
-        r = cli("train-full", "--out", run, "--resume", "--allow-changes", "--steps", "6")
+        r = cli("train-full", "--out", run, "--resume", "--allow-changes", "--steps", "3")
     assert r.exit_code == 0 and "Traceback" not in r.stderr, r.stderr
 
 
