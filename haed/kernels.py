@@ -435,7 +435,10 @@ if triton is not None:
                 byte = picked_bytes(best_ptr, best_byte_ptr, rows, rmask, HT, HTP)
                 tl.store(bytes_ptr + rows * KC + pos, byte.to(tl.uint8), mask=rmask)
 
-    @triton.jit
+    # Triton compiles a kernel again for each integer argument that is 1 or a multiple of 16 where it was
+    # not (its specialisations): the positions, layers, stage and program count, which change between
+    # the stage-by-stage launches and with `programs`, are not specialised, so they share one compilation.
+    @triton.jit(do_not_specialize=["first_pos", "end_pos", "first_layer", "end_layer", "stage", "nprog"])
     def decoder_kernel(
         bytes_ptr, emb_ptr, cond_ptr, cond_len,
         norm1_ptr, qkv_ptr, out_ptr, norm2_ptr, up_ptr, down_ptr, final_norm_ptr, head_ptr,
@@ -628,7 +631,7 @@ if triton is not None:
             c = t * COND_R + tl.arange(0, COND_R)
             tl.store(cond_ptr + c[None, :], times_t(h, w, False).to(tl.bfloat16), mask=(c < OUT)[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["e_first", "e_end", "first", "end", "stage", "nprog"])  # as decoder_kernel
     def main_kernel(
         bytes_ptr, position_ptr,
         e_emb_ptr, e_norm1_ptr, e_qkv_ptr, e_out_ptr, e_norm2_ptr, e_up_ptr, e_down_ptr, e_norm_ptr, proj_ptr,
