@@ -190,6 +190,23 @@ def test_sampling_filters():
     }  # byte 0 alone holds over half the mass
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (run on the device)")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_cached_distributions_equal_uncached_forward(graphs):
+    """On the GPU too (float32), the cached sampler's distributions, byte steps eager or replayed as CUDA
+    graphs, are the uncached forward pass's: a prompt mid-patch, three streams. The tests below compare
+    the other GPU paths (whole patches, the compiled step, the Triton kernels) with these eager steps."""
+    model = tiny_model(patch_size=4).cuda()
+    x = random_bytes(3, 48, seed=6).cuda()
+    with torch.no_grad():
+        reference = torch.log_softmax(model(x).double(), -1)
+    sampler = make_sampler(model, context_bytes=64, cuda_graphs=graphs, batch=3)
+    logits = sampler.start(x[:, :6])
+    for i in range(6, 48):
+        torch.testing.assert_close(torch.log_softmax(logits.double(), -1), reference[:, i], rtol=0, atol=1e-5)
+        logits = sampler.feed(x[:, i])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -350,7 +367,8 @@ def test_cuda_patch_graph_capture_leaves_the_prompts_patch_as_eager():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
-@pytest.mark.parametrize("batch", [1, 3])
+# [1]: the compiled step's test in the default run; [3] compiles again for 3 streams
+@pytest.mark.parametrize("batch", [1, pytest.param(3, marks=pytest.mark.slow_gpu)])
 def test_cuda_compiled_patch_graphs_equal_eager_bytes(batch):
     """The compiled whole-patch step, captured as one CUDA graph per patch, draws the bytes of eager steps."""
     model = tiny_model(patch_size=4).cuda()

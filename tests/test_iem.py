@@ -151,6 +151,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the chunk softmax is used on CUDA only")
 def test_compiled_chunk_softmax_matches_eager():
     torch.manual_seed(0)

@@ -189,6 +189,7 @@ def test_interpreted_main_kernels_follow_the_model():
     check_main_kernels(torch.device("cpu"), "cpu", tolerance=0.05)
 
 
+@pytest.mark.slow_gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 def test_cuda_main_kernels_follow_the_model():
     # The `speech` encoder's and main model's widths: the task sizes of a GPU, 8 heads in 16 parts each.
@@ -197,6 +198,7 @@ def test_cuda_main_kernels_follow_the_model():
     check_main_kernels(torch.device("cuda"), "cuda", tolerance=0.03, main_dim=512, main_heads=8, encoder_dim=128)
 
 
+@pytest.mark.slow_gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 def test_cuda_persistent_main_kernel_equals_its_stages_launched_one_by_one():
     """One launch (programs meeting at grid-wide syncs) computes exactly what its stages compute as
@@ -224,6 +226,7 @@ def test_cuda_persistent_main_kernel_equals_its_stages_launched_one_by_one():
         assert all(torch.equal(a, b) for a, b in zip(results[True, programs], results[False, programs])), programs
 
 
+@pytest.mark.slow_gpu  # 99 s on an H200, nearly all of it compiling
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 def test_cuda_kernels_follow_the_decoder_step():
     # The `speech` decoder's widths (head width 64), and more streams than one: tensor-core products (tl.dot), in
@@ -231,6 +234,7 @@ def test_cuda_kernels_follow_the_decoder_step():
     check_kernels(torch.device("cuda"), "cuda", ((256, 4),), batches=(1, 17), tolerance=0.02)
 
 
+@pytest.mark.slow_gpu  # did not finish compiling in 170 s on an H200 before do_not_specialize (not yet timed since)
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
 @pytest.mark.parametrize("batch", [1, 17])
 def test_cuda_persistent_kernel_equals_its_stages_launched_one_by_one(batch):
@@ -272,7 +276,7 @@ def test_cuda_persistent_kernel_equals_its_stages_launched_one_by_one(batch):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA (run on the device)")
-@pytest.mark.parametrize("batch", [1, 17])
+@pytest.mark.parametrize("batch", [1, pytest.param(17, marks=pytest.mark.slow_gpu)])  # [1]: the kernels' default test
 def test_cuda_kernel_patch_graphs_equal_eager_bytes(batch):
     """Whole patches with the decoder as Triton kernels (one stream: the encoder and main model's step
     too): their CUDA graph replays draw exactly the bytes of the same launches without graphs, and
@@ -305,6 +309,7 @@ def test_cuda_kernel_patch_graphs_equal_eager_bytes(batch):
         assert top_p[True].outputs[0][:4] == eager_top_p.outputs[0][:4]
 
 
+@pytest.mark.cuda  # on a GPU host, the refusal of whole_patches=False is checked on the GPU
 def test_decoder_kernels_where_they_cannot_run_are_refused_in_one_line():
     model = tiny_model(patch_size=4)
     with pytest.raises(HaedError, match="decoder kernels cannot run here: CUDA only|Triton is not installed"):

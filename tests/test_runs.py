@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny import make_text_dataset
+from conftest import single_thread
 from safetensors.torch import load_file
 
 from haed.checkpoint import RunLock, latest_checkpoint, load_run, select_checkpoint, step_dirs
@@ -267,10 +268,11 @@ def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_weights(datase
 
     recipe = debug_recipe(str(dataset))
     recipe.full.steps, recipe.full.ckpt_every, recipe.full.eval_every = 12, 1, 3
-    train(recipe, "full", tmp_path / "straight")
+    with single_thread():  # as the children run: one thread, on the CPU
+        train(recipe, "full", tmp_path / "straight")
     run = tmp_path / "run"
     script = _CHILD.format(tests=str(Path(__file__).parent), dataset=str(dataset), run=str(run))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # Killed inside a checkpoint write (the 3rd), then after the 7th step's log line, then left to finish.
     first = subprocess.run([sys.executable, "-c", script], env={**env, "KILL_IN_WRITE": "3"}, capture_output=True)
     assert first.returncode == -signal.SIGKILL
