@@ -9,14 +9,41 @@ import time
 import warnings
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 
 from haed.distributed import is_main_process
 from haed.errors import HaedError, HaedWarning
 
-console = Console(quiet=not is_main_process())  # under torchrun only rank 0 prints progress and results
-err_console = Console(stderr=True)
+OFF_TERMINAL_WIDTH = 10_000  # columns: no table or line of haed's comes near it
+RULE_WIDTH = 80
+
+
+class WholeConsole(Console):
+    """A rich console that, off a terminal (a pipe, a file, a CI log), prints every table and line whole.
+
+    There rich takes 80 columns (or a terminal's width found on another stream), shrinks tables to fit
+    them and cuts cells to `…` (`paramete…`, `2,0…`). Off a terminal this console is as wide as what it
+    prints: tables take their natural width, lines are not wrapped. On a terminal nothing changes.
+    """
+
+    def _size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self.is_terminal or self._width is not None:
+            return size
+        return ConsoleDimensions(OFF_TERMINAL_WIDTH, size.height)
+
+    size = property(_size, Console.size.fset)
+
+    def rule(self, title="", **kwargs) -> None:
+        """A rule as wide as the terminal, or RULE_WIDTH columns off one."""
+        from rich.rule import Rule
+
+        self.print(Rule(title, **kwargs), width=None if self.is_terminal else min(self.width, RULE_WIDTH))
+
+
+console = WholeConsole(quiet=not is_main_process())  # under torchrun only rank 0 prints progress and results
+err_console = WholeConsole(stderr=True)
 
 
 def print_error(message: str) -> None:

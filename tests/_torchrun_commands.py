@@ -1,5 +1,6 @@
-"""Run under torchrun: several `haed` commands one after another in each process, then optionally a
-training run whose rank 0 dies abruptly (no cleanup, no checkpoint) right after logging a given step.
+"""Several `haed` commands one after another in one process: under torchrun in each process, then
+optionally a training run whose rank 0 dies abruptly (no cleanup, no checkpoint) right after logging a
+given step; or plainly with `python`, as tests/test_piped_output.py runs it with stdout piped.
 
 Each command goes through the CLI's own entry point, as `torchrun ... -m haed_cli.main -- ARGS`
 would run it, but torchrun and the imports start once for all of them.
