@@ -1,4 +1,5 @@
-"""Training, evaluation and sampling commands: argument parsing and printing only."""
+"""Evaluation, sampling, comparison and the quickstart: argument parsing and printing only (the training
+commands are in training.py)."""
 
 from __future__ import annotations
 
@@ -9,224 +10,48 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from haed_cli.common import TrainingDisplay, console, err_console, user_errors
+from haed_cli.common import Command, TrainingDisplay, console, err_console, user_errors
+from haed_cli.training import DEVICE, DEVICE_PANEL, RECIPE, RECIPE_HELP, SET_HELP, recipe_values
 
-RECIPE_HELP = "Recipe name (tiny, enwik8, speech) or path to a .toml file."
 CHECKPOINT_HELP = "Which weights: best (the best validation point; the last if none), last, or step-N."
-SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
 UNVERIFIED_HELP = "Use a checkpoint that cannot be verified (no manifest, no weights digest), with a warning."
-
-
-def _recipe_values(
-    dataset: Optional[Path],
-    steps: Optional[int],
-    batch_size: Optional[int],
-    seq_len: Optional[int],
-    time_budget: Optional[float],
-    section: str,
-) -> dict:
-    """The typed recipe options given, as {"key.path": value}: set as values, never re-parsed, so any path works."""
-    values = {
-        "data.dataset": None if dataset is None else str(dataset),
-        "data.seq_len": seq_len,
-        f"{section}.steps": steps,
-        f"{section}.batch_size": batch_size,
-        f"{section}.time_budget": time_budget,
-    }
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def _print_train_result(result, objective: str) -> None:
-    m = result.last_metrics
-    line = (
-        f"[green]done[/] {objective}: step {result.step}, {result.train_seconds:.1f} s of training, "
-        f"run {result.run_dir}"
-    )
-    if m:
-        line += f", train loss {m.get('loss', float('nan')):.4f}, {m.get('bytes_per_second', 0) / 1e3:.1f} kB/s"
-    console.print(line)
-    if result.last_eval:
-        console.print(
-            "valid: "
-            + ", ".join(
-                f"{k} {v:.4f}"
-                for k, v in result.last_eval.items()
-                if k not in ("step", "split", "candidates", "train_seconds")
-            )
-        )
-    if result.best:
-        console.print(
-            f"best: {result.best['metric']} {result.best['value']:.4f} at step {result.best['step']} "
-            f"({result.best['path']})"
-        )
-
-
-def _train(
-    objective: str,
-    recipe_name: Optional[str],
-    overrides: list[str],
-    values: dict,
-    out: Optional[Path],
-    resume: bool,
-    allow_changes: bool,
-    device: str,
-    no_compile: bool,
-    init_from=None,
-    recipe=None,
-    wait_for_parent: bool = False,
-):
-    from haed.train import train_command
-
-    with TrainingDisplay() as display:
-        result = train_command(
-            objective,
-            out,
-            recipe_name=recipe_name,
-            overrides=overrides,
-            values=values,
-            recipe=recipe,
-            resume=resume,
-            allow_changes=allow_changes,
-            device=device,
-            init_from=init_from,
-            compile=False if no_compile else None,
-            on_event=display,
-            wait_for_parent=wait_for_parent,
-        )
-    _print_train_result(result, objective)
-    if result.interrupted:
-        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
-    return result
-
-
-RESUME_HELP = (
-    "Continue the run in --out from its newest intact checkpoint, with the run's own recipe, dataset and "
-    "seed (recipe options that differ are refused unless --allow-changes)."
-)
-ALLOW_HELP = "With --resume: accept recipe options that differ from the run's (e.g. a longer --time-budget)."
-BUDGET_HELP = (
-    "Seconds of training (validation, checkpoints and compilation not counted): the schedule runs over the budget and "
-    "the run ends when it is spent."
-)
-
-
-def train_iem(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " Default: tiny."),
-    dataset: Optional[Path] = typer.Option(
-        None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."
-    ),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: runs/RECIPE-OBJECTIVE)."),
-    objective: str = typer.Option(
-        "iem", "--objective", help="iem (default), or full: end-to-end byte cross-entropy (same as train-full)."
-    ),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe)."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help=BUDGET_HELP),
-    batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch (overrides the recipe)."),
-    seq_len: Optional[int] = typer.Option(None, help="Window length in bytes (overrides the recipe)."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-    allow_changes: bool = typer.Option(False, "--allow-changes", help=ALLOW_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the model (CUDA)."),
-):
-    """Train the encoder and main model with IEM (sampled softmax over patches; no byte decoder).
-
-    Example: haed train-iem --recipe tiny --dataset data/stdlib --out runs/tiny
-    """
-    if objective not in ("iem", "full"):
-        raise typer.BadParameter("--objective is iem or full")
-    values = _recipe_values(dataset, steps, batch_size, seq_len, time_budget, objective)
-    _train(objective, recipe, overrides, values, out, resume, allow_changes, device, no_compile)
-
-
-def train_full(
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=RECIPE_HELP + " Default: tiny."),
-    dataset: Optional[Path] = typer.Option(
-        None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."
-    ),
-    out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Run directory (default: runs/RECIPE-full or runs/RECIPE-flat)."
-    ),
-    arch: str = typer.Option(
-        "haed",
-        help="haed: the hierarchy end to end; flat: a byte-level transformer (the recipe's main stack over bytes).",
-    ),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe's [full] section)."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help=BUDGET_HELP),
-    batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
-    seq_len: Optional[int] = typer.Option(None, help="Window length in bytes."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-    allow_changes: bool = typer.Option(False, "--allow-changes", help=ALLOW_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the model (CUDA)."),
-):
-    """Baseline: train encoder, main model and decoder end to end on byte cross-entropy (or --arch flat).
-
-    Example: haed train-full --recipe tiny --dataset data/stdlib --out runs/tiny-full
-    """
-    if arch not in ("haed", "flat"):
-        raise typer.BadParameter("--arch is haed or flat")
-    objective = "flat" if arch == "flat" else "full"
-    values = _recipe_values(dataset, steps, batch_size, seq_len, time_budget, "full")
-    if not resume or recipe is not None or overrides or values:
-        values["model.arch"] = arch
-    _train(objective, recipe, overrides, values, out, resume, allow_changes, device, no_compile)
-
-
-def train_decoder(
-    run: Path = typer.Option(..., "--run", help="The IEM run whose encoder and main model are frozen."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run directory (default: RUN/decoder)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (overrides the recipe's [decoder] section)."),
-    time_budget: Optional[float] = typer.Option(None, "--time-budget", help=BUDGET_HELP),
-    batch_size: Optional[int] = typer.Option(None, help="Windows per micro-batch."),
-    overrides: List[str] = typer.Option([], "--set", help="Override decoder-phase fields, e.g. --set decoder.lr=3e-4."),
-    resume: bool = typer.Option(False, "--resume", help=RESUME_HELP),
-    allow_changes: bool = typer.Option(False, "--allow-changes", help=ALLOW_HELP),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the decoder (CUDA)."),
-    wait: bool = typer.Option(False, "--wait", help="If the IEM run is still training, wait for it to finish."),
-):
-    """Decoder phase: freeze an IEM run's encoder and main model (its best checkpoint), train the byte decoder.
-
-    Example: haed train-decoder --run runs/tiny
-    """
-    from haed.runs import decoder_phase_recipe
-
-    values = _recipe_values(None, steps, batch_size, None, time_budget, "decoder")
-    recipe = None if resume and not (overrides or values) else decoder_phase_recipe(run, overrides, values)
-    _train(
-        "decoder",
-        None,
-        [],
-        {},
-        out or Path(run) / "decoder",
-        resume,
-        allow_changes,
-        device,
-        no_compile,
-        init_from=None if resume else run,
-        recipe=recipe,
-        wait_for_parent=wait,
-    )
+SCORED, HOW = "What to score", "How"  # evaluate's help panels
 
 
 def evaluate(
-    run: Path = typer.Option(..., "--run", help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder)."),
-    split: str = typer.Option("test", help="test, valid or train."),
-    batch_size: int = typer.Option(8, help="Windows per forward pass."),
-    max_bytes: Optional[int] = typer.Option(None, help="Evaluate only the first N bytes of the split."),
-    seq_len: Optional[int] = typer.Option(None, help="Window length (default: the training window)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
-    checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
+    run: Path = typer.Option(
+        ...,
+        "--run",
+        metavar="DIR",
+        help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder).",
+        rich_help_panel=SCORED,
+    ),
+    split: str = typer.Option("test", metavar="test|valid|train", help="test, valid or train.", rich_help_panel=SCORED),
+    batch_size: int = typer.Option(8, metavar="N", help="Windows per forward pass.", rich_help_panel=HOW),
+    max_bytes: Optional[int] = typer.Option(
+        None, metavar="N", help="Evaluate only the first N bytes of the split.", rich_help_panel=SCORED
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, metavar="BYTES", help="Window length (default: the training window).", rich_help_panel=HOW
+    ),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", metavar="FILE", help="Also write the result as JSON.", rich_help_panel=HOW
+    ),
+    checkpoint: str = typer.Option(
+        "best", "--checkpoint", metavar="best|last|step-N", help=CHECKPOINT_HELP, rich_help_panel=SCORED
+    ),
     data: Optional[Path] = typer.Option(
         None,
         "--data",
+        metavar="PATH",
         help="Evaluate other bytes: a file (raw bytes; a WAV/FLAC for audio runs) or a dataset directory (its "
         "--split).",
+        rich_help_panel=SCORED,
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    allow_unverified: bool = typer.Option(False, "--allow-unverified", help=UNVERIFIED_HELP),
+    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=HOW),
+    allow_unverified: bool = typer.Option(
+        False, "--allow-unverified/--no-allow-unverified", help=UNVERIFIED_HELP, rich_help_panel=SCORED
+    ),
 ):
     """Exact bits per byte of a split or other data (every byte through the decoder; bits per sample for audio).
 
@@ -249,63 +74,103 @@ def evaluate(
     console.print(table)
 
 
+INPUT, SAMPLING, OUTPUT, SPEED = "Run and prompt", "Sampling", "Output", "Speed"  # generate's help panels
+
+
 def generate(
-    run: Path = typer.Option(..., "--run", help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text prompt."),
+    run: Path = typer.Option(
+        ...,
+        "--run",
+        metavar="DIR",
+        help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder).",
+        rich_help_panel=INPUT,
+    ),
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", "-p", metavar="TEXT", help="Text prompt.", rich_help_panel=INPUT
+    ),
     prompt_file: Optional[Path] = typer.Option(
-        None, help="Read the prompt bytes from a file (text runs) or a WAV/FLAC (audio runs)."
+        None,
+        metavar="FILE",
+        help="Read the prompt bytes from a file (text runs) or a WAV/FLAC (audio runs).",
+        rich_help_panel=INPUT,
     ),
     out: Optional[Path] = typer.Option(
         None,
         "--out",
         "-o",
+        metavar="PATH",
         help="One stream: the output file (text: prompt + sample; audio: a WAV). "
         "Several: a folder of sample-000.txt / sample-000.wav ... Default: stdout for text; "
         "sample.wav (or sample-000.wav ...) here for audio.",
+        rich_help_panel=OUTPUT,
     ),
-    max_bytes: Optional[int] = typer.Option(None, help="Bytes (audio: samples) to generate per stream."),
+    max_bytes: Optional[int] = typer.Option(
+        None, metavar="N", help="Bytes (audio: samples) to generate per stream.", rich_help_panel=SAMPLING
+    ),
     seconds: Optional[float] = typer.Option(
-        None, help="Audio: seconds to generate per stream (instead of --max-bytes)."
+        None,
+        metavar="SECONDS",
+        help="Audio: seconds to generate per stream (instead of --max-bytes).",
+        rich_help_panel=SAMPLING,
     ),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (0: greedy)."),
-    top_k: Optional[int] = typer.Option(None, help="Keep the k most likely bytes (0: off)."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass, in (0, 1] (1: off)."),
+    temperature: Optional[float] = typer.Option(
+        None, metavar="T", help="Sampling temperature, >= 0 (0: greedy).", rich_help_panel=SAMPLING
+    ),
+    top_k: Optional[int] = typer.Option(
+        None, metavar="K", help="Keep the K most likely bytes (0: off).", rich_help_panel=SAMPLING
+    ),
+    top_p: Optional[float] = typer.Option(
+        None, metavar="P", help="Nucleus sampling mass, in (0, 1] (1: off).", rich_help_panel=SAMPLING
+    ),
     seed: Optional[int] = typer.Option(
-        None, help="Random seed: the same seed gives the same output; stream i uses seed + i."
+        None,
+        metavar="N",
+        help="Random seed: the same seed gives the same output; stream i uses seed + i.",
+        rich_help_panel=SAMPLING,
     ),
     num_samples: int = typer.Option(
         1,
         "--num-samples",
         "-n",
+        metavar="N",
         help="Independent continuations generated in one batch; stream i equals a single run with --seed SEED+i.",
+        rich_help_panel=SAMPLING,
     ),
     stream: bool = typer.Option(
         False,
-        "--stream",
+        "--stream/--no-stream",
         help="Text: write to stdout as it is generated, one patch at a time. "
         "(WAV files are always written as they are generated, valid at every moment.)",
+        rich_help_panel=OUTPUT,
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=SPEED),
     cuda_graphs: bool = typer.Option(
         True,
         "--cuda-graphs/--no-cuda-graphs",
         help="On CUDA, replay each step as a CUDA graph (captured during the prefill); off: the same steps eagerly.",
+        rich_help_panel=SPEED,
     ),
     compile: bool = typer.Option(
         False,
         "--compile/--no-compile",
         help="torch.compile the whole-patch step of a hierarchical model before it is captured (fused "
         "kernels; the compilation is counted in the prefill).",
+        rich_help_panel=SPEED,
     ),
     decoder_kernels: bool = typer.Option(
         False,
-        "--decoder-kernels",
+        "--decoder-kernels/--no-decoder-kernels",
         help="Run the byte decoder's steps as one Triton kernel per patch (CUDA) in the whole-patch step, and for "
         "one stream the encoder and main model's step as another where the model's widths are powers of two. With "
         "--compile the fastest mode for one stream; for many streams --compile alone is faster (docs/performance.md).",
+        rich_help_panel=SPEED,
     ),
-    checkpoint: str = typer.Option("best", "--checkpoint", help=CHECKPOINT_HELP),
-    allow_unverified: bool = typer.Option(False, "--allow-unverified", help=UNVERIFIED_HELP),
+    checkpoint: str = typer.Option(
+        "best", "--checkpoint", metavar="best|last|step-N", help=CHECKPOINT_HELP, rich_help_panel=INPUT
+    ),
+    allow_unverified: bool = typer.Option(
+        False, "--allow-unverified/--no-allow-unverified", help=UNVERIFIED_HELP, rich_help_panel=INPUT
+    ),
 ):
     """Sample with cached hierarchical generation (main-model and decoder key/value caches).
 
@@ -380,19 +245,34 @@ def generate(
     )
 
 
+SYSTEMS, SCORING = "Systems and budget", "Scoring and output"  # compare's help panels
+
+
 def compare(
-    recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
+    recipe: str = typer.Option("tiny", "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP, rich_help_panel=RECIPE),
     dataset: Optional[Path] = typer.Option(
-        None, "--dataset", "-d", help="Dataset directory (default: the recipe's data.dataset)."
+        None,
+        "--dataset",
+        "-d",
+        metavar="DIR",
+        help="Dataset directory (default: the recipe's data.dataset).",
+        rich_help_panel=RECIPE,
     ),
     budget: float = typer.Option(
         ...,
         "--time-budget",
         "--budget",
+        metavar="SECONDS",
         help="Seconds of training for each system (IEM + decoder phase together get the same).",
+        rich_help_panel=SYSTEMS,
     ),
     out: Path = typer.Option(
-        Path("runs/compare"), "--out", "-o", help="Where the runs, compare.json and compare.png go."
+        Path("runs/compare"),
+        "--out",
+        "-o",
+        metavar="DIR",
+        help="Where the runs, compare.json and compare.png go.",
+        rich_help_panel=SCORING,
     ),
     systems: Optional[str] = typer.Option(
         None,
@@ -400,30 +280,49 @@ def compare(
         "\\[default: all; megabyte where its package is installed].",
         metavar="LIST",
         show_default=False,
+        rich_help_panel=SYSTEMS,
     ),
     decoder_fraction: Optional[float] = typer.Option(
         None,
+        metavar="FRACTION",
         help="Share of the IEM system's budget given to the decoder phase (default: the recipe's "
         "compare.decoder_fraction).",
+        rich_help_panel=SYSTEMS,
     ),
-    evals: int = typer.Option(10, help="Validation points per phase (evenly spaced in training seconds)."),
+    evals: int = typer.Option(
+        10,
+        metavar="N",
+        help="Validation points per phase (evenly spaced in training seconds).",
+        rich_help_panel=SCORING,
+    ),
     eval_data: List[Path] = typer.Option(
-        [], "--eval-data", help="Also score this file or dataset directory (repeatable)."
+        [],
+        "--eval-data",
+        metavar="PATH",
+        help="Also score this file or dataset directory (repeatable).",
+        rich_help_panel=SCORING,
     ),
-    eval_bytes: Optional[int] = typer.Option(None, help="Score only the first N bytes of each test split or file."),
-    seq_len: Optional[int] = typer.Option(None, help="Window length in bytes (overrides the recipe)."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    eval_bytes: Optional[int] = typer.Option(
+        None, metavar="N", help="Score only the first N bytes of each test split or file.", rich_help_panel=SCORING
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, metavar="BYTES", help="Window length in bytes (overrides the recipe).", rich_help_panel=RECIPE
+    ),
+    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=RECIPE),
     flat_overrides: List[str] = typer.Option(
         [],
         "--flat-set",
+        metavar="FIELD=VALUE",
         help="Override the flat baseline's recipe, e.g. --flat-set main.layers=6 (default: depth matched to the "
         "hierarchy's parameter count).",
+        rich_help_panel=SYSTEMS,
     ),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL),
     compile: bool = typer.Option(
         False,
         "--compile/--no-compile",
         help="torch.compile the stacks and IEM's softmax (CUDA) for every system, before its clock starts.",
+        rich_help_panel=DEVICE_PANEL,
     ),
     memory_cap: Optional[float] = typer.Option(
         None,
@@ -432,6 +331,7 @@ def compare(
         "(same global batch) and recomputation of its own that fits, probed before the clock starts.",
         metavar="GIB",
         show_default=False,
+        rich_help_panel=SYSTEMS,
     ),
 ):
     """Which objective should I train? IEM + decoder phase, full, flat and MEGABYTE-pytorch for the same seconds.
@@ -443,7 +343,7 @@ def compare(
     from haed.compare import compare as run_compare
     from haed.runs import recipe_for_run
 
-    r = recipe_for_run(None, recipe, overrides, _recipe_values(dataset, None, None, seq_len, None, "iem"))
+    r = recipe_for_run(None, recipe, overrides, recipe_values(dataset, None, None, seq_len, None, "iem"))
     with TrainingDisplay() as display:
         result = run_compare(
             r,
@@ -506,11 +406,13 @@ def compare_table(result: dict) -> Table:
 
 
 def quickstart(
-    workdir: Path = typer.Option(Path("."), "--workdir", "-w", help="Where data/stdlib and runs/RECIPE go."),
-    recipe: str = typer.Option("tiny", "--recipe", "-r", help=RECIPE_HELP),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
-    prompt: str = typer.Option("def ", "--prompt", "-p", help="Prompt of the final sample."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    workdir: Path = typer.Option(
+        Path("."), "--workdir", "-w", metavar="DIR", help="Where data/stdlib and runs/RECIPE go."
+    ),
+    recipe: str = typer.Option("tiny", "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP),
+    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP),
+    prompt: str = typer.Option("def ", "--prompt", "-p", metavar="TEXT", help="Prompt of the final sample."),
+    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda."),
 ):
     """The whole pipeline on the offline corpus: prepare, IEM, decoder phase, evaluate, generate.
 
@@ -536,12 +438,9 @@ def quickstart(
 
 def register(app: typer.Typer) -> None:
     for name, fn in (
-        ("train-iem", train_iem),
-        ("train-decoder", train_decoder),
-        ("train-full", train_full),
         ("evaluate", evaluate),
         ("generate", generate),
         ("compare", compare),
         ("quickstart", quickstart),
     ):
-        app.command(name)(user_errors(fn))
+        app.command(name, cls=Command)(user_errors(fn))

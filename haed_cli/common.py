@@ -11,6 +11,7 @@ import warnings
 import typer
 from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from haed.distributed import is_main_process
 from haed.errors import HaedError, HaedWarning
@@ -44,6 +45,30 @@ class WholeConsole(Console):
 
 console = WholeConsole(quiet=not is_main_process())  # under torchrun only rank 0 prints progress and results
 err_console = WholeConsole(stderr=True)
+
+
+class _HelpSaysWhatToType:
+    """--help that says what to type: every option and argument declares its metavar (PATH, N, SECONDS,
+    FIELD=VALUE), which Typer shows for an option; an argument's metavar is its name, so the type Typer would
+    print beside it (`<list[Path]>`) is left out; and a flag (--compile/--no-compile, --help itself) shows
+    none, where Typer would print `<bool>`."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+            if param.param_type_name == "argument" and param.metavar and hasattr(param, "display_type_rich"):
+                param.display_type_rich = lambda ctx=None: None
+        return params
+
+
+class Command(_HelpSaysWhatToType, TyperCommand):
+    """Every haed command: `app.command(name, cls=Command)`."""
+
+
+class Group(_HelpSaysWhatToType, TyperGroup):
+    """`haed` and `haed prepare`: `typer.Typer(cls=Group)`."""
 
 
 def print_error(message: str) -> None:

@@ -44,9 +44,9 @@ def main(
     """Train and sample hierarchical (HAED) byte models of text and raw audio, with IEM."""
 
 
-from haed_cli import commands, prepare, profile  # noqa: E402  (after `app`: each registers its commands on it)
+from haed_cli import commands, prepare, profile, training  # noqa: E402  (after `app`: each registers its commands)
 
-for _module in (prepare, commands, profile):
+for _module in (prepare, training, commands, profile):
     _module.register(app)
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from haed_cli.common import console, user_errors
+from haed_cli.common import Command, Group, console, user_errors
 
 PREPARE_APP = dict(
     help=(
@@ -126,17 +126,17 @@ def print_summary(meta: dict, out: Path) -> None:
 
 
 def stdlib(
-    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help=OUT_HELP),
     max_bytes: int = typer.Option(
-        4_000_000, "--max-bytes", help="Cap: the first N bytes of the concatenated sources (0: no cap)."
+        4_000_000, "--max-bytes", metavar="N", help="Cap: the first N bytes of the concatenated sources (0: no cap)."
     ),
     valid_fraction: float = typer.Option(
-        0.05, "--valid-fraction", help="Fraction of the bytes for valid (taken after train)."
+        0.05, "--valid-fraction", metavar="F", help="Fraction of the bytes for valid (taken after train)."
     ),
     test_fraction: float = typer.Option(
-        0.05, "--test-fraction", help="Fraction of the bytes for test (the end of the stream)."
+        0.05, "--test-fraction", metavar="F", help="Fraction of the bytes for test (the end of the stream)."
     ),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: bool = typer.Option(False, "--force/--no-force", help=FORCE_HELP),
 ):
     """Make the offline default text corpus from the Python standard library's own .py files.
 
@@ -187,7 +187,7 @@ def text(
     test_fraction: float = typer.Option(
         0.05, "--test-fraction", help="Fraction of the bytes (stream) or files (hash) for test.", metavar="F"
     ),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: bool = typer.Option(False, "--force/--no-force", help=FORCE_HELP),
 ):
     """Concatenate files, folders and archives into one byte stream, then split it.
 
@@ -215,11 +215,11 @@ def text(
 
 
 def enwik8(
-    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help=OUT_HELP),
     source: Optional[Path] = typer.Option(
-        None, "--source", help="Local enwik8.zip or extracted enwik8 (otherwise it is downloaded)."
+        None, "--source", metavar="FILE", help="Local enwik8.zip or extracted enwik8 (otherwise it is downloaded)."
     ),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: bool = typer.Option(False, "--force/--no-force", help=FORCE_HELP),
 ):
     """The Hutter Prize enwik8 benchmark, split in order 90M / 5M / 5M bytes.
 
@@ -233,6 +233,9 @@ def enwik8(
     print_summary(meta, out)
 
 
+AUDIO, SPLIT, OUTPUT = "Audio source", "Split", "Output"  # prepare audio's help panels
+
+
 def audio(
     source: Optional[Path] = typer.Argument(
         None,
@@ -240,38 +243,66 @@ def audio(
         show_default=False,
         metavar="SOURCE",
     ),
-    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help=OUT_HELP, rich_help_panel=OUTPUT),
     sample_rate: int = typer.Option(
-        ..., "--sample-rate", help="Target sample rate in Hz (resampled with soxr when a file differs)."
+        ...,
+        "--sample-rate",
+        metavar="HZ",
+        help="Target sample rate in Hz (resampled with soxr when a file differs).",
+        rich_help_panel=AUDIO,
     ),
     hf: Optional[str] = typer.Option(
-        None, "--hf", help="A Hugging Face datasets audio dataset (name or local path) instead of SOURCE."
+        None,
+        "--hf",
+        metavar="NAME",
+        help="A Hugging Face datasets audio dataset (name or local path) instead of SOURCE.",
+        rich_help_panel=AUDIO,
     ),
-    hf_config: Optional[str] = typer.Option(None, "--hf-config", help="Configuration name of the --hf dataset."),
+    hf_config: Optional[str] = typer.Option(
+        None, "--hf-config", metavar="NAME", help="Configuration name of the --hf dataset.", rich_help_panel=AUDIO
+    ),
     split_rule: Optional[str] = typer.Option(
         None,
         "--split-rule",
+        metavar="hash|fsdd|dataset",
         help="hash (default for folders: sha256 of the relative file name against the fractions), "
         "fsdd (index 0-4 test, 5-9 valid, rest train), dataset (the --hf dataset's own splits; its default).",
+        rich_help_panel=SPLIT,
     ),
     valid_fraction: Optional[float] = typer.Option(
-        None, "--valid-fraction", help="hash rule: fraction of files for valid \\[default: 0.05]."
+        None,
+        "--valid-fraction",
+        metavar="F",
+        help="hash rule: fraction of files for valid \\[default: 0.05].",
+        rich_help_panel=SPLIT,
     ),
     test_fraction: Optional[float] = typer.Option(
-        None, "--test-fraction", help="hash rule: fraction of files for test \\[default: 0.05]."
+        None,
+        "--test-fraction",
+        metavar="F",
+        help="hash rule: fraction of files for test \\[default: 0.05].",
+        rich_help_panel=SPLIT,
     ),
-    include: List[str] = typer.Option([], "--include", help=INCLUDE_HELP, metavar="PATTERN", show_default=False),
-    exclude: List[str] = typer.Option([], "--exclude", help=EXCLUDE_HELP, metavar="PATTERN", show_default=False),
+    include: List[str] = typer.Option(
+        [], "--include", help=INCLUDE_HELP, metavar="PATTERN", show_default=False, rich_help_panel=AUDIO
+    ),
+    exclude: List[str] = typer.Option(
+        [], "--exclude", help=EXCLUDE_HELP, metavar="PATTERN", show_default=False, rich_help_panel=AUDIO
+    ),
     max_bytes: int = typer.Option(
         0,
         "--max-bytes",
         help="Stop after N samples in all (one byte each; 3600 x the rate is an hour; the last file cut); 0: all.",
         metavar="N",
+        rich_help_panel=AUDIO,
     ),
     skip_bad: bool = typer.Option(
-        False, "--skip-bad", help="Leave out unreadable files (counted and listed in meta.json) instead of failing."
+        False,
+        "--skip-bad/--no-skip-bad",
+        help="Leave out unreadable files (counted and listed in meta.json) instead of failing.",
+        rich_help_panel=AUDIO,
     ),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: bool = typer.Option(False, "--force/--no-force", help=FORCE_HELP, rich_help_panel=OUTPUT),
 ):
     """Raw audio as 8-bit mu-law bytes: mono downmix, soxr resampling, split by whole file.
 
@@ -302,15 +333,17 @@ def audio(
 
 def register(app: typer.Typer) -> None:
     """`haed prepare SOURCE`: one sub-command per data source."""
-    sub = typer.Typer(**PREPARE_APP)
+    sub = typer.Typer(cls=Group, **PREPARE_APP)
     sub.command(
         "stdlib",
+        cls=Command,
         short_help="Offline default corpus: this Python's standard-library sources. Example: haed prepare stdlib "
         "--out data/stdlib",
         epilog="Example: haed prepare stdlib --out data/stdlib",
     )(user_errors(stdlib))
     sub.command(
         "text",
+        cls=Command,
         short_help="Files, folders and .tar archives of text. Example: haed prepare text notes/ --out data/notes",
         epilog=(
             "Examples:\n\n  haed prepare text notes/ book.txt --out data/notes\n\n"
@@ -320,12 +353,14 @@ def register(app: typer.Typer) -> None:
     )(user_errors(text))
     sub.command(
         "enwik8",
+        cls=Command,
         short_help="enwik8 (100,000,000 bytes) split 90M/5M/5M. Example: haed prepare enwik8 --out data/enwik8",
         epilog="Examples:\n\n  haed prepare enwik8 --out data/enwik8\n\n  haed prepare enwik8 --source ~/enwik8.zip "
         "--out data/enwik8",
     )(user_errors(enwik8))
     sub.command(
         "audio",
+        cls=Command,
         short_help="Audio folder or archive (or --hf dataset) to 8-bit mu-law. Example: haed prepare audio wavs/ --out "
         "data/speech --sample-rate 16000",
         epilog=(

@@ -11,7 +11,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from haed_cli.common import TaskDisplay, console, user_errors
+from haed_cli.common import Command, TaskDisplay, console, user_errors
 
 RECIPE_HELP = "Recipe name (tiny, enwik8, ...) or path to a .toml file."
 SET_HELP = "Override any recipe field, e.g. --set main.layers=12 --set iem.num_negatives=8192 (repeatable)."
@@ -145,78 +145,142 @@ def print_profile(result: dict) -> None:
     console.print(describe_measured(result), highlight=False)
 
 
+WHAT, HOW, CONTEXT, OUTPUT = "What to profile", "How", "Longest context", "Output"  # help panels
+
+
 def profile_memory(
     recipe: Optional[str] = typer.Option(
         None,
         "--recipe",
         "-r",
+        metavar="NAME|FILE",
         help=RECIPE_HELP + " Default: enwik8 on CUDA (the README's headline configuration), tiny with --device cpu.",
+        rich_help_panel=WHAT,
     ),
     compare_full: bool = typer.Option(
-        False, "--compare-full", help="Profile iem, decoder and full (plus any --objectives, e.g. flat)."
+        False,
+        "--compare-full/--no-compare-full",
+        help="Profile iem, decoder and full (plus any --objectives, e.g. flat).",
+        rich_help_panel=WHAT,
     ),
     objectives: Optional[str] = typer.Option(
         None,
         "--objectives",
+        metavar="LIST",
         help="Comma-separated: iem, decoder, full, flat, megabyte (the MEGABYTE-pytorch peer) (default: iem).",
+        rich_help_panel=WHAT,
     ),
     seq_lens: Optional[str] = typer.Option(
-        None, "--seq-lens", help="Comma-separated window lengths in bytes (default: 2048,4096,8192,16384)."
+        None,
+        "--seq-lens",
+        metavar="N,N,...",
+        help="Comma-separated window lengths in bytes (default: 2048,4096,8192,16384).",
+        rich_help_panel=WHAT,
     ),
     batch_sizes: Optional[str] = typer.Option(
-        None, "--batch-sizes", help="Comma-separated batch sizes (default: 16 on CUDA, 4,8,16 with --device cpu)."
+        None,
+        "--batch-sizes",
+        metavar="N,N,...",
+        help="Comma-separated batch sizes (default: 16 on CUDA, 4,8,16 with --device cpu).",
+        rich_help_panel=WHAT,
     ),
-    steps: int = typer.Option(5, "--steps", help="Timed optimizer steps per cell (the median is reported)."),
+    steps: int = typer.Option(
+        5, "--steps", metavar="N", help="Timed optimizer steps per cell (the median is reported).", rich_help_panel=HOW
+    ),
     warmup: int = typer.Option(
-        2, "--warmup", help="Untimed optimizer steps per cell first (compilation happens here)."
+        2,
+        "--warmup",
+        metavar="N",
+        help="Untimed optimizer steps per cell first (compilation happens here).",
+        rich_help_panel=HOW,
     ),
     dataset: Optional[Path] = typer.Option(
         None,
         "--dataset",
         "-d",
+        metavar="DIR",
         help="Dataset directory whose train split gives the windows (default: the recipe's, if it exists; else "
         "synthetic random bytes, said so in the output and JSON).",
+        rich_help_panel=WHAT,
     ),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=WHAT),
     json_out: Path = typer.Option(
-        Path("profile-memory.json"), "--json", help="Write every number and the environment here."
+        Path("profile-memory.json"),
+        "--json",
+        metavar="FILE",
+        help="Write every number and the environment here.",
+        rich_help_panel=OUTPUT,
     ),
     plot: Path = typer.Option(
-        Path("profile-memory.png"), "--plot", help="Write the plot (memory and bytes/s against sequence length) here."
+        Path("profile-memory.png"),
+        "--plot",
+        metavar="FILE",
+        help="Write the plot (memory and bytes/s against sequence length) here.",
+        rich_help_panel=OUTPUT,
     ),
-    device: str = typer.Option("auto", "--device", help="auto or cuda (GPU memory measured), or cpu (timed only)."),
-    no_compile: bool = typer.Option(False, "--no-compile", help="Do not torch.compile the model (CUDA)."),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        metavar="auto|cpu|cuda",
+        help="auto or cuda (GPU memory measured), or cpu (timed only).",
+        rich_help_panel=HOW,
+    ),
+    compile: bool = typer.Option(
+        True, "--compile/--no-compile", help="torch.compile the model (CUDA).", rich_help_panel=HOW
+    ),
     compile_scope: str = typer.Option(
         "objective",
         "--compile-scope",
+        metavar="objective|cell",
         help="objective: compile afresh per objective, letting torch.compile recompile (dynamic shapes) for its "
         "other cells (about 2 compilations per objective); cell: compile every cell afresh for its static shapes "
         "(30-80 s per cell at the enwik8 size).",
+        rich_help_panel=HOW,
     ),
     stop_on_error: bool = typer.Option(
         False,
-        "--stop-on-error",
-        help="Stop at a cell that fails other than by OOM (default: record it as 'error' and go on).",
+        "--stop-on-error/--keep-going",
+        help="Stop at a cell that fails other than by OOM, or record it as 'error' and go on.",
+        rich_help_panel=HOW,
     ),
     max_context: bool = typer.Option(
         False,
-        "--max-context",
+        "--max-context/--no-max-context",
         help="Also find, per objective and batch size, the longest window that trains without OOM.",
+        rich_help_panel=CONTEXT,
     ),
-    max_seq_len: int = typer.Option(1 << 22, "--max-seq-len", help="--max-context: stop doubling here (bytes)."),
+    max_seq_len: int = typer.Option(
+        1 << 22,
+        "--max-seq-len",
+        metavar="BYTES",
+        help="--max-context: stop doubling here (bytes).",
+        rich_help_panel=CONTEXT,
+    ),
     refine_steps: int = typer.Option(
-        4, "--refine-steps", help="--max-context: bisection steps between the last fit and the first OOM."
+        4,
+        "--refine-steps",
+        metavar="N",
+        help="--max-context: bisection steps between the last fit and the first OOM.",
+        rich_help_panel=CONTEXT,
     ),
     peak_tflops: float = typer.Option(
-        800.0, "--peak-tflops", help="The GPU's bf16 matrix ceiling, for the '% peak' column."
+        800.0,
+        "--peak-tflops",
+        metavar="TFLOPS",
+        help="The GPU's bf16 matrix ceiling, for the '% peak' column.",
+        rich_help_panel=OUTPUT,
     ),
     merge: List[Path] = typer.Option(
         [],
         "--merge",
+        metavar="FILE",
         help="Add the cells of another profile JSON (e.g. benchmarks/megabyte_peer.py's) to the table, ratios and "
         "plot (repeatable).",
+        rich_help_panel=OUTPUT,
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the windows and the models."),
+    seed: int = typer.Option(
+        0, "--seed", metavar="N", help="Seed of the windows and the models.", rich_help_panel=WHAT
+    ),
 ):
     """Peak GPU memory and speed of a few real training steps per objective, sequence length and batch size.
 
@@ -261,7 +325,7 @@ def profile_memory(
             warmup=warmup,
             device=device,
             dataset=dataset,
-            compile=not no_compile,
+            compile=compile,
             max_context_search=max_context,
             max_seq_len=max_seq_len,
             refine_steps=refine_steps,
@@ -282,4 +346,4 @@ def profile_memory(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("profile-memory")(user_errors(profile_memory))
+    app.command("profile-memory", cls=Command)(user_errors(profile_memory))

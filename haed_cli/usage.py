@@ -7,14 +7,13 @@ from __future__ import annotations
 import sys
 
 import typer
-from typer.core import TyperGroup
 
 try:  # typer >= 0.16 carries its own copy of click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer over click
     from click import exceptions as click_exceptions
 
-from haed_cli.common import print_error
+from haed_cli.common import Group, print_error
 
 _NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())
 
@@ -29,8 +28,9 @@ def usage_message(e) -> str:
     return f"{text} (see `{where} --help`)"
 
 
-class HaedGroup(TyperGroup):
-    """The `haed` command group: as typer's, but a usage error is one `error:` line with exit status 2."""
+class HaedGroup(Group):
+    """The `haed` command group: as typer's (with common.Group's help), but a usage error is one `error:`
+    line with exit status 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         run = super().main

@@ -1,0 +1,289 @@
+"""The training commands (train-iem, train-full, train-decoder): argument parsing and printing only; and the
+recipe options that `haed compare` shares with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from haed_cli.common import Command, TrainingDisplay, console, user_errors
+
+RECIPE_HELP = "Recipe name (tiny, enwik8, speech) or path to a .toml file."
+SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
+DEVICE = "auto|cpu|cuda"
+RECIPE, RUN, DEVICE_PANEL = "Recipe and data", "Run directory", "Device"  # help panels
+
+
+def recipe_values(
+    dataset: Optional[Path],
+    steps: Optional[int],
+    batch_size: Optional[int],
+    seq_len: Optional[int],
+    time_budget: Optional[float],
+    section: str,
+) -> dict:
+    """The typed recipe options given, as {"key.path": value}: set as values, never re-parsed, so any path works."""
+    values = {
+        "data.dataset": None if dataset is None else str(dataset),
+        "data.seq_len": seq_len,
+        f"{section}.steps": steps,
+        f"{section}.batch_size": batch_size,
+        f"{section}.time_budget": time_budget,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _print_train_result(result, objective: str) -> None:
+    m = result.last_metrics
+    line = (
+        f"[green]done[/] {objective}: step {result.step}, {result.train_seconds:.1f} s of training, "
+        f"run {result.run_dir}"
+    )
+    if m:
+        line += f", train loss {m.get('loss', float('nan')):.4f}, {m.get('bytes_per_second', 0) / 1e3:.1f} kB/s"
+    console.print(line)
+    if result.last_eval:
+        console.print(
+            "valid: "
+            + ", ".join(
+                f"{k} {v:.4f}"
+                for k, v in result.last_eval.items()
+                if k not in ("step", "split", "candidates", "train_seconds")
+            )
+        )
+    if result.best:
+        console.print(
+            f"best: {result.best['metric']} {result.best['value']:.4f} at step {result.best['step']} "
+            f"({result.best['path']})"
+        )
+
+
+def _train(
+    objective: str,
+    recipe_name: Optional[str],
+    overrides: list[str],
+    values: dict,
+    out: Optional[Path],
+    resume: bool,
+    allow_changes: bool,
+    device: str,
+    compile: Optional[bool],
+    init_from=None,
+    recipe=None,
+    wait_for_parent: bool = False,
+):
+    from haed.train import train_command
+
+    with TrainingDisplay() as display:
+        result = train_command(
+            objective,
+            out,
+            recipe_name=recipe_name,
+            overrides=overrides,
+            values=values,
+            recipe=recipe,
+            resume=resume,
+            allow_changes=allow_changes,
+            device=device,
+            init_from=init_from,
+            compile=compile,
+            on_event=display,
+            wait_for_parent=wait_for_parent,
+        )
+    _print_train_result(result, objective)
+    if result.interrupted:
+        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
+    return result
+
+
+RESUME_HELP = (
+    "Continue the run in --out from its newest intact checkpoint, with the run's own recipe, dataset and "
+    "seed (recipe options that differ are refused unless --allow-changes)."
+)
+ALLOW_HELP = "With --resume: accept recipe options that differ from the run's (e.g. a longer --time-budget)."
+COMPILE_HELP = "torch.compile the {part} on CUDA, or not (default: the recipe's compile)."
+BUDGET_HELP = (
+    "Seconds of training (validation, checkpoints and compilation not counted): the schedule runs over the budget and "
+    "the run ends when it is spent."
+)
+
+
+def train_iem(
+    recipe: Optional[str] = typer.Option(
+        None, "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP + " Default: tiny.", rich_help_panel=RECIPE
+    ),
+    dataset: Optional[Path] = typer.Option(
+        None,
+        "--dataset",
+        "-d",
+        metavar="DIR",
+        help="Dataset directory (default: the recipe's data.dataset).",
+        rich_help_panel=RECIPE,
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", metavar="DIR", help="Run directory (default: runs/RECIPE-OBJECTIVE).", rich_help_panel=RUN
+    ),
+    objective: str = typer.Option(
+        "iem",
+        "--objective",
+        metavar="iem|full",
+        help="iem (default), or full: end-to-end byte cross-entropy (same as train-full).",
+        rich_help_panel=RECIPE,
+    ),
+    steps: Optional[int] = typer.Option(
+        None, metavar="N", help="Optimizer steps (overrides the recipe).", rich_help_panel=RECIPE
+    ),
+    time_budget: Optional[float] = typer.Option(
+        None, "--time-budget", metavar="SECONDS", help=BUDGET_HELP, rich_help_panel=RECIPE
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, metavar="N", help="Windows per micro-batch (overrides the recipe).", rich_help_panel=RECIPE
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, metavar="BYTES", help="Window length in bytes (overrides the recipe).", rich_help_panel=RECIPE
+    ),
+    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=RECIPE),
+    resume: bool = typer.Option(False, "--resume/--no-resume", help=RESUME_HELP, rich_help_panel=RUN),
+    allow_changes: bool = typer.Option(
+        False, "--allow-changes/--no-allow-changes", help=ALLOW_HELP, rich_help_panel=RUN
+    ),
+    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", help=COMPILE_HELP.format(part="model"), rich_help_panel=DEVICE_PANEL
+    ),
+):
+    """Train the encoder and main model with IEM (sampled softmax over patches; no byte decoder).
+
+    Example: haed train-iem --recipe tiny --dataset data/stdlib --out runs/tiny
+    """
+    if objective not in ("iem", "full"):
+        raise typer.BadParameter("--objective is iem or full")
+    values = recipe_values(dataset, steps, batch_size, seq_len, time_budget, objective)
+    _train(objective, recipe, overrides, values, out, resume, allow_changes, device, compile)
+
+
+def train_full(
+    recipe: Optional[str] = typer.Option(
+        None, "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP + " Default: tiny.", rich_help_panel=RECIPE
+    ),
+    dataset: Optional[Path] = typer.Option(
+        None,
+        "--dataset",
+        "-d",
+        metavar="DIR",
+        help="Dataset directory (default: the recipe's data.dataset).",
+        rich_help_panel=RECIPE,
+    ),
+    out: Optional[Path] = typer.Option(
+        None,
+        "--out",
+        "-o",
+        metavar="DIR",
+        help="Run directory (default: runs/RECIPE-full or runs/RECIPE-flat).",
+        rich_help_panel=RUN,
+    ),
+    arch: str = typer.Option(
+        "haed",
+        metavar="haed|flat",
+        help="haed: the hierarchy end to end; flat: a byte-level transformer (the recipe's main stack over bytes).",
+        rich_help_panel=RECIPE,
+    ),
+    steps: Optional[int] = typer.Option(
+        None, metavar="N", help="Optimizer steps (overrides the recipe's [full] section).", rich_help_panel=RECIPE
+    ),
+    time_budget: Optional[float] = typer.Option(
+        None, "--time-budget", metavar="SECONDS", help=BUDGET_HELP, rich_help_panel=RECIPE
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, metavar="N", help="Windows per micro-batch.", rich_help_panel=RECIPE
+    ),
+    seq_len: Optional[int] = typer.Option(
+        None, metavar="BYTES", help="Window length in bytes.", rich_help_panel=RECIPE
+    ),
+    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=RECIPE),
+    resume: bool = typer.Option(False, "--resume/--no-resume", help=RESUME_HELP, rich_help_panel=RUN),
+    allow_changes: bool = typer.Option(
+        False, "--allow-changes/--no-allow-changes", help=ALLOW_HELP, rich_help_panel=RUN
+    ),
+    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", help=COMPILE_HELP.format(part="model"), rich_help_panel=DEVICE_PANEL
+    ),
+):
+    """Baseline: train encoder, main model and decoder end to end on byte cross-entropy (or --arch flat).
+
+    Example: haed train-full --recipe tiny --dataset data/stdlib --out runs/tiny-full
+    """
+    if arch not in ("haed", "flat"):
+        raise typer.BadParameter("--arch is haed or flat")
+    objective = "flat" if arch == "flat" else "full"
+    values = recipe_values(dataset, steps, batch_size, seq_len, time_budget, "full")
+    if not resume or recipe is not None or overrides or values:
+        values["model.arch"] = arch
+    _train(objective, recipe, overrides, values, out, resume, allow_changes, device, compile)
+
+
+def train_decoder(
+    run: Path = typer.Option(
+        ..., "--run", metavar="DIR", help="The IEM run whose encoder and main model are frozen.", rich_help_panel=RUN
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", metavar="DIR", help="Run directory (default: RUN/decoder).", rich_help_panel=RUN
+    ),
+    steps: Optional[int] = typer.Option(
+        None, metavar="N", help="Optimizer steps (overrides the recipe's [decoder] section).", rich_help_panel=RECIPE
+    ),
+    time_budget: Optional[float] = typer.Option(
+        None, "--time-budget", metavar="SECONDS", help=BUDGET_HELP, rich_help_panel=RECIPE
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, metavar="N", help="Windows per micro-batch.", rich_help_panel=RECIPE
+    ),
+    overrides: List[str] = typer.Option(
+        [],
+        "--set",
+        metavar="FIELD=VALUE",
+        help="Override decoder-phase fields, e.g. --set decoder.lr=3e-4.",
+        rich_help_panel=RECIPE,
+    ),
+    resume: bool = typer.Option(False, "--resume/--no-resume", help=RESUME_HELP, rich_help_panel=RUN),
+    allow_changes: bool = typer.Option(
+        False, "--allow-changes/--no-allow-changes", help=ALLOW_HELP, rich_help_panel=RUN
+    ),
+    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL),
+    compile: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile", help=COMPILE_HELP.format(part="decoder"), rich_help_panel=DEVICE_PANEL
+    ),
+    wait: bool = typer.Option(
+        False, "--wait/--no-wait", help="If the IEM run is still training, wait for it to finish.", rich_help_panel=RUN
+    ),
+):
+    """Decoder phase: freeze an IEM run's encoder and main model (its best checkpoint), train the byte decoder.
+
+    Example: haed train-decoder --run runs/tiny
+    """
+    from haed.runs import decoder_phase_recipe
+
+    values = recipe_values(None, steps, batch_size, None, time_budget, "decoder")
+    recipe = None if resume and not (overrides or values) else decoder_phase_recipe(run, overrides, values)
+    _train(
+        "decoder",
+        None,
+        [],
+        {},
+        out or Path(run) / "decoder",
+        resume,
+        allow_changes,
+        device,
+        compile,
+        init_from=None if resume else run,
+        recipe=recipe,
+        wait_for_parent=wait,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    for name, fn in (("train-iem", train_iem), ("train-decoder", train_decoder), ("train-full", train_full)):
+        app.command(name, cls=Command)(user_errors(fn))
