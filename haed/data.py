@@ -67,7 +67,7 @@ class ByteDataset:
         if expected is not None and int(expected) != size:
             raise HaedError(
                 f"dataset {self.path}: {file.name} has {size:,} bytes but meta.json says {int(expected):,}; "
-                "prepare it again"
+                "prepare it again with `haed prepare ... --force`"
             )
         if size == 0:
             raise HaedError(f"dataset {self.path}: split {name!r} is empty")
@@ -261,7 +261,7 @@ class DatasetWriter:
         if empty:
             raise HaedError(
                 f"the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty; "
-                "use more data or change the split fractions"
+                "use more data or other split fractions (--valid-fraction, --test-fraction)"
             )
         full = {
             "format": FORMAT_NAME,

@@ -48,7 +48,8 @@ class NonFiniteWatch:
     validation, checkpoints), and always before weights are written.
     """
 
-    def __init__(self, device):
+    def __init__(self, device, lr_option: str = "the phase's lr"):
+        self.lr_option = lr_option  # how to lower the learning rate, named in the error
         self.step = torch.full((2,), -1, dtype=torch.long, device=device)  # [loss, grad norm]
         self.value = torch.zeros(2, dtype=torch.float32, device=device)
 
@@ -64,7 +65,7 @@ class NonFiniteWatch:
             if step >= 0:
                 raise HaedError(
                     f"step {step}: the {name} is {value} (not finite); training stopped without saving "
-                    f"these weights ({last_checkpoint}). Lower the learning rate or check the data."
+                    f"these weights ({last_checkpoint}). Lower the learning rate ({self.lr_option}) or check the data."
                 )
 
 

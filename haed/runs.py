@@ -23,7 +23,8 @@ def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None, v
     wanted = get_objective("decoder").parent_objective
     if parent.get("objective") != wanted:
         raise HaedError(
-            f"{parent_run} is a {parent.get('objective')} run: the decoder phase starts from an {wanted} run"
+            f"{parent_run} is a {parent.get('objective')} run: the decoder phase starts from an {wanted} run "
+            f"(give its directory as --run)"
         )
     table = parent["recipe"]
     apply_overrides(table, list(overrides or []))
@@ -100,7 +101,7 @@ def resumed_recipe(run_dir: Path, objective: str, recipe: Recipe | None, allow_c
     if changes and not allow_changes:
         raise HaedError(
             f"--resume: the recipe differs from the run's own ({'; '.join(changes)}); "
-            f"resume without recipe options, or allow the change explicitly"
+            f"resume without recipe options, or pass --allow-changes to accept the change"
         )
     return recipe, previous
 

@@ -122,7 +122,8 @@ def train(
         raise HaedError("--allow-changes applies to --resume only: a new run takes the recipe as given")
     if resume and latest_intact_checkpoint(run_dir) is None:
         why = "that can be verified and loaded (each is named above)" if step_dirs(run_dir) else "to resume from"
-        raise HaedError(f"--resume: {run_dir} has no checkpoint {why}")
+        fix = "" if step_dirs(run_dir) else "; leave out --resume to start it"
+        raise HaedError(f"--resume: {run_dir} has no checkpoint {why}{fix}")
     if init_from is not None and not resume:  # a parent still training would hand over a moment of its run
         wait_for_writer(Path(init_from), wait_for_parent, lambda text: _emit(on_event, "message", text=text))
     recipe = absolute_dataset(recipe) if recipe is not None else None
@@ -253,7 +254,7 @@ def _train_locked(
         train_seconds=train_seconds,
         best={**best, "path": str(run_dir / BEST)} if best["value"] < math.inf else None,
     )
-    nonfinite = NonFiniteWatch(dev)
+    nonfinite = NonFiniteWatch(dev, f"--set {spec.section}.lr=..., now {cfg.lr:g}")
     last_checkpoint = (
         f"the last checkpoint is {checkpoint.name}" if checkpoint is not None else "no checkpoint was written"
     )

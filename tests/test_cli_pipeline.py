@@ -120,7 +120,7 @@ def test_full_and_flat_baselines_and_resume(setup):
     assert result.exit_code == 1 and "--resume" in result.output
     # Resuming takes the run's own recipe; a different value is refused unless allowed explicitly.
     result = runner.invoke(app, ["train-full", "--out", str(root / "full"), "--steps", "4", "--resume"])
-    assert result.exit_code == 1 and "full.steps: 2 -> 4" in result.output
+    assert result.exit_code == 1 and "full.steps: 2 -> 4" in result.output and "--allow-changes" in result.output
     _ok(["train-full", "--out", str(root / "full"), "--steps", "4", "--resume", "--allow-changes"])
     assert (root / "full" / "step-000004").is_dir()
 

@@ -88,7 +88,11 @@ def _folder_items(sources: Sources, rule: str, valid_fraction: float, test_fract
     if empty:
         raise HaedError(
             f"the split rule {rule} puts none of the {len(splits):,} files in the {' or '.join(empty)} split; "
-            + ("use more files or larger fractions" if rule == "hash" else "use --split-rule hash")
+            + (
+                "use more files or a larger --valid-fraction/--test-fraction"
+                if rule == "hash"
+                else "use --split-rule hash"
+            )
         )
 
     def items() -> Iterator[tuple[str, str, object]]:

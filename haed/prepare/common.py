@@ -67,7 +67,8 @@ def split_sizes(total: int, valid_fraction: float, test_fraction: float) -> tupl
         if n <= 0:
             how = f"{flag} {valid_fraction if name == 'valid' else test_fraction}" if flag else "the fractions"
             raise HaedError(
-                f"the input has {total:,} bytes: {how} leaves the {name} split empty; use more data or larger fractions"
+                f"the input has {total:,} bytes: {how} leaves the {name} split empty; use more data or "
+                + (f"a larger {flag}" if flag else "smaller --valid-fraction and --test-fraction")
             )
     return n_train, n_valid, n_test
 

@@ -66,8 +66,8 @@ def _load(name: str, config: str | None):
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "could not load"
         if offline_reason is not None:
             raise HaedError(
-                f"{offline_reason} and the dataset {name} is not in the local cache; with no network, give a folder "
-                "of audio files instead"
+                f"{offline_reason} and the dataset {name} is not in the local cache; with no network, give a SOURCE "
+                "folder of audio files instead of --hf"
             ) from None
         raise HaedError(f"cannot load the Hugging Face dataset {name}: {_one_line(e)}") from None
     if isinstance(dsd, datasets.Dataset):

@@ -60,7 +60,7 @@ def _split_of_files(
         if not any(n for (_, n), split in zip(taken, splits) if split == s):
             raise HaedError(
                 f"--split-rule hash puts none of the {len(taken):,} non-empty files in the {s} split; "
-                "use more files or larger fractions"
+                "use more files or a larger --valid-fraction/--test-fraction"
             )
     return splits, HASH_SPLIT_RULE
 

@@ -58,16 +58,14 @@ def _check_sweep(recipe: Recipe, objectives, seq_lens, batch_sizes, steps, warmu
     for o in objectives:
         objective_model_config(recipe, o)
     if not seq_lens or not batch_sizes:
-        raise HaedError("give at least one sequence length and one batch size")
+        raise HaedError("give at least one sequence length (--seq-lens) and one batch size (--batch-sizes)")
     if any(n <= 0 for n in seq_lens) or any(b <= 0 for b in batch_sizes):
         raise HaedError("sequence lengths and batch sizes must be positive")
     K = recipe.model.patch_size
     if any(get_objective(o).arch == "haed" for o in objectives):
         bad = [n for n in seq_lens if n % K or n < 2 * K]
         if bad:
-            raise HaedError(
-                f"sequence lengths must be multiples of the patch size {K} (and at least two patches): {bad}"
-            )
+            raise HaedError(f"--seq-lens must be multiples of the patch size {K} (and at least two patches): {bad}")
     if steps < 1 or warmup < 0:
         raise HaedError("--steps must be >= 1 and --warmup >= 0")
 
@@ -226,7 +224,8 @@ def profile_memory(
     source = WindowSource.for_recipe(recipe, dataset, seed)
     if source.max_len is not None and source.max_len < max(seq_lens):
         raise HaedError(
-            f"the train split of {source.path} has {source.max_len:,} bytes, fewer than seq_len {max(seq_lens):,}"
+            f"the train split of {source.path} has {source.max_len:,} bytes, fewer than seq_len {max(seq_lens):,}: "
+            "give shorter --seq-lens or a larger --dataset"
         )
     flops_models = {o: _meta_model(objective_model_config(recipe, o)) for o in objectives}
 
