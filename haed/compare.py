@@ -31,6 +31,7 @@ from haed.atomic import check_writable, save_figure, write_text_atomic
 from haed.checkpoint import read_run_config
 from haed.config import Recipe, apply_overrides, recipe_from_dict
 from haed.device import resolve_device
+from haed.distributed import refuse_under_torchrun
 from haed.errors import HaedError
 from haed.evaluate import evaluate_run
 from haed.memory_cap import apply_configuration, choose_configuration, enforced_cap, probe_measure
@@ -218,6 +219,7 @@ def compare(
         if on_event:
             on_event({"event": "message", "text": text})
 
+    refuse_under_torchrun("haed compare")
     decoder_fraction = recipe.compare.decoder_fraction if decoder_fraction is None else decoder_fraction
     _check_options(recipe, budget, decoder_fraction, evals, eval_data, eval_bytes)
     if memory_cap_gib is not None and not memory_cap_gib > 0:

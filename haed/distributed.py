@@ -59,6 +59,17 @@ def launched_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def refuse_under_torchrun(command: str) -> None:
+    """`command` trains one run after another in one process (haed compare, haed quickstart): under torchrun
+    every process would run all of it, so it is refused in one line instead."""
+    size = launched_world_size()
+    if size > 1:
+        raise HaedError(
+            f"{command} runs in one process, not under torchrun ({size} processes): run `{command} ...` without "
+            "torchrun (only the train-* commands take several processes)"
+        )
+
+
 def is_main_process() -> bool:
     """Whether this process prints and writes: rank 0 of a torchrun launch, or a process on its own."""
     return launched_world_size() <= 1 or _env_int("RANK", 0) == 0

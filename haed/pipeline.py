@@ -11,6 +11,7 @@ from pathlib import Path
 
 from haed.config import Recipe, load_recipe
 from haed.data import is_haed_dataset
+from haed.distributed import refuse_under_torchrun
 from haed.evaluate import evaluate_run
 from haed.generate import Generation, generate, load_for_sampling
 from haed.objectives import get_objective
@@ -41,6 +42,7 @@ def quickstart(
     the call can be repeated after an interruption (training resumes from its last checkpoint).
     `on_event` receives the trainer's progress events (see `haed.train.train`).
     """
+    refuse_under_torchrun("haed quickstart")
     workdir = Path(workdir)
     say = console.print if console is not None else (lambda *a, **k: None)
     if isinstance(recipe, str):

@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from _tiny import make_text_dataset, write_recipe_toml
-from conftest import single_thread
+from conftest import CliResult, single_thread
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -263,6 +263,24 @@ def test_a_world_of_one_changes_nothing(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert not is_main_process()
+
+
+@pytest.mark.parametrize(
+    "args", [["compare", "--time-budget", "1", "--out", "cmp", "--device", "cpu"], ["quickstart", "--device", "cpu"]]
+)
+def test_compare_and_quickstart_under_torchrun_refuse_in_one_line(args, tmp_path, monkeypatch):
+    """Each trains one run after another in one process: under torchrun (here rank 0 of 2, as torchrun sets
+    the environment) every rank would run all of it, so it says so and exits before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = CliResult(CliRunner().invoke(app, args))
+    assert result.exit_code == 1, result.stdout
+    assert result.error_lines() == [
+        f"error: haed {args[0]} runs in one process, not under torchrun (2 processes): run `haed {args[0]} ...` "
+        "without torchrun (only the train-* commands take several processes)"
+    ]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ranks_take_blocks_of_one_global_draw():
