@@ -68,7 +68,7 @@ def checkpoint_problem(checkpoint_dir: Path) -> str | None:
         problem = weights_problem(weights)
         return UNVERIFIABLE if problem == "no digest" else problem
     problem = manifest_problem(checkpoint_dir)
-    if problem is None:
+    if problem is None and weights.is_file():  # (the manifest of a sharded step may list no weights)
         problem = weights_problem(weights)
     return None if problem == "no digest" else problem
 
@@ -190,9 +190,14 @@ def read_run_config(run_dir: Path) -> dict:
 
 def load_weights(model, checkpoint_dir: Path, strict: bool = True) -> None:
     """Load a checkpoint's weights into `model`, checked against their digest; weights written before
-    haed recorded digests load with one line saying that they are verified by the manifest only."""
+    haed recorded digests load with one line saying that they are verified by the manifest only. A step
+    checkpoint of a multi-process run written without whole weights (all but its last) loads from its
+    DCP shards, which its manifest verified."""
     from haed.integrity import read_weights
+    from haed.sharded import is_sharded, load_model_from_shards
 
+    if not (Path(checkpoint_dir) / "model.safetensors").is_file() and is_sharded(checkpoint_dir):
+        return load_model_from_shards(Path(checkpoint_dir), model)
     state, has_digest = read_weights(Path(checkpoint_dir) / "model.safetensors")
     if not has_digest and (Path(checkpoint_dir) / MANIFEST).is_file():
         warn(f"the weights in {checkpoint_dir} carry no digest (an older haed wrote them): verified by {MANIFEST} only")

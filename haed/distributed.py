@@ -16,9 +16,11 @@ every helper here does exactly what the single-process code does.
 - IEM: the candidates of the sampled softmax are the distinct target patches of the global batch
   (`global_candidates`); the gradient of each candidate vector flows back to the rank that encoded it.
 - Checkpoints: `step-N/` holds DCP shards of the model and the optimizer (`dcp/`, loadable at any
-  world size), each rank's generator states (`rng/`), and `model.safetensors` with the whole weights
-  (gathered to rank 0), so that evaluate and generate need no process group. Rank 0 writes the rest,
-  the manifest, and renames the directory into place after a barrier, as a one-process save does.
+  world size) and each rank's generator states (`rng/`); the run's last step checkpoint, like `best/`,
+  also holds `model.safetensors` with the whole weights (gathered to rank 0). Evaluate and generate
+  need no process group: they read the whole weights, or a step checkpoint's shards in one process.
+  Rank 0 writes the rest, the manifest, and renames the directory into place after a barrier, as a
+  one-process save does.
 """
 
 from __future__ import annotations
@@ -238,12 +240,21 @@ class World:
     # -- checkpoints: one-process files alone, DCP shards with several ranks (haed.sharded) ----------
 
     def save_checkpoint(
-        self, run_dir: Path, step: int, model, optimizer, state: dict, config: dict, name: str | None = None
+        self,
+        run_dir: Path,
+        step: int,
+        model,
+        optimizer,
+        state: dict,
+        config: dict,
+        name: str | None = None,
+        consolidated: bool = True,
     ) -> Path:
         """`checkpoint.save_checkpoint` alone; with several ranks the same directory, sharded.
 
         Without an optimizer (the best checkpoint) the whole weights are gathered to rank 0 and
-        written in the one-process format.
+        written in the one-process format; a sharded step checkpoint holds them too only with
+        `consolidated` (the trainer asks for it at a run's last checkpoint).
         """
         from haed import sharded
         from haed.checkpoint import save_checkpoint
@@ -253,7 +264,9 @@ class World:
         try:
             if optimizer is None:
                 return sharded.save_gathered(self, Path(run_dir), step, model, state, config, name)
-            return sharded.save_sharded(self, Path(run_dir), step, model, optimizer, state, config)
+            return sharded.save_sharded(
+                self, Path(run_dir), step, model, optimizer, state, config, consolidated=consolidated
+            )
         except OSError as e:
             raise write_error(Path(run_dir) / (name or f"step-{step:06d}"), e) from None
 

@@ -86,8 +86,11 @@ def read_manifest(checkpoint_dir: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError):
         raise HaedError(f"{MANIFEST} is unreadable") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or "model.safetensors" not in files:
-        raise HaedError(f"{MANIFEST} is not a haed manifest (no files entry listing model.safetensors)")
+    # A step checkpoint of a multi-process run lists its shards, and whole weights only if it is the last.
+    if not isinstance(files, dict) or not ({"model.safetensors", "dcp/.metadata"} & set(files)):
+        raise HaedError(
+            f"{MANIFEST} is not a haed manifest (no files entry listing model.safetensors or dcp/.metadata)"
+        )
     for name, entry in files.items():
         size = entry.get("size") if isinstance(entry, dict) else None
         digest = entry.get("sha256") if isinstance(entry, dict) else None

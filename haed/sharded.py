@@ -1,9 +1,12 @@
 """Checkpoints of a multi-process run: DCP shards, loadable at any world size, without executing code.
 
-`step-N/` holds DCP shards of the model and the optimizer (`dcp/`, tensors only), each rank's
-generator states (`rng/`), and `model.safetensors` with the whole weights gathered to rank 0, so that
-evaluate and generate need no process group. Rank 0 writes the rest and the manifest, and installs
-the directory after a barrier, as a one-process save does (`haed.checkpoint`).
+`step-N/` holds DCP shards of the model and the optimizer (`dcp/`, tensors only) and each rank's
+generator states (`rng/`). The last step checkpoint of a run (and of a run stopped by a signal) also
+holds `model.safetensors`, the whole weights gathered to rank 0, as `best/` does; gathering them at
+every checkpoint cost rank 0 a copy of the whole model each time. Evaluate and generate read a step
+checkpoint without them from its shards, in one process (`load_model_from_shards`). Rank 0 writes the
+rest and the manifest, and installs the directory after a barrier, as a one-process save does
+(`haed.checkpoint`).
 """
 
 from __future__ import annotations
@@ -43,8 +46,18 @@ def save_gathered(world, run_dir: Path, step: int, model, state: dict, config: d
 
 
 def save_sharded(
-    world, run_dir: Path, step: int, model, optimizer, state: dict, config: dict, keep_last: int = 2
+    world,
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    state: dict,
+    config: dict,
+    keep_last: int = 2,
+    consolidated: bool = True,
 ) -> Path:
+    """DCP shards of the model and optimizer, each rank's generators, and with `consolidated` the whole
+    weights as model.safetensors (gathered to rank 0)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
@@ -57,10 +70,12 @@ def save_sharded(
         dcp.save({"model": model_state, "optimizer": optimizer_state["state"]}, checkpoint_id=tmp / SHARDS)
         (tmp / RNG_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), tmp / RNG_DIR / f"rank-{world.rank:05d}.pt")
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if consolidated:
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         world.barrier()
         if world.is_main:
-            save_weights(full, tmp / "model.safetensors")
+            if consolidated:
+                save_weights(full, tmp / "model.safetensors")
             (tmp / "state.json").write_text(json.dumps({**state, "world_size": world.size}, indent=2))
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             write_manifest(tmp)
@@ -107,6 +122,31 @@ def load_sharded(world, checkpoint: Path, model, optimizer) -> None:
         model_state_dict=wanted["model"],
         optim_state_dict={"state": wanted["optimizer"], "param_groups": optimizer_state["param_groups"]},
     )
+
+
+def load_model_from_shards(checkpoint: Path, model) -> None:
+    """The model's weights from a sharded checkpoint's DCP shards, read whole by this process alone (no
+    process group): a step checkpoint of a multi-process run that holds no model.safetensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    _shard_reader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
+    state = get_model_state_dict(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(
+                {"model": state},
+                storage_reader=_shard_reader(checkpoint / SHARDS),
+                planner=_tensors_only_planner(),
+                no_dist=True,
+            )
+    except HaedError:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP raises its own kinds for a foreign or damaged checkpoint
+        text = str(e).strip().splitlines()
+        raise HaedError(f"cannot read the weights in the shards of {checkpoint}: {text[0] if text else e!r}") from None
+    set_model_state_dict(model, state)
 
 
 def load_one_process_optimizer(checkpoint: Path, model, optimizer) -> None:

@@ -220,9 +220,7 @@ def _train_locked(
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     elif checkpoint is not None:
-        world.load_training_state(
-            checkpoint, model, optimizer
-        )  # DCP shards, or a one-process checkpoint on several ranks
+        world.load_training_state(checkpoint, model, optimizer)  # DCP shards, or a one-process checkpoint
     maybe_compile(model, objective, cfg.compile, dev)
     if checkpoint is not None:
         world.restore_rng_state(checkpoint)
@@ -373,7 +371,8 @@ def _train_locked(
                     "bytes_seen": done * bytes_per_step,
                     "train_seconds": train_seconds,
                 }
-                path = world.save_checkpoint(run_dir, done, model, optimizer, state, config)
+                final = last or stop.signal is not None  # several ranks gather the whole weights then only
+                path = world.save_checkpoint(run_dir, done, model, optimizer, state, config, consolidated=final)
                 last_checkpoint = f"the last checkpoint is {path.name}"
                 _emit(on_event, "checkpoint", step=done, path=str(path))
             result.step, result.train_seconds = done, train_seconds

@@ -156,6 +156,9 @@ def test_two_ranks_give_the_losses_of_one_process_on_the_global_batch(runs, obje
     assert is_sharded(checkpoint) and checkpoint_problem(checkpoint) is None
     files = set(json.loads((checkpoint / "manifest.json").read_text())["files"])
     assert {"dcp/.metadata", "model.safetensors", "rng/rank-00000.pt", "rng/rank-00001.pt"} <= files
+    # The whole weights are gathered into the last step checkpoint (and best/) only, not into earlier ones.
+    earlier = set(json.loads((two / "step-000002" / "manifest.json").read_text())["files"])
+    assert "dcp/.metadata" in earlier and "model.safetensors" not in earlier
     assert (two / "best" / "model.safetensors").is_file() and not is_sharded(two / "best")
     assert not is_sharded(latest_checkpoint(one))
     assert not list(two.glob(".*.tmp"))
@@ -200,15 +203,32 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_and_is_evaluated(runs):
     assert json.loads(out.read_text())["bits_per_byte"] > 0
 
 
-def test_haed_evaluate_reads_a_two_rank_checkpoint(runs):
+@pytest.mark.parametrize("checkpoint", ["best", "step-000002"])
+def test_haed_evaluate_and_generate_read_a_two_rank_checkpoint(runs, checkpoint):
+    """best/ holds the whole weights; step-000002, not the run's last, holds only shards, which evaluate and
+    generate read in one process."""
     cli, bits = CliRunner(), {}
     for name in ("full-2", "full-1"):
-        out = runs["root"] / f"{name}.json"
+        out = runs["root"] / f"{name}-{checkpoint}.json"
         args = ["evaluate", "--run", str(runs[name]), "--split", "test", "--json", str(out), "--device", "cpu"]
-        result = cli.invoke(app, args)
+        result = cli.invoke(app, [*args, "--checkpoint", checkpoint])
         assert result.exit_code == 0, result.output
         bits[name] = json.loads(out.read_text())["bits_per_byte"]
     assert bits["full-2"] == pytest.approx(bits["full-1"], rel=1e-5)
+    sample = [
+        "generate",
+        "--run",
+        str(runs["full-2"]),
+        "--checkpoint",
+        checkpoint,
+        "--prompt",
+        "the",
+        "--device",
+        "cpu",
+    ]
+    generated = CliResult(cli.invoke(app, [*sample, "--max-bytes", "8"]))
+    assert generated.exit_code == 0 and generated.stdout.startswith("the"), (generated.stdout, generated.stderr)
+    assert checkpoint in generated.stderr
 
 
 def test_a_one_process_checkpoint_resumes_on_two_ranks(runs):
