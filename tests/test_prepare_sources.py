@@ -122,6 +122,15 @@ def test_archive_and_filter_bad_inputs(source_tree, tmp_path, prepare_cli, asser
     broken = tmp_path / "broken.tar.xz"
     broken.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     assert_clean_failure(prepare_cli("text", broken, "--out", out), out, "cannot read the archive")
+    # Cut anywhere (at a member's header too, where tarfile's own stream mode would end quietly), refused.
+    from haed.errors import HaedError
+    from haed.prepare import Sources
+
+    whole = archive.read_bytes()
+    for cut in range(100, len(whole), max(1, len(whole) // 37)):
+        broken.write_bytes(whole[:cut])
+        with pytest.raises(HaedError, match="cannot read the archive"):
+            Sources([broken])
     assert_clean_failure(
         prepare_cli("text", root, "--split-rule", "bytes", "--out", out), out, "--split-rule", "stream, hash"
     )

@@ -9,8 +9,11 @@ to read it), never seeked back and forth, so a compressed archive costs two deco
 
 from __future__ import annotations
 
+import bz2
 import fnmatch
+import gzip
 import io
+import lzma
 import os
 import tarfile
 from dataclasses import dataclass
@@ -173,11 +176,21 @@ def _member_name(member: tarfile.TarInfo) -> str:
     return name
 
 
+def _open_archive(path: Path):
+    """The archive as a tar stream. Compressed archives are read through the decompressors' own file
+    objects, which raise on a stream cut short (tarfile's stream mode would end quietly at a header)."""
+    name = path.name.lower()
+    for suffixes, opener in (((".xz", ".txz"), lzma.open), ((".gz", ".tgz"), gzip.open), ((".bz2", ".tbz2"), bz2.open)):
+        if name.endswith(suffixes):
+            return tarfile.open(fileobj=opener(path, "rb"), mode="r|")
+    return tarfile.open(path, "r|")
+
+
 def _archive_members(path: Path) -> list[tarfile.TarInfo]:
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with _open_archive(path) as tar:
             return [m for m in tar if m.isreg()]
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError) as e:
         raise HaedError(f"cannot read the archive {path}: {_one_line(e)}") from None
 
 
@@ -187,7 +200,7 @@ def _read_archive(path: Path, group: list[SourceFile]) -> Iterator[tuple[SourceF
         by_name.setdefault(f.name, []).append(f)
     found = 0
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with _open_archive(path) as tar:
             for member in tar:
                 todo = by_name.get(_member_name(member))
                 if not todo or not member.isreg():
@@ -199,7 +212,7 @@ def _read_archive(path: Path, group: list[SourceFile]) -> Iterator[tuple[SourceF
                 yield todo.pop(0), fh
                 if found == len(group):
                     return
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError) as e:
         raise HaedError(f"cannot read the archive {path}: {_one_line(e)}") from None
     if found != len(group):
         raise HaedError(f"the archive {path} changed while it was being read")
