@@ -1,6 +1,6 @@
 """The patch step's Triton kernels alone: microseconds per patch, by program count and stream count.
 
-`haed.kernels.decoder_kernel` runs a whole patch of the byte decoder in one launch. Its programs meet
+`haed.kernels.decoder.decoder_kernel` runs a whole patch of the byte decoder in one launch. Its programs meet
 at a grid-wide sync between stages (13 per byte at `speech`), and the program count sets both the work
 per program and the cost of each sync. This sweeps that count for the recipes' decoder architectures
 (random weights), without the encoder or the main model and without torch.compile. So each
@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from haed.config import load_recipe  # noqa: E402
-from haed.generate import linear_weights_in  # noqa: E402
 from haed.model import build_model  # noqa: E402
+from haed.recipe import load_recipe  # noqa: E402
+from haed.samplers import linear_weights_in  # noqa: E402
 from haed.sampling import SamplingOptions, StreamNoise  # noqa: E402
 
 

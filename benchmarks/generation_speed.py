@@ -45,10 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from haed.checkpoint import load_run, resolve_sampling_run  # noqa: E402
-from haed.config import load_recipe, recipe_from_dict  # noqa: E402
 from haed.generate import generate  # noqa: E402
 from haed.model import build_model  # noqa: E402
+from haed.recipe import load_recipe, recipe_from_dict  # noqa: E402
+from haed.runs import load_run, resolve_sampling_run  # noqa: E402
 
 TEXT_PROMPT = b"<page>\n    <title>"
 
@@ -173,7 +173,7 @@ def count_patch_operators(model, context: int) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from haed.device import autocast
-    from haed.generate import make_sampler
+    from haed.samplers import make_sampler
     from haed.sampling import SamplingOptions, StreamNoise
 
     class Counting(TorchDispatchMode):

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from haed.compare import compare, describe_phase_ends, describe_phases, plot_comparison  # noqa: E402
-from haed.config import load_recipe  # noqa: E402
+from haed.recipe import load_recipe  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:

@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from haed.config import load_recipe  # noqa: E402
 from haed.device import resolve_device  # noqa: E402
-from haed.distributed import init_world  # noqa: E402
+from haed.distributed import global_candidates, init_world  # noqa: E402
 from haed.model import build_model, count_parameters  # noqa: E402
-from haed.objectives import OBJECTIVES  # noqa: E402
+from haed.objectives import get_objective  # noqa: E402
+from haed.recipe import load_recipe  # noqa: E402
 from haed.sharded import save_sharded  # noqa: E402
 from haed.steps import make_optimizer, set_trainable, train_step  # noqa: E402
 
@@ -47,13 +47,16 @@ def main() -> None:
     a = p.parse_args()
 
     recipe = load_recipe(a.recipe, a.overrides)
-    cfg = getattr(recipe, OBJECTIVES[a.objective].section)
+    objective = get_objective(a.objective)
+    cfg = getattr(recipe, objective.section)
     world = init_world(resolve_device(a.device))
     torch.manual_seed(cfg.seed)
     model = build_model(recipe.model).to(world.device)
     parameters = count_parameters(model)["total"]
-    params = set_trainable(model, a.objective, cfg)
-    loss_fn, params = world.parallelize(model, OBJECTIVES[a.objective], params, cfg.seed)
+    params = set_trainable(model, objective, cfg)
+    if world.size > 1:  # as the trainer hands it over: IEM's candidates from every rank
+        objective = objective.across_ranks(global_candidates)
+    loss_fn, params = world.parallelize(model, objective, params, cfg.seed)
     optimizer = make_optimizer(params, cfg, world.device)
     x = torch.from_numpy(np.random.default_rng(world.rank).integers(0, 256, (cfg.batch_size, recipe.data.seq_len)))
     train_step(model, optimizer, params, loss_fn, cfg, [(x.to(torch.uint8).to(world.device), None)], world.device)

@@ -26,10 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing haed
     sys.path.insert(0, str(REPO))
 
-from haed.config import apply_overrides, load_recipe, recipe_from_dict  # noqa: E402
 from haed.model import build_model, forward_flops  # noqa: E402
 from haed.profile.flops import step_flops  # noqa: E402
 from haed.profile.windows import WindowSource  # noqa: E402
+from haed.recipe import apply_overrides, load_recipe, recipe_from_dict  # noqa: E402
 
 
 def distinct_patches(source: WindowSource, batch: int, seq_len: int, K: int, draws: int = 4) -> float:

@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import haed.model  # noqa: E402
-from haed.config import load_recipe  # noqa: E402
-from haed.objectives import OBJECTIVES  # noqa: E402
+from haed.objectives import get_objective  # noqa: E402
 from haed.profile import WindowSource, build_for_objective, objective_train_config  # noqa: E402
+from haed.recipe import load_recipe  # noqa: E402
 from haed.steps import to_device, torch_generator, train_step  # noqa: E402
 
 
@@ -81,11 +81,12 @@ def main() -> None:
     source = WindowSource.for_recipe(recipe, a.dataset)
     tag = ("eager" if a.no_compile else "compiled") + ("-legacy-gather" if a.legacy_gather else "")
     results = []
-    for objective in a.objectives.split(","):
+    for name in a.objectives.split(","):
+        objective = get_objective(name)  # the record, looked up once
         torch._dynamo.reset()
         cfg = objective_train_config(recipe, objective, a.batch_size, not a.no_compile)
         model, optimizer, params = build_for_objective(recipe, objective, cfg, device, not a.no_compile)
-        loss_fn = OBJECTIVES[objective]
+        loss_fn = objective
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -116,12 +117,12 @@ def main() -> None:
         table = averages.table(
             sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90
         )
-        name = f"{objective}-{tag}"
+        name = f"{objective.name}-{tag}"
         (a.out / f"{name}.txt").write_text(table)
         median = statistics.median(times)
         host = host_side(averages, a.profile_steps) if cuda else {}
         row = {
-            "objective": objective,
+            "objective": objective.name,
             "variant": tag,
             "seq_len": a.seq_len,
             "batch_size": a.batch_size,

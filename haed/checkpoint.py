@@ -29,12 +29,18 @@ from pathlib import Path
 import torch
 
 from haed.atomic import remove_quietly, temporary_sibling
-from haed.config import Recipe, recipe_from_dict
 from haed.errors import HaedError, WriteError, warn, write_error
-from haed.integrity import MANIFEST, load_tensors, manifest_problem, sha256_file, state_files_problem, weights_problem
+from haed.integrity import (
+    MANIFEST,
+    load_tensors,
+    manifest_problem,
+    read_weights,
+    sha256_file,
+    state_files_problem,
+    weights_problem,
+)
 from haed.integrity import save_weights as save_file  # one name for tests to intercept the weights write
-from haed.model import build_model
-from haed.objectives import get_objective
+from haed.shard_reader import is_sharded, load_model_from_shards
 
 STEP_PREFIX = "step-"
 BEST = "best"
@@ -193,9 +199,6 @@ def load_weights(model, checkpoint_dir: Path, strict: bool = True) -> None:
     haed recorded digests load with one line saying that they are verified by the manifest only. A step
     checkpoint of a multi-process run written without whole weights (all but its last) loads from its
     DCP shards, which its manifest verified."""
-    from haed.integrity import read_weights
-    from haed.sharded import is_sharded, load_model_from_shards
-
     if not (Path(checkpoint_dir) / "model.safetensors").is_file() and is_sharded(checkpoint_dir):
         return load_model_from_shards(Path(checkpoint_dir), model)
     state, has_digest = read_weights(Path(checkpoint_dir) / "model.safetensors")
@@ -231,21 +234,6 @@ def restore_rng_state(checkpoint_dir: Path) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-
-
-def resolve_sampling_run(run_dir: Path) -> Path:
-    """The run to evaluate or sample from: an IEM run hands over to its decoder phase (`run/decoder`)."""
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    if not get_objective(config.get("objective", "?")).trains_decoder:
-        sub = run_dir / "decoder"
-        if latest_checkpoint(sub) is not None:
-            return sub
-        raise HaedError(
-            f"{run_dir} was trained with IEM only and its byte decoder is untrained: "
-            f"run `haed train-decoder --run {run_dir}` first"
-        )
-    return run_dir
 
 
 def _sampling_problem(checkpoint: Path, allow_unverified: bool) -> str | None:
@@ -295,23 +283,6 @@ def select_checkpoint(run_dir: Path, which: str = "best", allow_unverified: bool
             return checkpoint
     kept = ", ".join(p.name for p in step_dirs(run_dir)) or "none"
     raise HaedError(f"{run_dir} has no checkpoint {which} (kept: {kept})")
-
-
-def load_run(
-    run_dir: Path, device="cpu", checkpoint: str | Path = "best", allow_unverified: bool = False
-) -> tuple[torch.nn.Module, Recipe, dict]:
-    """Build the model of a run and load a checkpoint's weights (the best validation point by default, or
-    a checkpoint directory already chosen by `select_checkpoint`): (model in eval mode, recipe, run config
-    with "checkpoint" set to the directory loaded)."""
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    chosen = checkpoint if isinstance(checkpoint, Path) else select_checkpoint(run_dir, checkpoint, allow_unverified)
-    recipe = recipe_from_dict(config["recipe"])
-    model = build_model(recipe.model)
-    load_weights(model, chosen)
-    model.to(device).eval()
-    config["checkpoint"] = str(chosen)
-    return model, recipe, config
 
 
 class RunLock:

@@ -29,14 +29,14 @@ import torch
 from haed import peer
 from haed.atomic import check_writable, save_figure, write_text_atomic
 from haed.checkpoint import read_run_config
-from haed.config import Recipe, apply_overrides, recipe_from_dict
 from haed.device import resolve_device
 from haed.distributed import refuse_under_torchrun
 from haed.errors import HaedError
 from haed.evaluate import evaluate_run
 from haed.memory_cap import apply_configuration, choose_configuration, enforced_cap, probe_measure
 from haed.model import build_model, count_parameters
-from haed.objectives import get_objective
+from haed.objectives import DECODER, FLAT, FULL, IEM, MEGABYTE, Objective
+from haed.recipe import Recipe, apply_overrides, recipe_from_dict
 from haed.runs import read_metrics, recipe_changes
 from haed.train import finish_phase
 
@@ -48,7 +48,7 @@ def flat_recipe(recipe: Recipe, overrides: list[str] | None = None) -> Recipe:
     """The flat baseline: the recipe's main stack over bytes, as deep as makes its parameter count
     closest to the hierarchical model's (unless `overrides` set the layers themselves)."""
     values = recipe.to_dict()
-    values["model"]["arch"] = "flat"
+    values["model"]["arch"] = FLAT.arch
     if not any(o.split("=", 1)[0].strip() in ("main.layers", "model.main.layers") for o in overrides or []):
         target = count_parameters(build_model(recipe.model))["total"]
         sizes = {}
@@ -73,35 +73,35 @@ def _budgeted(cfg, seconds: float, evals: int):
     )
 
 
-# Each system: (label, [(objective, recipe, run subfolder), ...]), phases that share its budget; each
-# phase starts from the one before it, and the last one is scored.
+# Each system: (label, [(objective record, recipe), ...]), phases that share its budget; each phase starts
+# from the one before it (its run in the objective's `subfolder` of that one's), and the last one is scored.
 def _iem_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, flat_overrides):
     r = copy.deepcopy(recipe)
     r.iem = _budgeted(r.iem, budget * (1 - decoder_fraction), evals)
     r.decoder = _budgeted(r.decoder, budget * decoder_fraction, evals)
-    return "IEM + decoder phase", [("iem", r, ""), ("decoder", r, "decoder")]
+    return "IEM + decoder phase", [(IEM, r), (DECODER, r)]
 
 
 def _full_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, flat_overrides):
     r = copy.deepcopy(recipe)
     r.full = _budgeted(r.full, budget, evals)
-    return "full (end to end)", [("full", r, "")]
+    return "full (end to end)", [(FULL, r)]
 
 
 def _flat_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, flat_overrides):
     r = flat_recipe(recipe, flat_overrides)
     r.full = _budgeted(r.full, budget, evals)
-    return f"flat {r.model.main.layers}x{r.model.main.dim}", [("flat", r, "")]
+    return f"flat {r.model.main.layers}x{r.model.main.dim}", [(FLAT, r)]
 
 
 def _megabyte_system(recipe: Recipe, budget: float, decoder_fraction: float, evals: int, flat_overrides):
     values = recipe.to_dict()
-    values["model"]["arch"] = "megabyte"
+    values["model"]["arch"] = MEGABYTE.arch
     r = recipe_from_dict(values)
     r.full = _budgeted(r.full, budget, evals)
     m = r.model
     label = f"MEGABYTE-pytorch {peer.VERSION} {m.main.layers}x{m.main.dim} + {m.decoder.layers}x{m.decoder.dim}"
-    return label, [("megabyte", r, "")]
+    return label, [(MEGABYTE, r)]
 
 
 SYSTEMS = {"iem": _iem_system, "full": _full_system, "flat": _flat_system, "megabyte": _megabyte_system}
@@ -156,10 +156,10 @@ def _refuse_other_runs(out_dir: Path, plans: dict) -> None:
     A phase's settings are the data, the model and its own section (a copied IEM phase may differ in
     `decoder`)."""
     for system, (_, phases) in plans.items():
-        for objective, phase_recipe, sub in phases:
-            phase_dir = out_dir / system / sub
+        for objective, phase_recipe in phases:
+            phase_dir = out_dir / system / objective.subfolder
             if (phase_dir / "config.json").is_file():
-                own = ("data.", "model.", f"{get_objective(objective).section}.")
+                own = ("data.", "model.", f"{objective.section}.")
                 changes = [
                     c for c in recipe_changes(read_run_config(phase_dir)["recipe"], phase_recipe) if c.startswith(own)
                 ]
@@ -172,17 +172,20 @@ def _refuse_other_runs(out_dir: Path, plans: dict) -> None:
 
 def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, measure_for=None) -> dict:
     """Each phase of each system at its fastest configuration under the cap (probed now, before any clock
-    starts); the probes are kept per phase. `measure_for(recipe, objective)` replaces the real probe (tests)."""
+    starts); the probes are kept per phase. `measure_for(recipe, objective name)` replaces the real probe (tests)."""
     capped, probes = {}, {}
     for system, (label, phases) in plans.items():
         new_phases = []
-        for objective, phase_recipe, sub in phases:
-            measure = (measure_for or (lambda r, o: probe_measure(r, o, device, compile)))(phase_recipe, objective)
-            name = f"{label}, {objective} phase" if len(phases) > 1 else label
+        for objective, phase_recipe in phases:
+            if measure_for is not None:
+                measure = measure_for(phase_recipe, objective.name)
+            else:
+                measure = probe_measure(phase_recipe, objective, device, compile)
+            name = f"{label}, {objective.name} phase" if len(phases) > 1 else label
             chosen, tried = choose_configuration(phase_recipe, objective, measure, cap_gib, name)
             say(f"{name} under {cap_gib:g} GiB: {chosen.describe()} ({len(tried)} probed)")
-            new_phases.append((objective, apply_configuration(phase_recipe, objective, chosen), sub))
-            probes[(system, objective)] = tried
+            new_phases.append((objective, apply_configuration(phase_recipe, objective, chosen)))
+            probes[(system, objective.name)] = tried
         capped[system] = (label, new_phases)
     return capped, probes
 
@@ -269,11 +272,11 @@ def compare(
 def _run_system(system, label, phases, out_dir, device, compile, eval_data, eval_bytes, say, on_event) -> dict:
     """Train (or finish) one system's phases in order, each from the one before, and score the last."""
     run_dir = out_dir / system
-    shares = " + ".join(f"{getattr(r, get_objective(o).section).time_budget:g} s" for o, r, _ in phases)
+    shares = " + ".join(f"{getattr(r, o.section).time_budget:g} s" for o, r in phases)
     say(f"{label}: {shares} into {run_dir}")
     seconds, curve, parent, phase_rows = 0.0, [], None, []
-    for objective, phase_recipe, sub in phases:
-        phase_dir = run_dir / sub
+    for objective, phase_recipe in phases:
+        phase_dir = run_dir / objective.subfolder
         done = finish_phase(
             phase_recipe, objective, phase_dir, init_from=parent, device=device, compile=compile, on_event=on_event
         )
@@ -312,15 +315,15 @@ def _run_system(system, label, phases, out_dir, device, compile, eval_data, eval
     return row
 
 
-def _phase_row(objective: str, config: dict, last_valid: list[float] | None = None) -> dict:
+def _phase_row(objective: Objective, config: dict, last_valid: list[float] | None = None) -> dict:
     """What one phase did with its seconds: steps, training bytes per second (a system that trails at
     equal seconds may have learned less per step, or made fewer steps), and where its validation bits
     per byte ended (for an IEM phase, its byte loss's: how much the decoder phase still had to do)."""
     steps, seconds = config.get("steps_done", 0), config["train_seconds"]
     batch = config.get("global_batch", {})
-    phase = config["recipe"][get_objective(objective).section]
+    phase = config["recipe"][objective.section]
     return {
-        "objective": objective,
+        "objective": objective.name,
         "steps": steps,
         "train_seconds": seconds,
         "bytes_per_second": steps * batch.get("bytes", 0) / seconds if seconds > 0 else None,

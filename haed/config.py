@@ -1,32 +1,21 @@
-"""Typed configuration: one recipe (TOML) holds data, model, the three training phases and sampling.
+"""Typed configuration: the sections a recipe (`haed.recipe`) is made of, and the checks of every field.
 
-Every field has a default, so a recipe only states what it changes. `--set a.b=v` overrides any
-field from the command line (`main.layers=8` is short for `model.main.layers=8`). Every field is
-checked against its annotation and, where `FIELD_BOUNDS` names it, its range, so a bad value is
-one clear error before anything runs.
+Each section is a dataclass whose every field has a default. Every field is checked against its
+annotation and, where `FIELD_BOUNDS` names it, its range, so a bad value is one clear error before
+anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
-from haed.errors import HaedError, os_reason
-
-# The built-in recipes are package data: installed with haed, found beside this file.
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+from haed.errors import HaedError
 
 
 @dataclass
@@ -139,59 +128,6 @@ class CompareConfig:
 
     # Share of the IEM system's time budget that its decoder phase gets; the IEM phase gets the rest.
     decoder_fraction: float = 0.1
-
-
-@dataclass
-class Recipe:
-    name: str = "custom"
-    description: str = ""
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    iem: TrainConfig = field(default_factory=TrainConfig)
-    decoder: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, lr=1e-3, warmup_steps=10))
-    full: TrainConfig = field(default_factory=TrainConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    compare: CompareConfig = field(default_factory=CompareConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def validate(self) -> "Recipe":
-        """Check every field's type and range, then the rules that tie fields together."""
-        check_fields(self)
-        m = self.model
-        if m.arch not in ("haed", "flat", "megabyte"):
-            raise HaedError(f"model.arch must be 'haed', 'flat' or 'megabyte', not {m.arch!r}")
-        if m.pooling not in ("concat", "mean"):
-            raise HaedError(f"model.pooling must be 'concat' or 'mean', not {m.pooling!r}")
-        if m.conditioning not in ("add", "prefix"):
-            raise HaedError(f"model.conditioning must be 'add' or 'prefix', not {m.conditioning!r}")
-        if m.score not in ("dot", "cosine"):
-            raise HaedError(f"model.score must be 'dot' or 'cosine', not {m.score!r}")
-        for name in ("encoder", "main", "decoder"):
-            s = getattr(m, name)
-            if s.dim % s.heads or (s.dim // s.heads) % 2:
-                raise HaedError(f"model.{name}.dim ({s.dim}) must split into {s.heads} heads of even width")
-        for phase in ("iem", "decoder", "full"):
-            bad = set(recompute_stacks(getattr(self, phase).recompute)) - {"encoder", "main", "decoder"}
-            if bad:
-                raise HaedError(f"{phase}.recompute names unknown stacks {sorted(bad)}: use encoder, main, decoder")
-            if getattr(self, phase).candidates not in ("global", "local"):
-                raise HaedError(
-                    f"{phase}.candidates must be 'global' or 'local', not {getattr(self, phase).candidates!r}"
-                )
-        for phase in ("iem", "full"):
-            if getattr(self, phase).main_layers:
-                raise HaedError(f"{phase}.main_layers: only the decoder phase takes main_layers (decoder.main_layers)")
-        if m.arch == "haed" and self.decoder.main_layers > m.main.layers:
-            raise HaedError(
-                f"decoder.main_layers ({self.decoder.main_layers}) must be at most main.layers ({m.main.layers})"
-            )
-        if m.arch != "flat" and self.data.seq_len % m.patch_size:
-            raise HaedError(
-                f"data.seq_len ({self.data.seq_len}) must be a multiple of model.patch_size ({m.patch_size})"
-            )
-        return self
 
 
 @dataclass(frozen=True)
@@ -311,169 +247,3 @@ def _typed(name: str, value, kind):
 
 def recompute_stacks(text: str) -> list[str]:
     return [name.strip() for name in str(text).split(",") if name.strip()]
-
-
-def debug_recipe(dataset: str = "", patch_size: int = 4, arch: str = "haed") -> Recipe:
-    """A tiny configuration for tests and smoke runs: seconds on a CPU."""
-    train = dict(
-        steps=4, batch_size=2, lr=3e-3, warmup_steps=1, eval_every=2, eval_batches=1, ckpt_every=2, log_every=1
-    )
-    return recipe_from_dict(
-        {
-            "name": "debug",
-            "data": {"dataset": dataset, "seq_len": 16 * patch_size},
-            "model": {
-                "arch": arch,
-                "patch_size": patch_size,
-                "encoder": {"dim": 16, "layers": 1, "heads": 2},
-                "main": {"dim": 32, "layers": 2, "heads": 2},
-                "decoder": {"dim": 16, "layers": 2, "heads": 2},
-            },
-            "iem": {**train, "logits_chunk": 7},
-            "decoder": dict(train),
-            "full": dict(train),
-            "generate": {"max_bytes": 20},
-        }
-    )
-
-
-def _build(cls, values: dict, where: str):
-    if not isinstance(values, dict):
-        raise HaedError(f"recipe section [{where}] must be a table, not {values!r}")
-    kinds = field_types(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in kinds:
-            raise HaedError(f"unknown recipe field {where + '.' if where else ''}{key} ({_suggest(cls, key)})")
-        sub = kinds[key] if dataclasses.is_dataclass(kinds[key]) else None
-        kwargs[key] = _build(sub, value, f"{where}.{key}".strip(".")) if sub else value
-    return cls(**kwargs)
-
-
-def _field_paths(cls, prefix: str = ""):
-    for name, kind in field_types(cls).items():
-        yield f"{prefix}{name}", name
-        if dataclasses.is_dataclass(kind):
-            yield from _field_paths(kind, f"{prefix}{name}.")
-
-
-def _suggest(cls, key: str) -> str:
-    deeper = [path for path, name in _field_paths(cls) if name == key and "." in path]
-    if deeper:
-        return "did you mean " + " or ".join(deeper) + "?"
-    return "known: " + ", ".join(field_types(cls))
-
-
-def recipe_from_dict(values: dict) -> Recipe:
-    values = _upgrade(json.loads(json.dumps(values)))
-    # The decoder phase's defaults differ from TrainConfig's: start from them, then apply the recipe.
-    base = Recipe()
-    merged = dataclasses.asdict(base)
-    _deep_update(merged, values)
-    return _build(Recipe, merged, "").validate()
-
-
-def _upgrade(values: dict) -> dict:
-    """Recipes (and run configs) written before a field was renamed: a stack's `checkpoint` is now `recompute`."""
-    for stack in (values.get("model") or {}).values():
-        if isinstance(stack, dict) and "checkpoint" in stack:
-            stack.setdefault("recompute", stack.pop("checkpoint"))
-    return values
-
-
-def _deep_update(target: dict, values: dict, where: str = "") -> None:
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(target.get(key), dict):
-            _deep_update(target[key], value, f"{where}{key}.")
-        else:
-            target[key] = value
-
-
-def resolve_recipe_path(name_or_path: str) -> Path:
-    """A .toml path as given, or the name of a built-in recipe (`tiny`, `enwik8`, `speech`)."""
-    path = Path(name_or_path)
-    builtin = RECIPES_DIR / f"{name_or_path}.toml"
-    if path.is_file() or (path.is_dir() and not builtin.is_file()):  # a folder: refused when read, as a folder
-        return path
-    if builtin.is_file():
-        return builtin
-    raise HaedError(
-        f"no recipe {name_or_path!r}: give a .toml path or one of: {', '.join(builtin_recipes()) or '(none found)'}"
-    )
-
-
-def builtin_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml")) if RECIPES_DIR.is_dir() else []
-
-
-def load_recipe(name_or_path: str, overrides: list[str] | None = None, values: dict[str, Any] | None = None) -> Recipe:
-    """Read a recipe, apply `overrides` (`key.path=value` strings, as `--set` takes them), then
-    `values` ({"key.path": value}, set as given: typed options need no quoting), and check it."""
-    path = resolve_recipe_path(name_or_path)
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise HaedError(f"recipe {path} is not valid TOML: {e}") from None
-    except (UnicodeDecodeError, OSError) as e:
-        why = "it is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else os_reason(e)
-        raise HaedError(f"cannot read recipe {path}: {why}") from None
-    table.setdefault("name", path.stem)
-    apply_overrides(table, overrides or [])
-    apply_values(table, values or {})
-    return recipe_from_dict(table)
-
-
-_SECTIONS = {"name", "description", "data", "model", "iem", "decoder", "full", "generate", "compare"}
-_MODEL_SHORTHAND = {f.name for f in dataclasses.fields(ModelConfig)} - {"decoder"}
-
-
-def _key_parts(key: str) -> list[str]:
-    parts = key.strip().split(".")
-    if parts[0] not in _SECTIONS and parts[0] in _MODEL_SHORTHAND:
-        parts = ["model", *parts]
-    return parts
-
-
-def _declared_type(parts: list[str]):
-    """The annotation of the recipe field at `parts`, or None where no field is there."""
-    cls = Recipe
-    for i, part in enumerate(parts):
-        kind = field_types(cls).get(part) if dataclasses.is_dataclass(cls) else None
-        if kind is None or i == len(parts) - 1:
-            return kind
-        cls = kind
-    return None
-
-
-def _parse_value(text: str, kind=None) -> Any:
-    try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare word: a string
-    # A string field takes the text as written: `data.dataset=2024` is the folder "2024".
-    return text if kind is str and not isinstance(value, str) else value
-
-
-def _set(table: dict, key: str, parts: list[str], value: Any) -> None:
-    node = table
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise HaedError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def apply_overrides(table: dict, overrides: list[str]) -> None:
-    """Apply `key.path=value` overrides (values parsed as TOML, bare words as strings) in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise HaedError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        parts = _key_parts(key)
-        _set(table, key, parts, _parse_value(text.strip(), _declared_type(parts)))
-
-
-def apply_values(table: dict, values: dict[str, Any]) -> None:
-    """Set {"key.path": value} in place, each value as given (no parsing)."""
-    for key, value in values.items():
-        _set(table, key, _key_parts(key), value)

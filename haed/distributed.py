@@ -38,10 +38,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from haed import sharded
+from haed.checkpoint import RunLock, load_optimizer_state, restore_rng_state, save_checkpoint
 from haed.data import random_windows
 from haed.errors import HaedError, write_error
 from haed.layers import Block
 from haed.model import gather_rows, pad_rows, row_bucket, unique_patches
+from haed.shard_reader import is_sharded
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -174,8 +177,6 @@ class World:
     @contextlib.contextmanager
     def run_lock(self, run_dir: Path):
         """The run's lock, held by rank 0; every rank fails alike when it is taken."""
-        from haed.checkpoint import RunLock
-
         if self.size == 1:
             with RunLock(run_dir):
                 yield
@@ -224,8 +225,8 @@ class World:
             if isinstance(module, Block):
                 fully_shard(module, mesh=mesh, mp_policy=policy)
         root = fully_shard(_ModelWithObjective(model, objective), mesh=mesh, mp_policy=policy)
-        sharded = dict(model.named_parameters())
-        params = [sharded[n] for n in order]
+        by_name = dict(model.named_parameters())  # now the sharded parameters
+        params = [by_name[n] for n in order]
         if self.rank:
             # Every rank built the same initial weights from `seed`; dropout should differ per rank.
             torch.manual_seed(
@@ -256,9 +257,6 @@ class World:
         written in the one-process format; a sharded step checkpoint holds them too only with
         `consolidated` (the trainer asks for it at a run's last checkpoint).
         """
-        from haed import sharded
-        from haed.checkpoint import save_checkpoint
-
         if self.size == 1:
             return save_checkpoint(run_dir, step, model, optimizer, state, config, name=name)
         try:
@@ -273,9 +271,6 @@ class World:
     def load_optimizer_state(self, checkpoint: Path, device) -> dict | None:
         """The optimizer state of a one-process checkpoint resumed by one process (else None: it is
         loaded by `load_training_state` once the optimizer exists)."""
-        from haed.checkpoint import load_optimizer_state
-        from haed.sharded import is_sharded
-
         if self.size == 1 and not is_sharded(checkpoint):
             return load_optimizer_state(checkpoint, device)
         return None
@@ -283,9 +278,7 @@ class World:
     def load_training_state(self, checkpoint: Path, model, optimizer) -> None:
         """Model and optimizer state from DCP shards (saved at any world size), or from a one-process
         checkpoint onto several ranks."""
-        from haed import sharded
-
-        if sharded.is_sharded(checkpoint):
+        if is_sharded(checkpoint):
             sharded.load_sharded(self, Path(checkpoint), model, optimizer)
         else:
             sharded.load_one_process_optimizer(Path(checkpoint), model, optimizer)
@@ -293,10 +286,7 @@ class World:
     def restore_rng_state(self, checkpoint: Path) -> None:
         """The generator states of this rank at the checkpoint. Ranks the checkpoint did not have (it was
         saved by fewer processes) keep their own seeded generators."""
-        from haed import sharded
-        from haed.checkpoint import restore_rng_state
-
-        if sharded.is_sharded(checkpoint):
+        if is_sharded(checkpoint):
             sharded.restore_rank_rng(self, Path(checkpoint))
         elif self.is_main:
             restore_rng_state(checkpoint)

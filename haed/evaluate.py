@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from haed.atomic import check_writable, write_text_atomic
-from haed.checkpoint import load_run, resolve_sampling_run
 from haed.data import open_dataset
 from haed.device import autocast, resolve_device
 from haed.errors import HaedError
+from haed.runs import load_run, resolve_sampling_run
 
 
 def _window_nll(model, x: torch.Tensor, counted: int) -> torch.Tensor:

@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from haed.atomic import check_writable, remove_quietly, write_bytes_atomic
-from haed.checkpoint import load_run, read_run_config, resolve_sampling_run, select_checkpoint
-from haed.config import Recipe, recipe_from_dict
+from haed.checkpoint import read_run_config, select_checkpoint
 from haed.device import resolve_device
 from haed.errors import HaedError, write_error
 from haed.generate import Generation, audio_prompt_bytes, check_counts, generate
 from haed.model import HAED
+from haed.recipe import Recipe, recipe_from_dict
+from haed.runs import load_run, resolve_sampling_run
 from haed.sampling import SamplingOptions, check_sampling, stream_seeds
 
 AUDIO_SUFFIXES = (".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".m4a")

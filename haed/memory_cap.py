@@ -23,12 +23,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from haed.config import Recipe
 from haed.errors import HaedError
-from haed.objectives import OBJECTIVES, get_objective
+from haed.objectives import Objective, get_objective
+from haed.profile.cells import build_for_objective
 from haed.profile.harness import GIB, measure_cell
-from haed.profile.sweep import build_for_objective
 from haed.profile.windows import WindowSource
+from haed.recipe import Recipe
 from haed.steps import to_device, torch_generator, train_step
 
 HEADROOM = 0.05  # a candidate fits when its peak allocation stays this fraction below the cap
@@ -64,7 +64,7 @@ def fits(cell: dict, cap_gib: float) -> bool:
 
 
 def choose_configuration(
-    recipe: Recipe, objective: str, measure: Callable[[Candidate], dict], cap_gib: float, label: str
+    recipe: Recipe, objective: Objective | str, measure: Callable[[Candidate], dict], cap_gib: float, label: str
 ) -> tuple[Candidate, list[dict]]:
     """(the fastest candidate that fits under `cap_gib`, every probe made). `measure(candidate)` gives a
     cell of `haed.profile.harness.measure_cell` (status, peak_allocated_gib, median_step_ms)."""
@@ -107,9 +107,9 @@ def choose_configuration(
     return best[0], probes
 
 
-def apply_configuration(recipe: Recipe, objective: str, candidate: Candidate) -> Recipe:
+def apply_configuration(recipe: Recipe, objective: Objective, candidate: Candidate) -> Recipe:
     """The recipe with the objective's phase at `candidate`'s micro-batch, accumulation and recomputation."""
-    section = get_objective(objective).section
+    section = objective.section
     cfg = dataclasses.replace(
         getattr(recipe, section),
         batch_size=candidate.batch_size,
@@ -119,17 +119,17 @@ def apply_configuration(recipe: Recipe, objective: str, candidate: Candidate) ->
     return dataclasses.replace(recipe, **{section: cfg})
 
 
-def probe_measure(recipe: Recipe, objective: str, device: torch.device, compile: bool) -> Callable[[Candidate], dict]:
+def probe_measure(
+    recipe: Recipe, objective: Objective, device: torch.device, compile: bool
+) -> Callable[[Candidate], dict]:
     """A `measure` for `choose_configuration`: a few real optimizer steps of the candidate on `device`,
     through the trainer's own pieces, on windows of the recipe's train split."""
-    source = WindowSource.for_recipe(
-        recipe, recipe.data.dataset, seed=getattr(recipe, get_objective(objective).section).seed
-    )
-    seq_len, loss_fn = recipe.data.seq_len, OBJECTIVES[objective]
+    source = WindowSource.for_recipe(recipe, recipe.data.dataset, seed=getattr(recipe, objective.section).seed)
+    seq_len, loss_fn = recipe.data.seq_len, objective
 
     def measure(candidate: Candidate) -> dict:
         cfg = dataclasses.replace(
-            getattr(apply_configuration(recipe, objective, candidate), get_objective(objective).section),
+            getattr(apply_configuration(recipe, objective, candidate), objective.section),
             compile=compile,
         )
 
@@ -154,7 +154,7 @@ def probe_measure(recipe: Recipe, objective: str, device: torch.device, compile:
             train_step(model, optimizer, params, loss_fn, cfg, batches, device)
 
         return measure_cell(
-            objective, seq_len, candidate.batch_size, setup=setup, step=step, make_batch=make_batch,
+            objective.name, seq_len, candidate.batch_size, setup=setup, step=step, make_batch=make_batch,
             device=device, steps=PROBE_STEPS, warmup=PROBE_WARMUP,
         )  # fmt: skip
 

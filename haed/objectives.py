@@ -1,13 +1,16 @@
 """The three training objectives (IEM, decoder phase, full), the flat baseline's and the MEGABYTE peer's.
 
 Each objective takes the model and a batch of byte windows (B, N) and returns (loss, metrics), so the
-trainer is the same for all of them.
+trainer is the same for all of them. Each has one `Objective` record (`IEM`, `DECODER`, `FULL`, `FLAT`,
+`MEGABYTE`): a name from the command line or a run's config.json is looked up once (`get_objective`), and
+the record is what the trainer, the profiler and the comparison pass on. This is the one module that
+compares or lists objective names.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -15,116 +18,11 @@ import torch.nn.functional as F
 
 from haed.config import TrainConfig
 from haed.device import host_to_device
-from haed.distributed import global_candidates
 from haed.errors import HaedError
 from haed.model import HAED, FlatTransformer, patch_keys
+from haed.sampled_softmax import sampled_softmax_loss
 
 LN2 = math.log(2.0)
-
-
-def _chunk_softmax(logits, logq_cand, target_col, pos_logit, needs_grad: bool):
-    """Loss terms of one chunk of rows from its (rows, C) candidate logits (before the log-Q shift).
-
-    Returns per-row losses, correctness, and for the backward pass the candidate probabilities (in the
-    logits' dtype) and d loss / d positive logit. Written as plain tensor code so that, compiled, it
-    becomes a couple of fused passes over the logits instead of about ten.
-    """
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    shifted = (logits.float() - logq_cand).masked_fill(cols[None, :] == target_col[:, None], float("-inf"))
-    lse = torch.logaddexp(torch.logsumexp(shifted, dim=-1), pos_logit)
-    losses = lse - pos_logit
-    correct = pos_logit > shifted.amax(dim=-1)
-    if not needs_grad:
-        return losses, correct, None, None
-    probs = torch.exp(shifted - lse[:, None]).to(logits.dtype)  # softmax over the candidate columns
-    pos_coef = torch.exp(pos_logit - lse) - 1.0  # d loss / d pos_logit
-    return losses, correct, probs, pos_coef
-
-
-_compiled_chunk_softmax = None
-
-
-def chunk_softmax_fn(compiled: bool):
-    """The chunk function, compiled once per process (dynamic shapes: the candidate count varies)."""
-    global _compiled_chunk_softmax
-    if not compiled:
-        return _chunk_softmax
-    if _compiled_chunk_softmax is None:
-        _compiled_chunk_softmax = torch.compile(_chunk_softmax, dynamic=True)
-    return _compiled_chunk_softmax
-
-
-class _SampledSoftmax(torch.autograd.Function):
-    """Cross-entropy of [positive, candidates] logits, computed chunk by chunk over rows.
-
-    Row r's logits are q_r . pos_r - logq_pos_r (the positive, column 0) and q_r . cand_j - logq_j for
-    every candidate j except the row's own positive (target_col[r], or -1 when the positive is not
-    among the candidates). Gradients are computed in the forward pass chunk by chunk, so only
-    `chunk x C` logits exist at any time, never the whole `R x C` matrix.
-    """
-
-    @staticmethod
-    def forward(ctx, q, cand, pos, target_col, logq_cand, logq_pos, chunk: int, needs_grad: bool, compiled: bool):
-        R, C = q.shape[0], cand.shape[0]
-        grad_q = torch.empty_like(q) if needs_grad else None
-        grad_pos = torch.empty_like(pos) if needs_grad else None
-        grad_cand = torch.zeros(cand.shape, dtype=torch.float32, device=cand.device) if needs_grad else None
-        losses = torch.empty(R, dtype=torch.float32, device=q.device)
-        correct = torch.empty(R, dtype=torch.bool, device=q.device)
-        if logq_cand is None:
-            logq_cand = torch.zeros(C, dtype=torch.float32, device=q.device)
-        pos_logits = (q.float() * pos.float()).sum(-1)
-        if logq_pos is not None:
-            pos_logits = pos_logits - logq_pos
-        softmax = chunk_softmax_fn(compiled)
-        for s in range(0, R, chunk):
-            e = min(R, s + chunk)
-            qc, pc = q[s:e], pos[s:e]
-            loss_c, correct_c, probs, pos_coef = softmax(
-                qc @ cand.T, logq_cand, target_col[s:e], pos_logits[s:e], needs_grad
-            )
-            losses[s:e] = loss_c
-            correct[s:e] = correct_c
-            if needs_grad:
-                probs = probs.to(cand.dtype)
-                grad_q[s:e] = (probs @ cand).float().add_(pos_coef[:, None] * pc.float()).to(q.dtype)
-                grad_cand += (probs.T @ qc).float()
-                grad_pos[s:e] = (pos_coef[:, None] * qc.float()).to(pos.dtype)
-        ctx.save_for_backward(grad_q, grad_cand, grad_pos)
-        ctx.cand_dtype = cand.dtype
-        ctx.mark_non_differentiable(correct)
-        return losses.mean(), correct
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
-        grad_q, grad_cand, grad_pos = ctx.saved_tensors
-        scale = grad_loss / grad_q.shape[0]
-        return (
-            grad_q * scale.to(grad_q.dtype),
-            (grad_cand * scale).to(ctx.cand_dtype),
-            grad_pos * scale.to(grad_pos.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def sampled_softmax_loss(
-    q, cand, pos, target_col, logq_cand=None, logq_pos=None, chunk: int = 4096, compiled: bool = False
-):
-    """Mean cross-entropy of each row's positive against the candidates; also per-row correctness.
-
-    q (R, D) queries; cand (C, D) candidate vectors; pos (R, D) each row's positive vector; target_col
-    (R,) the positive's column among the candidates (-1 if absent) so it is counted once. `compiled`:
-    run the per-chunk softmax through torch.compile.
-    """
-    # Gradients are computed inside the forward pass, so skip them where no backward will follow
-    # (validation under torch.no_grad).
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or cand.requires_grad or pos.requires_grad)
-    return _SampledSoftmax.apply(q, cand, pos, target_col, logq_cand, logq_pos, max(1, chunk), needs_grad, compiled)
 
 
 def iem_loss(
@@ -133,6 +31,7 @@ def iem_loss(
     cfg: TrainConfig,
     generator: torch.Generator | None = None,
     candidates: torch.Tensor | None = None,
+    gather: Callable | None = None,
 ):
     """IEM: sampled softmax over patches, scored <W h_t, E(P)> / tau (or by `model.score_vectors`' cosine).
 
@@ -142,7 +41,9 @@ def iem_loss(
     Candidates are the distinct target patches of the batch (or an explicit (C, K) set of patches);
     `cfg.num_negatives` caps the shared candidates by uniform subsampling, and every row keeps its
     positive. With `cfg.logq`, log Q(P) (log of the patch's count in the batch, plus the
-    subsampling rate for capped negatives) is subtracted from each candidate's score.
+    subsampling rate for capped negatives) is subtracted from each candidate's score. `gather` (one rank of
+    several: `haed.distributed.global_candidates`, handed over by the trainer through the record) takes the
+    distinct patches of every rank's batch instead of this rank's.
     """
     p = model.patches(x)
     B, T, K = p.shape
@@ -153,8 +54,8 @@ def iem_loss(
     # Padding rows (zero patches) give the encoder and the score products recurring shapes; as
     # candidates they are shifted to -inf below, so they change neither the loss nor a gradient.
     pos = encoded.per_patch()  # every target patch's vector: the positives, and (shifted) the main model's inputs
-    if candidates is None:  # with several ranks: the distinct patches of the global batch (log-Q counts too)
-        uniq, vectors, counts, inverse = global_candidates(uniq, vectors, counts, inverse, cfg.candidates)
+    if candidates is None and gather is not None:  # several ranks: the global batch's patches (log-Q counts too)
+        uniq, vectors, counts, inverse = gather(uniq, vectors, counts, inverse, cfg.candidates)
         U = uniq.shape[0]
     h = model.hidden_from_vectors(pos.view(B, T, -1))
     explicit = model.encoder(candidates.to(x.device)) if candidates is not None else None
@@ -319,7 +220,7 @@ def _decoder_parameters(model, cfg=None):
 class Objective:
     """Everything the rest of haed needs to know about one training objective.
 
-    Calling the record computes its loss: `OBJECTIVES[name](model, x, cfg, generator)`.
+    Calling the record computes its loss: `IEM(model, x, cfg, generator)`.
     """
 
     name: str
@@ -333,82 +234,119 @@ class Objective:
     # on some of the rows. Names as in `haed.model.forward_flops`.
     step_parts: Callable = lambda model, cfg: ()
     parent_objective: str | None = None  # the objective of the run whose weights it starts from
+    subfolder: str = ""  # where its run lies inside the parent's run directory (the decoder phase: run/decoder)
     frozen_parts: tuple[str, ...] = ()  # parts that run without training, in eval mode (no dropout)
     trains_decoder: bool = True  # False: the run's byte decoder is untrained (evaluate and sample its decoder phase)
+    takes_main_layers: bool = False  # its section's `main_layers` trains the main model's top blocks too
     # What `haed compare --memory-cap` may recompute (a phase's `recompute`), least compute first: each
     # choice saves more activation memory than the one before it and costs more time.
     recompute_choices: tuple[str, ...] = ("",)
+    # Its loss scores against the batch's distinct patches (IEM): where several ranks train, the trainer
+    # hands the record how to gather them from every rank (`across_ranks`); objectives know no process group.
+    scores_batch_patches: bool = False
+    gather_candidates: Callable | None = None  # (uniq, vectors, counts, inverse, mode) -> the global batch's
 
     def __call__(self, model, x, cfg, generator=None):
-        return self.loss(model, x, cfg, generator)
+        if self.gather_candidates is None:
+            return self.loss(model, x, cfg, generator)
+        return self.loss(model, x, cfg, generator, gather=self.gather_candidates)
+
+    def across_ranks(self, gather_candidates: Callable) -> Objective:
+        """The record as one rank of several trains it: a loss that scores against the batch's patches takes
+        every rank's through `gather_candidates`; any other record is returned as it is."""
+        return replace(self, gather_candidates=gather_candidates) if self.scores_batch_patches else self
 
 
-OBJECTIVES = {
-    o.name: o
-    for o in (
-        Objective(
-            "iem",
-            iem_loss,
-            _iem_parameters,
-            "iem",
-            "haed",
-            "loss",
-            step_parts=_iem_step_parts,
-            trains_decoder=False,
-            recompute_choices=("", "main", "encoder,main,decoder"),
-        ),
-        Objective(
-            "decoder",
-            decoder_loss,
-            _decoder_parameters,
-            "decoder",
-            "haed",
-            "bits_per_byte",
-            step_parts=_decoder_step_parts,
-            parent_objective="iem",
-            frozen_parts=("encoder", "main"),
-            recompute_choices=("", "decoder", "main,decoder"),
-        ),
-        Objective(
-            "full",
-            full_loss,
-            _all_parameters,
-            "full",
-            "haed",
-            "bits_per_byte",
-            step_parts=lambda model, cfg: (("encoder", 3), ("main", 3), ("decoder", 3)),
-            recompute_choices=("", "decoder", "main,decoder", "encoder,main,decoder"),
-        ),
-        Objective(
-            "flat",
-            flat_loss,
-            _all_parameters,
-            "full",
-            "flat",
-            "bits_per_byte",
-            step_parts=lambda model, cfg: (("flat", 3),),
-            recompute_choices=("", "main"),
-        ),
-        Objective(
-            "megabyte",
-            peer_loss,
-            _all_parameters,
-            "full",
-            "megabyte",
-            "bits_per_byte",
-            step_parts=lambda model, cfg: (("megabyte", 3),),
-        ),
-    )
-}
+IEM = Objective(
+    "iem",
+    iem_loss,
+    _iem_parameters,
+    "iem",
+    "haed",
+    "loss",
+    step_parts=_iem_step_parts,
+    trains_decoder=False,
+    recompute_choices=("", "main", "encoder,main,decoder"),
+    scores_batch_patches=True,
+)
+DECODER = Objective(
+    "decoder",
+    decoder_loss,
+    _decoder_parameters,
+    "decoder",
+    "haed",
+    "bits_per_byte",
+    step_parts=_decoder_step_parts,
+    parent_objective="iem",
+    subfolder="decoder",
+    frozen_parts=("encoder", "main"),
+    takes_main_layers=True,
+    recompute_choices=("", "decoder", "main,decoder"),
+)
+FULL = Objective(
+    "full",
+    full_loss,
+    _all_parameters,
+    "full",
+    "haed",
+    "bits_per_byte",
+    step_parts=lambda model, cfg: (("encoder", 3), ("main", 3), ("decoder", 3)),
+    recompute_choices=("", "decoder", "main,decoder", "encoder,main,decoder"),
+)
+FLAT = Objective(
+    "flat",
+    flat_loss,
+    _all_parameters,
+    "full",
+    "flat",
+    "bits_per_byte",
+    step_parts=lambda model, cfg: (("flat", 3),),
+    recompute_choices=("", "main"),
+)
+MEGABYTE = Objective(
+    "megabyte",
+    peer_loss,
+    _all_parameters,
+    "full",
+    "megabyte",
+    "bits_per_byte",
+    step_parts=lambda model, cfg: (("megabyte", 3),),
+)
+
+# By name: how the command line and a run's config.json reach a record (`get_objective`).
+OBJECTIVES = {o.name: o for o in (IEM, DECODER, FULL, FLAT, MEGABYTE)}
+
+# The ratios `haed profile-memory` reports, numerator / denominator, where both cells were measured;
+# "megabyte-peer" is the MEGABYTE-pytorch package measured by benchmarks/megabyte_peer.py.
+PROFILE_RATIOS = (
+    ("full", "iem"),
+    ("decoder", "iem"),
+    ("flat", "iem"),
+    ("flat", "full"),
+    ("megabyte", "iem"),
+    ("megabyte", "full"),
+    ("full", "megabyte-peer"),
+    ("iem", "megabyte-peer"),
+    ("flat", "megabyte-peer"),
+)
 
 
-def get_objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise HaedError(f"unknown objective {name!r}: one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+def get_objective(objective: Objective | str) -> Objective:
+    """The record of an objective: a name (from the command line, a run's config.json) is looked up here,
+    at the entry points; a record passes through."""
+    if isinstance(objective, Objective):
+        return objective
+    if objective not in OBJECTIVES:
+        raise HaedError(f"unknown objective {objective!r}: one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[objective]
 
 
-def trainable_parameters(model, objective: str, cfg: TrainConfig | None = None):
+def phase_sections() -> list[str]:
+    """The recipe sections that configure a training phase, each once, in the records' order."""
+    return list(dict.fromkeys(o.section for o in OBJECTIVES.values()))
+
+
+def trainable_parameters(model, objective: Objective | str, cfg: TrainConfig | None = None):
     """The parameters an objective trains: IEM not the decoder (unless its byte loss is on); the decoder
-    phase only the decoder."""
+    phase only the decoder (and the main model's top `main_layers`)."""
     return get_objective(objective).trained_parameters(model, cfg)

@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from haed.config import Recipe, load_recipe
 from haed.data import is_haed_dataset
 from haed.distributed import refuse_under_torchrun
 from haed.evaluate import evaluate_run
 from haed.generate import Generation, generate, load_for_sampling
-from haed.objectives import get_objective
+from haed.objectives import DECODER, IEM
 from haed.prepare import prepare_stdlib
+from haed.recipe import Recipe, load_recipe
 from haed.train import finish_phase
 
 
@@ -56,11 +56,11 @@ def quickstart(
         prepare_stdlib(dataset)
 
     run_dir = workdir / "runs" / recipe.name
-    decoder_dir = run_dir / "decoder"
-    for number, objective, out, init_from in ((2, "iem", run_dir, None), (3, "decoder", decoder_dir, run_dir)):
-        cfg = getattr(recipe, get_objective(objective).section)
+    for number, objective, init_from in ((2, IEM, None), (3, DECODER, run_dir)):
+        out = run_dir / objective.subfolder  # the decoder phase inside the IEM run
+        cfg = getattr(recipe, objective.section)
         length = f"{cfg.time_budget:g} s" if cfg.time_budget else f"{cfg.steps} steps"
-        say(f"[bold]{number}/5 {objective}[/]: {length} into {out}")
+        say(f"[bold]{number}/5 {objective.name}[/]: {length} into {out}")
         if finish_phase(recipe, objective, out, init_from=init_from, device=device, on_event=on_event) is None:
             say(f"{out} already finished")
 

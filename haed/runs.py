@@ -1,5 +1,6 @@
 """Run directories above the checkpoint files (`haed.checkpoint`): the recipe a run was trained with,
-whether a phase has finished, its best validation point, and its metrics file and plot.
+whether a phase has finished, its best validation point, its metrics file and plot, and its model loaded
+back (the run an evaluation or a sample reads: an IEM run's decoder phase).
 """
 
 from __future__ import annotations
@@ -7,20 +8,34 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from haed.atomic import save_figure, write_text_atomic
-from haed.checkpoint import BEST, latest_intact_checkpoint, read_run_config, read_state
-from haed.config import Recipe, TrainConfig, apply_overrides, apply_values, load_recipe, recipe_from_dict
+from haed.checkpoint import (
+    BEST,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    load_weights,
+    read_run_config,
+    read_state,
+    select_checkpoint,
+    step_dirs,
+)
+from haed.config import TrainConfig
 from haed.errors import HaedError, write_error
-from haed.objectives import get_objective
+from haed.model import build_model
+from haed.objectives import DECODER, Objective, get_objective
+from haed.recipe import Recipe, apply_overrides, apply_values, load_recipe, recipe_from_dict
 
 
 def decoder_phase_recipe(parent_run: Path, overrides: list[str] | None = None, values: dict | None = None) -> Recipe:
     """The recipe of a decoder phase on top of an IEM run: the run's own recipe, plus overrides
     (`--set` strings) and typed values ({"key.path": value})."""
     parent = read_run_config(parent_run)
-    wanted = get_objective("decoder").parent_objective
+    wanted = DECODER.parent_objective
     if parent.get("objective") != wanted:
         raise HaedError(
             f"{parent_run} is a {parent.get('objective')} run: the decoder phase starts from an {wanted} run "
@@ -45,6 +60,38 @@ def recipe_for_run(
     return absolute_dataset(recipe_from_dict(table), config.get("dataset", {}).get("path"))
 
 
+def resolve_sampling_run(run_dir: Path) -> Path:
+    """The run to evaluate or sample from: an IEM run hands over to its decoder phase (`run/decoder`)."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if not get_objective(config.get("objective", "?")).trains_decoder:
+        sub = run_dir / DECODER.subfolder
+        if latest_checkpoint(sub) is not None:
+            return sub
+        raise HaedError(
+            f"{run_dir} was trained with IEM only and its byte decoder is untrained: "
+            f"run `haed train-decoder --run {run_dir}` first"
+        )
+    return run_dir
+
+
+def load_run(
+    run_dir: Path, device="cpu", checkpoint: str | Path = "best", allow_unverified: bool = False
+) -> tuple[torch.nn.Module, Recipe, dict]:
+    """Build the model of a run and load a checkpoint's weights (the best validation point by default, or
+    a checkpoint directory already chosen by `select_checkpoint`): (model in eval mode, recipe, run config
+    with "checkpoint" set to the directory loaded)."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    chosen = checkpoint if isinstance(checkpoint, Path) else select_checkpoint(run_dir, checkpoint, allow_unverified)
+    recipe = recipe_from_dict(config["recipe"])
+    model = build_model(recipe.model)
+    load_weights(model, chosen)
+    model.to(device).eval()
+    config["checkpoint"] = str(chosen)
+    return model, recipe, config
+
+
 def absolute_dataset(recipe: Recipe, recorded: str | None = None) -> Recipe:
     """`recipe` with its dataset path made absolute, so that a run resumes from any folder: a relative
     path is resolved here, or taken from `recorded` (the absolute path a run recorded beside its recipe,
@@ -56,7 +103,9 @@ def absolute_dataset(recipe: Recipe, recorded: str | None = None) -> Recipe:
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, dataset=str(path)))
 
 
-def new_run_config(recipe: Recipe, objective: str, dataset, model, init_from, cfg: TrainConfig, dev, world_size: int):
+def new_run_config(
+    recipe: Recipe, objective: Objective, dataset, model, init_from, cfg: TrainConfig, dev, world_size: int
+):
     """The `config.json` of a run as it starts: recipe, objective, dataset, parameters, parent, batch."""
     from haed import __version__
     from haed.model import count_parameters
@@ -64,7 +113,7 @@ def new_run_config(recipe: Recipe, objective: str, dataset, model, init_from, cf
     windows = cfg.batch_size * cfg.grad_accum * world_size
     return {
         "haed_version": __version__,
-        "objective": objective,
+        "objective": objective.name,
         "recipe": recipe.to_dict(),
         "dataset": {
             "path": str(Path(recipe.data.dataset).resolve()),
@@ -89,12 +138,14 @@ def new_run_config(recipe: Recipe, objective: str, dataset, model, init_from, cf
     }
 
 
-def resumed_recipe(run_dir: Path, objective: str, recipe: Recipe | None, allow_changes: bool) -> tuple[Recipe, dict]:
+def resumed_recipe(
+    run_dir: Path, objective: Objective, recipe: Recipe | None, allow_changes: bool
+) -> tuple[Recipe, dict]:
     """(the recipe a resumed run continues with, the run's config): the run's own recipe (`recipe` None),
     or `recipe` when it equals the run's own or `allow_changes`; a run of another objective is refused."""
     previous = read_run_config(run_dir)
-    if previous.get("objective") != objective:
-        raise HaedError(f"--resume: {run_dir} was trained with {previous.get('objective')}, not {objective}")
+    if previous.get("objective") != objective.name:
+        raise HaedError(f"--resume: {run_dir} was trained with {previous.get('objective')}, not {objective.name}")
     if recipe is None:
         return absolute_dataset(recipe_from_dict(previous["recipe"]), previous.get("dataset", {}).get("path")), previous
     changes = recipe_changes(previous["recipe"], recipe)
@@ -104,6 +155,46 @@ def resumed_recipe(run_dir: Path, objective: str, recipe: Recipe | None, allow_c
             f"resume without recipe options, or pass --allow-changes to accept the change"
         )
     return recipe, previous
+
+
+@dataclass
+class TrainingRun:
+    """What one `haed.train.train` call trains, settled before anything is built: a fresh run or a resumed one."""
+
+    recipe: Recipe
+    objective: Objective
+    cfg: TrainConfig  # the objective's phase section, with any `compile` override
+    run_dir: Path
+    checkpoint: Path | None = None  # where a resumed run continues (None: a fresh run)
+    previous: dict | None = None  # a resumed run's config.json
+    init_from: Path | None = None  # the parent run a fresh phase starts from (the decoder phase's IEM run)
+
+
+def resolve_run(
+    recipe: Recipe | None,
+    objective: Objective,
+    run_dir: Path,
+    resume: bool,
+    allow_changes: bool,
+    init_from: Path | None,
+    compile: bool | None,
+) -> TrainingRun:
+    """A fresh run into `run_dir` (which must hold none yet), or with `resume` the run there, continued from its
+    newest intact checkpoint with its own recipe (`recipe` None) or `recipe` (the same, or `allow_changes`)."""
+    previous = checkpoint = None
+    if resume:
+        checkpoint = latest_intact_checkpoint(run_dir)
+        recipe, previous = resumed_recipe(run_dir, objective, recipe, allow_changes)
+    elif step_dirs(run_dir):
+        raise HaedError(f"{run_dir} already holds a run: pass --resume to continue it or choose another --out")
+    if recipe.model.arch != objective.arch:
+        raise HaedError(
+            f"the {objective.name} objective trains model.arch = {objective.arch!r}, not {recipe.model.arch!r}"
+        )
+    cfg: TrainConfig = getattr(recipe, objective.section)
+    if compile is not None:  # for every compiled part: the stacks and IEM's chunked softmax
+        cfg = dataclasses.replace(cfg, compile=compile)
+    return TrainingRun(recipe, objective, cfg, run_dir, checkpoint, previous, init_from)
 
 
 def phase_finished(run_dir: Path, cfg: TrainConfig) -> bool:

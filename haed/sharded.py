@@ -4,15 +4,14 @@
 generator states (`rng/`). The last step checkpoint of a run (and of a run stopped by a signal) also
 holds `model.safetensors`, the whole weights gathered to rank 0, as `best/` does; gathering them at
 every checkpoint cost rank 0 a copy of the whole model each time. Evaluate and generate read a step
-checkpoint without them from its shards, in one process (`load_model_from_shards`). Rank 0 writes the
-rest and the manifest, and installs the directory after a barrier, as a one-process save does
-(`haed.checkpoint`).
+checkpoint without them from its shards, in one process (`haed.shard_reader`, which also checks what
+the shards hold before anything loads). Rank 0 writes the rest and the manifest, and installs the
+directory after a barrier, as a one-process save does (`haed.checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import warnings
 from pathlib import Path
 
@@ -29,8 +28,8 @@ from haed.checkpoint import (
 )
 from haed.errors import HaedError
 from haed.integrity import load_tensors, save_weights
+from haed.shard_reader import SHARDS, shard_reader, tensors_only_planner
 
-SHARDS = "dcp"  # the DCP directory inside a step checkpoint of a multi-process run
 RNG_DIR = "rng"
 
 
@@ -96,7 +95,7 @@ def load_sharded(world, checkpoint: Path, model, optimizer) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    _shard_reader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
+    shard_reader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the layout to load into
     wanted = {"model": model_state, "optimizer": optimizer_state["state"]}
     try:
@@ -104,8 +103,8 @@ def load_sharded(world, checkpoint: Path, model, optimizer) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(
                 wanted,
-                storage_reader=_shard_reader(checkpoint / SHARDS),
-                planner=_tensors_only_planner(),
+                storage_reader=shard_reader(checkpoint / SHARDS),
+                planner=tensors_only_planner(),
                 no_dist=world.size == 1,
             )
     except CheckpointException as e:  # DCP gathers each rank's failure: report the first
@@ -122,31 +121,6 @@ def load_sharded(world, checkpoint: Path, model, optimizer) -> None:
         model_state_dict=wanted["model"],
         optim_state_dict={"state": wanted["optimizer"], "param_groups": optimizer_state["param_groups"]},
     )
-
-
-def load_model_from_shards(checkpoint: Path, model) -> None:
-    """The model's weights from a sharded checkpoint's DCP shards, read whole by this process alone (no
-    process group): a step checkpoint of a multi-process run that holds no model.safetensors."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    _shard_reader(checkpoint / SHARDS).read_metadata()  # refused here, with its reason, if it names anything else
-    state = get_model_state_dict(model)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(
-                {"model": state},
-                storage_reader=_shard_reader(checkpoint / SHARDS),
-                planner=_tensors_only_planner(),
-                no_dist=True,
-            )
-    except HaedError:
-        raise
-    except Exception as e:  # noqa: BLE001 - DCP raises its own kinds for a foreign or damaged checkpoint
-        text = str(e).strip().splitlines()
-        raise HaedError(f"cannot read the weights in the shards of {checkpoint}: {text[0] if text else e!r}") from None
-    set_model_state_dict(model, state)
 
 
 def load_one_process_optimizer(checkpoint: Path, model, optimizer) -> None:
@@ -174,11 +148,6 @@ def restore_rank_rng(world, checkpoint: Path) -> None:
             torch.cuda.set_rng_state(rng["cuda"], world.device)
 
 
-def is_sharded(checkpoint: Path) -> bool:
-    """Whether a step checkpoint was written by several processes (DCP shards)."""
-    return (Path(checkpoint) / SHARDS).is_dir()
-
-
 class _Weights:
     """A whole state dict where `save_checkpoint` expects a model."""
 
@@ -194,75 +163,3 @@ def _rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state()
     return rng
-
-
-# -- loading DCP shards without executing code ---------------------------------------------------
-
-# What DCP's metadata file may name: its own record types, torch sizes, dtypes and layouts, paths.
-_METADATA_MODULES = {"torch.distributed.checkpoint.metadata"}
-_METADATA_NAMES = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),
-    ("torch", "Size"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "PureWindowsPath"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        allowed = (
-            module in _METADATA_MODULES
-            or (module, name) in _METADATA_NAMES
-            or (
-                module == "torch"
-                and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
-            )
-        )
-        if not allowed:
-            raise HaedError(f"the checkpoint's shard metadata names {module}.{name}: refusing to load it")
-        return super().find_class(module, name)
-
-
-def _reader_class():
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class ShardReader(FileSystemReader):
-        """DCP's file reader, with its metadata unpickled through an allow-list."""
-
-        def read_metadata(self, *args, **kwargs):
-            path = self._get_metadata_path(kwargs.get("rank"))
-            try:
-                with open(path, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except HaedError:
-                raise
-            except Exception as e:
-                raise HaedError(f"cannot read the shard metadata {path}: {e}") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return ShardReader
-
-
-def _shard_reader(path: Path):
-    return _reader_class()(str(path))
-
-
-def _tensors_only_planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class TensorsOnlyPlanner(DefaultLoadPlanner):
-        """haed's shards hold tensors only: a pickled object in their place is refused, not loaded."""
-
-        def load_bytes(self, read_item, value):
-            raise HaedError(
-                f"the checkpoint shards hold a pickled object for {read_item.dest_index.fqn}: refusing to load it"
-            )
-
-    return TensorsOnlyPlanner()

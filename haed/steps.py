@@ -17,7 +17,7 @@ from haed.config import TrainConfig, recompute_stacks
 from haed.data import random_windows
 from haed.device import autocast, host_to_device
 from haed.model import HAED
-from haed.objectives import OBJECTIVES, get_objective, trainable_parameters, trained_main_parts
+from haed.objectives import Objective, trained_main_parts
 
 
 def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -69,19 +69,19 @@ def apply_recompute(model, cfg: TrainConfig) -> None:
         stack.recompute = stack.cfg.recompute or name in names
 
 
-def set_train_mode(model, objective: str, cfg: TrainConfig | None = None) -> None:
+def set_train_mode(model, objective: Objective, cfg: TrainConfig | None = None) -> None:
     """Train mode, except for the parts the objective keeps frozen: they run as at inference (no dropout).
     The main model's blocks that the decoder phase trains (`cfg.main_layers`) are not frozen."""
     model.train()
-    for name in get_objective(objective).frozen_parts:
+    for name in objective.frozen_parts:
         getattr(model, name).eval()
     for module in trained_main_parts(model, cfg):
         module.train()
 
 
-def set_trainable(model, objective: str, cfg: TrainConfig | None = None) -> list:
+def set_trainable(model, objective: Objective, cfg: TrainConfig | None = None) -> list:
     """Freeze what the objective does not train; return the trained parameters."""
-    params = trainable_parameters(model, objective, cfg)
+    params = objective.trained_parameters(model, cfg)
     trainable = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -140,7 +140,7 @@ def allow_recompiles(limit: int = 64) -> None:
             break
 
 
-def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
+def maybe_compile(model, enabled: bool, device: torch.device):
     """Compile the transformer stacks (not the data-dependent IEM bookkeeping around them)."""
     if not enabled or device.type != "cuda":
         return
@@ -157,7 +157,7 @@ def maybe_compile(model, objective: str, enabled: bool, device: torch.device):
 
 @torch.no_grad()
 def evaluate_objective(
-    model, objective: str, data: np.ndarray, cfg: TrainConfig, seq_len: int, device, world=None, loss_fn=None
+    model, objective: Objective, data: np.ndarray, cfg: TrainConfig, seq_len: int, device, world=None, loss_fn=None
 ) -> dict:
     """Mean metrics of the objective over `cfg.eval_batches` fixed validation batches.
 
@@ -166,7 +166,7 @@ def evaluate_objective(
     """
     was_training = model.training
     model.eval()
-    loss_fn = loss_fn or OBJECTIVES[objective]
+    loss_fn = loss_fn or objective
     draw = world.windows if world is not None else random_windows
     totals: dict[str, float] = {}
     for i in range(cfg.eval_batches):

@@ -264,6 +264,7 @@ def train_decoder(
 
     Example: haed train-decoder --run runs/tiny
     """
+    from haed.objectives import DECODER
     from haed.runs import decoder_phase_recipe
 
     values = recipe_values(None, steps, batch_size, None, time_budget, "decoder")
@@ -273,7 +274,7 @@ def train_decoder(
         None,
         [],
         {},
-        out or Path(run) / "decoder",
+        out or Path(run) / DECODER.subfolder,
         resume,
         allow_changes,
         device,

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from haed.config import debug_recipe
 from haed.data import DatasetWriter
 from haed.model import build_model
+from haed.recipe import debug_recipe
 
 
 def make_text_dataset(path: Path, n_bytes: int = 6000, seed: int = 0) -> Path:

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from haed.config import load_recipe
+from haed.recipe import load_recipe
 from haed.train import train
 from haed_cli.main import app
 

@@ -199,7 +199,7 @@ def text_run(tmp_path_factory):
     (step-000002, step-000004, best/), shared by the fault tests: copy it before changing it."""
     from _tiny import make_text_dataset
 
-    from haed.config import debug_recipe
+    from haed.recipe import debug_recipe
     from haed.train import train
 
     root = tmp_path_factory.mktemp("faults")

@@ -6,7 +6,7 @@ import pytest
 from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
-from haed.config import debug_recipe
+from haed.recipe import debug_recipe
 from haed_cli.main import app
 
 try:  # Python >= 3.11

@@ -8,9 +8,9 @@ from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
 from haed.compare import _choose_systems, compare, describe_phase_ends, flat_recipe
-from haed.config import apply_overrides, debug_recipe, recipe_from_dict
 from haed.errors import HaedError
 from haed.model import build_model, count_parameters
+from haed.recipe import apply_overrides, debug_recipe, recipe_from_dict
 from haed_cli.main import app
 
 

@@ -15,20 +15,9 @@ from _tiny import make_text_dataset
 from conftest import CliResult
 from typer.testing import CliRunner
 
-from haed.config import (
-    RECIPES_DIR,
-    DataConfig,
-    GenerateConfig,
-    ModelConfig,
-    Recipe,
-    StackConfig,
-    TrainConfig,
-    check_fields,
-    field_types,
-    load_recipe,
-    recipe_from_dict,
-)
+from haed.config import DataConfig, GenerateConfig, ModelConfig, StackConfig, TrainConfig, check_fields, field_types
 from haed.errors import HaedError
+from haed.recipe import RECIPES_DIR, Recipe, load_recipe, recipe_from_dict
 from haed_cli.main import app
 
 try:  # Python >= 3.11
@@ -166,7 +155,7 @@ def test_dataset_path_with_quote_and_backslash(tmp_path):
 
 
 def test_a_recipe_from_before_the_rename_of_checkpoint_to_recompute_still_loads():
-    from haed.config import Recipe, recipe_from_dict
+    from haed.recipe import Recipe, recipe_from_dict
 
     old = Recipe().to_dict()
     for stack in ("encoder", "main", "decoder"):

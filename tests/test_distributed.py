@@ -27,13 +27,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from haed.checkpoint import checkpoint_problem, latest_checkpoint
-from haed.config import debug_recipe, load_recipe
 from haed.data import random_windows
 from haed.distributed import World, global_candidates, is_main_process
 from haed.errors import HaedError
 from haed.model import build_model, unique_patches
+from haed.recipe import debug_recipe, load_recipe
 from haed.runs import read_metrics
-from haed.sharded import is_sharded
+from haed.shard_reader import is_sharded
 from haed.steps import make_optimizer
 from haed.train import train
 from haed_cli.main import app

@@ -14,9 +14,9 @@ import pytest
 from _faults import cli, one_error
 
 from haed.checkpoint import RunLock, read_run_config
-from haed.config import debug_recipe
 from haed.data import open_dataset
 from haed.errors import HaedError
+from haed.recipe import debug_recipe
 from haed.train import train
 
 

@@ -18,9 +18,9 @@ import haed.atomic
 import haed.audio
 import haed.checkpoint
 import haed.data
-from haed.config import debug_recipe
 from haed.data import DatasetWriter
 from haed.errors import HaedError, RunStopped
+from haed.recipe import debug_recipe
 from haed.train import train
 
 RATE = 1000

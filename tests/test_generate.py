@@ -4,7 +4,8 @@ import pytest
 import torch
 from _tiny import random_bytes, tiny_model
 
-from haed.generate import HierarchicalSampler, generate, make_sampler
+from haed.generate import generate
+from haed.samplers import HierarchicalSampler, make_sampler
 from haed.sampling import SamplingOptions, StreamNoise, mix32, sample_bytes
 
 
@@ -249,7 +250,7 @@ def test_cuda_whole_patch_graphs_equal_eager_bytes(options, batch):
 
 
 def test_linear_weights_in_converts_only_a_copys_linear_layers():
-    from haed.generate import linear_weights_in
+    from haed.samplers import linear_weights_in
 
     model = tiny_model(patch_size=4)
     copy = linear_weights_in(model, torch.float64)

@@ -10,10 +10,10 @@ from _tiny import make_text_dataset
 from conftest import CliResult
 from typer.testing import CliRunner
 
-from haed.config import debug_recipe
 from haed.data import DatasetWriter
 from haed.errors import HaedError
 from haed.generate_job import plan_generation
+from haed.recipe import debug_recipe
 from haed.train import train
 from haed_cli.main import app
 

@@ -9,7 +9,8 @@ from _tiny import random_bytes, tiny_model
 
 from haed.config import TrainConfig
 from haed.model import unique_patches
-from haed.objectives import capped_candidates, iem_loss, sampled_softmax_loss
+from haed.objectives import capped_candidates, iem_loss
+from haed.sampled_softmax import sampled_softmax_loss
 from haed.steps import apply_recompute
 
 

@@ -16,7 +16,8 @@ import torch
 from _tiny import tiny_model
 
 from haed.errors import HaedError
-from haed.generate import generate, linear_weights_in
+from haed.generate import generate
+from haed.samplers import linear_weights_in
 from haed.sampling import SamplingOptions, StreamNoise, sample_bytes
 
 CUDA = torch.cuda.is_available()

@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("MEGABYTE_pytorch")
 
-from haed.config import debug_recipe  # noqa: E402
 from haed.errors import HaedError  # noqa: E402
 from haed.model import build_model, count_parameters, forward_flops  # noqa: E402
+from haed.recipe import debug_recipe  # noqa: E402
 
 
 def peer_config(K=4):

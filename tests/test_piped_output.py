@@ -12,7 +12,7 @@ from pathlib import Path
 from _tiny import make_text_dataset, write_recipe_toml
 
 from haed.compare import describe_phase_ends, describe_phases
-from haed.config import debug_recipe
+from haed.recipe import debug_recipe
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -11,7 +11,7 @@ import typer
 from _tiny import make_text_dataset, tiny_model
 from typer.testing import CliRunner
 
-from haed.config import TrainConfig, debug_recipe
+from haed.config import TrainConfig
 from haed.errors import HaedError
 from haed.model import forward_flops
 from haed.objectives import iem_loss
@@ -27,6 +27,7 @@ from haed.profile import (
     step_flops,
     write_profile_json,
 )
+from haed.recipe import debug_recipe
 from haed.steps import train_step
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -14,12 +14,12 @@ from _tiny import make_text_dataset
 from conftest import single_thread
 from safetensors.torch import load_file
 
-from haed.checkpoint import RunLock, latest_checkpoint, load_run, select_checkpoint, step_dirs
-from haed.config import debug_recipe
+from haed.checkpoint import RunLock, latest_checkpoint, select_checkpoint, step_dirs
 from haed.data import DatasetWriter
 from haed.errors import HaedError, HaedWarning
 from haed.objectives import OBJECTIVES
-from haed.runs import read_metrics
+from haed.recipe import debug_recipe
+from haed.runs import load_run, read_metrics
 from haed.train import train
 
 
@@ -174,11 +174,11 @@ def test_resume_takes_the_runs_own_recipe_and_refuses_a_different_one(dataset, t
 
 
 def test_best_checkpoint_is_the_lowest_validation_point(dataset, tmp_path, monkeypatch):
-    import haed.train as train_module
+    import haed.trainer as trainer_module
 
     scripted = iter([3.0, 1.0, 2.0, 1.5])
     monkeypatch.setattr(
-        train_module, "evaluate_objective", lambda *a, **k: {"loss": 0.0, "bits_per_byte": next(scripted)}
+        trainer_module, "evaluate_objective", lambda *a, **k: {"loss": 0.0, "bits_per_byte": next(scripted)}
     )
     recipe = debug_recipe(str(dataset))
     recipe.full.steps, recipe.full.eval_every, recipe.full.ckpt_every = 8, 2, 2
@@ -213,9 +213,9 @@ class SteadyClock:
 
 
 def test_time_budget_ends_the_run_on_time_and_resume_uses_what_is_left(dataset, tmp_path, monkeypatch):
-    import haed.train
+    import haed.trainer
 
-    monkeypatch.setattr(haed.train, "time", SteadyClock(0.02))  # a step is 0.02 s: 50 steps in the budget
+    monkeypatch.setattr(haed.trainer, "time", SteadyClock(0.02))  # a step is 0.02 s: 50 steps in the budget
     recipe = debug_recipe(str(dataset))
     cfg = recipe.full
     cfg.time_budget, cfg.steps, cfg.eval_every, cfg.ckpt_every, cfg.log_every, cfg.warmup_steps = 1.0, 10**6, 0, 5, 1, 2
@@ -242,7 +242,7 @@ _CHILD = """
 import os, sys, signal
 sys.path.insert(0, {tests!r})
 import haed.checkpoint as checkpoint
-from haed.config import debug_recipe
+from haed.recipe import debug_recipe
 from haed.train import train
 
 kill_in_write = int(os.environ.get("KILL_IN_WRITE", "0"))

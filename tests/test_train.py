@@ -7,11 +7,11 @@ import torch
 from _tiny import make_text_dataset
 from safetensors.torch import load_file
 
-from haed.checkpoint import latest_checkpoint, load_run
-from haed.config import debug_recipe
+from haed.checkpoint import latest_checkpoint
 from haed.errors import HaedError
 from haed.model import build_model
-from haed.runs import read_metrics
+from haed.recipe import debug_recipe
+from haed.runs import load_run, read_metrics
 from haed.steps import lr_at
 from haed.train import train
 

@@ -9,11 +9,20 @@ FLOPs per step. An out-of-memory cell is reported as "OOM"; the sweep goes on.
 - :mod:`haed.profile.windows`: the byte windows a cell trains on (a dataset's or synthetic);
 - :mod:`haed.profile.flops`: matrix FLOPs of one step (`step_flops`);
 - :mod:`haed.profile.defaults`: what a run measures when not told (per device);
-- :mod:`haed.profile.sweep`: the sweep over objectives, lengths and batch sizes, the longest-context search;
+- :mod:`haed.profile.cells`: one cell (an objective at one length and batch size) through the trainer's pieces;
+- :mod:`haed.profile.sweep`: the sweep over objectives, lengths and batch sizes;
+- :mod:`haed.profile.context`: the longest-context search;
 - :mod:`haed.profile.report`: ratios, merging profiles, one-line descriptions, JSON, the plot.
 """
 
 from haed.layers import attention_flops, linear_weights
+from haed.profile.cells import (
+    build_for_objective,
+    objective_cell,
+    objective_model_config,
+    objective_train_config,
+    parameter_counts,
+)
 from haed.profile.context import max_context
 from haed.profile.defaults import CPU_DEFAULTS, CUDA_DEFAULTS, SweepDefaults, SweepPlan, default_sweep, plan_sweep
 from haed.profile.flops import DEFAULT_PEAK_TFLOPS, FLOPS_CONVENTION, add_fraction_of_peak, step_flops
@@ -27,7 +36,6 @@ from haed.profile.harness import (
     profile_device,
 )
 from haed.profile.report import (
-    RATIO_PAIRS,
     SCHEMA,
     command_line,
     compute_ratios,
@@ -41,14 +49,7 @@ from haed.profile.report import (
     read_profile_json,
     write_profile_json,
 )
-from haed.profile.sweep import (
-    build_for_objective,
-    objective_cell,
-    objective_model_config,
-    objective_train_config,
-    parameter_counts,
-    profile_memory,
-)
+from haed.profile.sweep import profile_memory
 from haed.profile.windows import RANDOM_BYTES, SYNTHETIC_NOTE, WindowSource, distinct_patches
 
 __all__ = [
@@ -60,7 +61,6 @@ __all__ = [
     "GIB",
     "NO_CUDA_MESSAGE",
     "RANDOM_BYTES",
-    "RATIO_PAIRS",
     "SCHEMA",
     "SYNTHETIC_NOTE",
     "SweepDefaults",

@@ -6,17 +6,18 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable
 
-from haed.config import Recipe
+from haed.objectives import Objective, get_objective
+from haed.profile.cells import check_scope, check_sweep, objective_cell
 from haed.profile.harness import profile_device
 from haed.profile.report import describe_max_context
-from haed.profile.sweep import _check_scope, _check_sweep, objective_cell
 from haed.profile.windows import WindowSource
+from haed.recipe import Recipe
 from haed.steps import train_step
 
 
 def max_context(
     recipe: Recipe,
-    objectives: Iterable[str],
+    objectives: Iterable[Objective | str],
     batch_sizes: Iterable[int],
     start_seq_len: int,
     device: str = "auto",
@@ -38,9 +39,9 @@ def max_context(
     `refine_steps` times; every probed length stays a multiple of the patch size x 2^k. With
     `keep_going`, a probe that fails other than by OOM counts as not fitting (its error is kept).
     """
-    objectives, batch_sizes = list(objectives), [int(b) for b in batch_sizes]
-    _check_sweep(recipe, objectives, [start_seq_len], batch_sizes, 1, 0)
-    _check_scope(compile_scope)
+    objectives, batch_sizes = [get_objective(o) for o in objectives], [int(b) for b in batch_sizes]
+    check_sweep(recipe, objectives, [start_seq_len], batch_sizes, 1, 0)
+    check_scope(compile_scope)
     dev = profile_device(device)
     use_compile = bool(compile and dev.type == "cuda")
     source = WindowSource.for_recipe(recipe, dataset, seed)
@@ -55,7 +56,7 @@ def max_context(
                 probes: list[dict] = []
 
                 def fits(n: int) -> bool:
-                    emit({"event": "task", "label": f"max context {objective} batch {batch_size}: seq {n}"})
+                    emit({"event": "task", "label": f"max context {objective.name} batch {batch_size}: seq {n}"})
                     cell = objective_cell(
                         recipe,
                         objective,
@@ -85,7 +86,7 @@ def max_context(
                 fit, failed = _search(fits, start_seq_len, cap, refine_steps, minimum=2 * K, granularity=K)
                 failure = next((p["status"] for p in probes if p["seq_len"] == failed), None)
                 entry = {
-                    "objective": objective,
+                    "objective": objective.name,
                     "batch_size": batch_size,
                     "max_seq_len": fit,
                     "first_failure": failed,

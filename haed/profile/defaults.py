@@ -11,8 +11,8 @@ from typing import Iterable
 
 import torch
 
-from haed.config import Recipe, load_recipe
 from haed.profile.harness import profile_device
+from haed.recipe import Recipe, load_recipe
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from haed.config import TrainConfig
 from haed.model import forward_flops
-from haed.objectives import get_objective
+from haed.objectives import Objective, get_objective
 
 DEFAULT_PEAK_TFLOPS = 800.0  # bf16 dense matrix products measured on an H100/H200
 FLOPS_CONVENTION = (
@@ -22,7 +22,7 @@ FLOPS_CONVENTION = (
 
 def step_flops(
     model: nn.Module,
-    objective: str,
+    objective: Objective | str,
     batch_size: int,
     seq_len: int,
     distinct: float | None = None,

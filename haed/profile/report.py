@@ -12,23 +12,10 @@ import numpy as np
 
 from haed.atomic import save_figure, write_text_atomic
 from haed.errors import HaedError
+from haed.objectives import PROFILE_RATIOS
 from haed.profile.harness import CPU_MEMORY_NOTE
 
 SCHEMA = "haed-profile-memory/1"
-
-# Ratios reported when both objectives have a measured cell at the same (seq_len, batch_size).
-RATIO_PAIRS = (
-    ("full", "iem"),
-    ("decoder", "iem"),
-    ("flat", "iem"),
-    ("flat", "full"),
-    ("megabyte", "iem"),
-    ("megabyte", "full"),
-    ("full", "megabyte-peer"),
-    ("iem", "megabyte-peer"),
-    ("flat", "megabyte-peer"),
-)
-
 
 # --------------------------------------------------------------------------------------------
 # one line each
@@ -87,7 +74,7 @@ def describe_measured(result: dict) -> str:
 # ratios and merging
 
 
-def compute_ratios(cells: list[dict], pairs=RATIO_PAIRS) -> list[dict]:
+def compute_ratios(cells: list[dict], pairs=PROFILE_RATIOS) -> list[dict]:
     """numerator / denominator per (seq_len, batch_size) where both cells ran: memory, bytes/s, step time."""
     ok = {(c["objective"], c["seq_len"], c["batch_size"]): c for c in cells if c["status"] == "ok"}
     keys = sorted({(c["seq_len"], c["batch_size"]) for c in cells}, key=lambda k: (k[1], k[0]))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from haed.config import Recipe
 from haed.data import open_dataset, random_windows
+from haed.recipe import Recipe
 from haed.steps import batch_rng
 
 RANDOM_BYTES = "random bytes"

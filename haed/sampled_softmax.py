@@ -1,0 +1,113 @@
+"""IEM's sampled softmax, computed chunk by chunk over rows so that the `steps x candidates` logits never
+exist whole: each row's positive against the batch's candidate patches, with the log-Q shift, gradients
+computed in the forward pass (its own autograd function). `haed.objectives.iem_loss` calls it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _chunk_softmax(logits, logq_cand, target_col, pos_logit, needs_grad: bool):
+    """Loss terms of one chunk of rows from its (rows, C) candidate logits (before the log-Q shift).
+
+    Returns per-row losses, correctness, and for the backward pass the candidate probabilities (in the
+    logits' dtype) and d loss / d positive logit. Written as plain tensor code so that, compiled, it
+    becomes a couple of fused passes over the logits instead of about ten.
+    """
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    shifted = (logits.float() - logq_cand).masked_fill(cols[None, :] == target_col[:, None], float("-inf"))
+    lse = torch.logaddexp(torch.logsumexp(shifted, dim=-1), pos_logit)
+    losses = lse - pos_logit
+    correct = pos_logit > shifted.amax(dim=-1)
+    if not needs_grad:
+        return losses, correct, None, None
+    probs = torch.exp(shifted - lse[:, None]).to(logits.dtype)  # softmax over the candidate columns
+    pos_coef = torch.exp(pos_logit - lse) - 1.0  # d loss / d pos_logit
+    return losses, correct, probs, pos_coef
+
+
+_compiled_chunk_softmax = None
+
+
+def chunk_softmax_fn(compiled: bool):
+    """The chunk function, compiled once per process (dynamic shapes: the candidate count varies)."""
+    global _compiled_chunk_softmax
+    if not compiled:
+        return _chunk_softmax
+    if _compiled_chunk_softmax is None:
+        _compiled_chunk_softmax = torch.compile(_chunk_softmax, dynamic=True)
+    return _compiled_chunk_softmax
+
+
+class _SampledSoftmax(torch.autograd.Function):
+    """Cross-entropy of [positive, candidates] logits, computed chunk by chunk over rows.
+
+    Row r's logits are q_r . pos_r - logq_pos_r (the positive, column 0) and q_r . cand_j - logq_j for
+    every candidate j except the row's own positive (target_col[r], or -1 when the positive is not
+    among the candidates). Gradients are computed in the forward pass chunk by chunk, so only
+    `chunk x C` logits exist at any time, never the whole `R x C` matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, q, cand, pos, target_col, logq_cand, logq_pos, chunk: int, needs_grad: bool, compiled: bool):
+        R, C = q.shape[0], cand.shape[0]
+        grad_q = torch.empty_like(q) if needs_grad else None
+        grad_pos = torch.empty_like(pos) if needs_grad else None
+        grad_cand = torch.zeros(cand.shape, dtype=torch.float32, device=cand.device) if needs_grad else None
+        losses = torch.empty(R, dtype=torch.float32, device=q.device)
+        correct = torch.empty(R, dtype=torch.bool, device=q.device)
+        if logq_cand is None:
+            logq_cand = torch.zeros(C, dtype=torch.float32, device=q.device)
+        pos_logits = (q.float() * pos.float()).sum(-1)
+        if logq_pos is not None:
+            pos_logits = pos_logits - logq_pos
+        softmax = chunk_softmax_fn(compiled)
+        for s in range(0, R, chunk):
+            e = min(R, s + chunk)
+            qc, pc = q[s:e], pos[s:e]
+            loss_c, correct_c, probs, pos_coef = softmax(
+                qc @ cand.T, logq_cand, target_col[s:e], pos_logits[s:e], needs_grad
+            )
+            losses[s:e] = loss_c
+            correct[s:e] = correct_c
+            if needs_grad:
+                probs = probs.to(cand.dtype)
+                grad_q[s:e] = (probs @ cand).float().add_(pos_coef[:, None] * pc.float()).to(q.dtype)
+                grad_cand += (probs.T @ qc).float()
+                grad_pos[s:e] = (pos_coef[:, None] * qc.float()).to(pos.dtype)
+        ctx.save_for_backward(grad_q, grad_cand, grad_pos)
+        ctx.cand_dtype = cand.dtype
+        ctx.mark_non_differentiable(correct)
+        return losses.mean(), correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        grad_q, grad_cand, grad_pos = ctx.saved_tensors
+        scale = grad_loss / grad_q.shape[0]
+        return (
+            grad_q * scale.to(grad_q.dtype),
+            (grad_cand * scale).to(ctx.cand_dtype),
+            grad_pos * scale.to(grad_pos.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def sampled_softmax_loss(
+    q, cand, pos, target_col, logq_cand=None, logq_pos=None, chunk: int = 4096, compiled: bool = False
+):
+    """Mean cross-entropy of each row's positive against the candidates; also per-row correctness.
+
+    q (R, D) queries; cand (C, D) candidate vectors; pos (R, D) each row's positive vector; target_col
+    (R,) the positive's column among the candidates (-1 if absent) so it is counted once. `compiled`:
+    run the per-chunk softmax through torch.compile.
+    """
+    # Gradients are computed inside the forward pass, so skip them where no backward will follow
+    # (validation under torch.no_grad).
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or cand.requires_grad or pos.requires_grad)
+    return _SampledSoftmax.apply(q, cand, pos, target_col, logq_cand, logq_pos, max(1, chunk), needs_grad, compiled)
