@@ -189,7 +189,12 @@ def _open_archive(path: Path):
 def _archive_members(path: Path) -> list[tarfile.TarInfo]:
     try:
         with _open_archive(path) as tar:
-            return [m for m in tar if m.isreg()]
+            members = [m for m in tar if m.isreg()]
+            # tarfile stops at the archive's first end block: read what follows (the padding, and a
+            # compressed stream's index and footer) so that a stream cut there is refused as well.
+            while tar.fileobj.read(1 << 20):
+                pass
+            return members
     except (tarfile.TarError, OSError, EOFError, lzma.LZMAError) as e:
         raise HaedError(f"cannot read the archive {path}: {_one_line(e)}") from None
 
