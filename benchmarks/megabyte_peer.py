@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing haed
     sys.path.insert(0, str(REPO))
 
+from haed import peer  # noqa: E402
 from haed.data import open_dataset  # noqa: E402
 from haed.device import autocast  # noqa: E402
 from haed.errors import HaedError  # noqa: E402
@@ -41,11 +42,9 @@ from haed.profile import (  # noqa: E402
     SCHEMA,
     WindowSource,
     add_fraction_of_peak,
-    attention_flops,
     command_line,
     describe_cell,
     environment,
-    linear_weights,
     measure_cell,
     profile_device,
     write_profile_json,
@@ -53,8 +52,7 @@ from haed.profile import (  # noqa: E402
 from haed.steps import to_device  # noqa: E402
 
 OBJECTIVE = "megabyte-peer"
-PACKAGE = "MEGABYTE-pytorch"
-VERSION = "0.3.6"
+PACKAGE, VERSION = peer.PACKAGE, peer.VERSION
 
 
 def parse_ints(text: str) -> list[int]:
@@ -107,19 +105,8 @@ def arguments(argv=None) -> argparse.Namespace:
     return args
 
 
-def megabyte_class():
-    try:
-        from MEGABYTE_pytorch import MEGABYTE
-    except ImportError as e:
-        raise HaedError(
-            f"{PACKAGE}=={VERSION} is not importable ({e}): `pip install MEGABYTE-pytorch==0.3.6` "
-            "(benchmarks/README.md: without network)"
-        ) from None
-    return MEGABYTE
-
-
 def build(args, seq_len: int):
-    MEGABYTE = megabyte_class()
+    MEGABYTE = peer.megabyte_class()
     patches = max(1, seq_len // args.patch_size)
     return MEGABYTE(
         num_tokens=256,
@@ -132,29 +119,9 @@ def build(args, seq_len: int):
     )
 
 
-def parameter_counts(model) -> dict:
-    glob = sum(p.numel() for p in model.transformers[0].parameters())
-    local = sum(p.numel() for p in model.transformers[1].parameters())
-    total = sum(p.numel() for p in model.parameters())
-    return {"global": glob, "local": local, "other": total - glob - local, "total": total}
-
-
 def step_flops(model, args, batch_size: int, seq_len: int) -> float:
-    """Matrix FLOPs of one training step, counted as haed.profile.step_flops counts haed's."""
-    B, K = batch_size, args.patch_size
-    T = seq_len // K
-    inner = args.heads * args.dim_head
-    glob_rows, local_rows = B * (T + 1), B * T * (K + 1)  # each stage prepends a start token
-    fwd = 2.0 * (
-        linear_weights(model.transformers[0]) * glob_rows
-        + linear_weights(model.transformers[1]) * local_rows
-        + linear_weights(model.token_embs[1]) * B * T
-        + linear_weights(model.to_next_transformer_projections[0]) * B * T
-        + model.to_logits.weight.numel() * local_rows
-    )
-    fwd += attention_flops(args.global_layers, inner, glob_rows, T + 1, True)
-    fwd += attention_flops(args.local_layers, inner, local_rows, K + 1, True)
-    return 3.0 * fwd
+    """Matrix FLOPs of one training step, counted as haed.profile.step_flops counts haed's (haed.peer)."""
+    return 3.0 * peer.forward_flops(model, args.patch_size, batch_size, seq_len)
 
 
 def window_source(path: Path | None, seed: int) -> WindowSource:
@@ -223,7 +190,7 @@ def peer_cell(args, seq_len: int, batch_size: int, device: torch.device, source:
 
 def run(args) -> dict:
     with torch.device("meta"):
-        counts = parameter_counts(build(args, max(args.seq_lens)))
+        counts = peer.parameter_counts(build(args, max(args.seq_lens)))
     if args.params_only:
         print(f"{PACKAGE} {VERSION}: {counts['total']:,} parameters ({counts['total'] / 1e6:.2f}M): {counts}")
         return {"parameters": {OBJECTIVE: counts}}

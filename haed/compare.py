@@ -170,7 +170,7 @@ def _refuse_other_runs(out_dir: Path, plans: dict) -> None:
                     )
 
 
-def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, measure_for=None) -> dict:
+def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, measure_for=None) -> tuple[dict, dict]:
     """Each phase of each system at its fastest configuration under the cap (probed now, before any clock
     starts); the probes are kept per phase. `measure_for(recipe, objective name)` replaces the real probe (tests)."""
     capped, probes = {}, {}

@@ -74,26 +74,36 @@ class MegabytePeer(nn.Module):
         return torch.cat((first, after[:, :-1]), dim=1)
 
     def parameter_counts(self) -> dict[str, int]:
-        glob = sum(p.numel() for p in self.net.transformers[0].parameters())
-        local = sum(p.numel() for p in self.net.transformers[1].parameters())
-        total = sum(p.numel() for p in self.parameters())
-        return {"global": glob, "local": local, "other": total - glob - local, "total": total}
+        return parameter_counts(self.net)
 
     def forward_flops(self, batch_size: int, seq_len: int) -> dict[str, float]:
-        """Matrix FLOPs of one forward pass, counted as `haed.model.forward_flops` counts haed's: each stage
-        prepends a start position; attention 4 x rows x context x width per layer, halved (causal)."""
-        B, K = batch_size, self.patch_size
-        T = seq_len // K
-        inner = HEADS * DIM_HEAD
-        glob_rows, local_rows = B * (T + 1), B * T * (K + 1)
-        net = self.net
-        flops = 2.0 * (
-            linear_weights(net.transformers[0]) * glob_rows
-            + linear_weights(net.transformers[1]) * local_rows
-            + linear_weights(net.token_embs[1]) * B * T
-            + linear_weights(net.to_next_transformer_projections[0]) * B * T
-            + net.to_logits.weight.numel() * local_rows
-        )
-        flops += attention_flops(self.cfg.main.layers, inner, glob_rows, T + 1, True)
-        flops += attention_flops(self.cfg.decoder.layers, inner, local_rows, K + 1, True)
-        return {"megabyte": flops}
+        return {"megabyte": forward_flops(self.net, self.patch_size, batch_size, seq_len)}
+
+
+def parameter_counts(net: nn.Module) -> dict[str, int]:
+    """A MEGABYTE model's parameters: its global and local transformers, the rest, the total."""
+    glob = sum(p.numel() for p in net.transformers[0].parameters())
+    local = sum(p.numel() for p in net.transformers[1].parameters())
+    total = sum(p.numel() for p in net.parameters())
+    return {"global": glob, "local": local, "other": total - glob - local, "total": total}
+
+
+def forward_flops(net: nn.Module, patch_size: int, batch_size: int, seq_len: int) -> float:
+    """Matrix FLOPs of one forward pass of a MEGABYTE model, counted as `haed.model.forward_flops` counts
+    haed's: each stage prepends a start position; attention 4 x rows x context x width per layer, halved
+    (causal). Heads, head width and depths are read off the model."""
+    B, K = batch_size, patch_size
+    T = seq_len // K
+    glob_rows, local_rows = B * (T + 1), B * T * (K + 1)
+    flops = 2.0 * (
+        linear_weights(net.transformers[0]) * glob_rows
+        + linear_weights(net.transformers[1]) * local_rows
+        + linear_weights(net.token_embs[1]) * B * T
+        + linear_weights(net.to_next_transformer_projections[0]) * B * T
+        + net.to_logits.weight.numel() * local_rows
+    )
+    for stage, (rows, context) in zip(net.transformers, ((glob_rows, T + 1), (local_rows, K + 1))):
+        attention = stage.layers[0][0]
+        inner = attention.to_q.out_features  # heads x head width
+        flops += attention_flops(len(stage.layers), inner, rows, context, True)
+    return flops

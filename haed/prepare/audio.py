@@ -178,7 +178,8 @@ def _encode(w: DatasetWriter, items, total: int, sample_rate: int, skip_bad: boo
 
     entries, skipped, pending = [], [], []
     task = ProgressTask(progress, "encoding audio", total)
-    taken = 0
+    position = {s: 0 for s in SPLITS}  # where the next file of each split starts
+    taken = pending_samples = 0
 
     def flush() -> None:  # one mu-law call for many files: far fewer (threaded) torch calls than one per file
         if pending:
@@ -188,6 +189,7 @@ def _encode(w: DatasetWriter, items, total: int, sample_rate: int, skip_bad: boo
                 w.write(split, codes[start : start + len(x)])
                 start += len(x)
             pending.clear()
+        return 0
 
     for name, split, src in items:
         try:
@@ -200,20 +202,18 @@ def _encode(w: DatasetWriter, items, total: int, sample_rate: int, skip_bad: boo
             skipped.append({"name": name, "error": str(e)})
             task.advance(1)
             continue
-        entry = {
-            "name": name,
-            "split": split,
-            "offset": w.bytes_written(split) + sum(len(x) for s, x in pending if s == split),
-        }
+        entry = {"name": name, "split": split, "offset": position[split]}
         if max_bytes is not None and taken + len(samples) > max_bytes:
             entry["truncated_from"] = int(samples.shape[0])
             samples = samples[: max_bytes - taken]
         entry.update(length=int(samples.shape[0]), source_sample_rate=src_rate, source_channels=src_channels)
         entries.append(entry)
         pending.append((split, samples))
+        position[split] += len(samples)
         taken += len(samples)
-        if sum(len(x) for _, x in pending) >= ENCODE_BATCH_SAMPLES:
-            flush()
+        pending_samples += len(samples)
+        if pending_samples >= ENCODE_BATCH_SAMPLES:
+            pending_samples = flush()
         task.advance(1)
         if max_bytes is not None and taken >= max_bytes:
             break

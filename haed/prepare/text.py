@@ -44,16 +44,21 @@ def _take(files: list[SourceFile], max_bytes: int | None) -> list[tuple[SourceFi
 
 def _split_of_files(
     taken: list[tuple[SourceFile, int]], rule: str, valid_fraction: float, test_fraction: float
-) -> tuple[list[str] | None, str]:
-    """Each file's split under the hash rule (None for the stream rule, which splits by position)."""
+) -> tuple[list[str] | None, tuple[int, int, int] | None, str]:
+    """(each file's split under the hash rule, or the split sizes under the stream rule, which splits by
+    position; the rule as meta.json states it)."""
     total = sum(n for _, n in taken)
     if total == 0:
         raise HaedError("the input files are all empty (0 bytes)")
     if rule == "stream":
         sizes = split_sizes(total, valid_fraction, test_fraction)
-        return None, (
-            f"the stream split at its end, in order: the first {sizes[0]:,} bytes train, "
-            f"the next {sizes[1]:,} valid, the last {sizes[2]:,} test"
+        return (
+            None,
+            sizes,
+            (
+                f"the stream split at its end, in order: the first {sizes[0]:,} bytes train, "
+                f"the next {sizes[1]:,} valid, the last {sizes[2]:,} test"
+            ),
         )
     splits = [hash_split(f.name, valid_fraction, test_fraction) for f, _ in taken]
     for s in SPLITS:
@@ -62,7 +67,7 @@ def _split_of_files(
                 f"--split-rule hash puts none of the {len(taken):,} non-empty files in the {s} split; "
                 "use more files or a larger --valid-fraction/--test-fraction"
             )
-    return splits, HASH_SPLIT_RULE
+    return splits, None, HASH_SPLIT_RULE
 
 
 def _prepare_files(
@@ -78,16 +83,13 @@ def _prepare_files(
     max_bytes: int | None = None,
     split_rule: str = "stream",
 ) -> dict:
-    check_fractions(valid_fraction, test_fraction)
-    if split_rule not in TEXT_SPLIT_RULES:
-        raise HaedError(f"unknown --split-rule {split_rule!r}: choose {', '.join(TEXT_SPLIT_RULES)}")
     taken = _take(sources.files, max_bytes)
-    splits, rule_text = _split_of_files(taken, split_rule, valid_fraction, test_fraction)
+    splits, sizes, rule_text = _split_of_files(taken, split_rule, valid_fraction, test_fraction)
     total = sum(n for _, n in taken)
     entries = []
     with DatasetWriter(out, force=force) as w:
         w.expect(total)
-        splitter = StreamSplitter(w, split_sizes(total, valid_fraction, test_fraction)) if splits is None else None
+        splitter = StreamSplitter(w, sizes) if splits is None else None
         task = ProgressTask(progress, "reading text", total)
         for i, (f, fh) in enumerate(sources.open_each([f for f, _ in taken])):
             split, length = (splits[i] if splits is not None else None), taken[i][1]
