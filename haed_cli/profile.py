@@ -12,8 +12,8 @@ import typer
 from rich.table import Table
 
 from haed_cli.common import Command, TaskDisplay, console, user_errors
+from haed_cli.training import RECIPE_HELP
 
-RECIPE_HELP = "Recipe name (tiny, enwik8, ...) or path to a .toml file."
 SET_HELP = "Override any recipe field, e.g. --set main.layers=12 --set iem.num_negatives=8192 (repeatable)."
 COMPARE = ("iem", "decoder", "full")
 

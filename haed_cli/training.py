@@ -8,9 +8,10 @@ from typing import List, Optional
 
 import typer
 
+from haed.recipe import builtin_recipes
 from haed_cli.common import Command, TrainingDisplay, console, user_errors
 
-RECIPE_HELP = "Recipe name (tiny, enwik8, speech) or path to a .toml file."
+RECIPE_HELP = f"Recipe name ({', '.join(builtin_recipes())}) or path to a .toml file."
 SET_HELP = "Override any recipe field, e.g. --set main.layers=8 --set iem.lr=3e-4 (repeatable)."
 DEVICE = "auto|cpu|cuda"
 RECIPE, RUN, DEVICE_PANEL = "Recipe and data", "Run directory", "Device"  # help panels
