@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from haed.compare import compare, describe_phase_ends, describe_phases, plot_comparison  # noqa: E402
+from haed.compare import compare  # noqa: E402
+from haed.compare_report import describe_phase_ends, describe_phases, plot_comparison  # noqa: E402
 from haed.recipe import load_recipe  # noqa: E402
 
 

@@ -27,8 +27,16 @@ from typing import Callable
 import torch
 
 from haed import peer
-from haed.atomic import check_writable, save_figure, write_text_atomic
+from haed.atomic import check_writable, write_text_atomic
 from haed.checkpoint import read_run_config
+from haed.compare_report import (
+    SHARED,
+    check_mergeable,
+    merge_comparisons,
+    plot_comparison,
+    read_comparison,
+    summarise,
+)
 from haed.device import resolve_device
 from haed.distributed import refuse_under_torchrun
 from haed.errors import HaedError
@@ -204,6 +212,7 @@ def compare(
     device: str = "auto",
     compile: bool = False,
     memory_cap_gib: float | None = None,
+    merge: list[Path] | None = None,
     on_event: Callable[[dict], None] | None = None,
     _measure_for=None,
 ) -> dict:
@@ -215,7 +224,9 @@ def compare(
     split or file (all by default). `decoder_fraction`: the decoder phase's share of the IEM system's budget
     (default: the recipe's `compare.decoder_fraction`). `memory_cap_gib`: every phase trains under this
     enforced cap on GPU memory, at the fastest micro-batch and recomputation of its own that fits
-    (`haed.memory_cap`, probed before any clock starts).
+    (`haed.memory_cap`, probed before any clock starts). `merge`: earlier compare.json files (other
+    systems of the same comparison, run in other jobs) whose rows join this one's table, JSON and plot;
+    their settings are checked before anything trains.
     """
 
     def say(text: str) -> None:
@@ -232,6 +243,15 @@ def compare(
     check_writable(out_dir / "compare.json", what="--out")
     plans = {system: SYSTEMS[system](recipe, budget, decoder_fraction, evals, flat_overrides) for system in systems}
     dev = resolve_device(device)
+    header = {
+        "budget_seconds": budget,
+        "decoder_fraction": decoder_fraction,
+        "memory_cap_gib": memory_cap_gib,
+        "dataset": recipe.data.dataset,
+        "recipe": recipe.name,
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+    }
+    others = _read_merges(merge or [], header, systems)
     probes: dict = {}
     with enforced_cap(dev, memory_cap_gib):
         if memory_cap_gib is not None:
@@ -244,29 +264,33 @@ def compare(
     for row in rows:
         for phase in row["phases"]:
             phase["probe"] = probes.get((row["system"], phase["objective"]))
-    best = {
-        arch: min((r["test_bits_per_byte"] for r in rows if r["arch"] == arch), default=None)
-        for arch in ("haed", "flat", "megabyte")
-    }
     result = {
-        "budget_seconds": budget,
-        "decoder_fraction": decoder_fraction,
-        "memory_cap_gib": memory_cap_gib,
-        "dataset": recipe.data.dataset,
-        "recipe": recipe.name,
+        **header,
         "device": rows[0]["device"],
-        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
         "unit": rows[0]["unit"],
         "windowing": rows[0]["windowing"],
         "rows": rows,
-        "iem_vs_full": _ratio(rows, "iem", "full"),
-        "best_haed_vs_flat": best["haed"] / best["flat"] if best["haed"] and best["flat"] else None,
-        "best_haed_vs_megabyte": best["haed"] / best["megabyte"] if best["haed"] and best["megabyte"] else None,
+        **summarise(rows),
     }
+    if others:
+        result = merge_comparisons(result, *others)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "compare.json", json.dumps(result, indent=2))
     plot_comparison(result, out_dir / "compare.png")
     return result
+
+
+def _read_merges(paths: list[Path], header: dict, systems: tuple[str, ...]) -> list[tuple[str, dict]]:
+    """The comparisons to merge, read and checked against this one's settings before anything trains
+    (the test bytes' unit, windowing and count are checked once this one's are known)."""
+    planned = dict(header, rows=[{"system": s} for s in systems])
+    others = []
+    for path in paths:
+        other = read_comparison(path)
+        check_mergeable(planned, str(path), other, keys=tuple(k for k in header if k in SHARED))
+        planned["rows"] += other["rows"]
+        others.append((str(path), other))
+    return others
 
 
 def _run_system(system, label, phases, out_dir, device, compile, eval_data, eval_bytes, say, on_event) -> dict:
@@ -333,56 +357,3 @@ def _phase_row(objective: Objective, config: dict, last_valid: list[float] | Non
         "grad_accum": batch.get("grad_accum"),
         "recompute": phase.get("recompute", ""),
     }
-
-
-def describe_phases(row: dict) -> str:
-    """'1,304 + 387 steps, 0.84 + 2.17 MB/s' for a row of `compare`."""
-    phases = row.get("phases") or []
-    steps = " + ".join(f"{p['steps']:,}" for p in phases)
-    rates = " + ".join(f"{p['bytes_per_second'] / 1e6:.3g}" if p["bytes_per_second"] else "-" for p in phases)
-    return f"{steps} steps, {rates} MB/s"
-
-
-def describe_configuration(row: dict) -> str:
-    """'16 x 1 + 8 x 2 (decoder)': each phase's micro-batch x accumulation, and what it recomputes."""
-    parts = []
-    for p in row.get("phases") or []:
-        text = f"{p.get('batch_size')} x {p.get('grad_accum')}"
-        parts.append(text + (f" ({p['recompute']})" if p.get("recompute") else ""))
-    return " + ".join(parts)
-
-
-def describe_phase_ends(row: dict) -> str:
-    """'3.6607 + 3.6113': each phase's last validation bits per byte ('-' where it has none, as in an
-    IEM phase without a byte loss), for a row of `compare`."""
-    ends = (p.get("last_valid_bits_per_byte") for p in row.get("phases") or [])
-    return " + ".join("-" if v is None else f"{v:.4f}" for v in ends)
-
-
-def _ratio(rows: list[dict], a: str, b: str) -> float | None:
-    values = {r["system"]: r["test_bits_per_byte"] for r in rows}
-    return values[a] / values[b] if a in values and b in values else None
-
-
-def plot_comparison(result: dict, png_path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in result["rows"]:
-        if row["valid_curve"]:
-            x, y = zip(*row["valid_curve"])
-            ax.plot(x, y, "o-", markersize=3, label=f"{row['label']}: test {row['test_bits_per_byte']:.3f}")
-    ax.set_xlabel("training seconds (validation and checkpoints not counted)")
-    ax.set_ylabel(f"validation {result['unit']}")
-    ax.set_title(
-        f"{result['recipe']} on {Path(result['dataset']).name}: {result['budget_seconds']:g} s each, "
-        f"{result.get('gpu') or result['device']}"
-        + (f", {result['memory_cap_gib']:g} GiB cap" if result.get("memory_cap_gib") else "")
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return save_figure(fig, png_path)

@@ -7,7 +7,8 @@ import pytest
 from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
-from haed.compare import _choose_systems, compare, describe_phase_ends, flat_recipe
+from haed.compare import _choose_systems, compare, flat_recipe
+from haed.compare_report import describe_phase_ends
 from haed.errors import HaedError
 from haed.model import build_model, count_parameters
 from haed.recipe import apply_overrides, debug_recipe, recipe_from_dict
@@ -257,3 +258,59 @@ def test_capped_phases_train_at_the_chosen_configuration(dataset, tmp_path, monk
     assert [p["fits"] for p in phase["probe"]] == [False] * 4 + [True] and result["memory_cap_gib"] == 2.0
     config = json.loads((tmp_path / "capped" / "full" / "config.json").read_text())
     assert config["global_batch"]["windows"] == 4 and config["recipe"]["full"]["grad_accum"] == 2
+
+
+def test_systems_run_in_separate_jobs_merge_into_one_comparison(dataset, tmp_path):
+    """--merge: rows of an earlier compare.json join this run's table, JSON and plot, with the ratios over
+    all rows; a file of another comparison (budget, data) or one repeating a system is refused before
+    anything trains, in one line, and nothing is written."""
+    recipe = debug_recipe(str(dataset))
+    first = compare(recipe, tmp_path / "a", 1.0, systems=("full",), evals=1, device="cpu")
+    runner = CliRunner()
+    merged = compare(
+        recipe, tmp_path / "b", 1.0, systems=("flat",), evals=1, device="cpu", merge=[tmp_path / "a" / "compare.json"]
+    )
+    assert [r["system"] for r in merged["rows"]] == ["flat", "full"]
+    assert merged["merged_from"] == [str(tmp_path / "a" / "compare.json")]
+    full, flat = (next(r for r in merged["rows"] if r["system"] == s) for s in ("full", "flat"))
+    assert full == first["rows"][0]
+    assert merged["best_haed_vs_flat"] == pytest.approx(full["test_bits_per_byte"] / flat["test_bits_per_byte"])
+    assert json.loads((tmp_path / "b" / "compare.json").read_text())["best_haed_vs_flat"] == merged["best_haed_vs_flat"]
+    assert (tmp_path / "b" / "compare.png").stat().st_size > 0
+
+    for args, message in (
+        (dict(budget=2.0, systems=("flat",)), "budget_seconds = 1.0, not 2.0"),
+        (dict(budget=1.0, systems=("full",)), "repeats system full"),
+    ):
+        with pytest.raises(HaedError, match=re.escape(message)):
+            compare(
+                recipe,
+                tmp_path / "c",
+                args["budget"],
+                systems=args["systems"],
+                evals=1,
+                device="cpu",
+                merge=[tmp_path / "a" / "compare.json"],
+            )
+        assert not (tmp_path / "c").exists()
+    (tmp_path / "bad.json").write_text("{}")
+    result = runner.invoke(
+        app,
+        [
+            "compare",
+            "--dataset",
+            str(dataset),
+            "--time-budget",
+            "1",
+            "--systems",
+            "flat",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "d"),
+            "--merge",
+            str(tmp_path / "bad.json"),
+        ],
+    )
+    assert result.exit_code == 1 and "is not a compare.json" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "d").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from _tiny import make_text_dataset, write_recipe_toml
 
-from haed.compare import describe_phase_ends, describe_phases
+from haed.compare_report import describe_phase_ends, describe_phases
 from haed.recipe import debug_recipe
 
 TESTS = Path(__file__).resolve().parent

@@ -1,0 +1,134 @@
+"""What `haed compare` reports: its ratios, the phrases of its table, its plot, and the merging of
+comparisons run separately (each system in its own job, say) into one table, JSON and plot.
+
+A comparison's JSON (`compare.json`) holds the settings every row shares (recipe, dataset, budget, cap,
+GPU, unit and windowing of the test bytes) and one row per system. Rows of several files are merged only
+where those settings agree, so a merged table still compares like with like.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from haed.atomic import save_figure
+from haed.errors import HaedError
+
+# Settings a merged comparison's rows must share: otherwise their numbers are not one comparison's.
+SHARED = ("recipe", "dataset", "budget_seconds", "memory_cap_gib", "gpu", "unit", "windowing", "test_bytes")
+
+
+def _shared(result: dict, key: str):
+    """One shared setting of a comparison. The dataset by its folder's name (each job may see the corpus
+    at another path); the test bytes scored, from its rows."""
+    if key == "dataset":
+        return Path(result.get("dataset") or "").name
+    if key == "test_bytes":
+        return sorted({row.get("test_bytes") for row in result["rows"]}, key=str)
+    return result.get(key)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The comparison's ratios of test bits per byte: IEM + decoder phase over full training, and the
+    best hierarchical system over the flat baseline and over the MEGABYTE peer (None where a row is missing)."""
+    best = {
+        arch: min((r["test_bits_per_byte"] for r in rows if r["arch"] == arch), default=None)
+        for arch in ("haed", "flat", "megabyte")
+    }
+    values = {r["system"]: r["test_bits_per_byte"] for r in rows}
+    return {
+        "iem_vs_full": values["iem"] / values["full"] if "iem" in values and "full" in values else None,
+        "best_haed_vs_flat": best["haed"] / best["flat"] if best["haed"] and best["flat"] else None,
+        "best_haed_vs_megabyte": best["haed"] / best["megabyte"] if best["haed"] and best["megabyte"] else None,
+    }
+
+
+def read_comparison(path: str | Path) -> dict:
+    """A `compare.json`, checked to be one (one clear line otherwise)."""
+    path = Path(path)
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HaedError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise HaedError(f"{path} is a folder: give its compare.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HaedError(f"{path} is not a readable compare.json ({e})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or "budget_seconds" not in result:
+        raise HaedError(f"{path} is not a compare.json (no rows or budget): merge the files `haed compare` writes")
+    return result
+
+
+def check_mergeable(first: dict, name: str, other: dict, keys: tuple[str, ...] = SHARED) -> None:
+    """Refuse (HaedError) to merge `other` (read from `name`) into `first` where a shared setting
+    differs, or where it repeats one of `first`'s systems."""
+    for key in keys:
+        if _shared(other, key) != _shared(first, key):
+            raise HaedError(
+                f"{name} was compared with {key} = {_shared(other, key)!r}, not {_shared(first, key)!r}: "
+                f"merge only comparisons of the same {', '.join(SHARED)}"
+            )
+    seen = {row["system"] for row in first["rows"]}
+    repeated = [row["system"] for row in other["rows"] if row["system"] in seen]
+    if repeated:
+        raise HaedError(f"{name} repeats system {repeated[0]}: a merged table has one row per system")
+
+
+def merge_comparisons(first: dict, *others: tuple[str, dict]) -> dict:
+    """`first` with the rows of each (name, result) in `others` added and the ratios recomputed. Refused
+    (HaedError) where a file's shared settings differ from the first's, or where it repeats a system."""
+    merged = dict(first, rows=list(first["rows"]))
+    for name, other in others:
+        check_mergeable(merged, name, other)
+        merged["rows"] += other["rows"]
+    merged.update(summarise(merged["rows"]))
+    merged["merged_from"] = list(first.get("merged_from", [])) + [name for name, _ in others]
+    return merged
+
+
+def describe_phases(row: dict) -> str:
+    """'1,304 + 387 steps, 0.84 + 2.17 MB/s' for a row of `compare`."""
+    phases = row.get("phases") or []
+    steps = " + ".join(f"{p['steps']:,}" for p in phases)
+    rates = " + ".join(f"{p['bytes_per_second'] / 1e6:.3g}" if p["bytes_per_second"] else "-" for p in phases)
+    return f"{steps} steps, {rates} MB/s"
+
+
+def describe_configuration(row: dict) -> str:
+    """'16 x 1 + 8 x 2 (decoder)': each phase's micro-batch x accumulation, and what it recomputes."""
+    parts = []
+    for p in row.get("phases") or []:
+        text = f"{p.get('batch_size')} x {p.get('grad_accum')}"
+        parts.append(text + (f" ({p['recompute']})" if p.get("recompute") else ""))
+    return " + ".join(parts)
+
+
+def describe_phase_ends(row: dict) -> str:
+    """'3.6607 + 3.6113': each phase's last validation bits per byte ('-' where it has none, as in an
+    IEM phase without a byte loss), for a row of `compare`."""
+    ends = (p.get("last_valid_bits_per_byte") for p in row.get("phases") or [])
+    return " + ".join("-" if v is None else f"{v:.4f}" for v in ends)
+
+
+def plot_comparison(result: dict, png_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in result["rows"]:
+        if row["valid_curve"]:
+            x, y = zip(*row["valid_curve"])
+            ax.plot(x, y, "o-", markersize=3, label=f"{row['label']}: test {row['test_bits_per_byte']:.3f}")
+    ax.set_xlabel("training seconds (validation and checkpoints not counted)")
+    ax.set_ylabel(f"validation {result['unit']}")
+    ax.set_title(
+        f"{result['recipe']} on {Path(result['dataset']).name}: {result['budget_seconds']:g} s each, "
+        f"{result.get('gpu') or result['device']}"
+        + (f", {result['memory_cap_gib']:g} GiB cap" if result.get("memory_cap_gib") else "")
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, png_path)
