@@ -314,3 +314,65 @@ def test_systems_run_in_separate_jobs_merge_into_one_comparison(dataset, tmp_pat
     )
     assert result.exit_code == 1 and "is not a compare.json" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "d").exists()
+
+
+def _row(system: str, arch: str, bits: float) -> dict:
+    return {
+        "system": system,
+        "label": system,
+        "arch": arch,
+        "test_bits_per_byte": bits,
+        "test_bytes": 600,
+        "parameters": 1_000_000,
+        "train_seconds": 1.0,
+        "peak_memory_gib": None,
+        "valid_curve": [[1.0, bits]],
+        "phases": [],
+        "other_data": {},
+    }
+
+
+def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys):
+    """benchmarks/merge_comparisons.py: FILE:SYSTEM,... keeps those rows; the ratios cover the merged rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_comparisons.py"
+    spec = importlib.util.spec_from_file_location("merge_comparisons", path)
+    merge_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_script)
+    shared = {
+        "recipe": "code",
+        "dataset": "/x/data/code",
+        "budget_seconds": 150.0,
+        "memory_cap_gib": None,
+        "gpu": "H",
+        "device": "cuda",
+        "unit": "bits per byte",
+        "windowing": "w",
+        "decoder_fraction": 0.1,
+    }
+    a = dict(shared, rows=[_row("iem", "haed", 1.0), _row("full", "haed", 1.2)])
+    b = dict(shared, dataset="data/code", rows=[_row("iem", "haed", 3.0), _row("flat", "flat", 1.25)])
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    out = tmp_path / "m.json"
+    args = [
+        str(tmp_path / "a.json"),
+        f"{tmp_path / 'b.json'}:flat",
+        "--json",
+        str(out),
+        "--plot",
+        str(tmp_path / "m.png"),
+    ]
+    assert merge_script.main(args) == 0
+    merged = json.loads(out.read_text())
+    assert [r["system"] for r in merged["rows"]] == ["iem", "full", "flat"]
+    assert merged["iem_vs_full"] == pytest.approx(1.0 / 1.2) and merged["best_haed_vs_flat"] == pytest.approx(
+        1.0 / 1.25
+    )
+    assert "1.2500" in capsys.readouterr().out
+    assert (
+        merge_script.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(tmp_path / "n.json")]) == 1
+    )
+    assert "repeats system iem" in capsys.readouterr().err and not (tmp_path / "n.json").exists()
