@@ -108,6 +108,10 @@ class TrainConfig:
     # decoder; the lower blocks and the encoder run frozen, without autograd, so the phase keeps most
     # of its memory advantage over full training.
     main_layers: int = 0
+    # Decoder phase only: start its AdamW from the IEM phase's moments of the parameters it trains (the
+    # decoder, which the byte loss trained, and the `main_layers` blocks) instead of zeros, so that it
+    # needs no warm-up. Read from the IEM run's newest step checkpoint (one process).
+    carry_moments: bool = False
     # With several processes (torchrun): "global" scores against the distinct patches of every rank's
     # batch (as one process with the whole batch would), "local" against each rank's own only.
     candidates: str = "global"

@@ -93,6 +93,13 @@ class Recipe:
                     f"{phase}.main_layers: only the {takers[0].name} phase takes main_layers "
                     f"({takers[0].section}.main_layers)"
                 )
+        children = {o.section for o in OBJECTIVES.values() if o.parent_objective}
+        for phase in phase_sections():
+            if getattr(self, phase).carry_moments and phase not in children:
+                raise HaedError(
+                    f"{phase}.carry_moments: only a phase that starts from another run's weights takes it "
+                    f"({', '.join(sorted(f'{c}.carry_moments' for c in children))})"
+                )
         for o in takers:
             layers = getattr(self, o.section).main_layers
             if self.model.arch == o.arch and layers > self.model.main.layers:

@@ -34,12 +34,17 @@ def lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
 
 
-def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def parameter_groups(params, cfg: TrainConfig) -> list[dict]:
+    """AdamW's groups: matrices with weight decay, then vectors and scalars without. An optimizer state
+    numbers the parameters in this order."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+    return torch.optim.AdamW(parameter_groups(params, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
 def batch_rng(seed: int, step: int, micro: int, stream: int = 0) -> np.random.Generator:

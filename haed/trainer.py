@@ -26,6 +26,7 @@ from haed.distributed import World, global_candidates
 from haed.errors import HaedError
 from haed.guards import NonFiniteWatch, StopRequests, preflight
 from haed.model import build_model
+from haed.parent_moments import carry_parent_moments
 from haed.runs import TrainingRun, append_metrics, new_run_config, plot_metrics, read_best, truncate_metrics
 from haed.steps import (
     apply_recompute,
@@ -108,6 +109,8 @@ class Trainer:
             self.optimizer.load_state_dict(optimizer_state)
         elif run.checkpoint is not None:
             world.load_training_state(run.checkpoint, model, self.optimizer)  # DCP shards, or a one-process checkpoint
+        elif run.init_from is not None and cfg.carry_moments:
+            self._carry_moments(Path(run.init_from))
         maybe_compile(model, cfg.compile, dev)
         if run.checkpoint is not None:
             world.restore_rng_state(run.checkpoint)
@@ -145,6 +148,15 @@ class Trainer:
                 + (f" (it was {was})" if was and was != now else ""),
             )
         return optimizer_state
+
+    def _carry_moments(self, parent_run: Path) -> None:
+        if self.world.size > 1:
+            raise HaedError(
+                f"{self.objective.section}.carry_moments runs in one process: train this phase without torchrun, "
+                f"or without carry_moments"
+            )
+        checkpoint, carried, trained = carry_parent_moments(self.model, self.optimizer, parent_run)
+        self._emit("message", text=f"AdamW starts from the moments in {checkpoint} ({carried} of {trained} parameters)")
 
     def _start_from_parent(self, init_from: Path) -> None:
         parent_checkpoint = select_checkpoint(init_from, BEST)
