@@ -112,9 +112,13 @@ def train_step(model, optimizer, params, loss_fn, cfg: TrainConfig, batches, dev
     return sums, grad_norm
 
 
-def warm_up_compiled(model, loss_fn, cfg: TrainConfig, x: torch.Tensor, generator, device: torch.device) -> float:
-    """One forward and backward pass of the objective on `x`, without an optimizer step: torch.compile
-    compiles its graphs now, outside the time a budget counts. Returns the seconds it took.
+def warm_up(model, loss_fn, cfg: TrainConfig, x: torch.Tensor, generator, device: torch.device) -> float:
+    """One forward and backward pass of the objective on `x`, without an optimizer step, outside the time a
+    budget counts: torch.compile compiles its graphs now, and the one-time costs of a process's first pass
+    over new shapes fall here too (kernels loaded on first use, library handles, oneDNN primitives, the
+    allocator's growth). Without it the first system of `haed compare` paid them inside its seconds: on
+    the 2-core CPU, 8 steps of the first of four identical decoder phases in one process took 7.7 and
+    7.5 s (two processes), the later ones 6.1-7.4 s. Returns the seconds it took.
 
     Nothing of the run changes: the gradients are dropped and every random number generator is put
     back as it was (dropout draws from them), so the run trains exactly as without the warm-up.

@@ -40,7 +40,7 @@ from haed.steps import (
     to_device,
     torch_generator,
     train_step,
-    warm_up_compiled,
+    warm_up,
 )
 
 
@@ -177,16 +177,19 @@ class Trainer:
         self.best = read_best(run_dir, self.objective.selection_metric)
 
     def _set_up_clock(self, stop_after: int | None) -> None:
-        """Compilation before the clock starts, then what the loop counts: steps, seconds, the best point."""
+        """Compilation and a warm-up pass before the clock starts, then what the loop counts: steps,
+        seconds, the best point."""
         cfg, dev, run_dir = self.cfg, self.dev, self.run.run_dir
-        if cfg.compile and dev.type == "cuda":
-            # Compile before the clock starts: a time budget buys training steps, not compilation.
+        compiling = cfg.compile and dev.type == "cuda"
+        if compiling or cfg.time_budget:
+            # A time budget buys training steps, not compilation or a first pass's one-time costs.
             rng = batch_rng(cfg.seed, self.start_step, 0)
             x = to_device(self.world.windows(self.train_data, cfg.batch_size, self.seq_len, rng), dev)
             generator = torch_generator(cfg.seed, self.start_step, 0)
-            seconds = warm_up_compiled(self.model, self.loss_fn, cfg, x, generator, dev)
-            self.config["compile_seconds"] = round(seconds, 2)
-            self._emit("message", text=f"compiled in {seconds:.1f} s (not counted as training time)")
+            seconds = warm_up(self.model, self.loss_fn, cfg, x, generator, dev)
+            self.config["compile_seconds" if compiling else "warm_up_seconds"] = round(seconds, 2)
+            done = "compiled" if compiling else "warmed up"
+            self._emit("message", text=f"{done} in {seconds:.1f} s (not counted as training time)")
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         self.budget = cfg.time_budget

@@ -165,12 +165,12 @@ def test_compile_override_reaches_every_compiled_part(dataset, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("objective", ["iem", "full"])
-def test_compile_warm_up_changes_nothing_of_the_run(objective):
-    """The warm-up pass that lets torch.compile compile before a time budget's clock starts leaves no trace:
+def test_warm_up_changes_nothing_of_the_run(objective):
+    """The warm-up pass before a time budget's clock starts (torch.compile compiles in it) leaves no trace:
     the next optimizer step (with dropout, which draws from the global generator) is bit for bit the one
     taken without it."""
     from haed.objectives import OBJECTIVES
-    from haed.steps import make_optimizer, torch_generator, train_step, warm_up_compiled
+    from haed.steps import make_optimizer, torch_generator, train_step, warm_up
 
     recipe = debug_recipe()
     recipe.model.main.dropout = recipe.model.decoder.dropout = 0.2
@@ -185,7 +185,7 @@ def test_compile_warm_up_changes_nothing_of_the_run(objective):
         optimizer = make_optimizer(params, cfg, device)
         torch.manual_seed(1)
         if warm:
-            assert warm_up_compiled(model, loss_fn, cfg, x, torch_generator(0, 0, 0), device) > 0
+            assert warm_up(model, loss_fn, cfg, x, torch_generator(0, 0, 0), device) > 0
             assert all(p.grad is None for p in params)
         sums, _ = train_step(model, optimizer, params, loss_fn, cfg, [(x, torch_generator(0, 0, 0))], device)
         after.append((float(sums["loss"]), [p.detach().clone() for p in params]))
