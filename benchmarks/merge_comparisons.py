@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from haed.atomic import write_text_atomic  # noqa: E402
-from haed.compare_report import merge_comparisons, plot_comparison, read_comparison, summarise  # noqa: E402
+from haed.compare_report import merge_comparisons, plot_comparison, read_comparison  # noqa: E402
 from haed.errors import HaedError  # noqa: E402
 
 
@@ -34,8 +34,7 @@ def read_selected(spec: str) -> tuple[str, dict]:
         missing = [s for s in keep if s not in {r["system"] for r in result["rows"]}]
         if missing:
             raise HaedError(f"{path} has no row for system {missing[0]}")
-        result = dict(result, rows=[r for r in result["rows"] if r["system"] in keep])
-        result.update(summarise(result["rows"]))
+        result = dict(result, rows=[r for r in result["rows"] if r["system"] in keep])  # ratios: on merging
     return spec, result
 
 

@@ -22,7 +22,7 @@ import torch
 
 from haed.checkpoint import latest_intact_checkpoint, load_optimizer_state, read_run_config
 from haed.errors import HaedError
-from haed.objectives import get_objective, trainable_parameters
+from haed.objectives import get_objective
 from haed.recipe import recipe_from_dict
 from haed.shard_reader import is_sharded
 from haed.steps import parameter_groups
@@ -48,10 +48,10 @@ def _parent_order(model, parent_run: Path) -> list[str]:
     """The names of the IEM run's trained parameters in its optimizer's order."""
     config = read_run_config(Path(parent_run))
     recipe = recipe_from_dict(config["recipe"])
-    objective = config["objective"]
-    cfg = getattr(recipe, get_objective(objective).section)
+    objective = get_objective(config["objective"])
+    cfg = getattr(recipe, objective.section)
     name_of = {id(p): n for n, p in model.named_parameters()}
-    groups = parameter_groups(trainable_parameters(model, objective, cfg), cfg)
+    groups = parameter_groups(objective.trained_parameters(model, cfg), cfg)
     return [name_of[id(p)] for group in groups for p in group["params"]]
 
 
