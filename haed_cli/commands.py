@@ -110,6 +110,7 @@ def generate(
     ),
     seconds: Optional[float] = typer.Option(
         None,
+        "--seconds",  # named: typer 0.27 (click 8.5) took the metavar SECONDS for the flag's name
         metavar="SECONDS",
         help="Audio: seconds to generate per stream (instead of --max-bytes).",
         rich_help_panel=SAMPLING,

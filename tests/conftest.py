@@ -85,9 +85,24 @@ def pytest_runtest_protocol(item, nextitem):
     """A CPU test (and the fixtures it sets up) runs as on a machine without CUDA."""
     if _is_cuda_test(item) or not torch.cuda.is_available():
         return (yield)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.cuda, "is_available", lambda: False)
-        return (yield)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: False)
+            return (yield)
+    finally:
+        _forget_cuda_probes()
+
+
+def _forget_cuda_probes() -> None:
+    """Forget what torch cached while CUDA was hidden. `torch.utils._triton.has_triton` is cached and asks
+    `torch.cuda.is_available()`: after a CPU test that compiled, every later compiled CUDA test failed with
+    TritonMissing (H100, torch 2.11, 2026-12-07: 2 of the 11 failures of the suite's first GPU run)."""
+    import torch.utils._triton as triton_probes
+
+    for name in dir(triton_probes):
+        cache_clear = getattr(getattr(triton_probes, name), "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
 
 
 @contextlib.contextmanager

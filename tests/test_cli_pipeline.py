@@ -1,6 +1,7 @@
 """The training, evaluation and sampling commands end to end on a tiny recipe (CPU, seconds)."""
 
 import json
+import tomllib
 
 import pytest
 from _tiny import make_text_dataset
@@ -8,11 +9,6 @@ from typer.testing import CliRunner
 
 from haed.recipe import debug_recipe
 from haed_cli.main import app
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the tomli backport haed depends on there
-    import tomli as tomllib
 
 runner = CliRunner()
 

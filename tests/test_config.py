@@ -7,6 +7,7 @@ import dataclasses
 import fnmatch
 import importlib.resources
 import json
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,6 @@ from haed.config import DataConfig, GenerateConfig, ModelConfig, StackConfig, Tr
 from haed.errors import HaedError
 from haed.recipe import RECIPES_DIR, Recipe, load_recipe, recipe_from_dict
 from haed_cli.main import app
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the tomli backport haed depends on there
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
