@@ -145,6 +145,8 @@ def main() -> None:
         "dataset": a.dataset,
         "budget_seconds": a.budget,
         "device": result["device"],
+        "gpu": result.get("gpu"),  # compare's settings, so that a variant's row can be set beside other runs'
+        "memory_cap_gib": result.get("memory_cap_gib"),
         "unit": result["unit"],
         "windowing": result["windowing"],
         "command": " ".join(sys.argv),

@@ -44,6 +44,19 @@ def test_cuda_compiles_for_minutes():
 
 def test_after_them_the_cpu_again():
     assert not torch.cuda.is_available()
+
+
+def test_a_cpu_test_that_asks_whether_triton_works():
+    import torch.utils._triton
+
+    torch.utils._triton.has_triton()  # cached by torch, and answered with CUDA hidden
+
+
+@pytest.mark.cuda
+def test_a_later_gpu_test_finds_no_answer_cached_while_cuda_was_hidden():
+    import torch.utils._triton
+
+    assert torch.utils._triton.has_triton.cache_info().currsize == 0
 """
 
 # Loaded with -p before the conftest: a machine with a GPU, as far as torch.cuda.is_available() tells.
@@ -62,8 +75,8 @@ def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_gpu_host_runs_cpu_tests_without_cuda_and_says_what_it_leaves_out(tmp_path):
     default = _pytest(tmp_path, "test_sample.py")
     assert default.returncode == 0, default.stdout + default.stderr
-    assert "5 passed, 1 deselected" in default.stdout
+    assert "7 passed, 1 deselected" in default.stdout
     line = "haed: 1 slow_gpu tests left out (CUDA compilations of minutes); ./dev test --slow-gpu runs them too"
     assert default.stdout.count(line) == 2  # after collection, and in the summary
     every = _pytest(tmp_path, "test_sample.py", "--slow-gpu")
-    assert every.returncode == 0 and "6 passed" in every.stdout and "slow_gpu tests left out" not in every.stdout
+    assert every.returncode == 0 and "8 passed" in every.stdout and "slow_gpu tests left out" not in every.stdout
