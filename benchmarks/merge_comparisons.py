@@ -4,9 +4,11 @@ JSON, PNG.
     python benchmarks/merge_comparisons.py runs/code-150/compare.json runs/code-150-flat/compare.json \
         old/compare.json:full,megabyte --json docs/code-150.json --plot docs/code-150.png
 
-`FILE:SYSTEM,SYSTEM` keeps only those systems' rows of a file. The files must share their recipe, data,
-budget, memory cap, GPU and test bytes (`haed.compare_report.merge_comparisons`); a system may appear
-once. `haed compare --merge FILE` does the same while it runs further systems.
+`FILE:SYSTEM,SYSTEM` keeps only those systems' rows of a file. A `variants.json` of
+`benchmarks/iem_variants.py` gives its rows by variant name instead (`runs/v/variants.json:carry-main4`):
+each is an IEM row. The files must share their recipe, data, budget, memory cap, GPU and test bytes
+(`haed.compare_report.merge_comparisons`); a system may appear once. `haed compare --merge FILE` does the
+same while it runs further systems.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ from haed.errors import HaedError  # noqa: E402
 
 
 def read_selected(spec: str) -> tuple[str, dict]:
-    """'FILE' or 'FILE:SYSTEM,SYSTEM' -> (spec, the comparison with only those systems' rows)."""
+    """'FILE' or 'FILE:NAME,NAME' -> (spec, the comparison with only those rows). A name is a system, or
+    in a variants.json (rows with a `variant`), a variant."""
     path, _, wanted = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     result = read_comparison(path)
     if wanted:
         keep = [s.strip() for s in wanted.split(",") if s.strip()]
-        missing = [s for s in keep if s not in {r["system"] for r in result["rows"]}]
+        name_of = (lambda r: r["variant"]) if all("variant" in r for r in result["rows"]) else (lambda r: r["system"])
+        missing = [s for s in keep if s not in {name_of(r) for r in result["rows"]}]
         if missing:
-            raise HaedError(f"{path} has no row for system {missing[0]}")
-        result = dict(result, rows=[r for r in result["rows"] if r["system"] in keep])  # ratios: on merging
+            raise HaedError(f"{path} has no row named {missing[0]}")
+        result = dict(result, rows=[r for r in result["rows"] if name_of(r) in keep])  # ratios: on merging
     return spec, result
 
 

@@ -376,3 +376,15 @@ def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys
         merge_script.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--json", str(tmp_path / "n.json")]) == 1
     )
     assert "repeats system iem" in capsys.readouterr().err and not (tmp_path / "n.json").exists()
+    # A variants.json (benchmarks/iem_variants.py): its rows are picked by variant; each is an IEM row.
+    variants = dict(
+        shared, rows=[dict(_row("iem", "haed", bits), variant=name) for name, bits in (("x", 1.1), ("y", 0.9))]
+    )
+    (tmp_path / "v.json").write_text(json.dumps(variants))
+    picked = [f"{tmp_path / 'v.json'}:y", f"{tmp_path / 'a.json'}:full", "--json", str(tmp_path / "p.json")]
+    assert merge_script.main([*picked, "--plot", str(tmp_path / "p.png")]) == 0
+    merged = json.loads((tmp_path / "p.json").read_text())
+    assert [(r["system"], r["test_bits_per_byte"]) for r in merged["rows"]] == [("iem", 0.9), ("full", 1.2)]
+    assert merged["iem_vs_full"] == pytest.approx(0.9 / 1.2)
+    assert merge_script.main([f"{tmp_path / 'v.json'}:iem", "--json", str(tmp_path / "q.json")]) == 1
+    assert "has no row named iem" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
