@@ -34,11 +34,11 @@ def read_selected(spec: str) -> tuple[str, dict]:
     result = read_comparison(path)
     if wanted:
         keep = [s.strip() for s in wanted.split(",") if s.strip()]
-        name_of = (lambda r: r["variant"]) if all("variant" in r for r in result["rows"]) else (lambda r: r["system"])
-        missing = [s for s in keep if s not in {name_of(r) for r in result["rows"]}]
+        key = "variant" if all("variant" in r for r in result["rows"]) else "system"
+        missing = [s for s in keep if s not in {r[key] for r in result["rows"]}]
         if missing:
             raise HaedError(f"{path} has no row named {missing[0]}")
-        result = dict(result, rows=[r for r in result["rows"] if name_of(r) in keep])  # ratios: on merging
+        result = dict(result, rows=[r for r in result["rows"] if r[key] in keep])  # ratios: on merging
     return spec, result
 
 

@@ -10,21 +10,14 @@ import typer
 from rich.table import Table
 
 from haed_cli.common import TrainingDisplay, console
-from haed_cli.training import DEVICE, DEVICE_PANEL, RECIPE, RECIPE_HELP, SET_HELP, recipe_values
+from haed_cli.training import DEVICE, DEVICE_PANEL, RECIPE, RECIPE_HELP, SET_HELP, dataset_option, recipe_values
 
 SYSTEMS, SCORING = "Systems and budget", "Scoring and output"  # compare's help panels
 
 
 def compare(
     recipe: str = typer.Option("tiny", "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP, rich_help_panel=RECIPE),
-    dataset: Optional[Path] = typer.Option(
-        None,
-        "--dataset",
-        "-d",
-        metavar="DIR",
-        help="Dataset directory (default: the recipe's data.dataset).",
-        rich_help_panel=RECIPE,
-    ),
+    dataset: Optional[Path] = dataset_option(),
     budget: float = typer.Option(
         ...,
         "--time-budget",

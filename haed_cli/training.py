@@ -17,6 +17,18 @@ DEVICE = "auto|cpu|cuda"
 RECIPE, RUN, DEVICE_PANEL = "Recipe and data", "Run directory", "Device"  # help panels
 
 
+def dataset_option():
+    """`--dataset DIR`, as every training command takes it."""
+    return typer.Option(
+        None,
+        "--dataset",
+        "-d",
+        metavar="DIR",
+        help="Dataset directory (default: the recipe's data.dataset).",
+        rich_help_panel=RECIPE,
+    )
+
+
 def recipe_values(
     dataset: Optional[Path],
     steps: Optional[int],
@@ -115,14 +127,7 @@ def train_iem(
     recipe: Optional[str] = typer.Option(
         None, "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP + " Default: tiny.", rich_help_panel=RECIPE
     ),
-    dataset: Optional[Path] = typer.Option(
-        None,
-        "--dataset",
-        "-d",
-        metavar="DIR",
-        help="Dataset directory (default: the recipe's data.dataset).",
-        rich_help_panel=RECIPE,
-    ),
+    dataset: Optional[Path] = dataset_option(),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", metavar="DIR", help="Run directory (default: runs/RECIPE-OBJECTIVE).", rich_help_panel=RUN
     ),
@@ -169,14 +174,7 @@ def train_full(
     recipe: Optional[str] = typer.Option(
         None, "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP + " Default: tiny.", rich_help_panel=RECIPE
     ),
-    dataset: Optional[Path] = typer.Option(
-        None,
-        "--dataset",
-        "-d",
-        metavar="DIR",
-        help="Dataset directory (default: the recipe's data.dataset).",
-        rich_help_panel=RECIPE,
-    ),
+    dataset: Optional[Path] = dataset_option(),
     out: Optional[Path] = typer.Option(
         None,
         "--out",
