@@ -79,9 +79,19 @@ def to_pcm16(codes_or_float) -> np.ndarray:
     return np.round(a * 32767.0).astype(np.int16)
 
 
-def _decode(src, sample_rate: int | None, name: str) -> np.ndarray:
-    import soundfile as sf
+def audio_library(name: str, purpose: str):
+    """The optional audio package `name` (soundfile or soxr, the `audio` extra), imported on first
+    use; without it, one clear error that says what needed it and how to install it."""
+    import importlib
 
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise HaedError(f"{purpose} needs the `{name}` package: pip install 'haed[audio]'") from None
+
+
+def _decode(src, sample_rate: int | None, name: str) -> np.ndarray:
+    sf = audio_library("soundfile", f"reading audio file {name}")
     try:
         data, sr = sf.read(src, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile's errors: corrupt, truncated, not audio, unknown format
@@ -92,8 +102,7 @@ def _decode(src, sample_rate: int | None, name: str) -> np.ndarray:
     if not np.all(np.isfinite(mono)):
         raise HaedError(f"audio file {name} contains non-finite samples")
     if sample_rate is not None and sr != sample_rate:
-        import soxr
-
+        soxr = audio_library("soxr", f"resampling {name} from {sr} Hz")
         mono = soxr.resample(mono, sr, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32), int(sr), int(data.shape[1])
 

@@ -169,6 +169,8 @@ def enforced_cap(device: torch.device, cap_gib: float | None) -> Iterator[None]:
         return
     if device.type != "cuda":
         raise HaedError("--memory-cap caps GPU memory: it needs a CUDA device (--device cuda)")
+    if device.index is None:  # set_per_process_memory_fraction needs the device's index
+        device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory / GIB
     if cap_gib > total:
         raise HaedError(f"--memory-cap {cap_gib:g} GiB is more than this GPU has ({total:.1f} GiB)")

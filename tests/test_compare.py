@@ -220,6 +220,25 @@ def test_the_probe_picks_the_fastest_configuration_that_fits():
     assert choose_configuration(recipe, "full", measure, 8.0, "full")[0] == Candidate(8, 2, "")
 
 
+def test_the_cap_is_set_on_the_current_device_when_none_is_named(monkeypatch):
+    """`--device cuda` names no index; PyTorch's per-process fraction needs one (this failed on an H100)."""
+    import torch
+
+    from haed.memory_cap import enforced_cap
+
+    calls = []
+    props = type("Props", (), {"total_memory": 80 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: calls.append((f, device)))
+    with enforced_cap(torch.device("cuda"), 8):
+        assert calls == [(0.1, torch.device("cuda", 3))]
+    assert calls[-1] == (1.0, torch.device("cuda", 3))
+    with pytest.raises(HaedError, match="more than this GPU has"):
+        with enforced_cap(torch.device("cuda", 0), 81):
+            pass
+
+
 def test_a_cap_nothing_fits_is_one_error_before_anything_trains(dataset, tmp_path, monkeypatch):
     import haed.compare as compare_module
     from haed.memory_cap import enforced_cap

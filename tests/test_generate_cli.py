@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import wave
 
 import numpy as np
@@ -104,6 +105,19 @@ def test_bad_options_are_one_error_line_and_write_nothing(runs, kind, args, mess
     assert list(tmp_path.iterdir()) == []  # no sample.wav, no folder, nothing half-written
 
 
+def test_a_wav_prompt_without_soundfile_is_one_error_line(runs, tmp_path, monkeypatch):
+    """soundfile is the optional `audio` extra (a GPU image may lack it): reading a prompt then says
+    what to install, in one line, instead of a traceback."""
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # `import soundfile` raises ImportError
+    monkeypatch.chdir(tmp_path)
+    r = _invoke("--run", runs["audio"], "--prompt-file", runs["wav"], "--seconds", 0.1)
+    assert r.exit_code == 1 and r.stdout == "", (r.stdout, r.stderr, r.exception)
+    assert r.error_lines() == [
+        f"error: reading audio file {runs['wav']} needs the `soundfile` package: pip install 'haed[audio]'"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_recipe_defaults_are_checked_and_named():
     recipe = debug_recipe()
     recipe.generate.top_p = 0.0
@@ -172,6 +186,7 @@ def _frames(path):
 def test_streamed_wav_is_valid_after_every_chunk(runs, tmp_path, monkeypatch):
     """While it is generated, the WAV on disk parses with the standard library's `wave` after every
     chunk and holds exactly the samples written so far; the final file holds prompt + sample."""
+    pytest.importorskip("soundfile")  # the prompt is read through soundfile
     from haed import audio
 
     seen = []

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from haed.audio import audio_library
 from haed.data import SPLITS, DatasetWriter, check_output_dir
 from haed.errors import HaedError
 from haed.prepare.common import HASH_SPLIT_RULE, ProgressTask, check_fractions, hash_split
@@ -121,10 +122,7 @@ def _check_options(source, hf, sample_rate, split_rule, valid_fraction, test_fra
     if rule == "hash":
         check_fractions(valid_fraction, test_fraction)
     for mod in ("soundfile", "soxr"):
-        try:
-            __import__(mod)
-        except ImportError:
-            raise HaedError(f"prepare audio needs the `{mod}` package: pip install 'haed[audio]'") from None
+        audio_library(mod, "prepare audio")
     return rule, valid_fraction, test_fraction
 
 
