@@ -123,8 +123,11 @@ def plot_comparison(result: dict, png_path: Path) -> Path:
             ax.plot(x, y, "o-", markersize=3, label=f"{row['label']}: test {row['test_bits_per_byte']:.3f}")
     ax.set_xlabel("training seconds (validation and checkpoints not counted)")
     ax.set_ylabel(f"validation {result['unit']}")
+    data = Path(result["dataset"]).name
     ax.set_title(
-        f"{result['recipe']} on {Path(result['dataset']).name}: {result['budget_seconds']:g} s each, "
+        f"{result['recipe']}"
+        + (f" on {data}" if data != result["recipe"] else "")  # not "code on code"
+        + f": {result['budget_seconds']:g} s each, "
         f"{result.get('gpu') or result['device']}"
         + (f", {result['memory_cap_gib']:g} GiB cap" if result.get("memory_cap_gib") else "")
     )
