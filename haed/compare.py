@@ -180,7 +180,8 @@ def _refuse_other_runs(out_dir: Path, plans: dict) -> None:
 
 def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, measure_for=None) -> tuple[dict, dict]:
     """Each phase of each system at its fastest configuration under the cap (probed now, before any clock
-    starts); the probes are kept per phase. `measure_for(recipe, objective name)` replaces the real probe (tests)."""
+    starts); the chosen candidate and the probes are kept per phase. `measure_for(recipe, objective name)`
+    replaces the real probe (tests)."""
     capped, probes = {}, {}
     for system, (label, phases) in plans.items():
         new_phases = []
@@ -193,7 +194,7 @@ def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, measure_
             chosen, tried = choose_configuration(phase_recipe, objective, measure, cap_gib, name)
             say(f"{name} under {cap_gib:g} GiB: {chosen.describe()} ({len(tried)} probed)")
             new_phases.append((objective, apply_configuration(phase_recipe, objective, chosen)))
-            probes[(system, objective.name)] = tried
+            probes[(system, objective.name)] = (chosen, tried)
         capped[system] = (label, new_phases)
     return capped, probes
 
@@ -263,7 +264,9 @@ def compare(
         ]
     for row in rows:
         for phase in row["phases"]:
-            phase["probe"] = probes.get((row["system"], phase["objective"]))
+            chosen, phase["probe"] = probes.get((row["system"], phase["objective"]), (None, None))
+            if chosen is not None and chosen.settings:
+                phase["settings"] = dict(chosen.settings)  # what the cap changed besides batch and recomputation
     result = {
         **header,
         "device": rows[0]["device"],

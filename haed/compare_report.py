@@ -95,11 +95,13 @@ def describe_phases(row: dict) -> str:
 
 
 def describe_configuration(row: dict) -> str:
-    """'16 x 1 + 8 x 2 (decoder)': each phase's micro-batch x accumulation, and what it recomputes."""
+    """'16 x 1 (logits_chunk 2048) + 8 x 2 (decoder)': each phase's micro-batch x accumulation, what it
+    recomputes, and the lean settings a memory cap gave it."""
     parts = []
     for p in row.get("phases") or []:
-        text = f"{p.get('batch_size')} x {p.get('grad_accum')}"
-        parts.append(text + (f" ({p['recompute']})" if p.get("recompute") else ""))
+        extras = [p["recompute"]] if p.get("recompute") else []
+        extras += [f"{key} {value}" for key, value in (p.get("settings") or {}).items()]
+        parts.append(f"{p.get('batch_size')} x {p.get('grad_accum')}" + (f" ({'; '.join(extras)})" if extras else ""))
     return " + ".join(parts)
 
 

@@ -2,11 +2,13 @@
 fastest configuration of its own that fits.
 
 A phase's configuration is its micro-batch (with gradient accumulation keeping the global batch: the
-recipe's `batch_size x grad_accum` windows per optimizer step) and which stacks recompute their
-activations in the backward pass (the objective's `recompute_choices`, cheapest first). Before any
-clock starts, a short probe trains a few real optimizer steps of each candidate under the cap: from
-the whole batch at once downwards, at each micro-batch the cheapest recomputation that fits, until one
-fits with no recomputation at all (a smaller micro-batch is then only slower). The fastest candidate
+recipe's `batch_size x grad_accum` windows per optimizer step), which stacks recompute their
+activations in the backward pass (the objective's `recompute_choices`, cheapest first), and the
+objective's `lean_settings` (IEM: its softmax in smaller chunks of rows), which cost almost nothing and
+are tried first when the recipe's own settings do not fit. Before any clock starts, a short probe trains
+a few real optimizer steps of each candidate under the cap: from the whole batch at once downwards, at
+each micro-batch the cheapest choice that fits, until one fits with no recomputation at all (a smaller
+micro-batch is then only slower). The fastest candidate
 that fits, with `HEADROOM` to spare (the distinct patches of an IEM batch vary from step to step), is
 chosen; a phase that nothing fits is one error before anything trains.
 
@@ -40,10 +42,19 @@ class Candidate:
     batch_size: int  # windows per micro-batch
     grad_accum: int  # micro-batches per optimizer step
     recompute: str  # stacks recomputed in the backward pass ("" for none)
+    settings: tuple[tuple[str, int], ...] = ()  # the objective's lean settings, where taken
 
     def describe(self) -> str:
-        what = f"{self.batch_size} x {self.grad_accum}"
-        return what + (f", recompute {self.recompute}" if self.recompute else "")
+        what = [f"{self.batch_size} x {self.grad_accum}"] + ([f"recompute {self.recompute}"] if self.recompute else [])
+        return ", ".join(what + [f"{key} {value}" for key, value in self.settings])
+
+
+def memory_choices(spec: Objective, cfg) -> list[tuple[str, tuple]]:
+    """(recompute, lean settings) in the order a micro-batch tries them, least compute first: the phase
+    as the recipe has it; with the objective's lean settings that lower the recipe's values; then each
+    recomputation, with them."""
+    lean = tuple((key, value) for key, value in spec.lean_settings if getattr(cfg, key) > value)
+    return [("", ())] + ([("", lean)] if lean else []) + [(r, lean) for r in spec.recompute_choices if r]
 
 
 def micro_batches(total: int) -> list[int]:
@@ -74,13 +85,13 @@ def choose_configuration(
     probes, best = [], None
     for b in micro_batches(total):
         plain_fits = False
-        for recompute in spec.recompute_choices:
-            candidate = Candidate(b, total // b, recompute)
+        for recompute, settings in memory_choices(spec, cfg):
+            candidate = Candidate(b, total // b, recompute, settings)
             cell = measure(candidate)
             ok = fits(cell, cap_gib)
             probes.append(
                 {
-                    **dataclasses.asdict(candidate),
+                    **dataclasses.asdict(candidate) | {"settings": dict(candidate.settings)},
                     "status": cell["status"],
                     "peak_allocated_gib": cell.get("peak_allocated_gib"),
                     "peak_reserved_gib": cell.get("peak_reserved_gib"),
@@ -108,13 +119,15 @@ def choose_configuration(
 
 
 def apply_configuration(recipe: Recipe, objective: Objective, candidate: Candidate) -> Recipe:
-    """The recipe with the objective's phase at `candidate`'s micro-batch, accumulation and recomputation."""
+    """The recipe with the objective's phase at `candidate`'s micro-batch, accumulation, recomputation and
+    lean settings."""
     section = objective.section
     cfg = dataclasses.replace(
         getattr(recipe, section),
         batch_size=candidate.batch_size,
         grad_accum=candidate.grad_accum,
         recompute=candidate.recompute,
+        **dict(candidate.settings),
     )
     return dataclasses.replace(recipe, **{section: cfg})
 

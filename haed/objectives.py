@@ -241,6 +241,10 @@ class Objective:
     # What `haed compare --memory-cap` may recompute (a phase's `recompute`), least compute first: each
     # choice saves more activation memory than the one before it and costs more time.
     recompute_choices: tuple[str, ...] = ("",)
+    # Phase settings that save memory for almost no compute, tried under a cap before any recomputation,
+    # where they lower the recipe's value: IEM's softmax in chunks of fewer rows (its `rows x candidates`
+    # logits and probabilities live only while the loss is computed, on top of every stored activation).
+    lean_settings: tuple[tuple[str, int], ...] = ()
     # Its loss scores against the batch's distinct patches (IEM): where several ranks train, the trainer
     # hands the record how to gather them from every rank (`across_ranks`); objectives know no process group.
     scores_batch_patches: bool = False
@@ -267,6 +271,7 @@ IEM = Objective(
     step_parts=_iem_step_parts,
     trains_decoder=False,
     recompute_choices=("", "main", "encoder,main,decoder"),
+    lean_settings=(("logits_chunk", 2048),),
     scores_batch_patches=True,
 )
 DECODER = Objective(
