@@ -8,7 +8,7 @@ from _tiny import make_text_dataset
 from typer.testing import CliRunner
 
 from haed.compare import _choose_systems, compare, flat_recipe
-from haed.compare_report import describe_configuration, describe_phase_ends
+from haed.compare_report import describe_phase_ends
 from haed.errors import HaedError
 from haed.model import build_model, count_parameters
 from haed.recipe import apply_overrides, debug_recipe, recipe_from_dict
@@ -181,146 +181,6 @@ def test_cli_compare_and_plain_progress_lines(dataset, tmp_path):
     assert json.loads((tmp_path / "c" / "compare.json").read_text())["budget_seconds"] == 0.5
 
 
-# --------------------------------------------------------------------------------------------
-# --memory-cap: the probe's choice under a fake cap (a fake measurement: no GPU needed)
-
-
-def fake_measure(peaks: dict, times: dict):
-    """A `measure` that reports, per (micro-batch, recompute) or (micro-batch, recompute, lean setting's
-    value), a peak (GiB) and a step time (ms); an absent peak is an out-of-memory cell."""
-    tried = []
-
-    def measure(candidate):
-        tried.append(candidate)
-        key = (candidate.batch_size, candidate.recompute, *(value for _, value in candidate.settings))
-        if key not in peaks:
-            return {"status": "OOM", "peak_allocated_gib": 9.9, "peak_reserved_gib": 10.0, "median_step_ms": None}
-        return {"status": "ok", "peak_allocated_gib": peaks[key], "peak_reserved_gib": peaks[key],
-                "median_step_ms": times[key]}  # fmt: skip
-
-    return measure, tried
-
-
-def test_the_probe_picks_the_fastest_configuration_that_fits():
-    from haed.memory_cap import Candidate, choose_configuration, micro_batches
-
-    assert micro_batches(16) == [16, 8, 4, 2, 1] and micro_batches(12) == [12, 6, 3, 1] and micro_batches(1) == [1]
-    recipe = _debug_recipe_with(None, ["full.batch_size=8", "full.grad_accum=2"])  # a global batch of 16
-    # 16 at once fits only with the main model recomputed (slow); 8 x 2 fits with nothing recomputed.
-    peaks = {(16, "main,decoder"): 7.0, (8, ""): 7.5, (4, ""): 4.0}
-    times = {(16, "main,decoder"): 300.0, (8, ""): 250.0, (4, ""): 260.0}
-    measure, tried = fake_measure(peaks, times)
-    chosen, probes = choose_configuration(recipe, "full", measure, cap_gib=8.0, label="full")
-    assert chosen == Candidate(8, 2, "")
-    # 16: none, decoder, main+decoder (fits); 8: none fits, so smaller micro-batches are not tried.
-    assert [(c.batch_size, c.recompute) for c in tried] == [(16, ""), (16, "decoder"), (16, "main,decoder"), (8, "")]
-    assert [p["fits"] for p in probes] == [False, False, True, True]
-    # A peak within the headroom below the cap does not fit: 7.7 GiB of 8 leaves less than 5%.
-    measure, _ = fake_measure({(16, ""): 7.7, (8, ""): 7.0}, {(16, ""): 100.0, (8, ""): 120.0})
-    assert choose_configuration(recipe, "full", measure, 8.0, "full")[0] == Candidate(8, 2, "")
-
-
-def test_under_a_cap_iem_first_takes_smaller_softmax_chunks_then_recomputes():
-    from haed.memory_cap import Candidate, choose_configuration, memory_choices
-    from haed.objectives import IEM
-
-    lean = (("logits_chunk", 2048),)
-    recipe = _debug_recipe_with(None, ["iem.batch_size=4", "iem.logits_chunk=16384"])
-    assert memory_choices(IEM, recipe.iem) == [("", ()), ("", lean), ("main", lean), ("encoder,main,decoder", lean)]
-    # The whole batch fits once the softmax is chunked: nothing is recomputed, no smaller micro-batch tried.
-    measure, tried = fake_measure({(4, "", 2048): 6.0, (2, ""): 5.0}, {(4, "", 2048): 100.0, (2, ""): 90.0})
-    chosen, probes = choose_configuration(recipe, "iem", measure, cap_gib=8.0, label="iem")
-    assert chosen == Candidate(4, 1, "", lean) and chosen.describe() == "4 x 1, logits_chunk 2048"
-    assert [(c.batch_size, c.recompute, c.settings) for c in tried] == [(4, "", ()), (4, "", lean)]
-    assert [p["settings"] for p in probes] == [{}, {"logits_chunk": 2048}]
-    # Where it does not fit chunked either, recomputation keeps the smaller chunks.
-    measure, tried = fake_measure({(4, "main", 2048): 5.0, (2, ""): 7.0}, {(4, "main", 2048): 120.0, (2, ""): 110.0})
-    assert choose_configuration(recipe, "iem", measure, 8.0, "iem")[0] == Candidate(2, 2, "")
-    assert [(c.batch_size, c.recompute) for c in tried] == [(4, ""), (4, ""), (4, "main"), (2, "")]
-    # A recipe whose chunks are already that small, and an objective without a softmax, try nothing lean.
-    small = _debug_recipe_with(None, ["iem.logits_chunk=1024"])
-    assert memory_choices(IEM, small.iem) == [("", ()), ("main", ()), ("encoder,main,decoder", ())]
-
-
-def test_the_cap_is_set_on_the_current_device_when_none_is_named(monkeypatch):
-    """`--device cuda` names no index; PyTorch's per-process fraction needs one (this failed on an H100)."""
-    import torch
-
-    from haed.memory_cap import enforced_cap
-
-    calls = []
-    props = type("Props", (), {"total_memory": 80 * 2**30})()
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: calls.append((f, device)))
-    with enforced_cap(torch.device("cuda"), 8):
-        assert calls == [(0.1, torch.device("cuda", 3))]
-    assert calls[-1] == (1.0, torch.device("cuda", 3))
-    with pytest.raises(HaedError, match="more than this GPU has"):
-        with enforced_cap(torch.device("cuda", 0), 81):
-            pass
-
-
-def test_a_cap_nothing_fits_is_one_error_before_anything_trains(dataset, tmp_path, monkeypatch):
-    import haed.compare as compare_module
-    from haed.memory_cap import enforced_cap
-
-    monkeypatch.setattr(compare_module, "enforced_cap", lambda dev, cap: enforced_cap(dev, None))  # no GPU here
-    measure, tried = fake_measure({}, {})
-    with pytest.raises(HaedError, match=r"--memory-cap 0.5 GiB: no configuration of full \(end to end\) fits"):
-        compare(
-            debug_recipe(str(dataset)), tmp_path / "capped", 1.0, systems=("iem", "full"), device="cpu",
-            memory_cap_gib=0.5, _measure_for=lambda recipe, objective: measure if objective == "full" else
-            fake_measure({(2, ""): 0.1}, {(2, ""): 5.0})[0],
-        )  # fmt: skip
-    assert len(tried) == 2 * 4  # micro-batches 2 and 1, each with every recomputation of full training
-    assert not (tmp_path / "capped").exists()
-
-
-def test_capped_phases_train_at_the_chosen_configuration(dataset, tmp_path, monkeypatch):
-    import haed.compare as compare_module
-    from haed.memory_cap import enforced_cap
-
-    monkeypatch.setattr(compare_module, "enforced_cap", lambda dev, cap: enforced_cap(dev, None))
-    recipe = _debug_recipe_with(dataset, ["full.batch_size=4"])
-    peaks = {
-        (4, ""): 9.0,
-        (4, "decoder"): 9.0,
-        (4, "main,decoder"): 9.0,
-        (4, "encoder,main,decoder"): 9.0,
-        (2, ""): 1.0,
-    }
-    result = compare(
-        recipe, tmp_path / "capped", 0.5, systems=("full",), evals=1, device="cpu", memory_cap_gib=2.0,
-        _measure_for=lambda r, o: fake_measure(peaks, {k: 10.0 for k in peaks})[0],
-    )  # fmt: skip
-    phase = result["rows"][0]["phases"][0]
-    assert (phase["batch_size"], phase["grad_accum"], phase["recompute"]) == (2, 2, "")
-    assert [p["fits"] for p in phase["probe"]] == [False] * 4 + [True] and result["memory_cap_gib"] == 2.0
-    config = json.loads((tmp_path / "capped" / "full" / "config.json").read_text())
-    assert config["global_batch"]["windows"] == 4 and config["recipe"]["full"]["grad_accum"] == 2
-    assert "settings" not in phase and describe_configuration(result["rows"][0]) == "2 x 2"
-
-
-def test_a_lean_setting_the_cap_chose_trains_and_is_reported(dataset, tmp_path, monkeypatch):
-    import haed.compare as compare_module
-    from haed.memory_cap import enforced_cap
-
-    monkeypatch.setattr(compare_module, "enforced_cap", lambda dev, cap: enforced_cap(dev, None))
-    recipe = _debug_recipe_with(dataset, ["iem.batch_size=2", "decoder.batch_size=2", "iem.logits_chunk=4096"])
-    peaks = {"iem": {(2, "", 2048): 1.0}, "decoder": {(2, ""): 1.0}}  # IEM fits only chunked
-    result = compare(
-        recipe, tmp_path / "capped", 0.5, systems=("iem",), evals=1, device="cpu", memory_cap_gib=2.0,
-        _measure_for=lambda r, o: fake_measure(peaks[o], {k: 10.0 for k in peaks[o]})[0],
-    )  # fmt: skip
-    row = result["rows"][0]
-    iem, decoder = row["phases"]
-    assert iem["settings"] == {"logits_chunk": 2048} and "settings" not in decoder
-    assert describe_configuration(row) == "2 x 1 (logits_chunk 2048) + 2 x 1"
-    config = json.loads((tmp_path / "capped" / "iem" / "config.json").read_text())
-    assert config["recipe"]["iem"]["logits_chunk"] == 2048
-
-
 def test_systems_run_in_separate_jobs_merge_into_one_comparison(dataset, tmp_path):
     """--merge: rows of an earlier compare.json join this run's table, JSON and plot, with the ratios over
     all rows; a file of another comparison (budget, data) or one repeating a system is refused before
@@ -449,3 +309,32 @@ def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys
     assert merged["iem_vs_full"] == pytest.approx(0.9 / 1.2)
     assert merge_script.main([f"{tmp_path / 'v.json'}:iem", "--json", str(tmp_path / "q.json")]) == 1
     assert "has no row named iem" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
+
+
+def test_the_seconds_to_target_benchmark_recovers_a_known_curve(tmp_path, capsys):
+    """benchmarks/seconds_to_target.py: a curve made from `a + b t^-c` gives back a, b, c, the seconds to
+    a value below its end, where another row's last value lies, and infinity below the asymptote."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "seconds_to_target.py"
+    spec = importlib.util.spec_from_file_location("seconds_to_target", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def law(t):
+        return 2.0 + 3.0 * t**-0.5
+
+    full = _row("full", "haed", 0.0) | {"valid_curve": [[t, law(t)] for t in (30.0, 60.0, 90.0, 120.0, 150.0)]}
+    iem = _row("iem", "haed", 0.0) | {"valid_curve": [[150.0, law(100.0)]]}
+    (tmp_path / "c.json").write_text(json.dumps({"rows": [full, iem]}))
+    result = script.main([str(tmp_path / "c.json"), "--lower", "3", "--lower", "60", "--at", "iem"])
+    fit = result["fit"]
+    assert (fit["a"], fit["b"], fit["c"]) == pytest.approx((2.0, 3.0, 0.5), abs=1e-6)
+    target = law(150.0) * 0.97
+    assert result["lower"]["3%"] == pytest.approx((3.0 / (target - 2.0)) ** 2, rel=1e-6)
+    assert result["lower"]["60%"] == float("inf")  # below the asymptote
+    assert result["at"]["iem"] == pytest.approx(100.0, rel=1e-6)
+    assert "where full was at 100 s" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no validation curve for system 'flat'"):
+        script.main([str(tmp_path / "c.json"), "--at", "flat"])
