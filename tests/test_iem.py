@@ -1,6 +1,7 @@
 """The IEM objective: sampled softmax over the batch's distinct patches."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -267,3 +268,54 @@ def test_byte_loss_on_leading_bytes_is_the_decoders_loss_on_those_positions():
     every = iem_loss(model, x, TrainConfig(byte_loss_fraction=1.0, byte_loss_bytes=4))[1]["byte_bits_per_byte"]
     torch.testing.assert_close(whole, every)
     assert not torch.isclose(whole, metrics["byte_bits_per_byte"])
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most bytes that tensors made inside the block held at once (a storage counts while any tensor
+    made on it lives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.users: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                self._hold(t)
+        return out
+
+    def _hold(self, t):
+        key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        if key not in self.users:
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        self.users[key] = self.users.get(key, 0) + 1
+        weakref.finalize(t, self._release, key, size)
+
+    def _release(self, key, size):
+        self.users[key] -= 1
+        if not self.users[key]:
+            del self.users[key]
+            self.live -= size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_softmax_holds_a_few_chunks_of_logits_never_the_whole_matrix(dtype):
+    """DESIGN: the `rows x candidates` logits must never dominate memory. Chunked, the softmax's working
+    memory is a few `chunk x candidates` float32 blocks; in one chunk it is several whole matrices (why
+    `haed compare --memory-cap` tries smaller chunks before recomputing anything)."""
+    R, C, D = 1024, 1000, 32
+    g = torch.Generator().manual_seed(0)
+    q, cand, pos = (torch.randn(n, D, generator=g, dtype=dtype, requires_grad=True) for n in (R, C, R))
+    target_col = torch.randint(-1, C, (R,), generator=g)
+    logq_cand, logq_pos = torch.randn(C, generator=g), torch.randn(R, generator=g)
+    block = 128 * C * 4  # one float32 block of 128 rows' logits
+    peaks = {}
+    for chunk in (R, 128):
+        with _LiveBytes() as tracker:
+            sampled_softmax_loss(q, cand, pos, target_col, logq_cand, logq_pos, chunk=chunk)
+        peaks[chunk] = tracker.peak
+    assert peaks[128] < 6 * block + 8 * R * D * 4  # a few blocks, plus the gradients of q, pos and cand
+    assert peaks[R] > 2.5 * (R // 128) * block  # whole: more than two float32 matrices at once
