@@ -12,17 +12,23 @@ def _chunk_softmax(logits, logq_cand, target_col, pos_logit, needs_grad: bool):
     """Loss terms of one chunk of rows from its (rows, C) candidate logits (before the log-Q shift).
 
     Returns per-row losses, correctness, and for the backward pass the candidate probabilities (in the
-    logits' dtype) and d loss / d positive logit. Written as plain tensor code so that, compiled, it
-    becomes a couple of fused passes over the logits instead of about ten.
+    logits' dtype) and d loss / d positive logit. One float32 block of the chunk's logits is worked on
+    in place (eager, `logsumexp` and `exp(x - lse)` would each hold two more: half of the IEM phase's
+    peak memory on music in one chunk); `logits` is a temporary the caller does not use again. Written
+    as plain tensor code so that, compiled, it becomes a couple of fused passes over the logits.
     """
     cols = torch.arange(logits.shape[1], device=logits.device)
-    shifted = (logits.float() - logq_cand).masked_fill(cols[None, :] == target_col[:, None], float("-inf"))
-    lse = torch.logaddexp(torch.logsumexp(shifted, dim=-1), pos_logit)
+    work = logits.float() if logits.dtype != torch.float32 else logits
+    work.sub_(logq_cand).masked_fill_(cols[None, :] == target_col[:, None], float("-inf"))
+    top = work.amax(dim=-1)
+    correct = pos_logit > top
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # a row with no other candidate
+    work.sub_(top[:, None]).exp_()  # exp(shifted - top), in [0, 1]
+    lse = torch.logaddexp(top + torch.log(work.sum(dim=-1)), pos_logit)
     losses = lse - pos_logit
-    correct = pos_logit > shifted.amax(dim=-1)
     if not needs_grad:
         return losses, correct, None, None
-    probs = torch.exp(shifted - lse[:, None]).to(logits.dtype)  # softmax over the candidate columns
+    probs = work.mul_(torch.exp(top - lse)[:, None]).to(logits.dtype)  # softmax over the candidate columns
     pos_coef = torch.exp(pos_logit - lse) - 1.0  # d loss / d pos_logit
     return losses, correct, probs, pos_coef
 

@@ -304,8 +304,9 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_softmax_holds_a_few_chunks_of_logits_never_the_whole_matrix(dtype):
     """DESIGN: the `rows x candidates` logits must never dominate memory. Chunked, the softmax's working
-    memory is a few `chunk x candidates` float32 blocks; in one chunk it is several whole matrices (why
-    `haed compare --memory-cap` tries smaller chunks before recomputing anything)."""
+    memory is a few `chunk x candidates` float32 blocks; in one chunk, about two whole float32 matrices
+    (the logits, one float32 copy worked on in place, the probabilities), not the 3.6 (bfloat16) to 4.2
+    (float32) that out-of-place `logsumexp` and `exp(x - lse)` held."""
     R, C, D = 1024, 1000, 32
     g = torch.Generator().manual_seed(0)
     q, cand, pos = (torch.randn(n, D, generator=g, dtype=dtype, requires_grad=True) for n in (R, C, R))
@@ -318,4 +319,5 @@ def test_the_softmax_holds_a_few_chunks_of_logits_never_the_whole_matrix(dtype):
             sampled_softmax_loss(q, cand, pos, target_col, logq_cand, logq_pos, chunk=chunk)
         peaks[chunk] = tracker.peak
     assert peaks[128] < 6 * block + 8 * R * D * 4  # a few blocks, plus the gradients of q, pos and cand
-    assert peaks[R] > 2.5 * (R // 128) * block  # whole: more than two float32 matrices at once
+    whole = R * C * 4
+    assert whole < peaks[R] < 2.25 * whole
