@@ -8,17 +8,21 @@ from __future__ import annotations
 import torch
 
 
-def _chunk_softmax(logits, logq_cand, target_col, pos_logit, needs_grad: bool):
-    """Loss terms of one chunk of rows from its (rows, C) candidate logits (before the log-Q shift).
+def _chunk_softmax(q, cand, logq_cand, target_col, pos_logit, needs_grad: bool):
+    """Loss terms of one chunk of rows (queries q) against the candidates: their logits q . cand_j, less
+    the log-Q shift.
 
     Returns per-row losses, correctness, and for the backward pass the candidate probabilities (in the
-    logits' dtype) and d loss / d positive logit. One float32 block of the chunk's logits is worked on
-    in place (eager, `logsumexp` and `exp(x - lse)` would each hold two more: half of the IEM phase's
-    peak memory on music in one chunk); `logits` is a temporary the caller does not use again. Written
-    as plain tensor code so that, compiled, it becomes a couple of fused passes over the logits.
+    logits' dtype) and d loss / d positive logit. The logits live as one float32 block worked on in
+    place (eager, `logsumexp` and `exp(x - lse)` would each hold two more copies, and the bfloat16
+    logits a half: about half of the IEM phase's peak memory on music in one chunk). Written as plain
+    tensor code so that, compiled, it becomes a couple of fused passes over the logits.
     """
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    work = logits.float() if logits.dtype != torch.float32 else logits
+    logits = q @ cand.T
+    dtype = logits.dtype
+    work = logits.float()  # the same tensor where the logits are float32 already
+    del logits  # the bfloat16 logits are not kept beside their float32 copy
+    cols = torch.arange(work.shape[1], device=work.device)
     work.sub_(logq_cand).masked_fill_(cols[None, :] == target_col[:, None], float("-inf"))
     top = work.amax(dim=-1)
     correct = pos_logit > top
@@ -28,7 +32,7 @@ def _chunk_softmax(logits, logq_cand, target_col, pos_logit, needs_grad: bool):
     losses = lse - pos_logit
     if not needs_grad:
         return losses, correct, None, None
-    probs = work.mul_(torch.exp(top - lse)[:, None]).to(logits.dtype)  # softmax over the candidate columns
+    probs = work.mul_(torch.exp(top - lse)[:, None]).to(dtype)  # softmax over the candidate columns
     pos_coef = torch.exp(pos_logit - lse) - 1.0  # d loss / d pos_logit
     return losses, correct, probs, pos_coef
 
@@ -73,7 +77,7 @@ class _SampledSoftmax(torch.autograd.Function):
             e = min(R, s + chunk)
             qc, pc = q[s:e], pos[s:e]
             loss_c, correct_c, probs, pos_coef = softmax(
-                qc @ cand.T, logq_cand, target_col[s:e], pos_logits[s:e], needs_grad
+                qc, cand, logq_cand, target_col[s:e], pos_logits[s:e], needs_grad
             )
             losses[s:e] = loss_c
             correct[s:e] = correct_c

@@ -304,9 +304,9 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_softmax_holds_a_few_chunks_of_logits_never_the_whole_matrix(dtype):
     """DESIGN: the `rows x candidates` logits must never dominate memory. Chunked, the softmax's working
-    memory is a few `chunk x candidates` float32 blocks; in one chunk, about two whole float32 matrices
-    (the logits, one float32 copy worked on in place, the probabilities), not the 3.6 (bfloat16) to 4.2
-    (float32) that out-of-place `logsumexp` and `exp(x - lse)` held."""
+    memory is a few `chunk x candidates` float32 blocks; in one chunk, about one and a half whole float32
+    matrices (one float32 copy of the logits worked on in place, and the probabilities), not the 3.6
+    (bfloat16) to 4.2 (float32) that the bfloat16 logits, out-of-place `logsumexp` and `exp(x - lse)` held."""
     R, C, D = 1024, 1000, 32
     g = torch.Generator().manual_seed(0)
     q, cand, pos = (torch.randn(n, D, generator=g, dtype=dtype, requires_grad=True) for n in (R, C, R))
@@ -320,4 +320,4 @@ def test_the_softmax_holds_a_few_chunks_of_logits_never_the_whole_matrix(dtype):
         peaks[chunk] = tracker.peak
     assert peaks[128] < 6 * block + 8 * R * D * 4  # a few blocks, plus the gradients of q, pos and cand
     whole = R * C * 4
-    assert whole < peaks[R] < 2.25 * whole
+    assert whole < peaks[R] < 1.75 * whole
