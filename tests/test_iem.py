@@ -155,7 +155,10 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the chunk softmax is used on CUDA only")
-def test_compiled_chunk_softmax_matches_eager():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_chunk_softmax_matches_eager(autocast):
+    """The compiled chunk (its logits' matmul included) gives eager's loss, correctness and gradients, in
+    float32 and under training's bfloat16 autocast."""
     torch.manual_seed(0)
     q = torch.randn(300, 32, device="cuda", requires_grad=True)
     cand = torch.randn(77, 32, device="cuda", requires_grad=True)
@@ -164,13 +167,16 @@ def test_compiled_chunk_softmax_matches_eager():
     logq = torch.rand(77, device="cuda")
     results = []
     for compiled in (False, True):
-        loss, correct = sampled_softmax_loss(q, cand, pos, target_col, logq, None, chunk=128, compiled=compiled)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss, correct = sampled_softmax_loss(q, cand, pos, target_col, logq, None, chunk=128, compiled=compiled)
         grads = torch.autograd.grad(loss, (q, cand, pos))
         results.append((loss, correct, grads))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
-    assert torch.equal(results[1][1], results[0][1])
+    # bfloat16 logits may round differently where inductor orders a sum otherwise: allow one rounding
+    rtol, atol = (2e-2, 1e-3) if autocast else (1e-5, 1e-6)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=rtol, atol=atol)
+    assert (results[1][1] == results[0][1]).float().mean() >= (0.99 if autocast else 1.0)
     for a, b in zip(results[1][2], results[0][2]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=max(rtol, 1e-4), atol=atol)
 
 
 @pytest.mark.parametrize("logq", [True, False])
