@@ -112,6 +112,12 @@ class TrainConfig:
     # decoder, which the byte loss trained, and the `main_layers` blocks) instead of zeros, so that it
     # needs no warm-up. Read from the IEM run's newest step checkpoint (one process).
     carry_moments: bool = False
+    # With carry_moments: raise each carried second moment, tensor by tensor, to the phase's first clipped
+    # gradient where it lies below it. The IEM phase clips its whole gradient (softmax, byte loss, every
+    # stack) to `grad_clip`, which shrinks the decoder's share; the decoder phase's gradient is not
+    # shrunk so, and carried moments would take steps several times `lr` until they adapt (CPU, `code`
+    # scaled down as in docs/2026-12-06-big-corpora.md: 16 of 29 tensors raised, x1.78 median, x3.63 most).
+    match_moments: bool = False
     # With several processes (torchrun): "global" scores against the distinct patches of every rank's
     # batch (as one process with the whole batch would), "local" against each rank's own only.
     candidates: str = "global"

@@ -74,3 +74,24 @@ def carry_parent_moments(model, optimizer: torch.optim.Optimizer, parent_run: Pa
     wanted["state"] = {i: by_name[name] for i, name in enumerate(ours) if name in by_name}
     optimizer.load_state_dict(wanted)  # moves each moment to its parameter's device and dtype
     return checkpoint, len(wanted["state"]), len(ours)
+
+
+def raise_second_moments(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Raise each carried second moment (`exp_avg_sq`), tensor by tensor, so that its bias-corrected mean
+    is at least the mean square of the parameter's gradient now (clipped, before the update): the first
+    updates of a carried optimizer then stay within about `lr` per element. Returns each raised tensor's
+    factor on its root mean square (a tensor already at or above its gradient is left as it was)."""
+    factors = []
+    for group in optimizer.param_groups:
+        beta2 = group["betas"][1]
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if p.grad is None or not state or "exp_avg_sq" not in state:
+                continue
+            v = state["exp_avg_sq"]
+            carried = v.float().mean() / (1 - beta2 ** float(state["step"]))
+            needed = p.grad.float().pow(2).mean()
+            if needed > carried > 0:
+                v.mul_(needed / carried)
+                factors.append(float((needed / carried).sqrt()))
+    return factors

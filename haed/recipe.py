@@ -91,6 +91,8 @@ class Recipe:
                 )
         children = {o.section for o in OBJECTIVES.values() if o.parent_objective}
         for phase in phase_sections():
+            if getattr(self, phase).match_moments and not getattr(self, phase).carry_moments:
+                raise HaedError(f"{phase}.match_moments adjusts carried moments: it needs {phase}.carry_moments")
             if getattr(self, phase).carry_moments and phase not in children:
                 raise HaedError(
                     f"{phase}.carry_moments: only a phase that starts from another run's weights takes it "

@@ -93,10 +93,13 @@ def set_trainable(model, objective: Objective, cfg: TrainConfig | None = None) -
     return params
 
 
-def train_step(model, optimizer, params, loss_fn, cfg: TrainConfig, batches, device) -> tuple[dict, torch.Tensor]:
+def train_step(
+    model, optimizer, params, loss_fn, cfg: TrainConfig, batches, device, before_update=None
+) -> tuple[dict, torch.Tensor]:
     """One optimizer step over the micro-batches [(x, generator), ...]: (mean metrics, grad norm).
 
-    Metrics stay on the device (no host synchronisation inside the step).
+    Metrics stay on the device (no host synchronisation inside the step). `before_update(optimizer)`,
+    if given, runs on the clipped gradients just before the optimizer's update.
     """
     sums: dict[str, torch.Tensor] = {}
     for x, generator in batches:
@@ -107,6 +110,8 @@ def train_step(model, optimizer, params, loss_fn, cfg: TrainConfig, batches, dev
             v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
             sums[k] = sums.get(k, 0.0) + v / len(batches)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if before_update is not None:
+        before_update(optimizer)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm

@@ -26,7 +26,7 @@ from haed.distributed import World, global_candidates
 from haed.errors import HaedError
 from haed.guards import NonFiniteWatch, StopRequests, preflight
 from haed.model import build_model
-from haed.parent_moments import carry_parent_moments
+from haed.parent_moments import carry_parent_moments, raise_second_moments
 from haed.runs import TrainingRun, append_metrics, new_run_config, plot_metrics, read_best, truncate_metrics
 from haed.steps import (
     apply_recompute,
@@ -105,6 +105,7 @@ class Trainer:
             objective = objective.across_ranks(global_candidates)
         self.loss_fn, self.params = world.parallelize(model, objective, params, cfg.seed)  # FSDP2 with several ranks
         self.optimizer = make_optimizer(self.params, cfg, dev)
+        self.match_moments = False  # the first step raises the carried second moments (cfg.match_moments)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         elif run.checkpoint is not None:
@@ -157,6 +158,19 @@ class Trainer:
             )
         checkpoint, carried, trained = carry_parent_moments(self.model, self.optimizer, parent_run)
         self._emit("message", text=f"AdamW starts from the moments in {checkpoint} ({carried} of {trained} parameters)")
+        self.match_moments = self.cfg.match_moments
+
+    def _match_moments(self, optimizer) -> None:
+        """Before the first update of a phase with carried moments: raise them to its first gradients."""
+        factors = sorted(raise_second_moments(optimizer))
+        self.match_moments = False
+        if factors:
+            median = factors[len(factors) // 2]
+            self._emit(
+                "message",
+                text=f"raised the carried second moments of {len(factors)} parameters to their first gradients "
+                f"(root mean square x{median:.2f} median, x{factors[-1]:.2f} most)",
+            )
 
     def _start_from_parent(self, init_from: Path) -> None:
         parent_checkpoint = select_checkpoint(init_from, BEST)
@@ -245,8 +259,9 @@ class Trainer:
         lr = lr_at(step, cfg, self.train_seconds / self.budget if self.budget else None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        match = self._match_moments if self.match_moments else None
         sums, grad_norm = train_step(
-            self.model, self.optimizer, self.params, self.loss_fn, cfg, self._batches(step), self.dev
+            self.model, self.optimizer, self.params, self.loss_fn, cfg, self._batches(step), self.dev, match
         )
         sums, grad_norm = self.world.reduce_step(sums, grad_norm)
         self.done = done = step + 1
