@@ -88,7 +88,8 @@ def compare(
         None,
         "--memory-cap",
         help="Train every system under this cap on GPU memory, enforced, each at the fastest micro-batch "
-        "(same global batch) and recomputation of its own that fits, probed before the clock starts.",
+        "(same global batch), recomputation and IEM softmax chunk of its own that fits, probed before the clock "
+        "starts.",
         metavar="GIB",
         show_default=False,
         rich_help_panel=SYSTEMS,
