@@ -352,3 +352,25 @@ def test_step_flops_count_the_byte_loss_and_the_decoder_phases_trained_main_bloc
     layers = model.cfg.main.layers
     every_block = step_flops(model, "decoder", B, N, cfg=replace(plain, main_layers=layers))
     assert every_block == pytest.approx(step_flops(model, "full", B, N) - 2 * parts["encoder"])
+
+
+def test_the_flops_benchmark_adds_each_recomputed_stacks_forward_on_the_rows_it_trains():
+    """benchmarks/step_flops.py's "with recomputation" columns: a recomputed stack's forward runs once more,
+    on the rows its phase trains it on (IEM's byte loss: its fraction of the patches)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_flops.py"
+    spec = importlib.util.spec_from_file_location("step_flops_benchmark", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = tiny_model(patch_size=4)
+    parts = forward_flops(model, 2, 64)
+    cfg = TrainConfig(byte_loss_fraction=0.25)
+    assert script.recomputed_flops(model, "iem", parts, cfg) == 0
+    assert script.recomputed_flops(model, "iem", parts, replace(cfg, recompute="main")) == pytest.approx(parts["main"])
+    every = replace(cfg, recompute="encoder,main,decoder")
+    expected = parts["encoder"] + parts["main"] + 0.25 * parts["decoder"]
+    assert script.recomputed_flops(model, "iem", parts, every) == pytest.approx(expected)
+    full = replace(TrainConfig(), recompute="decoder")
+    assert script.recomputed_flops(model, "full", parts, full) == pytest.approx(parts["decoder"])
