@@ -199,6 +199,15 @@ def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, measure_
     return capped, probes
 
 
+def _attach_probes(rows: list[dict], probes: dict) -> None:
+    """Each phase row gets its probes under a cap (None without one), and the lean settings chosen."""
+    for row in rows:
+        for phase in row["phases"]:
+            chosen, phase["probe"] = probes.get((row["system"], phase["objective"]), (None, None))
+            if chosen is not None and chosen.settings:
+                phase["settings"] = dict(chosen.settings)  # what the cap changed besides batch and recomputation
+
+
 def compare(
     recipe: Recipe,
     out_dir: Path,
@@ -262,11 +271,7 @@ def compare(
             _run_system(system, label, phases, out_dir, device, compile, eval_data, eval_bytes, say, on_event)
             for system, (label, phases) in plans.items()
         ]
-    for row in rows:
-        for phase in row["phases"]:
-            chosen, phase["probe"] = probes.get((row["system"], phase["objective"]), (None, None))
-            if chosen is not None and chosen.settings:
-                phase["settings"] = dict(chosen.settings)  # what the cap changed besides batch and recomputation
+    _attach_probes(rows, probes)
     result = {
         **header,
         "device": rows[0]["device"],
