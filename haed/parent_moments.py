@@ -92,6 +92,7 @@ def raise_second_moments(optimizer: torch.optim.Optimizer) -> list[float]:
             carried = v.float().mean() / (1 - beta2 ** float(state["step"]))
             needed = p.grad.float().pow(2).mean()
             if needed > carried > 0:
-                v.mul_(needed / carried)
-                factors.append(float((needed / carried).sqrt()))
+                ratio = needed / carried
+                v.mul_(ratio)
+                factors.append(float(ratio.sqrt()))
     return factors

@@ -105,7 +105,7 @@ class Trainer:
             objective = objective.across_ranks(global_candidates)
         self.loss_fn, self.params = world.parallelize(model, objective, params, cfg.seed)  # FSDP2 with several ranks
         self.optimizer = make_optimizer(self.params, cfg, dev)
-        self.match_moments = False  # the first step raises the carried second moments (cfg.match_moments)
+        self.before_first_update = None  # runs once, on the first step's clipped gradients
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
         elif run.checkpoint is not None:
@@ -158,12 +158,12 @@ class Trainer:
             )
         checkpoint, carried, trained = carry_parent_moments(self.model, self.optimizer, parent_run)
         self._emit("message", text=f"AdamW starts from the moments in {checkpoint} ({carried} of {trained} parameters)")
-        self.match_moments = self.cfg.match_moments
+        if self.cfg.match_moments:
+            self.before_first_update = self._match_moments
 
     def _match_moments(self, optimizer) -> None:
         """Before the first update of a phase with carried moments: raise them to its first gradients."""
         factors = sorted(raise_second_moments(optimizer))
-        self.match_moments = False
         if factors:
             median = factors[len(factors) // 2]
             self._emit(
@@ -259,9 +259,9 @@ class Trainer:
         lr = lr_at(step, cfg, self.train_seconds / self.budget if self.budget else None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        match = self._match_moments if self.match_moments else None
+        first, self.before_first_update = self.before_first_update, None
         sums, grad_norm = train_step(
-            self.model, self.optimizer, self.params, self.loss_fn, cfg, self._batches(step), self.dev, match
+            self.model, self.optimizer, self.params, self.loss_fn, cfg, self._batches(step), self.dev, first
         )
         sums, grad_norm = self.world.reduce_step(sums, grad_norm)
         self.done = done = step + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +64,12 @@ def write_recipe_toml(path: Path, recipe) -> Path:
             lines += ["", f"[{key}]"] + [f"{k} = {value(x)}" for k, x in v.items()]
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module, to test its functions."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from _tiny import make_text_dataset
+from _tiny import load_benchmark, make_text_dataset
 from typer.testing import CliRunner
 
 from haed.compare import _choose_systems, compare, flat_recipe
@@ -255,13 +255,7 @@ def _row(system: str, arch: str, bits: float) -> dict:
 
 def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys):
     """benchmarks/merge_comparisons.py: FILE:SYSTEM,... keeps those rows; the ratios cover the merged rows."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_comparisons.py"
-    spec = importlib.util.spec_from_file_location("merge_comparisons", path)
-    merge_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(merge_script)
+    merge_script = load_benchmark("merge_comparisons")
     shared = {
         "recipe": "code",
         "dataset": "/x/data/code",
@@ -314,13 +308,7 @@ def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys
 def test_the_seconds_to_target_benchmark_recovers_a_known_curve(tmp_path, capsys):
     """benchmarks/seconds_to_target.py: a curve made from `a + b t^-c` gives back a, b, c, the seconds to
     a value below its end, where another row's last value lies, and infinity below the asymptote."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "seconds_to_target.py"
-    spec = importlib.util.spec_from_file_location("seconds_to_target", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("seconds_to_target")
 
     def law(t):
         return 2.0 + 3.0 * t**-0.5

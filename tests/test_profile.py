@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import typer
-from _tiny import make_text_dataset, tiny_model
+from _tiny import load_benchmark, make_text_dataset, tiny_model
 from typer.testing import CliRunner
 
 from haed.config import TrainConfig
@@ -357,13 +357,7 @@ def test_step_flops_count_the_byte_loss_and_the_decoder_phases_trained_main_bloc
 def test_the_flops_benchmark_adds_each_recomputed_stacks_forward_on_the_rows_it_trains():
     """benchmarks/step_flops.py's "with recomputation" columns: a recomputed stack's forward runs once more,
     on the rows its phase trains it on (IEM's byte loss: its fraction of the patches)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "step_flops.py"
-    spec = importlib.util.spec_from_file_location("step_flops_benchmark", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("step_flops")
     model = tiny_model(patch_size=4)
     parts = forward_flops(model, 2, 64)
     cfg = TrainConfig(byte_loss_fraction=0.25)
