@@ -3,10 +3,13 @@
 Builds the model of a recipe exactly as `haed profile-memory` does (same trainer step, optimizer,
 autocast, compilation), runs warm-up steps, times `--steps` steps with CUDA synchronisation, then
 profiles `--profile-steps` more with torch.profiler and writes the kernels sorted by CUDA time, with the
-GPU's busy time per step, kernel launches and host waits (a step far above its busy time is host-bound).
+GPU's busy time per step, kernel launches and host waits (a step far above its busy time is host-bound);
+on CUDA also the operators by host time (`OBJECTIVE-VARIANT-host.txt`), and with `--chrome-trace` the
+timeline for chrome://tracing or Perfetto.
 
     python benchmarks/trace_step.py --recipe enwik8 --dataset data/enwik8-head \
-        --objectives iem,full --seq-len 8192 --batch-size 16 --out trace [--no-compile] [--legacy-gather]
+        --objectives iem,full --seq-len 8192 --batch-size 16 --out trace [--no-compile] [--legacy-gather] \
+        [--chrome-trace]
 
 `--legacy-gather` puts back plain advanced indexing (`table[index]`) for the gather of patch vectors,
 to measure before/after the embedding-backward gather (see haed.model.gather_rows).
@@ -68,6 +71,7 @@ def main() -> None:
     p.add_argument("--legacy-gather", action="store_true")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of this script")
+    p.add_argument("--chrome-trace", action="store_true", help="also write OBJECTIVE-VARIANT.trace.json")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     if a.legacy_gather:
@@ -119,6 +123,11 @@ def main() -> None:
         )
         name = f"{objective.name}-{tag}"
         (a.out / f"{name}.txt").write_text(table)
+        if cuda:  # where the host's time goes: a host-bound step is the sum of these, not of the kernels
+            host_table = averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+            (a.out / f"{name}-host.txt").write_text(host_table)
+        if a.chrome_trace:  # the timeline: the GPU's idle gaps and what the host ran during them
+            prof.export_chrome_trace(str(a.out / f"{name}.trace.json"))
         median = statistics.median(times)
         host = host_side(averages, a.profile_steps) if cuda else {}
         row = {
