@@ -32,7 +32,7 @@ import haed.model  # noqa: E402
 from haed.objectives import get_objective  # noqa: E402
 from haed.profile import WindowSource, build_for_objective, objective_train_config  # noqa: E402
 from haed.recipe import load_recipe  # noqa: E402
-from haed.steps import to_device, torch_generator, train_step  # noqa: E402
+from haed.steps import allow_recompiles, to_device, torch_generator, train_step  # noqa: E402
 
 
 def host_side(averages, steps: int) -> dict:
@@ -57,6 +57,43 @@ def host_side(averages, steps: int) -> dict:
     }
 
 
+def cpu_inductor(model) -> None:
+    """The stacks compiled as `haed.steps.maybe_compile` does on CUDA, here on the CPU: what stays uncompiled
+    around them (the IEM bookkeeping, the losses) is then as on a GPU."""
+    allow_recompiles()
+    if not hasattr(model, "encoder"):  # the flat baseline
+        model.stack.compile()
+        return
+    model.main.compile()
+    model.decoder.stack.compile()
+    model.encoder.stack.compile(dynamic=True)
+
+
+def _counted_elsewhere(name: str) -> bool:
+    """An enclosing range whose operators are not the uncompiled step's own: another operator, a compiled
+    graph (profiler ranges "Torch-Compiled Region", "CompiledFunction"), the optimizer, gradient clipping."""
+    return name.startswith("aten::") or "compiled" in name.lower() or "Optimizer" in name or "clip_grad" in name
+
+
+def uncompiled_operators(prof, steps: int) -> dict:
+    """Per profiled step: the top-level aten operators run outside compiled graphs, the optimizer and the
+    gradient clipping (each one or more launches, and its dispatch, on the host), and their host time."""
+    count, host_us = 0, 0.0
+    for event in prof.events():
+        if not event.name.startswith("aten::"):
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not _counted_elsewhere(parent.name):
+            parent = parent.cpu_parent
+        if parent is None:
+            count += 1
+            host_us += event.cpu_time_total
+    return {
+        "uncompiled_operators_per_step": count / steps,
+        "uncompiled_operators_host_ms_per_step": host_us / 1e3 / steps,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--recipe", default="enwik8")
@@ -72,6 +109,11 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of this script")
     p.add_argument("--chrome-trace", action="store_true", help="also write OBJECTIVE-VARIANT.trace.json")
+    p.add_argument(
+        "--cpu-inductor",
+        action="store_true",
+        help="with --device cpu: compile the stacks with inductor as on a GPU (training compiles only on CUDA)",
+    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     if a.legacy_gather:
@@ -90,6 +132,8 @@ def main() -> None:
         torch._dynamo.reset()
         cfg = objective_train_config(recipe, objective, a.batch_size, not a.no_compile)
         model, optimizer, params = build_for_objective(recipe, objective, cfg, device, not a.no_compile)
+        if a.cpu_inductor and not cuda:
+            cpu_inductor(model)
         loss_fn = objective
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -129,7 +173,7 @@ def main() -> None:
         if a.chrome_trace:  # the timeline: the GPU's idle gaps and what the host ran during them
             prof.export_chrome_trace(str(a.out / f"{name}.trace.json"))
         median = statistics.median(times)
-        host = host_side(averages, a.profile_steps) if cuda else {}
+        host = (host_side(averages, a.profile_steps) if cuda else {}) | uncompiled_operators(prof, a.profile_steps)
         row = {
             "objective": objective.name,
             "variant": tag,
