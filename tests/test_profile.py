@@ -368,3 +368,22 @@ def test_the_flops_benchmark_adds_each_recomputed_stacks_forward_on_the_rows_it_
     assert script.recomputed_flops(model, "iem", parts, every) == pytest.approx(expected)
     full = replace(TrainConfig(), recompute="decoder")
     assert script.recomputed_flops(model, "full", parts, full) == pytest.approx(parts["decoder"])
+
+
+def test_trace_step_counts_the_operators_a_step_runs_outside_compiled_graphs_and_the_optimizer():
+    """benchmarks/trace_step.py's host-side count: each top-level operator once (not the operators it calls),
+    none inside a compiled graph's range or the optimizer's step."""
+    from torch.profiler import profile, record_function
+
+    trace_step = load_benchmark("trace_step")
+    x, w = torch.ones(4), torch.ones(2, 4)
+    with profile() as prof:
+        x + 1  # one operator
+        torch.nn.functional.linear(x, w)  # one, though it calls others
+        with record_function("Torch-Compiled Region: 0/0"):
+            x * 3
+        with record_function("Optimizer.step#AdamW.step"):
+            x.mul_(2).add_(1)
+    counts = trace_step.uncompiled_operators(prof, steps=1)
+    assert counts["uncompiled_operators_per_step"] == 2
+    assert counts["uncompiled_operators_host_ms_per_step"] > 0
