@@ -94,7 +94,7 @@ def uncompiled_operators(prof, steps: int) -> dict:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--recipe", default="enwik8")
     p.add_argument("--dataset", default=None)
@@ -115,7 +115,49 @@ def main() -> None:
         help="with --device cpu: compile the stacks with inductor as on a GPU (training compiles only on CUDA)",
     )
     p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def timed_steps(step, a, sync) -> tuple[float, list[float]]:
+    """The warm-up steps' seconds, then each timed step's milliseconds (synchronised on both sides)."""
+    t_start = time.perf_counter()
+    for i in range(a.warmup):
+        step(i)
+    sync()
+    warmup_s = time.perf_counter() - t_start
+    times = []
+    for i in range(a.warmup, a.warmup + a.steps):
+        sync()
+        t0 = time.perf_counter()
+        step(i)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return warmup_s, times
+
+
+def profiled_steps(step, a, sync, cuda: bool, name: str) -> dict:
+    """`--profile-steps` more steps under torch.profiler: the tables (and trace) written, the host-side counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for i in range(a.warmup + a.steps, a.warmup + a.steps + a.profile_steps):
+            step(i)
+        sync()
+    averages = prof.key_averages()
+    table = averages.table(
+        sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90
+    )
+    (a.out / f"{name}.txt").write_text(table)
+    if cuda:  # where the host's time goes: a host-bound step is the sum of these, not of the kernels
+        host_table = averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
+        (a.out / f"{name}-host.txt").write_text(host_table)
+    if a.chrome_trace:  # the timeline: the GPU's idle gaps and what the host ran during them
+        prof.export_chrome_trace(str(a.out / f"{name}.trace.json"))
+    return (host_side(averages, a.profile_steps) if cuda else {}) | uncompiled_operators(prof, a.profile_steps)
+
+
+def main() -> None:
+    a = parse_args()
     if a.legacy_gather:
         legacy = lambda table, index: table[index]  # noqa: E731
         haed.model.gather_rows = legacy
@@ -134,46 +176,17 @@ def main() -> None:
         model, optimizer, params = build_for_objective(recipe, objective, cfg, device, not a.no_compile)
         if a.cpu_inductor and not cuda:
             cpu_inductor(model)
-        loss_fn = objective
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 
         def step(i):
             x = to_device(source.windows(i, a.batch_size, a.seq_len), device)
-            return train_step(model, optimizer, params, loss_fn, cfg, [(x, torch_generator(0, i, 0))], device)
+            return train_step(model, optimizer, params, objective, cfg, [(x, torch_generator(0, i, 0))], device)
 
-        t_start = time.perf_counter()
-        for i in range(a.warmup):
-            step(i)
-        sync()
-        warmup_s = time.perf_counter() - t_start
-        times = []
-        for i in range(a.warmup, a.warmup + a.steps):
-            sync()
-            t0 = time.perf_counter()
-            step(i)
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
+        warmup_s, times = timed_steps(step, a, sync)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            for i in range(a.warmup + a.steps, a.warmup + a.steps + a.profile_steps):
-                step(i)
-            sync()
-        averages = prof.key_averages()
-        table = averages.table(
-            sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=90
-        )
-        name = f"{objective.name}-{tag}"
-        (a.out / f"{name}.txt").write_text(table)
-        if cuda:  # where the host's time goes: a host-bound step is the sum of these, not of the kernels
-            host_table = averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=90)
-            (a.out / f"{name}-host.txt").write_text(host_table)
-        if a.chrome_trace:  # the timeline: the GPU's idle gaps and what the host ran during them
-            prof.export_chrome_trace(str(a.out / f"{name}.trace.json"))
+        host = profiled_steps(step, a, sync, cuda, f"{objective.name}-{tag}")
         median = statistics.median(times)
-        host = (host_side(averages, a.profile_steps) if cuda else {}) | uncompiled_operators(prof, a.profile_steps)
         row = {
             "objective": objective.name,
             "variant": tag,
