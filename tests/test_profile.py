@@ -387,3 +387,26 @@ def test_trace_step_counts_the_operators_a_step_runs_outside_compiled_graphs_and
     counts = trace_step.uncompiled_operators(prof, steps=1)
     assert counts["uncompiled_operators_per_step"] == 2
     assert counts["uncompiled_operators_host_ms_per_step"] > 0
+
+
+def test_saved_for_backward_drops_what_recomputation_recomputes():
+    """benchmarks/saved_for_backward.py: recomputing the decoder keeps fewer bytes for the backward pass, and
+    the same setting gives the same count."""
+    from haed.objectives import get_objective
+    from haed.profile import WindowSource, build_for_objective, objective_train_config
+    from haed.recipe import load_recipe
+
+    script = load_benchmark("saved_for_backward")
+    assert script.parse_variant("rc:iem.recompute=main+decoder,iem.lr=1e-3") == (
+        "rc",
+        ["iem.recompute=main,decoder", "iem.lr=1e-3"],
+    )
+    counts = []
+    for recompute in ("", "decoder", ""):
+        recipe = load_recipe("tiny", [f"full.recompute={recompute}", "data.dataset="])
+        x = torch.from_numpy(WindowSource.for_recipe(recipe, None).windows(0, 2, 64).copy())
+        objective = get_objective("full")
+        cfg = objective_train_config(recipe, objective, 2, False)
+        model, _, _ = build_for_objective(recipe, objective, cfg, torch.device("cpu"), False)
+        counts.append(script.saved_bytes(model, objective, cfg, x))
+    assert counts[1] < counts[0] == counts[2]
