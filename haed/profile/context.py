@@ -53,11 +53,9 @@ def max_context(
     try:
         for objective in objectives:
             for batch_size in batch_sizes:
-                probes: list[dict] = []
 
-                def fits(n: int) -> bool:
-                    emit({"event": "task", "label": f"max context {objective.name} batch {batch_size}: seq {n}"})
-                    cell = objective_cell(
+                def run_cell(n: int, probes: list, objective=objective, batch_size=batch_size) -> dict:
+                    return objective_cell(
                         recipe,
                         objective,
                         n,
@@ -71,35 +69,45 @@ def max_context(
                         keep_going=keep_going,
                         reset_compiler=compile_scope == "cell" or not probes,
                     )
-                    probes.append(
-                        {
-                            "seq_len": n,
-                            "status": cell["status"],
-                            "peak_allocated_gib": cell["peak_allocated_gib"],
-                            "peak_reserved_gib": cell["peak_reserved_gib"],
-                            "step_ms": cell["median_step_ms"],
-                            "error": cell["error"],
-                        }
-                    )
-                    return cell["status"] == "ok"
 
-                fit, failed = _search(fits, start_seq_len, cap, refine_steps, minimum=2 * K, granularity=K)
-                failure = next((p["status"] for p in probes if p["seq_len"] == failed), None)
-                entry = {
-                    "objective": objective.name,
-                    "batch_size": batch_size,
-                    "max_seq_len": fit,
-                    "first_failure": failed,
-                    "failure": failure,
-                    "capped": failed is None and fit is not None,
-                    "cap": cap,
-                    "probes": probes,
-                }
-                results.append(entry)
-                emit({"event": "done", "text": describe_max_context(entry)})
+                label = f"max context {objective.name} batch {batch_size}"
+                entry = _longest_window(run_cell, label, emit, start_seq_len, cap, refine_steps, K)
+                results.append({"objective": objective.name, "batch_size": batch_size, **entry})
+                emit({"event": "done", "text": describe_max_context(results[-1])})
     finally:
         emit({"event": "end"})
     return results
+
+
+def _longest_window(run_cell, label: str, emit, start: int, cap: int, refine_steps: int, K: int) -> dict:
+    """The search for one objective and batch size: every probe (`run_cell(n, probes so far)`, one training
+    step at length n) recorded, the longest length that fit and the first that did not."""
+    probes: list[dict] = []
+
+    def fits(n: int) -> bool:
+        emit({"event": "task", "label": f"{label}: seq {n}"})
+        cell = run_cell(n, probes)
+        probes.append(
+            {
+                "seq_len": n,
+                "status": cell["status"],
+                "peak_allocated_gib": cell["peak_allocated_gib"],
+                "peak_reserved_gib": cell["peak_reserved_gib"],
+                "step_ms": cell["median_step_ms"],
+                "error": cell["error"],
+            }
+        )
+        return cell["status"] == "ok"
+
+    fit, failed = _search(fits, start, cap, refine_steps, minimum=2 * K, granularity=K)
+    return {
+        "max_seq_len": fit,
+        "first_failure": failed,
+        "failure": next((p["status"] for p in probes if p["seq_len"] == failed), None),
+        "capped": failed is None and fit is not None,
+        "cap": cap,
+        "probes": probes,
+    }
 
 
 def _search(fits: Callable[[int], bool], start: int, cap: int, refine_steps: int, minimum: int, granularity: int):
