@@ -152,28 +152,21 @@ def generate(
     copier = _ChunkCopier(out, on_chunk) if on_chunk is not None else None
     prompt_tensor = torch.tensor(list(prompt), dtype=torch.uint8)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if decoder_kernels and whole_patches is False:
+        raise HaedError(
+            "the Triton decoder kernels cannot run here: they run in the whole-patch step, "
+            "which whole_patches=False turns off"
+        )
     t0 = time.perf_counter()
     with autocast(device):
-        if decoder_kernels and whole_patches is False:
-            raise HaedError(
-                "the Triton decoder kernels cannot run here: they run in the whole-patch step, "
-                "which whole_patches=False turns off"
-            )
         sampler = make_sampler(model, context_bytes, cuda_graphs, num_samples, compile, decoder_kernels)
         if isinstance(sampler, HierarchicalSampler):
             fused = sampler.use_graphs or compile or decoder_kernels
             if fused if whole_patches is None else whole_patches:
                 sampler.set_sampling(options, noise)
-        # The prefill can take minutes (compiling with coordinate-descent tuning): say so while it runs.
-        compiling = isinstance(sampler, HierarchicalSampler) and (compile or decoder_kernels)
-        prefill = None
-        if progress is not None:
-            prefill = progress.add_task("prefill" + (", compiling the patch step" if compiling else ""), total=None)
-        sampler.start(prompt_tensor)
+        _prefill(sampler, prompt_tensor, progress, compile or decoder_kernels)
         sync()
         t1 = time.perf_counter()
-        if prefill is not None:
-            progress.remove_task(prefill)
         _draw(sampler, out, K, options, noise, chunk_bytes or K, copier, progress)
         sync()
         if copier is not None:
@@ -189,6 +182,18 @@ def generate(
         decoder_kernels=decoder_kernels,
         main_kernels=getattr(sampler, "main_kernels", None) is not None,
     )
+
+
+def _prefill(sampler, prompt: torch.Tensor, progress, compiles: bool) -> None:
+    """Start `sampler` on the prompt, shown as a task while it runs: it can take minutes where the patch step
+    compiles (coordinate-descent tuning), and the task says so."""
+    compiling = isinstance(sampler, HierarchicalSampler) and compiles
+    task = None
+    if progress is not None:
+        task = progress.add_task("prefill" + (", compiling the patch step" if compiling else ""), total=None)
+    sampler.start(prompt)
+    if task is not None:
+        progress.remove_task(task)
 
 
 def _draw(sampler, out: torch.Tensor, K: int, options, noise, chunk: int, copier, progress) -> None:
