@@ -32,7 +32,7 @@ import haed.model  # noqa: E402
 from haed.objectives import get_objective  # noqa: E402
 from haed.profile import WindowSource, build_for_objective, objective_train_config  # noqa: E402
 from haed.recipe import load_recipe  # noqa: E402
-from haed.steps import allow_recompiles, to_device, torch_generator, train_step  # noqa: E402
+from haed.steps import compile_stacks, to_device, torch_generator, train_step  # noqa: E402
 
 
 def host_side(averages, steps: int) -> dict:
@@ -55,18 +55,6 @@ def host_side(averages, steps: int) -> dict:
         "kernel_launches_per_step": launches / steps,
         "host_wait_ms_per_step": waits / 1e3 / steps,
     }
-
-
-def cpu_inductor(model) -> None:
-    """The stacks compiled as `haed.steps.maybe_compile` does on CUDA, here on the CPU: what stays uncompiled
-    around them (the IEM bookkeeping, the losses) is then as on a GPU."""
-    allow_recompiles()
-    if not hasattr(model, "encoder"):  # the flat baseline
-        model.stack.compile()
-        return
-    model.main.compile()
-    model.decoder.stack.compile()
-    model.encoder.stack.compile(dynamic=True)
 
 
 def _counted_elsewhere(name: str) -> bool:
@@ -176,7 +164,7 @@ def main() -> None:
         cfg = objective_train_config(recipe, objective, a.batch_size, not a.no_compile)
         model, optimizer, params = build_for_objective(recipe, objective, cfg, device, not a.no_compile)
         if a.cpu_inductor and not cuda:
-            cpu_inductor(model)
+            compile_stacks(model)  # as training compiles them on a GPU
         if cuda:
             torch.cuda.reset_peak_memory_stats()
 

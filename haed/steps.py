@@ -155,9 +155,14 @@ def allow_recompiles(limit: int = 64) -> None:
 
 
 def maybe_compile(model, enabled: bool, device: torch.device):
-    """Compile the transformer stacks (not the data-dependent IEM bookkeeping around them)."""
-    if not enabled or device.type != "cuda":
-        return
+    """Compile the transformer stacks (not the data-dependent IEM bookkeeping around them), on CUDA."""
+    if enabled and device.type == "cuda":
+        compile_stacks(model)
+
+
+def compile_stacks(model) -> None:
+    """torch.compile each transformer stack of `model` (on any device: benchmarks/trace_step.py compiles them
+    on the CPU to count what stays uncompiled around them)."""
     allow_recompiles()
     if isinstance(model, HAED):
         model.main.compile()
