@@ -9,10 +9,12 @@ timeline for chrome://tracing or Perfetto.
 
     python benchmarks/trace_step.py --recipe enwik8 --dataset data/enwik8-head \
         --objectives iem,full --seq-len 8192 --batch-size 16 --out trace [--no-compile] [--legacy-gather] \
-        [--chrome-trace]
+        [--chrome-trace] [--compile-mode reduce-overhead]
 
 `--legacy-gather` puts back plain advanced indexing (`table[index]`) for the gather of patch vectors,
-to measure before/after the embedding-backward gather (see haed.model.gather_rows).
+to measure before/after the embedding-backward gather (see haed.model.gather_rows). `--compile-mode`
+compiles the stacks in another torch.compile mode (`reduce-overhead`: CUDA graphs, for a host-bound step);
+each row lists its steps' losses, which another mode or variant must repeat.
 """
 
 from __future__ import annotations
@@ -103,6 +105,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="with --device cpu: compile the stacks with inductor as on a GPU (training compiles only on CUDA)",
     )
+    p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode for the stacks (reduce-overhead: CUDA graphs, one launch per graph replay)",
+    )
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
 
@@ -156,21 +163,28 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     recipe = load_recipe(a.recipe, a.overrides)
     source = WindowSource.for_recipe(recipe, a.dataset)
-    tag = ("eager" if a.no_compile else "compiled") + ("-legacy-gather" if a.legacy_gather else "")
+    compiled = not a.no_compile
+    mode = a.compile_mode if compiled else None
+    tag = ("compiled" if compiled else "eager") + (f"-{mode}" if mode else "")
+    tag += "-legacy-gather" if a.legacy_gather else ""
+    mark_step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None)
     results = []
     for name in a.objectives.split(","):
         objective = get_objective(name)  # the record, looked up once
         torch._dynamo.reset()
-        cfg = objective_train_config(recipe, objective, a.batch_size, not a.no_compile)
-        model, optimizer, params = build_for_objective(recipe, objective, cfg, device, not a.no_compile)
-        if a.cpu_inductor and not cuda:
-            compile_stacks(model)  # as training compiles them on a GPU
+        cfg = objective_train_config(recipe, objective, a.batch_size, compiled)
+        model, optimizer, params = build_for_objective(recipe, objective, cfg, device, compiled and not mode)
+        if compiled and (mode or (a.cpu_inductor and not cuda)):
+            compile_stacks(model, mode)  # as training compiles them on a GPU, in `mode`
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        losses = []  # each step's loss, read after the timed steps: modes and variants must agree on them
 
         def step(i):
+            mark_step()  # a new training step: CUDA graph trees may reuse the last step's output memory
             x = to_device(source.windows(i, a.batch_size, a.seq_len), device)
-            return train_step(model, optimizer, params, objective, cfg, [(x, torch_generator(0, i, 0))], device)
+            metrics, _ = train_step(model, optimizer, params, objective, cfg, [(x, torch_generator(0, i, 0))], device)
+            losses.append(metrics["loss"])
 
         warmup_s, times = timed_steps(step, a, sync)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -186,6 +200,7 @@ def main() -> None:
             "bytes_per_second": a.batch_size * a.seq_len / median * 1e3,
             "peak_allocated_gib": peak,
             "warmup_s": warmup_s,
+            "losses": [float(v) for v in losses[: a.warmup + a.steps]],
             **host,
             "overrides": a.overrides,
             "data": source.description,

@@ -160,18 +160,18 @@ def maybe_compile(model, enabled: bool, device: torch.device):
         compile_stacks(model)
 
 
-def compile_stacks(model) -> None:
+def compile_stacks(model, mode: str | None = None) -> None:
     """torch.compile each transformer stack of `model` (on any device: benchmarks/trace_step.py compiles them
-    on the CPU to count what stays uncompiled around them)."""
+    on the CPU to count what stays uncompiled around them, and tries torch.compile's other `mode`s)."""
     allow_recompiles()
     if isinstance(model, HAED):
-        model.main.compile()
-        model.decoder.stack.compile()
-        model.encoder.stack.compile(dynamic=True)  # the number of distinct patches changes every step
+        model.main.compile(mode=mode)
+        model.decoder.stack.compile(mode=mode)
+        model.encoder.stack.compile(dynamic=True, mode=mode)  # the number of distinct patches changes every step
     elif hasattr(model, "stack"):
-        model.stack.compile()
+        model.stack.compile(mode=mode)
     else:  # the MEGABYTE peer: the whole package model
-        model.net.compile()
+        model.net.compile(mode=mode)
 
 
 @torch.no_grad()
