@@ -9,12 +9,12 @@ timeline for chrome://tracing or Perfetto.
 
     python benchmarks/trace_step.py --recipe enwik8 --dataset data/enwik8-head \
         --objectives iem,full --seq-len 8192 --batch-size 16 --out trace [--no-compile] [--legacy-gather] \
-        [--chrome-trace] [--compile-mode reduce-overhead]
+        [--chrome-trace] [--set iem.compile_mode=reduce-overhead --set full.compile_mode=reduce-overhead]
 
 `--legacy-gather` puts back plain advanced indexing (`table[index]`) for the gather of patch vectors,
-to measure before/after the embedding-backward gather (see haed.model.gather_rows). `--compile-mode`
-compiles the stacks in another torch.compile mode (`reduce-overhead`: CUDA graphs, for a host-bound step);
-each row lists its steps' losses, which another mode or variant must repeat.
+to measure before/after the embedding-backward gather (see haed.model.gather_rows). A phase's
+`compile_mode` (`--set iem.compile_mode=reduce-overhead`: its stacks as CUDA graphs, for a host-bound step)
+names the row's variant; each row lists its steps' losses, which another mode or variant must repeat.
 """
 
 from __future__ import annotations
@@ -105,11 +105,6 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="with --device cpu: compile the stacks with inductor as on a GPU (training compiles only on CUDA)",
     )
-    p.add_argument(
-        "--compile-mode",
-        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-        help="torch.compile's mode for the stacks (reduce-overhead: CUDA graphs, one launch per graph replay)",
-    )
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
 
@@ -164,24 +159,21 @@ def main() -> None:
     recipe = load_recipe(a.recipe, a.overrides)
     source = WindowSource.for_recipe(recipe, a.dataset)
     compiled = not a.no_compile
-    mode = a.compile_mode if compiled else None
-    tag = ("compiled" if compiled else "eager") + (f"-{mode}" if mode else "")
-    tag += "-legacy-gather" if a.legacy_gather else ""
-    mark_step = torch.compiler.cudagraph_mark_step_begin if mode == "reduce-overhead" else (lambda: None)
     results = []
     for name in a.objectives.split(","):
         objective = get_objective(name)  # the record, looked up once
         torch._dynamo.reset()
         cfg = objective_train_config(recipe, objective, a.batch_size, compiled)
-        model, optimizer, params = build_for_objective(recipe, objective, cfg, device, compiled and not mode)
-        if compiled and (mode or (a.cpu_inductor and not cuda)):
-            compile_stacks(model, mode)  # as training compiles them on a GPU, in `mode`
+        model, optimizer, params = build_for_objective(recipe, objective, cfg, device, compiled)
+        if compiled and a.cpu_inductor and not cuda:
+            compile_stacks(model, cfg.compile_mode)  # as training compiles them on a GPU
+        mode = f"-{cfg.compile_mode}" if compiled and cfg.compile_mode != "default" else ""
+        tag = ("compiled" if compiled else "eager") + mode + ("-legacy-gather" if a.legacy_gather else "")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         losses = []  # each step's loss, read after the timed steps: modes and variants must agree on them
 
         def step(i):
-            mark_step()  # a new training step: CUDA graph trees may reuse the last step's output memory
             x = to_device(source.windows(i, a.batch_size, a.seq_len), device)
             metrics, _ = train_step(model, optimizer, params, objective, cfg, [(x, torch_generator(0, i, 0))], device)
             losses.append(metrics["loss"])

@@ -84,6 +84,10 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     compile: bool = False  # torch.compile the model's stacks and IEM's chunked softmax (CUDA only)
+    # torch.compile's mode for the stacks: "default", or "reduce-overhead" (CUDA graphs: a graph's kernels
+    # replayed in one launch, for steps whose GPU waits on the host's launches: IEM's at short sequences),
+    # or "max-autotune-no-cudagraphs". One process only.
+    compile_mode: str = "default"
     # Stacks whose activations this phase recomputes in the backward pass instead of storing
     # ("main", "encoder", "decoder", comma-separated; "" for none): less memory, more compute.
     # Adds to each stack's own `checkpoint` setting.
@@ -253,6 +257,9 @@ def _typed(name: str, value, kind):
         if not isinstance(value, str):
             raise HaedError(f"{name} must be a string, not {value!r}")
     return value
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def recompute_stacks(text: str) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from haed.config import (
+    COMPILE_MODES,
     CompareConfig,
     DataConfig,
     GenerateConfig,
@@ -78,6 +79,11 @@ class Recipe:
             bad = set(recompute_stacks(getattr(self, phase).recompute)) - {"encoder", "main", "decoder"}
             if bad:
                 raise HaedError(f"{phase}.recompute names unknown stacks {sorted(bad)}: use encoder, main, decoder")
+            if getattr(self, phase).compile_mode not in COMPILE_MODES:
+                raise HaedError(
+                    f"{phase}.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                    f"not {getattr(self, phase).compile_mode!r}"
+                )
             if getattr(self, phase).candidates not in ("global", "local"):
                 raise HaedError(
                     f"{phase}.candidates must be 'global' or 'local', not {getattr(self, phase).candidates!r}"

@@ -93,6 +93,14 @@ def set_trainable(model, objective: Objective, cfg: TrainConfig | None = None) -
     return params
 
 
+def new_pass(cfg: TrainConfig, device: torch.device) -> None:
+    """Before each forward pass: with the stacks as CUDA graphs (`compile_mode = "reduce-overhead"`), tell
+    torch's CUDA graph trees that a new pass begins, so that they may reuse the memory of the last pass's
+    graph outputs (nothing here keeps those: the losses and metrics are computed outside the graphs)."""
+    if cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def train_step(
     model, optimizer, params, loss_fn, cfg: TrainConfig, batches, device, before_update=None
 ) -> tuple[dict, torch.Tensor]:
@@ -103,6 +111,7 @@ def train_step(
     """
     sums: dict[str, torch.Tensor] = {}
     for x, generator in batches:
+        new_pass(cfg, device)
         with autocast(device):
             loss, metrics = loss_fn(model, x, cfg, generator)
         (loss / len(batches)).backward()
@@ -154,16 +163,18 @@ def allow_recompiles(limit: int = 64) -> None:
             break
 
 
-def maybe_compile(model, enabled: bool, device: torch.device):
-    """Compile the transformer stacks (not the data-dependent IEM bookkeeping around them), on CUDA."""
+def maybe_compile(model, enabled: bool, device: torch.device, mode: str = "default"):
+    """Compile the transformer stacks (not the data-dependent IEM bookkeeping around them), on CUDA, in
+    torch.compile's `mode`."""
     if enabled and device.type == "cuda":
-        compile_stacks(model)
+        compile_stacks(model, mode)
 
 
-def compile_stacks(model, mode: str | None = None) -> None:
-    """torch.compile each transformer stack of `model` (on any device: benchmarks/trace_step.py compiles them
-    on the CPU to count what stays uncompiled around them, and tries torch.compile's other `mode`s)."""
+def compile_stacks(model, mode: str = "default") -> None:
+    """torch.compile each transformer stack of `model` in `mode` (on any device: benchmarks/trace_step.py
+    compiles them on the CPU to count what stays uncompiled around them)."""
     allow_recompiles()
+    mode = None if mode == "default" else mode
     if isinstance(model, HAED):
         model.main.compile(mode=mode)
         model.decoder.stack.compile(mode=mode)
@@ -190,6 +201,7 @@ def evaluate_objective(
     totals: dict[str, float] = {}
     for i in range(cfg.eval_batches):
         x = to_device(draw(data, cfg.batch_size, seq_len, batch_rng(cfg.seed, i, 0, stream=7)), device)
+        new_pass(cfg, device)
         with autocast(device):
             _, metrics = loss_fn(model, x, cfg, torch_generator(cfg.seed, i, 0))
         for k, v in metrics.items():

@@ -112,7 +112,7 @@ class Trainer:
             world.load_training_state(run.checkpoint, model, self.optimizer)  # DCP shards, or a one-process checkpoint
         elif run.init_from is not None and cfg.carry_moments:
             self._carry_moments(Path(run.init_from))
-        maybe_compile(model, cfg.compile, dev)
+        maybe_compile(model, cfg.compile, dev, cfg.compile_mode)
         if run.checkpoint is not None:
             world.restore_rng_state(run.checkpoint)
 

@@ -68,7 +68,7 @@ def build_for_objective(recipe: Recipe, objective: Objective, cfg: TrainConfig, 
     params = set_trainable(model, objective, cfg)
     apply_recompute(model, cfg)
     optimizer = make_optimizer(params, cfg, device)
-    maybe_compile(model, compile, device)
+    maybe_compile(model, compile, device, cfg.compile_mode)
     return model, optimizer, params
 
 
