@@ -94,9 +94,11 @@ def set_trainable(model, objective: Objective, cfg: TrainConfig | None = None) -
 
 
 def new_pass(cfg: TrainConfig, device: torch.device) -> None:
-    """Before each forward pass: with the stacks as CUDA graphs (`compile_mode = "reduce-overhead"`), tell
-    torch's CUDA graph trees that a new pass begins, so that they may reuse the memory of the last pass's
-    graph outputs (nothing here keeps those: the losses and metrics are computed outside the graphs)."""
+    """Before an optimizer step or a validation batch: with the stacks as CUDA graphs (`compile_mode =
+    "reduce-overhead"`), tell torch's CUDA graph trees that a new iteration begins, so that they may reuse
+    the memory of the last one's graph outputs. Nothing keeps those past it: the losses and metrics are
+    computed outside the graphs, and the gradients are dropped after each optimizer step. Within a step,
+    later micro-batches replay their own recordings, so the gradients accumulated so far stay intact."""
     if cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()
 
@@ -110,8 +112,8 @@ def train_step(
     if given, runs on the clipped gradients just before the optimizer's update.
     """
     sums: dict[str, torch.Tensor] = {}
+    new_pass(cfg, device)  # once per step: the micro-batches' gradients accumulate across their passes
     for x, generator in batches:
-        new_pass(cfg, device)
         with autocast(device):
             loss, metrics = loss_fn(model, x, cfg, generator)
         (loss / len(batches)).backward()
@@ -139,6 +141,7 @@ def warm_up(model, loss_fn, cfg: TrainConfig, x: torch.Tensor, generator, device
     """
     t = time.perf_counter()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        new_pass(cfg, device)
         with autocast(device):
             loss, _ = loss_fn(model, x, cfg, generator)
         loss.backward()

@@ -276,11 +276,12 @@ def test_cuda_graphs_train_in_one_process_only(dataset, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
 @pytest.mark.slow_gpu
-@pytest.mark.parametrize("objective", ["iem", "full"])
-def test_cuda_graph_steps_follow_the_default_compiled_steps(objective):
+@pytest.mark.parametrize("objective,micro", [("iem", 1), ("full", 1), ("iem", 2)])
+def test_cuda_graph_steps_follow_the_default_compiled_steps(objective, micro):
     """The stacks as CUDA graphs (`compile_mode = "reduce-overhead"`) replay the kernels the default mode
-    launches one by one: five training steps give the same losses. The tolerance is not yet measured (first GPU
-    run pending); atomic additions in the backward pass make two runs of one mode differ in the last bits."""
+    launches one by one: five training steps give the same losses, with one micro-batch per step or two (whose
+    gradients accumulate across two graph replays). The tolerance is not yet measured (first GPU run pending);
+    atomic additions in the backward pass make two runs of one mode differ in the last bits."""
     from haed.objectives import get_objective
     from haed.steps import make_optimizer, maybe_compile, torch_generator, train_step
 
@@ -299,7 +300,8 @@ def test_cuda_graph_steps_follow_the_default_compiled_steps(objective):
         steps = []
         for i in range(5):
             x = torch.randint(0, 256, (2, recipe.data.seq_len), dtype=torch.uint8, generator=gen).to(device)
-            sums, _ = train_step(model, optimizer, params, objective, cfg, [(x, torch_generator(0, i, 0))], device)
+            batches = [(part, torch_generator(0, i, m)) for m, part in enumerate(x.chunk(micro))]
+            sums, _ = train_step(model, optimizer, params, objective, cfg, batches, device)
             steps.append(float(sums["loss"]))
         losses[mode] = steps
     assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-3)
