@@ -8,15 +8,16 @@ from __future__ import annotations
 import torch
 
 
-def _chunk_softmax(q, cand, logq_cand, target_col, pos_logit, needs_grad: bool):
-    """Loss terms of one chunk of rows (queries q) against the candidates: their logits q . cand_j, less
-    the log-Q shift.
+def _chunk_softmax(q, cand, logq_cand, target_col, pos_logit, pos, needs_grad: bool):
+    """Loss terms of one chunk of rows (queries q, positives pos) against the candidates: their logits
+    q . cand_j, less the log-Q shift.
 
-    Returns per-row losses, correctness, and for the backward pass the candidate probabilities (in the
-    logits' dtype) and d loss / d positive logit. The logits live as one float32 block worked on in
-    place (eager, `logsumexp` and `exp(x - lse)` would each hold two more copies, and the bfloat16
+    Returns per-row losses and correctness, and for the backward pass the chunk's gradients of q, of the
+    candidates (float32, to be summed over chunks) and of pos. The logits live as one float32 block worked
+    on in place (eager, `logsumexp` and `exp(x - lse)` would each hold two more copies, and the bfloat16
     logits a half: about half of the IEM phase's peak memory on music in one chunk). Written as plain
-    tensor code so that, compiled, it becomes a couple of fused passes over the logits.
+    tensor code so that, compiled, it becomes a couple of fused passes over the logits and the gradient
+    products, one call on the host instead of about twenty operators.
     """
     logits = q @ cand.T
     dtype = logits.dtype
@@ -31,10 +32,33 @@ def _chunk_softmax(q, cand, logq_cand, target_col, pos_logit, needs_grad: bool):
     lse = torch.logaddexp(top + torch.log(work.sum(dim=-1)), pos_logit)
     losses = lse - pos_logit
     if not needs_grad:
-        return losses, correct, None, None
-    probs = work.mul_(torch.exp(top - lse)[:, None]).to(dtype)  # softmax over the candidate columns
+        return losses, correct, None, None, None
+    probs = work.mul_(torch.exp(top - lse)[:, None]).to(dtype).to(cand.dtype)  # softmax over the candidates
     pos_coef = torch.exp(pos_logit - lse) - 1.0  # d loss / d pos_logit
-    return losses, correct, probs, pos_coef
+    grad_q = (probs @ cand).float().add_(pos_coef[:, None] * pos.float()).to(q.dtype)
+    grad_cand = (probs.T @ q).float()
+    grad_pos = (pos_coef[:, None] * q.float()).to(pos.dtype)
+    return losses, correct, grad_q, grad_cand, grad_pos
+
+
+def _by_chunks(softmax, q, cand, logq_cand, target_col, pos_logits, pos, chunk: int, needs_grad: bool):
+    """`softmax` over rows chunk by chunk, each chunk's results written into whole-batch tensors (the
+    candidates' gradient summed), so that only one chunk's logits and temporaries exist at a time."""
+    R = q.shape[0]
+    losses = torch.empty(R, dtype=torch.float32, device=q.device)
+    correct = torch.empty(R, dtype=torch.bool, device=q.device)
+    grad_q = torch.empty_like(q) if needs_grad else None
+    grad_pos = torch.empty_like(pos) if needs_grad else None
+    grad_cand = None
+    for s in range(0, R, chunk):
+        e = min(R, s + chunk)
+        losses[s:e], correct[s:e], grad_q_c, grad_cand_c, grad_pos_c = softmax(
+            q[s:e], cand, logq_cand, target_col[s:e], pos_logits[s:e], pos[s:e], needs_grad
+        )
+        if needs_grad:
+            grad_q[s:e], grad_pos[s:e] = grad_q_c, grad_pos_c
+            grad_cand = grad_cand_c if grad_cand is None else grad_cand.add_(grad_cand_c)
+    return losses, correct, grad_q, grad_cand, grad_pos
 
 
 _compiled_chunk_softmax = None
@@ -62,30 +86,20 @@ class _SampledSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, cand, pos, target_col, logq_cand, logq_pos, chunk: int, needs_grad: bool, compiled: bool):
         R, C = q.shape[0], cand.shape[0]
-        grad_q = torch.empty_like(q) if needs_grad else None
-        grad_pos = torch.empty_like(pos) if needs_grad else None
-        grad_cand = torch.zeros(cand.shape, dtype=torch.float32, device=cand.device) if needs_grad else None
-        losses = torch.empty(R, dtype=torch.float32, device=q.device)
-        correct = torch.empty(R, dtype=torch.bool, device=q.device)
         if logq_cand is None:
             logq_cand = torch.zeros(C, dtype=torch.float32, device=q.device)
         pos_logits = (q.float() * pos.float()).sum(-1)
         if logq_pos is not None:
             pos_logits = pos_logits - logq_pos
         softmax = chunk_softmax_fn(compiled)
-        for s in range(0, R, chunk):
-            e = min(R, s + chunk)
-            qc, pc = q[s:e], pos[s:e]
-            loss_c, correct_c, probs, pos_coef = softmax(
-                qc, cand, logq_cand, target_col[s:e], pos_logits[s:e], needs_grad
+        if R <= chunk:  # one chunk (the usual case): its outputs are the results, nothing copied
+            losses, correct, grad_q, grad_cand, grad_pos = softmax(
+                q, cand, logq_cand, target_col, pos_logits, pos, needs_grad
             )
-            losses[s:e] = loss_c
-            correct[s:e] = correct_c
-            if needs_grad:
-                probs = probs.to(cand.dtype)
-                grad_q[s:e] = (probs @ cand).float().add_(pos_coef[:, None] * pc.float()).to(q.dtype)
-                grad_cand += (probs.T @ qc).float()
-                grad_pos[s:e] = (pos_coef[:, None] * qc.float()).to(pos.dtype)
+        else:
+            losses, correct, grad_q, grad_cand, grad_pos = _by_chunks(
+                softmax, q, cand, logq_cand, target_col, pos_logits, pos, chunk, needs_grad
+            )
         ctx.save_for_backward(grad_q, grad_cand, grad_pos)
         ctx.cand_dtype = cand.dtype
         ctx.mark_non_differentiable(correct)

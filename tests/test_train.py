@@ -246,6 +246,8 @@ def test_compile_mode_reaches_the_stacks_and_is_checked(monkeypatch):
     haed.steps.compile_stacks(model, "default")
     haed.steps.compile_stacks(model, "reduce-overhead")
     assert modes == [None] * 3 + ["reduce-overhead"] * 3  # encoder, main model, decoder
+    assert "score_vectors" in vars(model)  # IEM's score too, as an instance attribute: no new weights
+    assert set(model.state_dict()) == set(build_model(debug_recipe().model).state_dict())
     seen = []
     monkeypatch.setattr(haed.steps, "compile_stacks", lambda model, mode: seen.append(mode))
     haed.steps.maybe_compile(model, True, torch.device("cpu"), "reduce-overhead")  # compiled on CUDA only
