@@ -9,7 +9,7 @@ timeline for chrome://tracing or Perfetto.
 
     python benchmarks/trace_step.py --recipe enwik8 --dataset data/enwik8-head \
         --objectives iem,full --seq-len 8192 --batch-size 16 --out trace [--no-compile] [--legacy-gather] \
-        [--chrome-trace] [--set iem.compile_mode=reduce-overhead --set full.compile_mode=reduce-overhead]
+        [--chrome-trace] [--memory-peak] [--set iem.compile_mode=reduce-overhead]
 
 `--legacy-gather` puts back plain advanced indexing (`table[index]`) for the gather of patch vectors,
 to measure before/after the embedding-backward gather (see haed.model.gather_rows). A phase's
@@ -85,6 +85,72 @@ def uncompiled_operators(prof, steps: int) -> dict:
     }
 
 
+def place(frames: list[dict]) -> str:
+    """Where an allocation was made, for grouping: the innermost frame in haed's own code (a compiled stack
+    shows as the haed line that called it), else the innermost frame's file and function (the autograd
+    engine's thread has none of haed's)."""
+    for frame in frames:
+        path = frame["filename"].replace("\\", "/")
+        if "/haed/" in path:
+            return f"haed/{path.rsplit('/haed/', 1)[1]}:{frame['line']} {frame['name']}"
+    if not frames:
+        return "(no Python frame: the backward pass's C++ or a compiled graph's)"
+    return f"{Path(frames[0]['filename']).name} {frames[0]['name']}"
+
+
+def peak_composition(events: list[dict]) -> tuple[int, list[tuple[int, int, str]]]:
+    """Replays the caching allocator's trace of one step: the highest total of the step's own allocations
+    alive at once (bytes above what was allocated before it), and what was alive then, per place: (bytes,
+    count, place), largest first. A block counts from its allocation until its free is requested."""
+    live: dict[int, int] = {}
+    total = peak = peak_at = 0
+    for i, event in enumerate(events):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event["size"]
+            total += event["size"]
+            if total > peak:
+                peak, peak_at = total, i + 1
+        elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+            total -= live.pop(event["addr"])
+    alive: dict[int, dict] = {}
+    for event in events[:peak_at]:  # again up to the peak, keeping each live block's event
+        if event["action"] == "alloc":
+            alive[event["addr"]] = event
+        elif event["action"] in ("free_requested", "free_completed"):
+            alive.pop(event["addr"], None)
+    groups: dict[str, list[int]] = {}
+    for event in alive.values():
+        group = groups.setdefault(place(event.get("frames", [])), [0, 0])
+        group[0] += event["size"]
+        group[1] += 1
+    return peak, sorted(((b, n, where) for where, (b, n) in groups.items()), reverse=True)
+
+
+def memory_peak_step(step, i: int, name: str, out: Path) -> dict:
+    """One more step with the allocator's history recorded (CUDA): what is alive at its peak, per place,
+    written to NAME-peak.txt; the snapshot itself to NAME-memory.pickle (https://pytorch.org/memory_viz)."""
+    import pickle
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    step(i)
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    (out / f"{name}-memory.pickle").write_bytes(pickle.dumps(snapshot))
+    events = snapshot["device_traces"][torch.cuda.current_device()]
+    peak, groups = peak_composition(events)
+    lines = [f"allocated before the step: {before / 2**30:.3f} GiB; the step's own at its peak: {peak / 2**30:.3f} GiB"]
+    lines += [f"{b / 2**30:8.3f} GiB {n:6d} blocks  {where}" for b, n, where in groups]
+    (out / f"{name}-peak.txt").write_text("\n".join(lines) + "\n")
+    return {
+        "allocated_before_step_gib": before / 2**30,
+        "step_peak_above_gib": peak / 2**30,
+        "at_peak": [[round(b / 2**30, 4), n, where] for b, n, where in groups[:12]],
+    }
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--recipe", default="enwik8")
@@ -100,6 +166,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of this script")
     p.add_argument("--chrome-trace", action="store_true", help="also write OBJECTIVE-VARIANT.trace.json")
+    p.add_argument(
+        "--memory-peak",
+        action="store_true",
+        help="CUDA: one more step with the allocator's history: what is alive at its peak (OBJECTIVE-VARIANT-peak.txt)",
+    )
     p.add_argument(
         "--cpu-inductor",
         action="store_true",
@@ -181,6 +252,8 @@ def main() -> None:
         warmup_s, times = timed_steps(step, a, sync)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
         host = profiled_steps(step, a, sync, cuda, f"{objective.name}-{tag}")
+        if a.memory_peak and cuda:
+            host |= memory_peak_step(step, a.warmup + a.steps + a.profile_steps, f"{objective.name}-{tag}", a.out)
         median = statistics.median(times)
         row = {
             "objective": objective.name,

@@ -1,0 +1,113 @@
+"""The measuring scripts of benchmarks/ that the reports rely on: their counts and replays on small inputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from _tiny import load_benchmark, tiny_model
+
+from haed.config import TrainConfig
+from haed.model import forward_flops
+
+
+def test_the_flops_benchmark_adds_each_recomputed_stacks_forward_on_the_rows_it_trains():
+    """benchmarks/step_flops.py's "with recomputation" columns: a recomputed stack's forward runs once more,
+    on the rows its phase trains it on (IEM's byte loss: its fraction of the patches)."""
+    script = load_benchmark("step_flops")
+    model = tiny_model(patch_size=4)
+    parts = forward_flops(model, 2, 64)
+    cfg = TrainConfig(byte_loss_fraction=0.25)
+    assert script.recomputed_flops(model, "iem", parts, cfg) == 0
+    assert script.recomputed_flops(model, "iem", parts, replace(cfg, recompute="main")) == pytest.approx(parts["main"])
+    every = replace(cfg, recompute="encoder,main,decoder")
+    expected = parts["encoder"] + parts["main"] + 0.25 * parts["decoder"]
+    assert script.recomputed_flops(model, "iem", parts, every) == pytest.approx(expected)
+    full = replace(TrainConfig(), recompute="decoder")
+    assert script.recomputed_flops(model, "full", parts, full) == pytest.approx(parts["decoder"])
+
+
+def test_trace_step_counts_the_operators_a_step_runs_outside_compiled_graphs_and_the_optimizer():
+    """benchmarks/trace_step.py's host-side count: each top-level operator once (not the operators it calls),
+    none inside a compiled graph's range or the optimizer's step."""
+    from torch.profiler import profile, record_function
+
+    trace_step = load_benchmark("trace_step")
+    x, w = torch.ones(4), torch.ones(2, 4)
+    with profile() as prof:
+        x + 1  # one operator
+        torch.nn.functional.linear(x, w)  # one, though it calls others
+        with record_function("Torch-Compiled Region: 0/0"):
+            x * 3
+        with record_function("Optimizer.step#AdamW.step"):
+            x.mul_(2).add_(1)
+    counts = trace_step.uncompiled_operators(prof, steps=1)
+    assert counts["uncompiled_operators_per_step"] == 2
+    assert counts["uncompiled_operators_host_ms_per_step"] > 0
+
+
+def test_trace_step_names_the_compile_mode_and_lists_each_steps_loss(tmp_path, monkeypatch):
+    """benchmarks/trace_step.py: a phase's compile_mode names the row's variant, and the losses of every step
+    are listed (on the CPU nothing is compiled, so both rows must list the same losses)."""
+    trace_step = load_benchmark("trace_step")
+    rows = []
+    for extra in ([], ["--set", "iem.compile_mode=reduce-overhead"]):
+        out = tmp_path / ("graphs" if extra else "plain")
+        argv = ["trace_step.py", "--recipe", "tiny", "--objectives", "iem", "--seq-len", "128", "--batch-size", "2"]
+        argv += ["--warmup", "1", "--steps", "2", "--profile-steps", "1", "--device", "cpu", "--out", str(out)]
+        monkeypatch.setattr("sys.argv", argv + extra)
+        trace_step.main()
+        rows.append(json.loads((out / "trace-steps.jsonl").read_text()))
+    assert [r["variant"] for r in rows] == ["compiled", "compiled-reduce-overhead"]
+    assert len(rows[0]["losses"]) == 3 and rows[0]["losses"] == rows[1]["losses"]
+
+
+def test_trace_step_finds_what_is_alive_at_a_steps_memory_peak():
+    """benchmarks/trace_step.py --memory-peak: the allocator's trace replayed; at the peak, the blocks alive
+    grouped by haed's innermost frame (or the innermost frame where there is none of haed's)."""
+    trace_step = load_benchmark("trace_step")
+    loss = [{"filename": "/x/torch/nn/functional.py", "line": 3, "name": "linear"}]
+    loss.append({"filename": "/repo/haed/objectives.py", "line": 87, "name": "iem_loss"})
+    engine = [{"filename": "/tmp/torchinductor_u/ab/cab.py", "line": 9, "name": "call"}]
+
+    def alloc(addr, size, frames):
+        return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+    def free(addr):
+        return {"action": "free_requested", "addr": addr, "size": 0, "frames": []}
+
+    events = [alloc(1, 100, loss), alloc(2, 50, loss), free(1), alloc(3, 300, engine), alloc(4, 20, [])]
+    events += [free(3), alloc(5, 10, loss), {"action": "free_completed", "addr": 4, "size": 20, "frames": []}]
+    events.append(free(99))  # a block allocated before the recording: not the step's
+    peak, groups = trace_step.peak_composition(events)
+    assert peak == 370  # blocks 2, 3 and 4
+    assert groups == [
+        (300, 1, "cab.py call"),
+        (50, 1, "haed/objectives.py:87 iem_loss"),
+        (20, 1, "(no Python frame: the backward pass's C++ or a compiled graph's)"),
+    ]
+
+
+def test_saved_for_backward_drops_what_recomputation_recomputes():
+    """benchmarks/saved_for_backward.py: recomputing the decoder keeps fewer bytes for the backward pass, and
+    the same setting gives the same count."""
+    from haed.objectives import get_objective
+    from haed.profile import WindowSource, build_for_objective, objective_train_config
+    from haed.recipe import load_recipe
+
+    script = load_benchmark("saved_for_backward")
+    assert script.parse_variant("rc:iem.recompute=main+decoder,iem.lr=1e-3") == (
+        "rc",
+        ["iem.recompute=main,decoder", "iem.lr=1e-3"],
+    )
+    counts = []
+    for recompute in ("", "decoder", ""):
+        recipe = load_recipe("tiny", [f"full.recompute={recompute}", "data.dataset="])
+        x = torch.from_numpy(WindowSource.for_recipe(recipe, None).windows(0, 2, 64).copy())
+        objective = get_objective("full")
+        cfg = objective_train_config(recipe, objective, 2, False)
+        model, _, _ = build_for_objective(recipe, objective, cfg, torch.device("cpu"), False)
+        counts.append(script.saved_bytes(model, objective, cfg, x))
+    assert counts[1] < counts[0] == counts[2]
