@@ -133,7 +133,7 @@ def memory_peak_step(step, i: int, name: str, out: Path) -> dict:
 
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)  # Python frames: haed's lines
     step(i)
     torch.cuda.synchronize()
     snapshot = torch.cuda.memory._snapshot()
