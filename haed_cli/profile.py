@@ -184,14 +184,18 @@ def profile_memory(
         help="Comma-separated batch sizes (default: 16 on CUDA, 4,8,16 with --device cpu).",
         rich_help_panel=WHAT,
     ),
-    steps: int = typer.Option(
-        5, "--steps", metavar="N", help="Timed optimizer steps per cell (the median is reported).", rich_help_panel=HOW
+    steps: Optional[int] = typer.Option(
+        None,
+        "--steps",
+        metavar="N",
+        help="Timed optimizer steps per cell, the median reported (default: 20 on CUDA, 5 with --device cpu).",
+        rich_help_panel=HOW,
     ),
-    warmup: int = typer.Option(
-        2,
+    warmup: Optional[int] = typer.Option(
+        None,
         "--warmup",
         metavar="N",
-        help="Untimed optimizer steps per cell first (compilation happens here).",
+        help="Untimed optimizer steps per cell first, compiling there (default: 20 on CUDA, 2 with --device cpu).",
         rich_help_panel=HOW,
     ),
     dataset: Optional[Path] = typer.Option(
@@ -304,12 +308,12 @@ def profile_memory(
     seqs = None if seq_lens is None else parse_int_list(seq_lens, "--seq-lens")
     batches = None if batch_sizes is None else parse_int_list(batch_sizes, "--batch-sizes")
     # the device first: no CUDA gives one line and a non-zero exit, before any work
-    plan = plan_sweep(device, recipe, overrides, seqs, batches)
+    plan = plan_sweep(device, recipe, overrides, seqs, batches, warmup, steps)
     others = [read_profile_json(p) for p in merge]
     console.print(
         f"[bold]profile-memory[/] of recipe [bold]{plan.recipe.name}[/] on {plan.device}: {', '.join(chosen)}; "
         f"seq {','.join(map(str, plan.seq_lens))}; batch {','.join(map(str, plan.batch_sizes))}; "
-        f"{warmup} warm-up + {steps} timed steps per cell",
+        f"{plan.warmup} warm-up + {plan.steps} timed steps per cell",
         highlight=False,
     )
     note = describe_defaults(plan.defaults)
@@ -321,8 +325,8 @@ def profile_memory(
             chosen,
             plan.seq_lens,
             plan.batch_sizes,
-            steps=steps,
-            warmup=warmup,
+            steps=plan.steps,
+            warmup=plan.warmup,
             device=device,
             dataset=dataset,
             compile=compile,

@@ -45,6 +45,7 @@ def test_plan_on_cuda_takes_the_headline_configuration(monkeypatch):
     assert plan.device.type == "cuda"
     assert plan.recipe.name == "enwik8" and plan.recipe.model.patch_size == 8 and plan.recipe.model.main.dim == 768
     assert plan.seq_lens == [2048, 4096, 8192, 16384] and plan.batch_sizes == [16]
+    assert (plan.warmup, plan.steps) == (20, 20)  # short host-bound steps settle slowly (see CUDA_DEFAULTS)
     assert plan.defaults["used"] == ["recipe", "seq_lens", "batch_sizes"] and plan.defaults["recipe"] == "enwik8"
     assert describe_defaults(plan.defaults).startswith(
         "no --recipe, --seq-lens, --batch-sizes given: the defaults on CUDA"
@@ -53,6 +54,7 @@ def test_plan_on_cuda_takes_the_headline_configuration(monkeypatch):
     assert given.recipe.name == "tiny" and given.recipe.model.main.layers == 1
     assert given.seq_lens == [64] and given.batch_sizes == list(CUDA_DEFAULTS.batch_sizes)
     assert given.defaults["used"] == ["batch_sizes"]
+    assert (plan_sweep("cuda", warmup=1, steps=3).warmup, plan_sweep("cpu").steps) == (1, 5)
 
 
 def test_plan_on_cpu_keeps_the_tiny_recipe():
