@@ -180,16 +180,17 @@ def test_compiled_chunk_softmax_matches_eager(autocast, chunk):
 
 
 @pytest.mark.cuda  # on the GPU where there is one (training compiles there), else on the CPU's inductor
-def test_compiled_score_gives_the_eager_loss_and_gradients():
-    """`haed.steps.compile_score` (the cosine score's projection and normalisations, compiled with dynamic
-    shapes): IEM's loss and gradients as eager, for two batches with different row counts."""
+@pytest.mark.parametrize("score", ["cosine", "dot"])
+def test_compiled_score_gives_the_eager_loss_and_gradients(score):
+    """`haed.steps.compile_score` (the score's projection, and the cosine's normalisations, compiled with
+    dynamic shapes): IEM's loss and gradients as eager, for two batches with different row counts."""
     from haed.steps import compile_score
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = TrainConfig(logits_chunk=64)
     results = []
     for compiled in (False, True):
-        model = tiny_model(patch_size=4, score="cosine").to(device)
+        model = tiny_model(patch_size=4, score=score).to(device)
         if compiled:
             compile_score(model)
         per_batch = []
