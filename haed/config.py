@@ -59,6 +59,10 @@ class DataConfig:
     seq_len: int = 1024  # training window in bytes (a multiple of patch_size)
 
 
+# torch.compile's modes a phase's `compile_mode` may name
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     """One training phase. The same fields serve IEM, the decoder phase and full training."""
@@ -257,9 +261,6 @@ def _typed(name: str, value, kind):
         if not isinstance(value, str):
             raise HaedError(f"{name} must be a string, not {value!r}")
     return value
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 def recompute_stacks(text: str) -> list[str]:
