@@ -181,7 +181,9 @@ def compile_stacks(model, mode: str = "default") -> None:
     if isinstance(model, HAED):
         model.main.compile(mode=mode)
         model.decoder.stack.compile(mode=mode)
-        model.encoder.stack.compile(dynamic=True, mode=mode)  # the number of distinct patches changes every step
+        # The number of distinct patches the encoder sees changes every step: dynamic shapes, in the default
+        # mode whatever the phase's (CUDA graphs would record one graph per count, thousands in a run).
+        model.encoder.stack.compile(dynamic=True)
         compile_score(model)
     elif hasattr(model, "stack"):
         model.stack.compile(mode=mode)
