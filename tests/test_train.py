@@ -308,3 +308,35 @@ def test_cuda_graph_steps_follow_the_default_compiled_steps(objective, micro):
             steps.append(float(sums["loss"]))
         losses[mode] = steps
     assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+@pytest.mark.slow_gpu
+def test_cuda_graph_runs_train_validate_resume_and_hand_over_like_the_default_mode(dataset, tmp_path):
+    """`haed train` end to end with the stacks as CUDA graphs: an IEM phase stopped after 3 of 6 steps and
+    resumed (validation and checkpoints between its steps, two micro-batches a step), then the decoder phase
+    from it. Its training and validation losses follow a straight run in the default compiled mode (bf16
+    autocast: two runs of one mode differ in the last bits, which grow over steps)."""
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        recipe = debug_recipe(str(dataset))
+        recipe.iem.steps, recipe.iem.grad_accum = 6, 2
+        for cfg in (recipe.iem, recipe.decoder):
+            cfg.compile, cfg.compile_mode = True, mode
+        run = tmp_path / mode
+        if mode == "default":
+            train(recipe, "iem", run, device="cuda")
+        else:
+            assert train(recipe, "iem", run, device="cuda", stop_after=3).step == 3
+            assert train(recipe, "iem", run, device="cuda", resume=True).step == 6
+        train(recipe, "decoder", run / "decoder", init_from=run, device="cuda")
+        runs[mode] = [
+            (r["split"], r["step"], r["loss"])
+            for path in (run / "metrics.jsonl", run / "decoder" / "metrics.jsonl")
+            for r in read_metrics(path)
+            if r["split"] in ("train", "valid")
+        ]
+    default, graphs = runs["default"], runs["reduce-overhead"]
+    assert [row[:2] for row in graphs] == [row[:2] for row in default]
+    assert [row[2] for row in graphs] == pytest.approx([row[2] for row in default], rel=1e-2)
