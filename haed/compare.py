@@ -364,4 +364,6 @@ def _phase_row(objective: Objective, config: dict, last_valid: list[float] | Non
         "batch_size": batch.get("batch_size"),
         "grad_accum": batch.get("grad_accum"),
         "recompute": phase.get("recompute", ""),
+        # None where the phase ran eager (`--no-compile`, a CPU), else torch.compile's mode
+        "compile_mode": phase.get("compile_mode", "default") if config.get("compiled") else None,
     }

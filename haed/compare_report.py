@@ -94,12 +94,17 @@ def describe_phases(row: dict) -> str:
     return f"{steps} steps, {rates} MB/s"
 
 
+COMPILED = {"default": "compiled", "reduce-overhead": "CUDA graphs"}
+
+
 def describe_configuration(row: dict) -> str:
-    """'16 x 1 (logits_chunk 2048) + 8 x 2 (decoder)': each phase's micro-batch x accumulation, what it
-    recomputes, and the lean settings a memory cap gave it."""
+    """'16 x 1 (logits_chunk 2048) + 8 x 2 (decoder; CUDA graphs)': each phase's micro-batch x accumulation,
+    what it recomputes, the lean settings a memory cap gave it, and how it was compiled (eager says nothing)."""
     parts = []
     for p in row.get("phases") or []:
         extras = [p["recompute"]] if p.get("recompute") else []
+        if p.get("compile_mode"):
+            extras.append(COMPILED.get(p["compile_mode"], f"compiled {p['compile_mode']}"))
         extras += [f"{key} {value}" for key, value in (p.get("settings") or {}).items()]
         parts.append(f"{p.get('batch_size')} x {p.get('grad_accum')}" + (f" ({'; '.join(extras)})" if extras else ""))
     return " + ".join(parts)

@@ -140,7 +140,8 @@ def compare(
 
 def compare_table(result: dict) -> Table:
     """`haed compare`'s table: per system its size, seconds, steps and speed, what it ran at (micro-batch x
-    accumulation, recomputation: what a memory cap chose), its peak GPU memory and its scores."""
+    accumulation, recomputation: what a memory cap chose; how it was compiled), its peak GPU memory and its
+    scores."""
     from haed.compare_report import describe_configuration, describe_phase_ends, describe_phases
 
     cap = result.get("memory_cap_gib")
@@ -153,7 +154,7 @@ def compare_table(result: dict) -> Table:
         "parameters",
         "train s",
         "steps, training MB/s",
-        "micro-batch x accum, recompute",
+        "micro-batch x accum, recompute, compiled",
         "peak GiB",
         "valid at phase ends",
         f"test {result['unit']}",

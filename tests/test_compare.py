@@ -8,7 +8,7 @@ from _tiny import load_benchmark, make_text_dataset
 from typer.testing import CliRunner
 
 from haed.compare import _choose_systems, compare, flat_recipe
-from haed.compare_report import describe_phase_ends
+from haed.compare_report import describe_configuration, describe_phase_ends
 from haed.errors import HaedError
 from haed.model import build_model, count_parameters
 from haed.recipe import apply_overrides, debug_recipe, recipe_from_dict
@@ -326,3 +326,22 @@ def test_the_seconds_to_target_benchmark_recovers_a_known_curve(tmp_path, capsys
     assert "where full was at 100 s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no validation curve for system 'flat'"):
         script.main([str(tmp_path / "c.json"), "--at", "flat"])
+
+
+def test_the_configuration_says_how_each_phase_was_compiled(dataset, tmp_path):
+    """A comparison's configuration column names each compiled phase's mode (CUDA graphs, the default mode)
+    and nothing for an eager one, as a CPU run is."""
+    row = {
+        "phases": [
+            {"batch_size": 16, "grad_accum": 1, "recompute": "main", "compile_mode": "reduce-overhead"},
+            {"batch_size": 16, "grad_accum": 1, "compile_mode": "default"},
+            {"batch_size": 8, "grad_accum": 2, "compile_mode": "max-autotune-no-cudagraphs"},
+        ]
+    }
+    assert describe_configuration(row) == (
+        "16 x 1 (main; CUDA graphs) + 16 x 1 (compiled) + 8 x 2 (compiled max-autotune-no-cudagraphs)"
+    )
+    recipe = debug_recipe(str(dataset))
+    result = compare(recipe, tmp_path / "cmp", 0.5, systems=("full",), evals=1, device="cpu")
+    assert [p["compile_mode"] for p in result["rows"][0]["phases"]] == [None]
+    assert describe_configuration(result["rows"][0]) == "2 x 1"
