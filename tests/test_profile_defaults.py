@@ -77,6 +77,11 @@ def test_measured_line_names_what_ran_on_a_gpu():
         "measured: recipe enwik8 on NVIDIA H200 (bfloat16 autocast, compiled); data: random bytes (synthetic"
     )
     assert "seq 2,048, 16,384; batch 16; 2 warm-up + 5 timed steps per cell" in line
+    result["cells"] = [
+        {"objective": objective, "compile_mode": mode}
+        for objective, mode in (("iem", "reduce-overhead"), ("full", "reduce-overhead"), ("decoder", "default"))
+    ]
+    assert "(bfloat16 autocast, compiled; full, iem as CUDA graphs)" in describe_measured(result)
 
 
 def test_cli_without_recipe_on_cpu_times_tiny_on_synthetic_bytes(tmp_path, monkeypatch):

@@ -131,6 +131,7 @@ def objective_cell(
         keep_going=keep_going,
     )
     cell["compiled"] = bool(compile and device.type == "cuda")
+    cell["compile_mode"] = cfg.compile_mode if cell["compiled"] else None
     cell.setdefault("candidates_mean", None)
     cell.setdefault("distinct_patches_mean", None)
     if cell["status"] == "ok" and flops_model is not None:

@@ -56,6 +56,10 @@ def describe_measured(result: dict) -> str:
     settings = result.get("settings") or {}
     if env.get("device") == "cuda":
         compiled = "compiled" if env.get("compile") else "not compiled"
+        cells = result.get("cells") or []
+        graphs = sorted({c["objective"] for c in cells if c.get("compile_mode") == "reduce-overhead"})
+        if graphs:
+            compiled += f"; {', '.join(graphs)} as CUDA graphs"
         how = f"on {env.get('gpu') or 'CUDA'} ({env.get('dtype')}, {compiled})"
     else:
         how = f"CPU-timed ({env.get('dtype')}; memory not measured)"
