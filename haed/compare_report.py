@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from haed.atomic import save_figure
+from haed.config import CUDA_GRAPHS
 from haed.errors import HaedError
 
 # Settings a merged comparison's rows must share: otherwise their numbers are not one comparison's.
@@ -94,7 +95,7 @@ def describe_phases(row: dict) -> str:
     return f"{steps} steps, {rates} MB/s"
 
 
-COMPILED = {"default": "compiled", "reduce-overhead": "CUDA graphs"}
+COMPILED = {"default": "compiled", CUDA_GRAPHS: "CUDA graphs"}
 
 
 def describe_configuration(row: dict) -> str:

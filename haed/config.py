@@ -59,8 +59,9 @@ class DataConfig:
     seq_len: int = 1024  # training window in bytes (a multiple of patch_size)
 
 
-# torch.compile's modes a phase's `compile_mode` may name
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+# torch.compile's modes a phase's `compile_mode` may name; the one that makes the stacks CUDA graphs
+CUDA_GRAPHS = "reduce-overhead"
+COMPILE_MODES = ("default", CUDA_GRAPHS, "max-autotune-no-cudagraphs")
 
 
 @dataclass

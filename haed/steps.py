@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from haed.config import TrainConfig, recompute_stacks
+from haed.config import CUDA_GRAPHS, TrainConfig, recompute_stacks
 from haed.data import random_windows
 from haed.device import autocast, host_to_device
 from haed.model import HAED
@@ -99,7 +99,7 @@ def new_pass(cfg: TrainConfig, device: torch.device) -> None:
     the memory of the last one's graph outputs. Nothing keeps those past it: the losses and metrics are
     computed outside the graphs, and the gradients are dropped after each optimizer step. Within a step,
     later micro-batches replay their own recordings, so the gradients accumulated so far stay intact."""
-    if cfg.compile and cfg.compile_mode == "reduce-overhead" and device.type == "cuda":
+    if cfg.compile and cfg.compile_mode == CUDA_GRAPHS and device.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()
 
 

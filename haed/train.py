@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from haed.checkpoint import BEST, latest_checkpoint, latest_intact_checkpoint, step_dirs, wait_for_writer
+from haed.config import CUDA_GRAPHS
 from haed.device import resolve_device
 from haed.distributed import init_world, launched_world_size
 from haed.errors import HaedError, RunStopped, WriteError
@@ -89,7 +90,7 @@ def _check_request(
     if allow_changes and not resume:
         raise HaedError("--allow-changes applies to --resume only: a new run takes the recipe as given")
     section = objective.section
-    if recipe is not None and getattr(recipe, section).compile_mode == "reduce-overhead" and launched_world_size() > 1:
+    if recipe is not None and getattr(recipe, section).compile_mode == CUDA_GRAPHS and launched_world_size() > 1:
         raise HaedError(
             f"{section}.compile_mode = 'reduce-overhead' (CUDA graphs) trains in one process only: "
             f"pass --set {section}.compile_mode=default under torchrun"

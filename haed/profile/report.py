@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from haed.atomic import save_figure, write_text_atomic
+from haed.config import CUDA_GRAPHS
 from haed.errors import HaedError
 from haed.objectives import PROFILE_RATIOS
 from haed.profile.harness import CPU_MEMORY_NOTE
@@ -57,7 +58,7 @@ def describe_measured(result: dict) -> str:
     if env.get("device") == "cuda":
         compiled = "compiled" if env.get("compile") else "not compiled"
         cells = result.get("cells") or []
-        graphs = sorted({c["objective"] for c in cells if c.get("compile_mode") == "reduce-overhead"})
+        graphs = sorted({c["objective"] for c in cells if c.get("compile_mode") == CUDA_GRAPHS})
         if graphs:
             compiled += f"; {', '.join(graphs)} as CUDA graphs"
         how = f"on {env.get('gpu') or 'CUDA'} ({env.get('dtype')}, {compiled})"
