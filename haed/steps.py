@@ -65,7 +65,7 @@ def apply_recompute(model, cfg: TrainConfig) -> None:
     """Recompute the activations of the stacks the phase names (plus those whose config asks for it)."""
     names = set(recompute_stacks(cfg.recompute))
     if isinstance(model, HAED):
-        stacks = {"encoder": model.encoder.stack, "main": model.main, "decoder": model.decoder.stack}
+        stacks = {"encoder": model.encoder, "main": model.main, "decoder": model.decoder.stack}
     elif hasattr(model, "stack"):
         stacks = {"main": model.stack}
     else:  # the MEGABYTE peer: its package has no recomputation
