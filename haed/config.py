@@ -27,7 +27,9 @@ class StackConfig:
     heads: int = 4
     mlp_ratio: float = 4.0  # hidden = mlp_ratio * dim (the gated MLP uses 2/3 of it per branch)
     dropout: float = 0.0  # on each residual branch while training (small datasets overfit without it)
-    recompute: bool = False  # recompute each block's activations in the backward pass (less memory, ~1/3 more compute)
+    # Recompute each block's activations in the backward pass (less memory, ~1/3 more compute); the encoder
+    # recomputes whole, in chunks of patches (haed.model.PatchEncoder)
+    recompute: bool = False
 
 
 @dataclass
