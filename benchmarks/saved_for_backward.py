@@ -10,6 +10,11 @@ the forward (the softmax's chunks, attention's working memory) are not in it, so
         --seq-len 2048 --batch-size 16 --set model.decoder.dim=512 --set model.decoder.heads=8 \
         --variant rc-main:iem.recompute=main --variant rc-main-decoder:iem.recompute=main+decoder
 
+With `--peak`, the forward and backward passes run once more while a dispatch mode follows every storage
+the step allocates until it is freed: the step's peak above what it started with (weights and optimizer
+state excluded, the gradients included) and the operator at that peak, which says whether the peak falls
+in the forward pass or in the backward (eager: compiled graphs on a GPU fuse and keep less).
+
 A variant is NAME:FIELD=VALUE,FIELD=VALUE (in a value, + stands for a comma).
 """
 
@@ -20,6 +25,9 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,6 +52,45 @@ def saved_bytes(model, objective, cfg, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages allocated under this mode and still alive, and their peak with the operator
+    that reached it. A storage is counted from the operator that returned it until it is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
+        self.peak_at = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(key)[1]
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                storage = t.untyped_storage()
+                self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+                self.now += storage.nbytes()
+        if self.now > self.peak:
+            self.peak, self.peak_at = self.now, str(func)
+        return out
+
+
+def step_peak(model, objective, cfg, x: torch.Tensor) -> tuple[int, str]:
+    """Peak bytes a forward and backward pass of `objective` on `x` allocate above their start, and the
+    operator at the peak (with its pass)."""
+    model.zero_grad(set_to_none=True)
+    mode = LiveBytes()
+    with mode:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = objective(model, x, cfg, torch_generator(0, 0, 0))
+        forward_peak = mode.peak
+        loss.backward()
+    where = "forward" if mode.peak == forward_peak else "backward"
+    model.zero_grad(set_to_none=True)
+    return mode.peak, f"{where}, {mode.peak_at}"
+
+
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, fields = text.partition(":")
     return name, [field.replace("+", ",") for field in fields.split(",") if field]
@@ -58,10 +105,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--variant", action="append", default=[], help="NAME:FIELD=VALUE,... (+ for a comma in a value)")
+    p.add_argument("--peak", action="store_true", help="also the step's peak memory and where it falls")
     a = p.parse_args()
     device = torch.device("cpu")
-    print("| variant | objective | seq | batch | saved for backward GiB | parameters GiB (fp32) |")
-    print("|---|---|---|---|---|---|")
+    peak_head = " step peak GiB | at |" if a.peak else ""
+    print(f"| variant | objective | seq | batch | saved for backward GiB | parameters GiB (fp32) |{peak_head}")
+    print("|---|---|---|---|---|---|" + ("---|---|" if a.peak else ""))
     for name, fields in [parse_variant(v) for v in a.variant] or [("recipe", [])]:
         recipe = load_recipe(a.recipe, a.overrides + fields)
         source = WindowSource.for_recipe(recipe, a.dataset)
@@ -72,7 +121,12 @@ def main() -> None:
             model, _, _ = build_for_objective(recipe, objective, cfg, device, False)
             saved = saved_bytes(model, objective, cfg, x) / 2**30
             weights = sum(t.numel() for t in model.parameters()) * 4 / 2**30
-            print(f"| {name} | {objective.name} | {a.seq_len:,} | {a.batch_size} | {saved:.3f} | {weights:.3f} |")
+            peak = ""
+            if a.peak:
+                model.train()
+                peak_bytes, at = step_peak(model, objective, cfg, x)
+                peak = f" {peak_bytes / 2**30:.3f} | {at} |"
+            print(f"| {name} | {objective.name} | {a.seq_len:,} | {a.batch_size} | {saved:.3f} | {weights:.3f} |{peak}")
 
 
 if __name__ == "__main__":
