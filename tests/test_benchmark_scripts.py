@@ -111,3 +111,31 @@ def test_saved_for_backward_drops_what_recomputation_recomputes():
         model, _, _ = build_for_objective(recipe, objective, cfg, torch.device("cpu"), False)
         counts.append(script.saved_bytes(model, objective, cfg, x))
     assert counts[1] < counts[0] == counts[2]
+
+
+def test_step_peak_follows_each_storage_until_freed_and_drops_with_the_encoder_recomputed():
+    """benchmarks/saved_for_backward.py --peak: a storage counts from its allocation until it is freed, the
+    peak is the most alive at once; recomputing the encoder (in chunks of patches) lowers an IEM step's
+    peak, and the same setting repeats its bytes."""
+    from haed.objectives import get_objective
+    from haed.profile import WindowSource, build_for_objective, objective_train_config
+    from haed.recipe import load_recipe
+
+    script = load_benchmark("saved_for_backward")
+    with script.LiveBytes() as mode:
+        a = torch.zeros(1000)
+        b = torch.zeros(2000)
+        del a
+        c = torch.zeros(500)
+    assert (mode.peak, mode.now) == (4000 + 8000, 8000 + 2000) and (b.numel(), c.numel()) == (2000, 500)
+    peaks = []
+    for recompute in ("", "encoder", ""):
+        recipe = load_recipe("tiny", [f"iem.recompute={recompute}", "data.dataset="])
+        x = torch.from_numpy(WindowSource.for_recipe(recipe, None).windows(0, 4, 256).copy())
+        objective = get_objective("iem")
+        cfg = objective_train_config(recipe, objective, 4, False)
+        model, _, _ = build_for_objective(recipe, objective, cfg, torch.device("cpu"), False)
+        model.train()
+        peaks.append(script.step_peak(model, objective, cfg, x))
+    assert peaks[1][0] < peaks[0][0] == peaks[2][0]
+    assert all(at.startswith(("forward, aten.", "backward, aten.")) for _, at in peaks)
