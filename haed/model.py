@@ -53,8 +53,14 @@ class PatchEncoder(nn.Module):
         rows = patches.reshape(-1, k)
         if self.recompute and self.training and torch.is_grad_enabled():
             chunks = rows.tensor_split(min(self.RECOMPUTE_CHUNKS, max(1, rows.shape[0])))
+            # Without dropout the encoder draws no random numbers: nothing to restore, and saving the CUDA
+            # generator's state per chunk would cost the host time.
+            rng = self.cfg.dropout > 0
             vectors = torch.cat(
-                [torch.utils.checkpoint.checkpoint(self.encode_rows, c, use_reentrant=False) for c in chunks]
+                [
+                    torch.utils.checkpoint.checkpoint(self.encode_rows, c, use_reentrant=False, preserve_rng_state=rng)
+                    for c in chunks
+                ]
             )
         else:
             vectors = self.encode_rows(rows)
