@@ -90,13 +90,24 @@ def test_trace_step_finds_what_is_alive_at_a_steps_memory_peak():
     ]
 
 
-def test_saved_for_backward_drops_what_recomputation_recomputes():
-    """benchmarks/saved_for_backward.py: recomputing the decoder keeps fewer bytes for the backward pass, and
-    the same setting gives the same count."""
+def tiny_step(objective_name: str, recompute: str, batch: int, seq_len: int):
+    """The tiny recipe's model for `objective_name` with the phase recomputing `recompute`, as
+    saved_for_backward.py builds it, and a batch of its built-in windows: (model, objective, cfg, x)."""
     from haed.objectives import get_objective
     from haed.profile import WindowSource, build_for_objective, objective_train_config
     from haed.recipe import load_recipe
 
+    objective = get_objective(objective_name)
+    recipe = load_recipe("tiny", [f"{objective.name}.recompute={recompute}", "data.dataset="])
+    x = torch.from_numpy(WindowSource.for_recipe(recipe, None).windows(0, batch, seq_len).copy())
+    cfg = objective_train_config(recipe, objective, batch, False)
+    model, _, _ = build_for_objective(recipe, objective, cfg, torch.device("cpu"), False)
+    return model, objective, cfg, x
+
+
+def test_saved_for_backward_drops_what_recomputation_recomputes():
+    """benchmarks/saved_for_backward.py: recomputing the decoder keeps fewer bytes for the backward pass, and
+    the same setting gives the same count."""
     script = load_benchmark("saved_for_backward")
     assert script.parse_variant("rc:iem.recompute=main+decoder,iem.lr=1e-3") == (
         "rc",
@@ -104,12 +115,7 @@ def test_saved_for_backward_drops_what_recomputation_recomputes():
     )
     counts = []
     for recompute in ("", "decoder", ""):
-        recipe = load_recipe("tiny", [f"full.recompute={recompute}", "data.dataset="])
-        x = torch.from_numpy(WindowSource.for_recipe(recipe, None).windows(0, 2, 64).copy())
-        objective = get_objective("full")
-        cfg = objective_train_config(recipe, objective, 2, False)
-        model, _, _ = build_for_objective(recipe, objective, cfg, torch.device("cpu"), False)
-        counts.append(script.saved_bytes(model, objective, cfg, x))
+        counts.append(script.saved_bytes(*tiny_step("full", recompute, batch=2, seq_len=64)))
     assert counts[1] < counts[0] == counts[2]
 
 
@@ -117,10 +123,6 @@ def test_step_peak_follows_each_storage_until_freed_and_drops_with_the_encoder_r
     """benchmarks/saved_for_backward.py --peak: a storage counts from its allocation until it is freed, the
     peak is the most alive at once; recomputing the encoder (in chunks of patches) lowers an IEM step's
     peak, and the same setting repeats its bytes."""
-    from haed.objectives import get_objective
-    from haed.profile import WindowSource, build_for_objective, objective_train_config
-    from haed.recipe import load_recipe
-
     script = load_benchmark("saved_for_backward")
     with script.LiveBytes() as mode:
         a = torch.zeros(1000)
@@ -130,11 +132,7 @@ def test_step_peak_follows_each_storage_until_freed_and_drops_with_the_encoder_r
     assert (mode.peak, mode.now) == (4000 + 8000, 8000 + 2000) and (b.numel(), c.numel()) == (2000, 500)
     peaks = []
     for recompute in ("", "encoder", ""):
-        recipe = load_recipe("tiny", [f"iem.recompute={recompute}", "data.dataset="])
-        x = torch.from_numpy(WindowSource.for_recipe(recipe, None).windows(0, 4, 256).copy())
-        objective = get_objective("iem")
-        cfg = objective_train_config(recipe, objective, 4, False)
-        model, _, _ = build_for_objective(recipe, objective, cfg, torch.device("cpu"), False)
+        model, objective, cfg, x = tiny_step("iem", recompute, batch=4, seq_len=256)
         model.train()
         peaks.append(script.step_peak(model, objective, cfg, x))
     assert peaks[1][0] < peaks[0][0] == peaks[2][0]
