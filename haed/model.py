@@ -57,19 +57,21 @@ class PatchEncoder(nn.Module):
             # Without dropout the encoder draws no random numbers: nothing to restore, and saving the CUDA
             # generator's state per chunk would cost the host time.
             rng = self.cfg.dropout > 0
-            vectors = torch.cat(
-                [
+            parts = []
+            for c in chunks:  # a loop, not a comprehension: torch.compile traces a checkpoint in a loop's body
+                parts.append(
                     torch.utils.checkpoint.checkpoint(self.encode_rows, c, use_reentrant=False, preserve_rng_state=rng)
-                    for c in chunks
-                ]
-            )
+                )
+            vectors = torch.cat(parts)
         else:
             vectors = self.encode_rows(rows)
         return vectors.view(*lead, -1)
 
     def encode_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """(R, K) bytes -> (R, main_dim)."""
-        x = self.stack(self.byte_embedding(rows.long()))
+        # F.embedding with the weight, not the module: torch.compile (2.13, dynamic shapes) fails to trace the
+        # module's call inside a checkpointed chunk whose row count is symbolic.
+        x = self.stack(F.embedding(rows.long(), self.byte_embedding.weight))
         x = x.flatten(1) if self.pooling == "concat" else x.mean(dim=1)
         return self.proj(x)
 
@@ -235,7 +237,10 @@ class HAED(nn.Module):
     def encode_patches(self, patches: torch.Tensor) -> EncodedPatches:
         """Encode (N, K) patches, each distinct one once (real text repeats many patches)."""
         distinct, inverse, counts = unique_patches(patches)
-        vectors = self.encoder(pad_rows(distinct, row_bucket(patches.device)))
+        rows = pad_rows(distinct, row_bucket(patches.device))
+        # The row count changes every step: compiled (haed.steps.compile_stacks), one graph for every count.
+        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        vectors = self.encoder(rows)
         return EncodedPatches(distinct, inverse, counts, vectors)
 
     def hidden_from_vectors(self, patch_vectors: torch.Tensor) -> torch.Tensor:

@@ -181,9 +181,13 @@ def compile_stacks(model, mode: str = "default") -> None:
     if isinstance(model, HAED):
         model.main.compile(mode=mode)
         model.decoder.stack.compile(mode=mode)
-        # The number of distinct patches the encoder sees changes every step: dynamic shapes, in the default
-        # mode whatever the phase's (CUDA graphs would record one graph per count, thousands in a run).
-        model.encoder.stack.compile(dynamic=True)
+        # The number of distinct patches the encoder sees changes every step: its rows are marked dynamic
+        # (`HAED.encode_patches`), in the default mode whatever the phase's (CUDA graphs would record one
+        # graph per count). The whole encoder, embedding and projection too: recomputed in chunks
+        # (`PatchEncoder`), the chunks' recomputation is then part of one compiled backward pass, not a dozen
+        # calls on the host. (Not `dynamic=True`: it makes the blocks' float settings symbolic too, and
+        # torch.compile 2.13 then fails to trace them inside a checkpointed chunk.)
+        model.encoder.compile()
         compile_score(model)
     elif hasattr(model, "stack"):
         model.stack.compile(mode=mode)

@@ -154,6 +154,39 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
 
 
+def test_the_compiled_encoder_recomputes_its_chunks_like_eager_in_one_graph_for_every_row_count():
+    """Training compiles the whole encoder (haed.steps.compile_stacks), its chunks' checkpoints inside, with its
+    rows marked dynamic (HAED.encode_patches): vectors and gradients as eager's, for row counts that change
+    every step, and one graph for all of them: multiples of the chunk count, as on CUDA, where they are padded to
+    multiples of 512 (a new remainder would guard a new graph). (aot_eager: torch.compile's tracing and
+    autograd, on the CPU.)"""
+    import copy
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = tiny_model(patch_size=4)
+    model.train()
+    eager = copy.deepcopy(model.encoder)
+    model.encoder.recompute = True
+    model.encoder.compile(backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    for seed, rows in enumerate((40, 96, 132)):
+        patches = random_bytes(rows, 4, seed=seed)
+        results = []
+        for encoder in (eager, model.encoder):
+            encoder.zero_grad()
+            torch._dynamo.maybe_mark_dynamic(patches, 0)
+            vectors = encoder(patches)
+            vectors.float().square().mean().backward()
+            results.append((vectors.detach(), [p.grad.clone() for p in encoder.parameters()]))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+        for got, want in zip(results[1][1], results[0][1]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the chunk softmax is used on CUDA only")
 @pytest.mark.parametrize("autocast,chunk", [(False, 128), (True, 128), (True, 4096)])
