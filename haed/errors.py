@@ -23,6 +23,16 @@ class RunStopped(HaedError):
     exit_code = 75
 
 
+class StopRequested(HaedError):
+    """A stop request (Ctrl-C, SIGTERM) ended one phase of a command of several (compare, quickstart) at its
+    checkpoint: the command stops there instead of starting the next phase, and run again it continues from
+    that checkpoint. Exit status 128 + the signal's number (130, 143), as for `haed train`."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.exit_code = 130 if signal_name == "SIGINT" else 143
+
+
 class HaedWarning(UserWarning):
     """Something the user should know that does not stop the command (the CLI prints one line)."""
 

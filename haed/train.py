@@ -14,7 +14,7 @@ from haed.checkpoint import BEST, latest_checkpoint, latest_intact_checkpoint, s
 from haed.config import CUDA_GRAPHS
 from haed.device import resolve_device
 from haed.distributed import init_world, launched_world_size
-from haed.errors import HaedError, RunStopped, WriteError
+from haed.errors import HaedError, RunStopped, StopRequested, WriteError
 from haed.objectives import Objective, get_objective
 from haed.recipe import Recipe
 from haed.runs import absolute_dataset, phase_finished, recipe_for_run, resolve_run
@@ -120,12 +120,14 @@ def finish_phase(
     on_event: Callable[[dict], None] | None = None,
 ) -> TrainResult | None:
     """Bring the phase in `run_dir` to the end of its schedule: nothing if it is finished (None), a
-    resume if it has a checkpoint, else a new run (from `init_from`, for the decoder phase)."""
+    resume if it has a checkpoint, else a new run (from `init_from`, for the decoder phase). A stop request
+    during the phase raises `StopRequested` once its checkpoint is written: the caller's next phase does
+    not start (`timeout` or a cluster's time limit would otherwise only end the current one)."""
     objective = get_objective(objective)
     if phase_finished(run_dir, getattr(recipe, objective.section)):
         return None
     started = latest_intact_checkpoint(run_dir) is not None
-    return train(
+    result = train(
         recipe,
         objective,
         run_dir,
@@ -135,6 +137,13 @@ def finish_phase(
         compile=compile,
         on_event=on_event,
     )
+    if result.interrupted:
+        raise StopRequested(
+            f"stopped by {result.interrupted} at step {result.step} of {run_dir}: checkpoint written; "
+            "the same command continues from it",
+            result.interrupted,
+        )
+    return result
 
 
 def train_command(

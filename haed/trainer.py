@@ -226,7 +226,7 @@ class Trainer:
         )
         self.next_eval_seconds = _next_multiple(self.train_seconds, cfg.eval_every_seconds)
         self.window_seconds, self.window_steps = 0.0, 0
-        self.done = self.start_step
+        self.done = self.checkpointed = self.start_step
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -250,6 +250,9 @@ class Trainer:
                 and stop.signal is None
             ):
                 self._step(stop)
+            if stop.signal is not None and self.done > self.checkpointed:
+                # One process notes a request the moment it arrives, so it can come after the step's check.
+                self._checkpoint(final=True)
             self.result.interrupted = stop.signal
 
     def _step(self, stop: StopRequests) -> None:
@@ -381,6 +384,7 @@ class Trainer:
         path = self.world.save_checkpoint(
             self.run.run_dir, done, self.model, self.optimizer, state, self.config, consolidated=final
         )
+        self.checkpointed = done
         self.last_checkpoint = f"the last checkpoint is {path.name}"
         self._emit("checkpoint", step=done, path=str(path))
 

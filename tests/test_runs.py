@@ -156,6 +156,33 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues_exactly(dataset, tmp_p
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_a_stop_request_ends_a_command_of_several_phases_where_it_stopped(dataset, tmp_path):
+    """SIGTERM during the IEM phase of `haed compare` (as `timeout` or a cluster's time limit sends it): the phase
+    checkpoints, the decoder phase does not start, and the command ends with exit status 143 and one line; the same
+    command again continues the phase and finishes."""
+    from haed.compare import compare
+    from haed.errors import StopRequested
+
+    recipe = debug_recipe(str(dataset))
+    steps = []
+
+    def sigterm_after_two_steps(event):
+        if event["event"] == "progress":
+            steps.append(event)
+            if len(steps) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "cmp"
+    with pytest.raises(StopRequested) as e:
+        compare(recipe, out, 1.0, systems=("iem",), evals=2, device="cpu", on_event=sigterm_after_two_steps)
+    assert e.value.exit_code == 143
+    assert str(e.value).startswith(f"stopped by SIGTERM at step 2 of {out / 'iem'}: checkpoint written")
+    assert latest_checkpoint(out / "iem").name == "step-000002"
+    assert not (out / "iem" / "decoder").exists()
+    result = compare(recipe, out, 1.0, systems=("iem",), evals=2, device="cpu")
+    assert [r["system"] for r in result["rows"]] == ["iem"] and result["rows"][0]["run"].endswith("decoder")
+
+
 def test_resume_takes_the_runs_own_recipe_and_refuses_a_different_one(dataset, tmp_path):
     recipe = debug_recipe(str(dataset))
     run = tmp_path / "run"
