@@ -32,7 +32,11 @@ class PatchEncoder(nn.Module):
     once in the backward pass, when the main model's gradients are alive too: it moved IEM's peak by
     0.02 GiB on an H100; in chunks, 0.29 GiB (seq 2,048 x batch 16, the `code` recipe with a 4 x 512
     decoder), at 5.3 ms a step that the FLOPs do not explain (docs/2026-12-06-big-corpora.md, seventh
-    session). Patches are independent, so the chunks give the same vectors and gradients.
+    session), when only its stack was compiled: the 4 chunks added 10 compiled calls and 79 eager operators
+    to the host's work per step (counted on the CPU, benchmarks/trace_step.py --cpu-inductor). Training now
+    compiles the whole encoder (haed.steps.compile_stacks): the chunks' forward, recomputation and backward
+    are one compiled forward and one backward call a step. Patches are independent, so the chunks give the
+    same vectors and gradients.
     """
 
     RECOMPUTE_CHUNKS = 4
