@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from haed.compare import compare  # noqa: E402
 from haed.compare_report import describe_phase_ends, describe_phases, plot_comparison  # noqa: E402
+from haed.errors import HaedError  # noqa: E402
 from haed.recipe import load_recipe  # noqa: E402
 
 
@@ -158,4 +159,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HaedError as e:  # bad input, or a stop request (SIGTERM, Ctrl-C): one line; run again to continue
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
