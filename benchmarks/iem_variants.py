@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from haed.atomic import write_text_atomic  # noqa: E402
 from haed.compare import compare  # noqa: E402
 from haed.compare_report import describe_phase_ends, describe_phases, plot_comparison  # noqa: E402
 from haed.errors import HaedError  # noqa: E402
@@ -59,7 +60,7 @@ def share_iem_phase(recipe, iem_dir: Path, seen: dict) -> str | None:
     return earlier.parent.name
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="tiny")
     ap.add_argument("--dataset", required=True)
@@ -77,20 +78,24 @@ def main() -> None:
         help="variants that differ only in the decoder phase reuse the first one's IEM run",
     )
     ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
+    return ap.parse_args(argv)
 
-    def say(event: dict) -> None:
-        if event["event"] in ("message", "valid"):
-            print(
-                event.get("text")
-                or f"  step {event['step']} valid {event.get('bits_per_byte', event.get('loss')):.4f}",
-                flush=True,
-            )
 
+def say(event: dict) -> None:
+    if event["event"] in ("message", "valid"):
+        print(
+            event.get("text") or f"  step {event['step']} valid {event.get('bits_per_byte', event.get('loss')):.4f}",
+            flush=True,
+        )
+
+
+def run_systems(a: argparse.Namespace) -> tuple[list[dict], dict]:
+    """The baselines' rows, then each variant's IEM row, and the last comparison's result (its settings)."""
     base = [*a.set, f'data.dataset="{a.dataset}"']
     rows = []
     common = dict(evals=a.evals, eval_bytes=a.eval_bytes, device=a.device, compile=a.compile, on_event=say)
     systems = tuple(s for s in a.baselines.split(",") if s)
+    result = {}
     if systems:
         result = compare(load_recipe(a.recipe, base), a.out / "baselines", a.budget, systems=systems, **common)
         rows += [{**r, "variant": r["label"], "overrides": []} for r in result["rows"]]
@@ -106,27 +111,20 @@ def main() -> None:
         shared = share_iem_phase(recipe, a.out / name / "iem", iem_phases) if a.share_iem else None
         if shared:
             print(f"   its IEM phase is {shared}'s (the variants differ in the decoder phase only)", flush=True)
-        result = compare(
-            recipe,
-            a.out / name,
-            a.budget,
-            systems=("iem",),
-            **common,
-        )
+        result = compare(recipe, a.out / name, a.budget, systems=("iem",), **common)
         rows += [
-            {
-                **r,
-                "variant": f"IEM {name}",
-                "overrides": overrides,
-                "decoder_fraction": fraction,
-                "iem_phase_of": shared,
-            }
+            dict(r, variant=f"IEM {name}", overrides=overrides, decoder_fraction=fraction, iem_phase_of=shared)
             for r in result["rows"]
         ]
+    return rows, result
+
+
+def variants_table(rows: list[dict], unit: str) -> str:
+    """Markdown: one row per system, its test score against full training's where that ran."""
     reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
     lines = [
-        f"| system | overrides | decoder phase | train s | steps, training MB/s | valid at phase ends "
-        f"| test {result['unit']} | vs full |",
+        "| system | overrides | decoder phase | train s | steps, training MB/s | valid at phase ends "
+        f"| test {unit} | vs full |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -139,7 +137,15 @@ def main() -> None:
             f"{describe_phases(r)} | {describe_phase_ends(r)} | "
             f"{r['test_bits_per_byte']:.4f} | {ratio} |"
         )
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    if not a.variant and not a.baselines.strip(","):
+        raise HaedError("nothing to compare: give --variant, or --baselines")
+    rows, result = run_systems(a)
+    table = variants_table(rows, result["unit"])
     print(table)
     summary = {
         "recipe": a.recipe,
@@ -150,12 +156,13 @@ def main() -> None:
         "memory_cap_gib": result.get("memory_cap_gib"),
         "unit": result["unit"],
         "windowing": result["windowing"],
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv if argv is None else ["benchmarks/iem_variants.py", *argv]),
         "rows": rows,
     }
-    (a.out / "variants.json").write_text(json.dumps(summary, indent=2))
-    (a.out / "variants.md").write_text(table + "\n")
+    write_text_atomic(a.out / "variants.json", json.dumps(summary, indent=2))
+    write_text_atomic(a.out / "variants.md", table + "\n")
     plot_comparison({**summary, "rows": [{**r, "label": r["variant"]} for r in rows]}, a.out / "variants.png")
+    return summary
 
 
 if __name__ == "__main__":

@@ -305,6 +305,28 @@ def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys
     assert "has no row named iem" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
 
 
+def test_the_variants_benchmark_sets_each_variant_beside_full_training(dataset, tmp_path, capsys):
+    """benchmarks/iem_variants.py: full training, then each IEM variant with its overrides, every one for the same
+    seconds; one table, JSON and PNG, each row's test score against full training's. Bad input is one line."""
+    script = load_benchmark("iem_variants")
+    common = ["--recipe", "tiny", "--dataset", str(dataset), "--budget", "1", "--evals", "2", "--device", "cpu"]
+    common += ["--set", "iem.batch_size=4", "--set", "decoder.batch_size=4", "--set", "full.batch_size=4"]
+    out = tmp_path / "v"
+    summary = script.main([*common, "--baselines", "full", "--variant", "t2:iem.tau=2.0", "--out", str(out)])
+    rows = summary["rows"]
+    assert [(r["variant"], r["overrides"]) for r in rows] == [("full (end to end)", []), ("IEM t2", ["iem.tau=2.0"])]
+    assert json.loads((out / "t2" / "iem" / "config.json").read_text())["recipe"]["iem"]["tau"] == 2.0
+    assert all(0.9 <= r["train_seconds"] for r in rows) and (out / "variants.png").stat().st_size > 0
+    saved = json.loads((out / "variants.json").read_text())
+    assert saved["rows"][1]["test_bits_per_byte"] == rows[1]["test_bits_per_byte"]
+    table = (out / "variants.md").read_text().splitlines()
+    assert table[2].endswith("| 1.000 |")
+    assert table[3].endswith(f"| {rows[1]['test_bits_per_byte'] / rows[0]['test_bits_per_byte']:.3f} |")
+    with pytest.raises(HaedError, match="nothing to compare"):
+        script.main([*common, "--baselines", "", "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
+
+
 def test_the_seconds_to_target_benchmark_recovers_a_known_curve(tmp_path, capsys):
     """benchmarks/seconds_to_target.py: a curve made from `a + b t^-c` gives back a, b, c, the seconds to
     a value below its end, where another row's last value lies, and infinity below the asymptote."""
