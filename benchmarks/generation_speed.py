@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from haed.atomic import write_text_atomic  # noqa: E402
 from haed.generate import generate  # noqa: E402
 from haed.model import build_model  # noqa: E402
 from haed.recipe import load_recipe, recipe_from_dict  # noqa: E402
@@ -200,7 +201,7 @@ def count_patch_operators(model, context: int) -> dict:
     return {"per_patch": total, "per_byte": total / K, "by_name": dict(counting.counts.most_common())}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--recipe", action="append", default=[], help="a recipe whose architecture to time, random weights (repeatable)"
@@ -226,7 +227,64 @@ def main() -> None:
     p.add_argument(
         "--count-ops", action="store_true", help="only count the operators of one patch step per model (see above)"
     )
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def time_model(name: str, model, recipe, entry: dict, a, modes: list[str], streams: list[int], device) -> None:
+    """Every mode at every stream count: one printed line and one row of `entry["runs"]` each."""
+    prompt = b"" if entry["kind"] == "audio" else TEXT_PROMPT
+    for mode in modes:
+        graphs, whole, compiled, kernels = MODES[mode]
+        # Without graphs on CUDA a step is much slower: time fewer bytes (on a CPU eager is all there is).
+        n = (
+            a.bytes
+            if graphs or device.type != "cuda"
+            else (a.eager_bytes or max(4 * recipe.model.patch_size, a.bytes // 4))
+        )
+        for N in streams:
+            row = {
+                "mode": mode,
+                "cuda_graphs": graphs,
+                "whole_patches": whole,
+                "compiled": compiled,
+                "decoder_kernels": kernels,
+                **time_generation(model, prompt, n, N, mode, a.repeats, entry["context_bytes"]),
+            }
+            entry["runs"].append(row)
+            print(
+                f"{name:<10} {mode:<14} {N:>4} "
+                f"{row['median_samples_per_second']:>12,.0f} "
+                f"{row['median_per_stream']:>11,.0f} {row['ms_per_step']:>8.3f}",
+                flush=True,
+            )
+
+
+def write_sample(name: str, model, config: dict, entry: dict, a, streams: list[int]) -> None:
+    """Into `--out`: a WAV of an audio model named by `--wav` (as long as its speed allows within the budget),
+    or 600 bytes of a text model's continuation of the prompt."""
+    context = entry["context_bytes"]
+    if entry["kind"] == "text":
+        g = generate(model, TEXT_PROMPT, 600, seed=1, temperature=0.8, top_p=0.95, context_bytes=context)
+        (a.out / f"{name}-sample.bin").write_bytes(g.prompt + g.output)
+        return
+    if name not in a.wav:
+        return
+    from haed.audio import write_wav
+
+    sample_rate = config["dataset"].get("sample_rate")
+    rate = max(r["median_per_stream"] for r in entry["runs"] if r["streams"] == 1) if 1 in streams else 1000.0
+    seconds = min(a.wav_seconds, max(2.0, rate * a.wav_budget_s / sample_rate))  # at least 2 s, else within the budget
+    g = generate(model, b"", int(seconds * sample_rate), seed=1, temperature=1.0, top_p=1.0, context_bytes=context)
+    write_wav(a.out / f"{name}-sample.wav", list(g.output), sample_rate)
+    entry["wav"] = {
+        "file": f"{name}-sample.wav",
+        "seconds_of_audio": len(g.output) / sample_rate,
+        "samples_per_second": g.bytes_per_second,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device here (use --device cpu for a smoke run)")
@@ -245,7 +303,7 @@ def main() -> None:
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv if argv is None else ["benchmarks/generation_speed.py", *argv]),
         "models": {},
     }
     print(f"device: {results['device']}, torch {torch.__version__}")
@@ -257,7 +315,6 @@ def main() -> None:
         model, recipe, config, weights = (
             load_recipe_model(what, device) if how == "recipe" else load(Path(what), device)
         )
-        audio = config["dataset"].get("kind") == "audio"
         context = recipe.data.seq_len
         if a.count_ops:
             if not hasattr(model, "patch_size"):
@@ -268,73 +325,29 @@ def main() -> None:
             per_patch, per_byte = counted["per_patch"], counted["per_byte"]
             print(f"{name}: {per_patch} operators per patch, {per_byte:.1f} per byte ({top}, ...)")
             continue
-        prompt = b"" if audio else TEXT_PROMPT
         entry = {
             "source": what,
             "weights": weights,
-            "kind": "audio" if audio else "text",
+            "kind": "audio" if config["dataset"].get("kind") == "audio" else "text",
             "patch_size": recipe.model.patch_size,
             "context_bytes": context,
             "model": config["recipe"]["model"],
             "runs": [],
         }
-        for mode in modes:
-            graphs, whole, compiled, kernels = MODES[mode]
-            # Without graphs on CUDA a step is much slower: time fewer bytes (on a CPU eager is all there is).
-            n = (
-                a.bytes
-                if graphs or device.type != "cuda"
-                else (a.eager_bytes or max(4 * recipe.model.patch_size, a.bytes // 4))
-            )
-            for N in streams:
-                row = {
-                    "mode": mode,
-                    "cuda_graphs": graphs,
-                    "whole_patches": whole,
-                    "compiled": compiled,
-                    "decoder_kernels": kernels,
-                    **time_generation(model, prompt, n, N, mode, a.repeats, context),
-                }
-                entry["runs"].append(row)
-                print(
-                    f"{name:<10} {mode:<14} {N:>4} "
-                    f"{row['median_samples_per_second']:>12,.0f} "
-                    f"{row['median_per_stream']:>11,.0f} {row['ms_per_step']:>8.3f}",
-                    flush=True,
-                )
+        time_model(name, model, recipe, entry, a, modes, streams, device)
         if a.profile:
             for mode in modes:
-                table = profile_generation(model, prompt, mode, context)
+                table = profile_generation(model, b"" if entry["kind"] == "audio" else TEXT_PROMPT, mode, context)
                 print(f"-- profile: {name}, {mode}, 1 stream, 4 patches\n" + "\n".join(table.splitlines()[:14]))
                 if a.out is not None:
-                    (a.out / f"profile-{name}-{mode}.txt").write_text(table)
+                    write_text_atomic(a.out / f"profile-{name}-{mode}.txt", table)
         if a.out is not None:
-            sample_rate = config["dataset"].get("sample_rate")
-            if name in a.wav and audio:
-                from haed.audio import write_wav
-
-                rate = (
-                    max(r["median_per_stream"] for r in entry["runs"] if r["streams"] == 1) if 1 in streams else 1000.0
-                )
-                seconds = min(
-                    a.wav_seconds, max(2.0, rate * a.wav_budget_s / sample_rate)
-                )  # at least 2 s, else within the budget
-                g = generate(
-                    model, b"", int(seconds * sample_rate), seed=1, temperature=1.0, top_p=1.0, context_bytes=context
-                )
-                write_wav(a.out / f"{name}-sample.wav", list(g.output), sample_rate)
-                entry["wav"] = {
-                    "file": f"{name}-sample.wav",
-                    "seconds_of_audio": len(g.output) / sample_rate,
-                    "samples_per_second": g.bytes_per_second,
-                }
-            elif not audio:
-                g = generate(model, prompt, 600, seed=1, temperature=0.8, top_p=0.95, context_bytes=context)
-                (a.out / f"{name}-sample.bin").write_bytes(g.prompt + g.output)
+            write_sample(name, model, config, entry, a, streams)
         results["models"][name] = entry
         del model
     if a.out is not None:
-        (a.out / "generation.json").write_text(json.dumps(results, indent=2))
+        write_text_atomic(a.out / "generation.json", json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

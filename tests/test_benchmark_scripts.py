@@ -137,3 +137,21 @@ def test_step_peak_follows_each_storage_until_freed_and_drops_with_the_encoder_r
         peaks.append(script.step_peak(model, objective, cfg, x))
     assert peaks[1][0] < peaks[0][0] == peaks[2][0]
     assert all(at.startswith(("forward, aten.", "backward, aten.")) for _, at in peaks)
+
+
+def test_the_generation_benchmark_times_every_stream_count_and_writes_its_samples(tmp_path):
+    """benchmarks/generation_speed.py on the CPU (eager only, random weights): a row per stream count, a text
+    model's continuation, an audio model's WAV of the length asked, and generation.json with all of it."""
+    import soundfile
+
+    script = load_benchmark("generation_speed")
+    args = ["--device", "cpu", "--recipe", "tiny", "--recipe", "speech", "--streams", "1,2", "--bytes", "16"]
+    results = script.main([*args, "--repeats", "1", "--wav", "speech", "--wav-seconds", "0.05", "--out", str(tmp_path)])
+    for name in ("tiny", "speech"):
+        runs = results["models"][name]["runs"]
+        assert [(r["mode"], r["streams"]) for r in runs] == [("eager", 1), ("eager", 2)]
+        assert all(r["median_samples_per_second"] > 0 for r in runs)
+    assert (tmp_path / "tiny-sample.bin").read_bytes().startswith(script.TEXT_PROMPT)
+    audio, rate = soundfile.read(tmp_path / "speech-sample.wav")
+    assert rate == 8000 and len(audio) == 400 == results["models"]["speech"]["wav"]["seconds_of_audio"] * rate
+    assert json.loads((tmp_path / "generation.json").read_text())["models"]["speech"]["kind"] == "audio"
