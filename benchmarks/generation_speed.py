@@ -230,9 +230,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def prompt_for(entry: dict) -> bytes:
+    """What generation starts from: nothing for audio, TEXT_PROMPT for text."""
+    return b"" if entry["kind"] == "audio" else TEXT_PROMPT
+
+
 def time_model(name: str, model, recipe, entry: dict, a, modes: list[str], streams: list[int], device) -> None:
     """Every mode at every stream count: one printed line and one row of `entry["runs"]` each."""
-    prompt = b"" if entry["kind"] == "audio" else TEXT_PROMPT
+    prompt = prompt_for(entry)
     for mode in modes:
         graphs, whole, compiled, kernels = MODES[mode]
         # Without graphs on CUDA a step is much slower: time fewer bytes (on a CPU eager is all there is).
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         time_model(name, model, recipe, entry, a, modes, streams, device)
         if a.profile:
             for mode in modes:
-                table = profile_generation(model, b"" if entry["kind"] == "audio" else TEXT_PROMPT, mode, context)
+                table = profile_generation(model, prompt_for(entry), mode, context)
                 print(f"-- profile: {name}, {mode}, 1 stream, 4 patches\n" + "\n".join(table.splitlines()[:14]))
                 if a.out is not None:
                     write_text_atomic(a.out / f"profile-{name}-{mode}.txt", table)

@@ -23,14 +23,20 @@ class RunStopped(HaedError):
     exit_code = 75
 
 
+def stop_exit_status(signal_name: str) -> int:
+    """The exit status of a command that a stop request ended: 128 + the signal's number, as its default
+    action would give (130 for SIGINT, 143 for SIGTERM)."""
+    return 130 if signal_name == "SIGINT" else 143
+
+
 class StopRequested(HaedError):
     """A stop request (Ctrl-C, SIGTERM) ended one phase of a command of several (compare, quickstart) at its
     checkpoint: the command stops there instead of starting the next phase, and run again it continues from
-    that checkpoint. Exit status 128 + the signal's number (130, 143), as for `haed train`."""
+    that checkpoint. Exit status as for `haed train` (`stop_exit_status`)."""
 
     def __init__(self, message: str, signal_name: str):
         super().__init__(message)
-        self.exit_code = 130 if signal_name == "SIGINT" else 143
+        self.exit_code = stop_exit_status(signal_name)
 
 
 class HaedWarning(UserWarning):

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from haed.errors import stop_exit_status
 from haed.recipe import builtin_recipes
 from haed_cli.common import Command, TrainingDisplay, console, user_errors
 
@@ -107,7 +108,7 @@ def _train(
         )
     _print_train_result(result, objective)
     if result.interrupted:
-        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
+        raise typer.Exit(stop_exit_status(result.interrupted))
     return result
 
 
