@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from haed.atomic import write_text_atomic  # noqa: E402
 from haed.model import build_model  # noqa: E402
 from haed.recipe import load_recipe  # noqa: E402
 from haed.samplers import linear_weights_in  # noqa: E402
@@ -145,7 +146,7 @@ def measure(decoder, batch: int, programs: int, persistent: bool, warps, args, d
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", action="append", help="speech, enwik8 or tiny (repeatable; default speech and enwik8)")
     p.add_argument("--streams", type=ints, default=[1, 64], help="stream counts (default 1,64)")
@@ -159,17 +160,65 @@ def main() -> None:
     p.add_argument("--position", type=int, default=375, help="the main model's position for --main (default 375)")
     p.add_argument("--out", type=Path, help="write DIR/decoder-kernel.json")
     args = p.parse_args()
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not torch.cuda.is_available() and not interpreted:
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("needs CUDA (or TRITON_INTERPRET=1 for a smoke check of the code path on the CPU)")
     if args.patches < 1 or args.repeats < 1:
         p.error("--patches and --repeats must be at least 1")
     if not 0 <= args.position < 1025:
         p.error("--position must be from 0 to 1024 (the main model's cache has 1,025 slots)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from haed.kernels import config_unsupported_reason
+    return args
 
-    names = args.recipe or ["speech", "enwik8"]
+
+def time_recipe(name: str, args: argparse.Namespace, device: torch.device, interpreted: bool) -> dict:
+    """Every configuration of one recipe's decoder (and, with --main, its main model's step), printed as it goes."""
+    from haed.kernels import config_unsupported_reason, main_unsupported_reason
+
+    recipe = load_recipe(name)
+    reason = config_unsupported_reason(recipe.model, device)
+    if reason:
+        sys.exit(f"{name}: the kernel cannot run this architecture: {reason}")
+    torch.manual_seed(0)
+    model = linear_weights_in(build_model(recipe.model), torch.bfloat16).to(device).eval()
+    cfg = recipe.model.decoder
+    runs = []
+    modes = [False] if interpreted else [True]
+    if args.stages and not interpreted:
+        modes.append(False)
+    with torch.no_grad():
+        for batch in args.streams:
+            for programs, warps, persistent in itertools.product(args.programs, args.warps or [None], modes):
+                row = measure(model.decoder, batch, programs, persistent, warps, args, device)
+                runs.append(row)
+                launch = "one" if persistent else "per stage"
+                print(
+                    f"{name:<8} {batch:>4} {row['programs']:>8} {row['warps']:>5} {launch:<11} "
+                    f"{row['median_us_per_patch']:>9.1f} {row['median_us_per_byte']:>8.2f}",
+                    flush=True,
+                )
+        if args.main:
+            reason = main_unsupported_reason(model, 1)
+            for programs, warps in itertools.product(args.main_programs, args.warps or [4]):
+                if reason:
+                    print(f"{name:<8} main model: {reason}")
+                    break
+                row = measure_main(model, programs, warps, args, device)
+                runs.append(row)
+                print(
+                    f"{name:<8} {1:>4} {row['programs']:>8} {warps:>5} {'main model':<11} "
+                    f"{row['median_us_per_patch']:>9.1f}",
+                    flush=True,
+                )
+    return {
+        "decoder": {"dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads, "mlp_ratio": cfg.mlp_ratio},
+        "patch_size": recipe.model.patch_size,
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton's interpreter)",
         "torch": torch.__version__,
@@ -178,54 +227,11 @@ def main() -> None:
     }
     print(f"device: {results['device']}, torch {torch.__version__}")
     print(f"{'recipe':<8} {'N':>4} {'programs':>8} {'warps':>5} {'launch':<11} {'us/patch':>9} {'us/byte':>8}")
-    for name in names:
-        recipe = load_recipe(name)
-        reason = config_unsupported_reason(recipe.model, device)
-        if reason:
-            sys.exit(f"{name}: the kernel cannot run this architecture: {reason}")
-        torch.manual_seed(0)
-        model = build_model(recipe.model)
-        model = linear_weights_in(model, torch.bfloat16).to(device).eval()
-        decoder = model.decoder
-        cfg = recipe.model.decoder
-        runs = []
-        modes = [False] if interpreted else [True]
-        if args.stages and not interpreted:
-            modes.append(False)
-        with torch.no_grad():
-            for batch in args.streams:
-                for programs, warps, persistent in itertools.product(args.programs, args.warps or [None], modes):
-                    row = measure(decoder, batch, programs, persistent, warps, args, device)
-                    runs.append(row)
-                    launch = "one" if persistent else "per stage"
-                    print(
-                        f"{name:<8} {batch:>4} {row['programs']:>8} {row['warps']:>5} {launch:<11} "
-                        f"{row['median_us_per_patch']:>9.1f} {row['median_us_per_byte']:>8.2f}",
-                        flush=True,
-                    )
-            if args.main:
-                from haed.kernels import main_unsupported_reason
-
-                reason = main_unsupported_reason(model, 1)
-                for programs, warps in itertools.product(args.main_programs, args.warps or [4]):
-                    if reason:
-                        print(f"{name:<8} main model: {reason}")
-                        break
-                    row = measure_main(model, programs, warps, args, device)
-                    runs.append(row)
-                    print(
-                        f"{name:<8} {1:>4} {row['programs']:>8} {warps:>5} {'main model':<11} "
-                        f"{row['median_us_per_patch']:>9.1f}",
-                        flush=True,
-                    )
-        results["models"][name] = {
-            "decoder": {"dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads, "mlp_ratio": cfg.mlp_ratio},
-            "patch_size": recipe.model.patch_size,
-            "runs": runs,
-        }
+    for name in args.recipe or ["speech", "enwik8"]:
+        results["models"][name] = time_recipe(name, args, device, interpreted)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "decoder-kernel.json").write_text(json.dumps(results, indent=1))
+        write_text_atomic(args.out / "decoder-kernel.json", json.dumps(results, indent=1))
         print(f"wrote {args.out / 'decoder-kernel.json'}")
 
 
