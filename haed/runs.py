@@ -127,6 +127,8 @@ def new_run_config(
         "train_seconds": 0.0,
         # What ran, which the recipe's `compile` alone does not say: `--no-compile` and CPUs run eager.
         "compiled": bool(cfg.compile and dev.type == "cuda"),
+        # torch.compile's mode where compiled: the recipe's, but the default mode under torchrun (haed.trainer)
+        "compile_mode": cfg.compile_mode if cfg.compile and dev.type == "cuda" else None,
         # Windows (and bytes) per optimizer step over all processes: batch_size x grad_accum x world_size.
         "global_batch": {
             "windows": windows,

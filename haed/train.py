@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from haed.checkpoint import BEST, latest_checkpoint, latest_intact_checkpoint, step_dirs, wait_for_writer
-from haed.config import CUDA_GRAPHS
 from haed.device import resolve_device
-from haed.distributed import init_world, launched_world_size
+from haed.distributed import init_world
 from haed.errors import HaedError, RunStopped, StopRequested, WriteError
 from haed.objectives import Objective, get_objective
 from haed.recipe import Recipe
@@ -89,12 +88,6 @@ def _check_request(
         raise HaedError("a recipe is needed to start a run")
     if allow_changes and not resume:
         raise HaedError("--allow-changes applies to --resume only: a new run takes the recipe as given")
-    section = objective.section
-    if recipe is not None and getattr(recipe, section).compile_mode == CUDA_GRAPHS and launched_world_size() > 1:
-        raise HaedError(
-            f"{section}.compile_mode = 'reduce-overhead' (CUDA graphs) trains in one process only: "
-            f"pass --set {section}.compile_mode=default under torchrun"
-        )
     if resume and latest_intact_checkpoint(run_dir) is None:
         why = "that can be verified and loaded (each is named above)" if step_dirs(run_dir) else "to resume from"
         fix = "" if step_dirs(run_dir) else "; leave out --resume to start it"

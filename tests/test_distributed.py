@@ -118,6 +118,8 @@ def runs(tmp_path_factory):
                 "1",
                 "--set",
                 "iem.candidates=local",
+                "--set",
+                "iem.compile_mode=reduce-overhead",
             ],
             ["train-iem", "--out", str(r["iem-1-then-2"]), "--resume", "--allow-changes", "--batch-size", str(B)],
         ],
@@ -168,6 +170,19 @@ def test_two_ranks_give_the_losses_of_one_process_on_the_global_batch(runs, obje
 def test_per_rank_candidates_are_fewer_than_global_ones(runs):
     local = losses(runs["iem-local"])[(1, "train")]["candidates"]
     assert local < losses(runs["iem-2"])[(1, "train")]["candidates"]
+
+
+def test_a_recipe_asking_for_cuda_graphs_trains_under_torchrun_in_the_default_mode(runs):
+    """CUDA graphs train in one process only: the same recipe under torchrun trains, says so in one line, and its
+    run records the recipe it was given (a one-process resume keeps the graphs)."""
+    assert (
+        "iem.compile_mode = 'reduce-overhead' (CUDA graphs) trains in one process only: these 2 processes take "
+        "torch.compile's default mode" in runs["first"]
+    )
+    config = json.loads((runs["iem-local"] / "config.json").read_text())
+    assert config["recipe"]["iem"]["compile_mode"] == "reduce-overhead"
+    assert config["compiled"] is False and config["compile_mode"] is None  # on CPUs nothing compiles
+    assert losses(runs["iem-local"])[(1, "train")]["loss"] > 0
 
 
 def test_a_killed_two_rank_run_resumes_to_the_weights_of_an_uninterrupted_one(runs):

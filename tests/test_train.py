@@ -261,22 +261,6 @@ def test_compile_mode_reaches_the_stacks_and_is_checked(monkeypatch):
     )
 
 
-def test_cuda_graphs_train_in_one_process_only(dataset, tmp_path, monkeypatch):
-    """Under torchrun (here rank 0 of 2, as torchrun sets the environment) the stacks as CUDA graphs are refused
-    in one line that names the setting to pass, before anything is written."""
-    recipe = debug_recipe(str(dataset))
-    recipe.iem.compile_mode = "reduce-overhead"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(HaedError) as e:
-        train(recipe, "iem", tmp_path / "run")
-    assert str(e.value) == (
-        "iem.compile_mode = 'reduce-overhead' (CUDA graphs) trains in one process only: "
-        "pass --set iem.compile_mode=default under torchrun"
-    )
-    assert not (tmp_path / "run").exists()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
 @pytest.mark.slow_gpu
 @pytest.mark.parametrize("objective,micro", [("iem", 1), ("full", 1), ("iem", 2)])
