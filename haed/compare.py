@@ -208,6 +208,14 @@ def _attach_probes(rows: list[dict], probes: dict) -> None:
                 phase["settings"] = dict(chosen.settings)  # what the cap changed besides batch and recomputation
 
 
+# Said when a comparison on a GPU runs eager: compiled, every system is faster, and not by the same factor
+# (docs/2026-12-06-big-corpora.md: as CUDA graphs full training won on code, where eager IEM had).
+EAGER_NOTE = (
+    "every system trains eager: --compile compiles each phase in its recipe's compile_mode before its clock starts, "
+    "faster, and on the code recipe it changed which system wins"
+)
+
+
 def compare(
     recipe: Recipe,
     out_dir: Path,
@@ -253,6 +261,8 @@ def compare(
     check_writable(out_dir / "compare.json", what="--out")
     plans = {system: SYSTEMS[system](recipe, budget, decoder_fraction, evals, flat_overrides) for system in systems}
     dev = resolve_device(device)
+    if dev.type == "cuda" and not compile:
+        say(EAGER_NOTE)
     header = {
         "budget_seconds": budget,
         "decoder_fraction": decoder_fraction,

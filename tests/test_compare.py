@@ -367,3 +367,29 @@ def test_the_configuration_says_how_each_phase_was_compiled(dataset, tmp_path):
     result = compare(recipe, tmp_path / "cmp", 0.5, systems=("full",), evals=1, device="cpu")
     assert [p["compile_mode"] for p in result["rows"][0]["phases"]] == [None]
     assert describe_configuration(result["rows"][0]) == "2 x 1"
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_an_eager_comparison_on_a_gpu_says_that_compile_may_change_the_verdict(
+    dataset, tmp_path, monkeypatch, compiled
+):
+    """On CUDA without --compile, one line before anything trains (here a missing --merge file stops it right after)."""
+    import torch
+
+    import haed.compare
+
+    monkeypatch.setattr(haed.compare, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    said = []
+    with pytest.raises(HaedError):
+        compare(
+            debug_recipe(str(dataset)),
+            tmp_path / "c",
+            4,
+            systems=("iem",),
+            compile=compiled,
+            merge=[tmp_path / "missing.json"],
+            on_event=lambda e: said.append(e.get("text")),
+        )
+    assert (haed.compare.EAGER_NOTE in said) is not compiled
+    assert not (tmp_path / "c").exists()
