@@ -99,6 +99,11 @@ class TrainConfig:
     # ("main", "encoder", "decoder", comma-separated; "" for none): less memory, more compute.
     # Adds to each stack's own `checkpoint` setting.
     recompute: str = ""
+    # The chunks of patches the encoder recomputes in where `recompute` names it, one at a time: more, less
+    # memory in the backward pass; fewer, fewer kernel launches a step (compiled: 155 kernels in 4 chunks, 96 in
+    # 2, 55 in 1, counted on a CPU; docs/2026-12-06-big-corpora.md). On CUDA, row counts are multiples of 512:
+    # a chunk count that divides 512 keeps one compiled graph for every count.
+    encoder_chunks: int = 4
     # IEM only
     num_negatives: int = 0  # cap on shared candidates per step (0: every distinct target patch of the batch)
     logq: bool = True  # subtract log(count) of each candidate (sampled-softmax correction)
@@ -202,6 +207,7 @@ FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
         num_negatives=AT_LEAST_0,
         tau=POSITIVE,
         logits_chunk=AT_LEAST_1,
+        encoder_chunks=AT_LEAST_1,
         time_budget=AT_LEAST_0,
         eval_every_seconds=AT_LEAST_0,
         byte_loss_fraction=Bounds(0, 1),

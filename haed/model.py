@@ -27,9 +27,9 @@ class PatchEncoder(nn.Module):
     """Maps each patch of K bytes, with no context outside it, to one vector of the main width.
 
     Recomputed (`recompute`), it keeps no activations for the backward pass but its input bytes, in
-    RECOMPUTE_CHUNKS chunks of patches, and recomputes and back-propagates one chunk at a time. Block by
-    block, as the other stacks recompute, the one-block encoder would recompute all its activations at
-    once in the backward pass, when the main model's gradients are alive too: it moved IEM's peak by
+    `recompute_chunks` chunks of patches (a phase's `encoder_chunks`), and recomputes and back-propagates one
+    chunk at a time. Block by block, as the other stacks recompute, the one-block encoder would recompute all
+    its activations at once in the backward pass, when the main model's gradients are alive too: it moved IEM's peak by
     0.02 GiB on an H100; in chunks, 0.29 GiB (seq 2,048 x batch 16, the `code` recipe with a 4 x 512
     decoder), at 5.3 ms a step that the FLOPs do not explain (docs/2026-12-06-big-corpora.md, seventh
     session), when only its stack was compiled: the 4 chunks added 10 compiled calls and 79 eager operators
@@ -39,14 +39,13 @@ class PatchEncoder(nn.Module):
     same vectors and gradients.
     """
 
-    RECOMPUTE_CHUNKS = 4
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         k, d = cfg.patch_size, cfg.encoder.dim
         self.cfg = cfg.encoder
         self.pooling = cfg.pooling
         self.recompute = cfg.encoder.recompute  # a training phase may turn recomputation on for itself
+        self.recompute_chunks = 4  # and set its chunks (haed.steps.apply_recompute)
         self.byte_embedding = nn.Embedding(256, d)
         self.stack = Stack(cfg.encoder, causal=False, rope_base=cfg.rope_base, max_positions=k)
         self.stack.recompute = False  # the encoder recomputes whole, in chunks of patches (above)
@@ -57,7 +56,7 @@ class PatchEncoder(nn.Module):
         lead, k = patches.shape[:-1], patches.shape[-1]
         rows = patches.reshape(-1, k)
         if self.recompute and self.training and torch.is_grad_enabled():
-            chunks = rows.tensor_split(min(self.RECOMPUTE_CHUNKS, max(1, rows.shape[0])))
+            chunks = rows.tensor_split(min(self.recompute_chunks, max(1, rows.shape[0])))
             # Without dropout the encoder draws no random numbers: nothing to restore, and saving the CUDA
             # generator's state per chunk would cost the host time.
             rng = self.cfg.dropout > 0

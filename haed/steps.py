@@ -72,6 +72,8 @@ def apply_recompute(model, cfg: TrainConfig) -> None:
         stacks = {}
     for name, stack in stacks.items():
         stack.recompute = stack.cfg.recompute or name in names
+    if isinstance(model, HAED):
+        model.encoder.recompute_chunks = cfg.encoder_chunks
 
 
 def set_train_mode(model, objective: Objective, cfg: TrainConfig | None = None) -> None:

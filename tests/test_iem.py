@@ -127,7 +127,8 @@ def test_capped_candidates_keep_every_rows_positive():
     assert torch.isfinite(loss)
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
+@pytest.mark.parametrize("chunks", [4, 2])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch, chunks):
     import torch.utils.checkpoint as ckpt
 
     calls = []
@@ -137,7 +138,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
     results = []
     for checkpoint in (False, True):
         model = tiny_model(patch_size=4)
-        apply_recompute(model, TrainConfig(recompute="main,encoder" if checkpoint else ""))
+        apply_recompute(model, TrainConfig(recompute="main,encoder" if checkpoint else "", encoder_chunks=chunks))
         assert (model.main.recompute, model.encoder.recompute, model.decoder.stack.recompute) == (
             checkpoint,
             checkpoint,
@@ -147,8 +148,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
         loss, _ = iem_loss(model, x, TrainConfig())
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    # 2 main-model blocks, and the encoder whole in 4 chunks of its patches, recomputed in the backward pass
-    assert len(calls) == 2 + model.encoder.RECOMPUTE_CHUNKS
+    # 2 main-model blocks, and the encoder whole in `encoder_chunks` chunks of its patches, recomputed in the backward
+    # pass
+    assert len(calls) == 2 + model.encoder.recompute_chunks == 2 + chunks
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-5, atol=1e-7)
