@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from haed.config import ModelConfig
+from haed.config import ModelConfig, TrainConfig
 from haed.layers import START, KVCache, Stack, attention_flops, linear_weights
 
 
@@ -29,8 +29,8 @@ class PatchEncoder(nn.Module):
     Recomputed (`recompute`), it keeps no activations for the backward pass but its input bytes, in
     `recompute_chunks` chunks of patches (a phase's `encoder_chunks`), and recomputes and back-propagates one
     chunk at a time. Block by block, as the other stacks recompute, the one-block encoder would recompute all
-    its activations at once in the backward pass, when the main model's gradients are alive too: it moved IEM's peak by
-    0.02 GiB on an H100; in chunks, 0.29 GiB (seq 2,048 x batch 16, the `code` recipe with a 4 x 512
+    its activations at once in the backward pass, when the main model's gradients are alive too: it moved IEM's
+    peak by 0.02 GiB on an H100; in chunks, 0.29 GiB (seq 2,048 x batch 16, the `code` recipe with a 4 x 512
     decoder), at 5.3 ms a step that the FLOPs do not explain (docs/2026-12-06-big-corpora.md, seventh
     session), when only its stack was compiled: the 4 chunks added 10 compiled calls and 79 eager operators
     to the host's work per step (counted on the CPU, benchmarks/trace_step.py --cpu-inductor). Training now
@@ -45,7 +45,7 @@ class PatchEncoder(nn.Module):
         self.cfg = cfg.encoder
         self.pooling = cfg.pooling
         self.recompute = cfg.encoder.recompute  # a training phase may turn recomputation on for itself
-        self.recompute_chunks = 4  # and set its chunks (haed.steps.apply_recompute)
+        self.recompute_chunks = TrainConfig.encoder_chunks  # and its chunks (haed.steps.apply_recompute)
         self.byte_embedding = nn.Embedding(256, d)
         self.stack = Stack(cfg.encoder, causal=False, rope_base=cfg.rope_base, max_positions=k)
         self.stack.recompute = False  # the encoder recomputes whole, in chunks of patches (above)

@@ -111,6 +111,7 @@ def new_run_config(
     from haed.model import count_parameters
 
     windows = cfg.batch_size * cfg.grad_accum * world_size
+    compiled = bool(cfg.compile and dev.type == "cuda")
     return {
         "haed_version": __version__,
         "objective": objective.name,
@@ -126,9 +127,9 @@ def new_run_config(
         "time_budget": cfg.time_budget,
         "train_seconds": 0.0,
         # What ran, which the recipe's `compile` alone does not say: `--no-compile` and CPUs run eager.
-        "compiled": bool(cfg.compile and dev.type == "cuda"),
+        "compiled": compiled,
         # torch.compile's mode where compiled: the recipe's, but the default mode under torchrun (haed.trainer)
-        "compile_mode": cfg.compile_mode if cfg.compile and dev.type == "cuda" else None,
+        "compile_mode": cfg.compile_mode if compiled else None,
         # Windows (and bytes) per optimizer step over all processes: batch_size x grad_accum x world_size.
         "global_batch": {
             "windows": windows,
