@@ -101,9 +101,11 @@ class TrainConfig:
     recompute: str = ""
     # The chunks of patches the encoder recomputes in where `recompute` names it, one at a time: more, less
     # memory in the backward pass; fewer, fewer kernel launches a step (compiled: 155 kernels in 4 chunks, 96 in
-    # 2, 55 in 1, counted on a CPU; docs/2026-12-06-big-corpora.md). On CUDA, row counts are multiples of 512:
-    # a chunk count that divides 512 keeps one compiled graph for every count.
-    encoder_chunks: int = 4
+    # 2, 55 in 1, counted on a CPU). On CUDA, row counts are multiples of 512: a chunk count that divides 512
+    # keeps one compiled graph for every count (3 chunks took IEM's step at seq 2,048 from 18.5 to 22.5 ms).
+    # One H100, seq 2,048: 2 chunks 1.32x full training's bytes/s at 0.329x its memory, 4 chunks 1.26x at
+    # 0.319x (docs/2026-12-06-big-corpora.md, tenth session).
+    encoder_chunks: int = 2
     # IEM only
     num_negatives: int = 0  # cap on shared candidates per step (0: every distinct target patch of the batch)
     logq: bool = True  # subtract log(count) of each candidate (sampled-softmax correction)

@@ -183,13 +183,17 @@ def compile_stacks(model, mode: str = "default") -> None:
     if isinstance(model, HAED):
         model.main.compile(mode=mode)
         model.decoder.stack.compile(mode=mode)
-        # The number of distinct patches the encoder sees changes every step: its rows are marked dynamic
-        # (`HAED.encode_patches`), in the default mode whatever the phase's (CUDA graphs would record one
-        # graph per count). The whole encoder, embedding and projection too: recomputed in chunks
-        # (`PatchEncoder`), the chunks' recomputation is then part of one compiled backward pass, not a dozen
-        # calls on the host. (Not `dynamic=True`: it makes the blocks' float settings symbolic too, and
-        # torch.compile 2.13 then fails to trace them inside a checkpointed chunk.)
-        model.encoder.compile()
+        # The whole encoder, embedding and projection too: recomputed in chunks (`PatchEncoder`), the chunks'
+        # recomputation is then part of one compiled backward pass, not a dozen calls on the host. Its row
+        # count (distinct patches, padded to `row_bucket`) changes from step to step: marked dynamic
+        # (`HAED.encode_patches`), one graph for every count, and as CUDA graphs one recording for every
+        # count (at most 32 at the recipes' 16,384 patches a step). In the phase's mode like the stacks: as
+        # CUDA graphs IEM's step at seq 2,048 took 17.4-19.3 ms against 18.5 in the default mode (one H100,
+        # docs/2026-12-06-big-corpora.md, tenth session). The score and IEM's softmax stay in the default
+        # mode: as CUDA graphs they gained nothing measurable there. (Not `dynamic=True`: it makes the blocks'
+        # float settings symbolic too, and torch.compile 2.13 then fails to trace them inside a checkpointed
+        # chunk.)
+        model.encoder.compile(mode=mode)
         compile_score(model)
     elif hasattr(model, "stack"):
         model.stack.compile(mode=mode)
