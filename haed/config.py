@@ -121,6 +121,12 @@ class TrainConfig:
     # whole patches on the CPU, on text and audio (docs/iem-research.md).
     byte_loss_bytes: int = 0
     logits_chunk: int = 4096  # rows of the steps x candidates logits computed at once
+    # Find the batch's distinct patches without telling the host their count (`haed.model.unique_patches_fixed`):
+    # no synchronisation in the step, so the host runs ahead of the GPU, and the encoder's and the softmax's
+    # shapes recur every step. Costs: the encoder and the candidates take every patch row of the batch, the
+    # repeats masked, instead of the distinct ones (on `code` about 1.4x as many at seq 8,192; at most
+    # `num_negatives` candidates still). One process (several: their candidates are gathered by count).
+    fixed_shapes: bool = False
     # Decoder phase only (the other phases train the whole main model anyway): also train the main
     # model's last N blocks and its final norm (0: the main model stays frozen). They adapt h_t to the
     # decoder; the lower blocks and the encoder run frozen, without autograd, so the phase keeps most

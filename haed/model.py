@@ -177,12 +177,33 @@ def unique_patches(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return torch.unique(patches, dim=0, return_inverse=True, return_counts=True)
 
 
+def unique_patches_fixed(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`unique_patches` in shapes that do not depend on the data: (distinct (N, K), inverse (N,), counts (N,))
+    for N patches (K <= 8), the U distinct ones first in `unique_patches`' order, then N - U zero rows with count 0.
+
+    `torch.unique` must tell the host U before anything can be shaped by it: on CUDA a synchronisation in
+    every IEM step, after which the GPU waits for the host's next launches. A sort, a comparison of
+    neighbours and scatters need no such count: the host runs ahead, and the shapes recur every step.
+    """
+    n, k = patches.shape
+    sorted_keys, order = torch.sort(patch_keys(patches))
+    first = torch.ones(n, dtype=torch.bool, device=patches.device)
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    group = torch.cumsum(first, 0) - 1  # each sorted patch's row among the distinct ones
+    inverse = torch.empty_like(group).scatter_(0, order, group)
+    counts = torch.zeros(n, dtype=torch.long, device=patches.device).scatter_add_(0, group, torch.ones_like(group))
+    slot = torch.where(first, group, n)  # repeats write to a spare row n, dropped below
+    distinct = patches.new_zeros((n + 1, k)).index_copy_(0, slot, patches[order])[:n]
+    return distinct, inverse, counts
+
+
 @dataclass
 class EncodedPatches:
     """The encoder's vectors of a set of patches, each distinct patch encoded once.
 
     `vectors` has one row per distinct patch, then zero-patch padding rows up to `row_bucket`'s
-    multiple (recurring shapes on CUDA); `per_patch()` gives every patch's own vector.
+    multiple (recurring shapes on CUDA); `per_patch()` gives every patch's own vector. Found with fixed
+    shapes (`unique_patches_fixed`), U is N: the rows after the distinct ones are zero patches of count 0.
     """
 
     distinct: torch.Tensor  # (U, K) bytes
@@ -237,9 +258,11 @@ class HAED(nn.Module):
         start = self.start.to(patch_vectors.dtype).expand(B, 1, -1)
         return torch.cat((start, patch_vectors), dim=1)
 
-    def encode_patches(self, patches: torch.Tensor) -> EncodedPatches:
-        """Encode (N, K) patches, each distinct one once (real text repeats many patches)."""
-        distinct, inverse, counts = unique_patches(patches)
+    def encode_patches(self, patches: torch.Tensor, fixed_shapes: bool = False) -> EncodedPatches:
+        """Encode (N, K) patches, each distinct one once (real text repeats many patches). `fixed_shapes`:
+        through `unique_patches_fixed` (N rows, zero patches after the distinct ones), without a host
+        synchronisation."""
+        distinct, inverse, counts = (unique_patches_fixed if fixed_shapes else unique_patches)(patches)
         rows = pad_rows(distinct, row_bucket(patches.device))
         # The row count changes every step: compiled (haed.steps.compile_stacks), one graph for every count.
         torch._dynamo.maybe_mark_dynamic(rows, 0)

@@ -48,7 +48,8 @@ def iem_loss(
     p = model.patches(x)
     B, T, K = p.shape
     targets = p.reshape(-1, K)
-    encoded = model.encode_patches(targets)
+    fixed_shapes = cfg.fixed_shapes and candidates is None and gather is None
+    encoded = model.encode_patches(targets, fixed_shapes)
     uniq, inverse, counts, vectors = encoded.distinct, encoded.inverse, encoded.counts, encoded.vectors
     U = uniq.shape[0]
     # Padding rows (zero patches) give the encoder and the score products recurring shapes; as
@@ -75,19 +76,25 @@ def iem_loss(
             logq_cand = torch.zeros(cand.shape[0], device=x.device)
             logq_cand[col_of_uniq[found]] = counts[found].float().log()
     elif cfg.num_negatives and U > cfg.num_negatives:
-        keep = host_to_device(capped_candidates(U, cfg.num_negatives, generator), x.device)
+        if fixed_shapes:
+            keep, log_rate = capped_slots(counts, cfg.num_negatives, generator)
+        else:
+            keep = host_to_device(capped_candidates(U, cfg.num_negatives, generator), x.device)
+            log_rate = math.log(len(keep) / U)
         cand = vectors[keep]
         col_of_uniq = torch.full((U,), -1, dtype=torch.long, device=x.device)
         col_of_uniq[keep] = torch.arange(len(keep), device=x.device)
-        logq_cand = (counts[keep].float() * (len(keep) / U)).log() if cfg.logq else None
+        logq_cand = candidate_shift(counts[keep], len(keep), cfg.logq) + (log_rate if cfg.logq else 0.0)
     else:
         cand = vectors
         col_of_uniq = torch.arange(U, device=x.device)
-        logq_cand = counts.float().log() if cfg.logq else None
-        if cand.shape[0] > U:
-            real = logq_cand if logq_cand is not None else torch.zeros(U, device=x.device)
-            logq_cand = torch.cat((real, real.new_full((cand.shape[0] - U,), float("inf"))))
-    num_candidates = min(cand.shape[0], U) if candidates is None else cand.shape[0]  # padding not counted
+        logq_cand = candidate_shift(counts, cand.shape[0], cfg.logq)
+    if candidates is not None:
+        num_candidates = cand.shape[0]
+    elif fixed_shapes:  # counted on the device: no synchronisation
+        num_candidates = (counts > 0).sum().clamp(max=cand.shape[0])
+    else:
+        num_candidates = min(cand.shape[0], U)  # padding not counted
     target_col = col_of_uniq[inverse]
     loss, correct = sampled_softmax_loss(
         q, cand, pos_scored, target_col, logq_cand, logq_pos, cfg.logits_chunk, compiled=cfg.compile and x.is_cuda
@@ -131,6 +138,29 @@ def sampled_byte_loss(
 def capped_candidates(num_distinct: int, cap: int, generator: torch.Generator | None) -> torch.Tensor:
     """A uniform random subset of `cap` of the distinct patches (indices), shared by every row."""
     return torch.randperm(num_distinct, generator=generator)[:cap]
+
+
+def capped_slots(
+    counts: torch.Tensor, cap: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`capped_candidates` for `unique_patches_fixed`'s rows, chosen on the device: (indices of `cap` rows, a
+    uniform random subset of the distinct patches, all of them and then padding rows where there are at most
+    `cap`; log of the distinct patches' sampling rate). The random numbers come from the step's generator."""
+    noise = host_to_device(torch.rand(counts.shape[0], generator=generator), counts.device)
+    keep = torch.topk(noise.masked_fill(counts == 0, -1.0), cap).indices
+    distinct = (counts > 0).sum()
+    return keep, torch.log(distinct.clamp(max=cap) / distinct)
+
+
+def candidate_shift(counts: torch.Tensor, rows: int, logq: bool) -> torch.Tensor:
+    """What IEM's softmax subtracts from the scores of `rows` candidates whose first `len(counts)` have these
+    counts in the batch: log Q (the log count, with `logq`; else 0), and +inf for padding (a count of 0, or
+    a row beyond `counts`), which then changes neither the loss nor a gradient."""
+    shift = counts.float().log() if logq else torch.zeros(counts.shape[0], device=counts.device)
+    shift = shift.masked_fill(counts == 0, float("inf"))
+    if rows > counts.shape[0]:
+        shift = torch.cat((shift, shift.new_full((rows - counts.shape[0],), float("inf"))))
+    return shift
 
 
 def byte_cross_entropy(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

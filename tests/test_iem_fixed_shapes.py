@@ -1,0 +1,112 @@
+"""IEM without a host synchronisation (`iem.fixed_shapes`): the distinct patches found in shapes that do not
+depend on the data, the same loss and gradients as through `torch.unique`."""
+
+import math
+
+import pytest
+import torch
+from _tiny import random_bytes, tiny_model
+
+from haed.config import TrainConfig
+from haed.model import unique_patches, unique_patches_fixed
+from haed.objectives import capped_slots, iem_loss
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_fixed_distinct_patches_match_torch_unique_then_zero_rows(k):
+    patches = random_bytes(60, k) % 3  # few distinct values: many repeats
+    uniq, inverse, counts = unique_patches(patches)
+    distinct, inverse_fixed, counts_fixed = unique_patches_fixed(patches)
+    u = uniq.shape[0]
+    assert distinct.shape == (60, k) and counts_fixed.shape == (60,)
+    assert torch.equal(distinct[:u], uniq) and torch.equal(counts_fixed[:u], counts)
+    assert torch.equal(inverse_fixed, inverse)
+    assert not distinct[u:].any() and not counts_fixed[u:].any()
+
+
+def test_fixed_distinct_patches_need_no_count_on_the_host():
+    """Every shape follows from the input's shape alone: the function runs on the meta device (shapes, no data),
+    so on CUDA the host never waits to learn one. torch.unique's output shape needs the data: it cannot."""
+    patches = torch.empty((40, 4), dtype=torch.uint8, device="meta")
+    assert [tuple(t.shape) for t in unique_patches_fixed(patches)] == [(40, 4), (40,), (40,)]
+    with pytest.raises(NotImplementedError):
+        unique_patches(patches)
+
+
+def _loss_and_grads(x, cfg, generator_seed=None):
+    model = tiny_model(patch_size=4)
+    model.train()
+    generator = torch.Generator().manual_seed(generator_seed) if generator_seed is not None else None
+    loss, metrics = iem_loss(model, x, cfg, generator=generator)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), metrics, grads
+
+
+@pytest.mark.parametrize("logq", [True, False])
+@pytest.mark.parametrize("num_negatives", [0, 1000])  # no cap, and a cap above the distinct count
+def test_fixed_shapes_give_the_same_loss_and_gradients(logq, num_negatives):
+    x = random_bytes(3, 64, seed=2) % 4  # repeated patches
+    x[1, :32] = x[0, :32]
+    cfg = dict(logq=logq, num_negatives=num_negatives, byte_loss_fraction=0.0)
+    loss, metrics, grads = _loss_and_grads(x, TrainConfig(**cfg))
+    loss_fixed, metrics_fixed, grads_fixed = _loss_and_grads(x, TrainConfig(**cfg, fixed_shapes=True))
+    torch.testing.assert_close(loss_fixed, loss, rtol=1e-5, atol=1e-6)
+    assert int(metrics_fixed["candidates"]) == metrics["candidates"] == unique_patches(x.view(-1, 4))[0].shape[0]
+    torch.testing.assert_close(metrics_fixed["patch_accuracy"], metrics["patch_accuracy"])
+    assert grads_fixed.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_fixed[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_capped_slots_draw_distinct_patches_uniformly_and_pad_only_when_short():
+    counts = torch.tensor([3, 1, 2, 1, 1, 5, 0, 0, 0, 0])  # 6 distinct patches, then 4 padding rows
+    generator = torch.Generator().manual_seed(0)
+    seen = torch.zeros(10)
+    for _ in range(3000):
+        keep, log_rate = capped_slots(counts, 3, generator)
+        assert len(set(keep.tolist())) == 3 and (counts[keep] > 0).all()
+        seen[keep] += 1
+    torch.testing.assert_close(log_rate, torch.tensor(math.log(3 / 6)))
+    assert not seen[6:].any()
+    assert ((seen[:6] / 3000 - 0.5).abs() < 0.04).all()  # each distinct patch kept with probability 3/6
+    keep, log_rate = capped_slots(counts, 8, generator)  # more slots than distinct patches: every one, then padding
+    assert set(range(6)) <= set(keep.tolist()) and len(set(keep.tolist())) == 8
+    assert float(log_rate) == 0.0
+
+
+def test_fixed_shapes_under_a_cap_score_each_row_against_the_kept_patches():
+    model = tiny_model(patch_size=4)
+    x = random_bytes(2, 64, seed=5)  # 32 distinct patches (random bytes)
+    cfg = TrainConfig(num_negatives=5, logq=False, fixed_shapes=True)
+    with torch.no_grad():
+        loss, metrics = iem_loss(model, x, cfg, generator=torch.Generator().manual_seed(3))
+        assert int(metrics["candidates"]) == 5
+        # Reference: each row scores its positive against the 5 kept patches (its own excluded).
+        targets = x.view(-1, 4)
+        distinct, _, counts = unique_patches_fixed(targets)
+        kept = distinct[capped_slots(counts, 5, torch.Generator().manual_seed(3))[0]]
+        h = model.hidden(x)  # the tiny model scores by the dot product: q = W h_t / tau
+        q, pos = model.score_proj(h).reshape(-1, h.shape[-1]) / cfg.tau, model.encoder(targets)
+        other = q @ model.encoder(kept).T
+        pos_logit = (q * pos).sum(-1)
+        other = other.masked_fill((targets[:, None, :] == kept[None]).all(-1), -math.inf)
+        ref = (torch.logsumexp(torch.cat((pos_logit[:, None], other), 1), 1) - pos_logit).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_shapes_under_a_cap_give_the_same_expected_loss():
+    """Under a cap the two draw their candidates differently (a permutation on the host, random keys on the
+    device): over 300 draws each, the same mean loss, within 4 standard errors."""
+    model = tiny_model(patch_size=4)
+    x = random_bytes(4, 64, seed=5) % 16  # about 60 distinct patches, 10 kept
+    means = []
+    with torch.no_grad():
+        for fixed in (False, True):
+            cfg = TrainConfig(num_negatives=10, fixed_shapes=fixed)
+            draws = torch.tensor(
+                [float(iem_loss(model, x, cfg, torch.Generator().manual_seed(s))[0]) for s in range(300)]
+            )
+            means.append((draws.mean(), draws.std() / 300**0.5))
+    (a, sa), (b, sb) = means
+    assert abs(a - b) < 4 * (sa**2 + sb**2) ** 0.5
