@@ -71,17 +71,8 @@ class Trainer:
         self.run, self.world, self.objective, self.cfg = run, world, run.objective, run.cfg
         self.dev = world.device  # with several ranks on CUDA, this rank's GPU
         self.on_event = on_event if world.is_main else None  # rank 0 reports and writes for every rank
-        if world.size > 1 and self.cfg.compile_mode == CUDA_GRAPHS:
-            # CUDA graphs are untried with FSDP2's hooks and collectives between the blocks. The code and music
-            # recipes ask for graphs (one GPU's fastest step): under torchrun the same recipe trains, compiled in
-            # the default mode, and the run's config records the mode that ran.
-            self.cfg = dataclasses.replace(self.cfg, compile_mode="default")
-            section = run.objective.section
-            self._emit(
-                "message",
-                text=f"{section}.compile_mode = 'reduce-overhead' (CUDA graphs) trains in one process only: "
-                f"these {world.size} processes take torch.compile's default mode",
-            )
+        if world.size > 1:
+            self.cfg = self._without_one_process_settings(world.size)
         torch.manual_seed(self.cfg.seed)
         self._set_up_data()
         self._set_up_model()
@@ -92,6 +83,29 @@ class Trainer:
         emit(self.on_event, event, **fields)
 
     # -- set-up ------------------------------------------------------------------------------------
+
+    def _without_one_process_settings(self, world_size: int):
+        """The phase's settings with those that train in one process only turned off, each said in one line."""
+        cfg, section = self.cfg, self.run.objective.section
+        if cfg.compile_mode == CUDA_GRAPHS:
+            # CUDA graphs are untried with FSDP2's hooks and collectives between the blocks. The code and music
+            # recipes ask for graphs (one GPU's fastest step): under torchrun the same recipe trains, compiled in
+            # the default mode, and the run's config records the mode that ran.
+            cfg = dataclasses.replace(cfg, compile_mode="default")
+            self._emit(
+                "message",
+                text=f"{section}.compile_mode = 'reduce-overhead' (CUDA graphs) trains in one process only: "
+                f"these {world_size} processes take torch.compile's default mode",
+            )
+        if cfg.fixed_shapes and self.objective.scores_batch_patches:
+            # Several ranks gather each other's distinct patches by their count (haed.distributed).
+            cfg = dataclasses.replace(cfg, fixed_shapes=False)
+            self._emit(
+                "message",
+                text=f"{section}.fixed_shapes = true trains in one process only: these {world_size} processes "
+                "count their distinct patches on the host",
+            )
+        return cfg
 
     def _set_up_data(self) -> None:
         cfg = self.cfg

@@ -120,6 +120,8 @@ def runs(tmp_path_factory):
                 "iem.candidates=local",
                 "--set",
                 "iem.compile_mode=reduce-overhead",
+                "--set",
+                "iem.fixed_shapes=true",
             ],
             ["train-iem", "--out", str(r["iem-1-then-2"]), "--resume", "--allow-changes", "--batch-size", str(B)],
         ],
@@ -173,11 +175,15 @@ def test_per_rank_candidates_are_fewer_than_global_ones(runs):
 
 
 def test_a_recipe_asking_for_cuda_graphs_trains_under_torchrun_in_the_default_mode(runs):
-    """CUDA graphs train in one process only: the same recipe under torchrun trains, says so in one line, and its
-    run records the recipe it was given (a one-process resume keeps the graphs)."""
+    """CUDA graphs (and IEM's fixed shapes) train in one process only: the same recipe under torchrun trains, says
+    so in one line each, and its run records the recipe it was given (a one-process resume keeps the graphs)."""
     assert (
         "iem.compile_mode = 'reduce-overhead' (CUDA graphs) trains in one process only: these 2 processes take "
         "torch.compile's default mode" in runs["first"]
+    )
+    assert (
+        "iem.fixed_shapes = true trains in one process only: these 2 processes count their distinct patches on the "
+        "host" in runs["first"]
     )
     config = json.loads((runs["iem-local"] / "config.json").read_text())
     assert config["recipe"]["iem"]["compile_mode"] == "reduce-overhead"
