@@ -188,7 +188,8 @@ def compile_stacks(model, mode: str = "default") -> None:
         # count (distinct patches, padded to `row_bucket`) changes from step to step: marked dynamic
         # (`HAED.encode_patches`), one graph for every count, and as CUDA graphs one recording for every
         # count (at most 32 at the recipes' 16,384 patches a step). In the phase's mode like the stacks: as
-        # CUDA graphs IEM's step at seq 2,048 took 17.4-19.3 ms against 18.5 in the default mode (one H100,
+        # CUDA graphs IEM's step at seq 2,048 took 17.4-19.3 ms (medians of four runs) against 18.5 in the
+        # default mode (one run), and full training's 23.2-24.0 against 24.5 (one H100,
         # docs/2026-12-06-big-corpora.md, tenth session). The score and IEM's softmax stay in the default
         # mode: as CUDA graphs they gained nothing measurable there. (Not `dynamic=True`: it makes the blocks'
         # float settings symbolic too, and torch.compile 2.13 then fails to trace them inside a checkpointed
