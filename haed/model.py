@@ -264,7 +264,8 @@ class HAED(nn.Module):
         synchronisation."""
         distinct, inverse, counts = (unique_patches_fixed if fixed_shapes else unique_patches)(patches)
         rows = pad_rows(distinct, row_bucket(patches.device))
-        # The row count changes every step: compiled (haed.steps.compile_stacks), one graph for every count.
+        # The row count changes every step (not with fixed shapes): compiled (haed.steps.compile_stacks), one
+        # graph for every count.
         torch._dynamo.maybe_mark_dynamic(rows, 0)
         vectors = self.encoder(rows)
         return EncodedPatches(distinct, inverse, counts, vectors)

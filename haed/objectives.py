@@ -84,7 +84,9 @@ def iem_loss(
         cand = vectors[keep]
         col_of_uniq = torch.full((U,), -1, dtype=torch.long, device=x.device)
         col_of_uniq[keep] = torch.arange(len(keep), device=x.device)
-        logq_cand = candidate_shift(counts[keep], len(keep), cfg.logq) + (log_rate if cfg.logq else 0.0)
+        logq_cand = candidate_shift(counts[keep], len(keep), cfg.logq)
+        if cfg.logq:
+            logq_cand = logq_cand + log_rate  # the kept patches' counts as a share of the batch's
     else:
         cand = vectors
         col_of_uniq = torch.arange(U, device=x.device)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from _tiny import random_bytes, tiny_model
 
 from haed.config import TrainConfig
-from haed.model import unique_patches
-from haed.objectives import capped_candidates, iem_loss
+from haed.model import unique_patches, unique_patches_fixed
+from haed.objectives import capped_candidates, capped_slots, iem_loss
 from haed.sampled_softmax import sampled_softmax_loss
 from haed.steps import apply_recompute
 
@@ -106,18 +106,24 @@ def test_duplicate_patches_are_one_candidate_and_logq_uses_their_count():
     assert not torch.allclose(loss_on, loss_off)
 
 
-def test_capped_candidates_keep_every_rows_positive():
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_capped_candidates_keep_every_rows_positive(fixed_shapes):
+    """Under a cap each row scores its positive against the kept patches, drawn on the host (a permutation) or,
+    with `iem.fixed_shapes`, on the device (`capped_slots`)."""
     model = tiny_model(patch_size=4)
     x = random_bytes(2, 64, seed=5)  # 32 distinct patches (random bytes)
-    cfg = TrainConfig(num_negatives=5, logq=False)
+    cfg = TrainConfig(num_negatives=5, logq=False, fixed_shapes=fixed_shapes)
     with torch.no_grad():
         loss, metrics = iem_loss(model, x, cfg, generator=torch.Generator().manual_seed(3))
-        assert metrics["candidates"] == 5
+        assert int(metrics["candidates"]) == 5
         # Reference: each row scores its positive against the 5 kept patches (its own excluded).
         q, targets = _queries(model, x, 1.0)
-        uniq, _, _ = unique_patches(targets)
-        keep = capped_candidates(uniq.shape[0], 5, torch.Generator().manual_seed(3))
-        kept = uniq[keep]
+        if fixed_shapes:
+            distinct, _, counts = unique_patches_fixed(targets)
+            kept = distinct[capped_slots(counts, 5, torch.Generator().manual_seed(3))[0]]
+        else:
+            uniq, _, _ = unique_patches(targets)
+            kept = uniq[capped_candidates(uniq.shape[0], 5, torch.Generator().manual_seed(3))]
         pos_logit = (q * model.encoder(targets)).sum(-1)
         other = q @ model.encoder(kept).T
         is_self = (targets[:, None, :] == kept[None]).all(-1)
