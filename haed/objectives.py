@@ -51,52 +51,20 @@ def iem_loss(
     fixed_shapes = cfg.fixed_shapes and candidates is None and gather is None
     encoded = model.encode_patches(targets, fixed_shapes)
     uniq, inverse, counts, vectors = encoded.distinct, encoded.inverse, encoded.counts, encoded.vectors
-    U = uniq.shape[0]
     # Padding rows (zero patches) give the encoder and the score products recurring shapes; as
     # candidates they are shifted to -inf below, so they change neither the loss nor a gradient.
     pos = encoded.per_patch()  # every target patch's vector: the positives, and (shifted) the main model's inputs
     if candidates is None and gather is not None:  # several ranks: the global batch's patches (log-Q counts too)
         uniq, vectors, counts, inverse = gather(uniq, vectors, counts, inverse, cfg.candidates)
-        U = uniq.shape[0]
     h = model.hidden_from_vectors(pos.view(B, T, -1))
     explicit = model.encoder(candidates.to(x.device)) if candidates is not None else None
     q, pos_scored, vectors = model.score_vectors(
         h.reshape(B * T, -1), pos, explicit if explicit is not None else vectors, cfg.tau
     )
     logq_pos = counts.float().log()[inverse] if cfg.logq else None
-    if candidates is not None:
-        cand = vectors
-        cand_keys = patch_keys(candidates.to(x.device))
-        order = torch.argsort(cand_keys)
-        where = torch.searchsorted(cand_keys[order], patch_keys(uniq)).clamp(max=len(order) - 1)
-        found = cand_keys[order][where] == patch_keys(uniq)
-        col_of_uniq = torch.where(found, order[where], torch.full_like(where, -1))
-        logq_cand = None
-        if cfg.logq:
-            logq_cand = torch.zeros(cand.shape[0], device=x.device)
-            logq_cand[col_of_uniq[found]] = counts[found].float().log()
-    elif cfg.num_negatives and U > cfg.num_negatives:
-        if fixed_shapes:
-            keep, log_rate = capped_slots(counts, cfg.num_negatives, generator)
-        else:
-            keep = host_to_device(capped_candidates(U, cfg.num_negatives, generator), x.device)
-            log_rate = math.log(len(keep) / U)
-        cand = vectors[keep]
-        col_of_uniq = torch.full((U,), -1, dtype=torch.long, device=x.device)
-        col_of_uniq[keep] = torch.arange(len(keep), device=x.device)
-        logq_cand = candidate_shift(counts[keep], len(keep), cfg.logq)
-        if cfg.logq:
-            logq_cand = logq_cand + log_rate  # the kept patches' counts as a share of the batch's
-    else:
-        cand = vectors
-        col_of_uniq = torch.arange(U, device=x.device)
-        logq_cand = candidate_shift(counts, cand.shape[0], cfg.logq)
-    if candidates is not None:
-        num_candidates = cand.shape[0]
-    elif fixed_shapes:  # counted on the device: no synchronisation
-        num_candidates = (counts > 0).sum().clamp(max=cand.shape[0])
-    else:
-        num_candidates = min(cand.shape[0], U)  # padding not counted
+    cand, col_of_uniq, logq_cand, num_candidates = choose_candidates(
+        vectors, uniq, counts, cfg, generator, candidates, fixed_shapes
+    )
     target_col = col_of_uniq[inverse]
     loss, correct = sampled_softmax_loss(
         q, cand, pos_scored, target_col, logq_cand, logq_pos, cfg.logits_chunk, compiled=cfg.compile and x.is_cuda
@@ -110,6 +78,46 @@ def iem_loss(
         metrics["byte_bits_per_byte"] = byte_loss.detach() / LN2
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def choose_candidates(vectors, uniq, counts, cfg: TrainConfig, generator, candidates, fixed_shapes: bool):
+    """IEM's candidates: (their vectors, each distinct patch's column among them or -1, their log Q shift or
+    None, how many count). An explicit (C, K) set of `candidates` is matched to the batch's distinct patches
+    `uniq` by key; otherwise the distinct patches themselves, subsampled to `cfg.num_negatives` where set."""
+    device = vectors.device
+    U = uniq.shape[0]
+    if candidates is not None:
+        cand_keys = patch_keys(candidates.to(device))
+        order = torch.argsort(cand_keys)
+        where = torch.searchsorted(cand_keys[order], patch_keys(uniq)).clamp(max=len(order) - 1)
+        found = cand_keys[order][where] == patch_keys(uniq)
+        col_of_uniq = torch.where(found, order[where], torch.full_like(where, -1))
+        logq_cand = None
+        if cfg.logq:
+            logq_cand = torch.zeros(vectors.shape[0], device=device)
+            logq_cand[col_of_uniq[found]] = counts[found].float().log()
+        return vectors, col_of_uniq, logq_cand, vectors.shape[0]
+    if cfg.num_negatives and U > cfg.num_negatives:
+        if fixed_shapes:
+            keep, log_rate = capped_slots(counts, cfg.num_negatives, generator)
+        else:
+            keep = host_to_device(capped_candidates(U, cfg.num_negatives, generator), device)
+            log_rate = math.log(len(keep) / U)
+        cand = vectors[keep]
+        col_of_uniq = torch.full((U,), -1, dtype=torch.long, device=device)
+        col_of_uniq[keep] = torch.arange(len(keep), device=device)
+        logq_cand = candidate_shift(counts[keep], len(keep), cfg.logq)
+        if cfg.logq:
+            logq_cand = logq_cand + log_rate  # the kept patches' counts as a share of the batch's
+    else:
+        cand = vectors
+        col_of_uniq = torch.arange(U, device=device)
+        logq_cand = candidate_shift(counts, cand.shape[0], cfg.logq)
+    if fixed_shapes:  # counted on the device: no synchronisation
+        num_candidates = (counts > 0).sum().clamp(max=cand.shape[0])
+    else:
+        num_candidates = min(cand.shape[0], U)  # padding not counted
+    return cand, col_of_uniq, logq_cand, num_candidates
 
 
 def sampled_byte_loss(
