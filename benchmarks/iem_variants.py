@@ -2,8 +2,9 @@
 
 Runs `haed.compare.compare` once for the baselines (full, flat) and once per IEM variant (the IEM
 system only, with the variant's recipe overrides), then writes one table (markdown), one JSON and one
-PNG of validation bits per byte against training seconds. Every run stays in `--out`, so an
-interrupted sweep continues where it stopped.
+PNG of validation bits per byte against training seconds, rewritten after each system, so a sweep
+stopped by a time limit keeps the table of what finished. Every run stays in `--out`, so an interrupted
+sweep continues where it stopped. Every variant's overrides are checked before anything trains.
 
     python benchmarks/iem_variants.py --recipe tiny --dataset data/enwik8-head --budget 120 \\
         --variant baseline: --variant cosine:model.score=cosine \\
@@ -89,20 +90,24 @@ def say(event: dict) -> None:
         )
 
 
-def run_systems(a: argparse.Namespace) -> tuple[list[dict], dict]:
-    """The baselines' rows, then each variant's IEM row, and the last comparison's result (its settings)."""
+def run_systems(a: argparse.Namespace, on_rows=lambda rows, result: None) -> tuple[list[dict], dict]:
+    """The baselines' rows, then each variant's IEM row, and the last comparison's result (its settings).
+    `on_rows(rows, result)` sees the rows so far after each comparison, so a sweep stopped by a time limit
+    keeps the table of what finished."""
     base = [*a.set, f'data.dataset="{a.dataset}"']
     rows = []
     common = dict(evals=a.evals, eval_bytes=a.eval_bytes, device=a.device, compile=a.compile, on_event=say)
     systems = tuple(s for s in a.baselines.split(",") if s)
     result = {}
+    variants = [parse_variant(text) for text in a.variant]
+    # Every variant's recipe is read before anything trains: a bad override is one line, not a sweep cut short.
+    recipes = [load_recipe(a.recipe, [*base, *overrides]) for _, overrides in variants]
     if systems:
         result = compare(load_recipe(a.recipe, base), a.out / "baselines", a.budget, systems=systems, **common)
         rows += [{**r, "variant": r["label"], "overrides": []} for r in result["rows"]]
+        on_rows(rows, result)
     iem_phases: dict[str, Path] = {}  # IEM phase settings -> the first variant's finished IEM run
-    for text in a.variant:
-        name, overrides = parse_variant(text)
-        recipe = load_recipe(a.recipe, [*base, *overrides])
+    for (name, overrides), recipe in zip(variants, recipes):
         fraction = recipe.compare.decoder_fraction
         print(
             f"== {name}: {' '.join(overrides) or '(recipe as is)'}, decoder phase {fraction:.0%} of the budget",
@@ -116,6 +121,7 @@ def run_systems(a: argparse.Namespace) -> tuple[list[dict], dict]:
             dict(r, variant=f"IEM {name}", overrides=overrides, decoder_fraction=fraction, iem_phase_of=shared)
             for r in result["rows"]
         ]
+        on_rows(rows, result)
     return rows, result
 
 
@@ -140,13 +146,9 @@ def variants_table(rows: list[dict], unit: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    a = parse_args(argv)
-    if not a.variant and not a.baselines.strip(","):
-        raise HaedError("nothing to compare: give --variant, or --baselines")
-    rows, result = run_systems(a)
+def write_outputs(a: argparse.Namespace, argv: list[str] | None, rows: list[dict], result: dict) -> dict:
+    """variants.json, variants.md and variants.png in `--out` for `rows`; returns the JSON's content."""
     table = variants_table(rows, result["unit"])
-    print(table)
     summary = {
         "recipe": a.recipe,
         "dataset": a.dataset,
@@ -163,6 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
     write_text_atomic(a.out / "variants.md", table + "\n")
     plot_comparison({**summary, "rows": [{**r, "label": r["variant"]} for r in rows]}, a.out / "variants.png")
     return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    if not a.variant and not a.baselines.strip(","):
+        raise HaedError("nothing to compare: give --variant, or --baselines")
+    rows, result = run_systems(a, on_rows=lambda rows, result: write_outputs(a, argv, rows, result))
+    print(variants_table(rows, result["unit"]))
+    return write_outputs(a, argv, rows, result)
 
 
 if __name__ == "__main__":

@@ -305,9 +305,10 @@ def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys
     assert "has no row named iem" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
 
 
-def test_the_variants_benchmark_sets_each_variant_beside_full_training(dataset, tmp_path, capsys):
+def test_the_variants_benchmark_sets_each_variant_beside_full_training(dataset, tmp_path, capsys, monkeypatch):
     """benchmarks/iem_variants.py: full training, then each IEM variant with its overrides, every one for the same
-    seconds; one table, JSON and PNG, each row's test score against full training's. Bad input is one line."""
+    seconds; one table, JSON and PNG, each row's test score against full training's, written after each system.
+    Bad input is one line."""
     script = load_benchmark("iem_variants")
     common = ["--recipe", "tiny", "--dataset", str(dataset), "--budget", "1", "--evals", "2", "--device", "cpu"]
     common += ["--set", "iem.batch_size=4", "--set", "decoder.batch_size=4", "--set", "full.batch_size=4"]
@@ -325,6 +326,28 @@ def test_the_variants_benchmark_sets_each_variant_beside_full_training(dataset, 
     with pytest.raises(HaedError, match="nothing to compare"):
         script.main([*common, "--baselines", "", "--out", str(tmp_path / "none")])
     assert not (tmp_path / "none").exists()
+    # A bad override of any variant is refused before the baselines train.
+    with pytest.raises(HaedError, match="tau"):
+        script.main([*common, "--baselines", "full", "--variant", "bad:iem.tau=oops", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+    # A sweep stopped in a variant (a time limit) keeps the table of the systems that finished; run again, the
+    # finished ones are read back from their runs, not trained anew.
+    (out / "variants.json").unlink()
+    real_compare = script.compare
+
+    def stopped_in_t3(recipe, out_dir, *args, **kwargs):
+        if out_dir.name == "t3":
+            raise HaedError("stopped by a signal")
+        return real_compare(recipe, out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(script, "compare", stopped_in_t3)
+    sweep = ["--baselines", "full", "--variant", "t2:iem.tau=2.0", "--variant", "t3:", "--out", str(out)]
+    with pytest.raises(HaedError, match="stopped"):
+        script.main([*common, *sweep])
+    kept = json.loads((out / "variants.json").read_text())["rows"]
+    assert [(r["variant"], r["test_bits_per_byte"]) for r in kept] == [
+        (r["variant"], r["test_bits_per_byte"]) for r in rows
+    ]
 
 
 def test_the_seconds_to_target_benchmark_recovers_a_known_curve(tmp_path, capsys):
