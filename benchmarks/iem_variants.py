@@ -171,9 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     if not a.variant and not a.baselines.strip(","):
         raise HaedError("nothing to compare: give --variant, or --baselines")
-    rows, result = run_systems(a, on_rows=lambda rows, result: write_outputs(a, argv, rows, result))
+    written = []  # each system's outputs are written as it finishes; the last are the sweep's
+    rows, result = run_systems(a, on_rows=lambda rows, result: written.append(write_outputs(a, argv, rows, result)))
     print(variants_table(rows, result["unit"]))
-    return write_outputs(a, argv, rows, result)
+    return written[-1]
 
 
 if __name__ == "__main__":
