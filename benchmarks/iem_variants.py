@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from haed.atomic import write_text_atomic  # noqa: E402
 from haed.compare import compare  # noqa: E402
-from haed.compare_report import describe_phase_ends, describe_phases, plot_comparison  # noqa: E402
+from haed.compare_report import plot_comparison, sweep_table  # noqa: E402
 from haed.errors import HaedError  # noqa: E402
 from haed.recipe import load_recipe  # noqa: E402
 
@@ -125,30 +125,9 @@ def run_systems(a: argparse.Namespace, on_rows=lambda rows, result: None) -> tup
     return rows, result
 
 
-def variants_table(rows: list[dict], unit: str) -> str:
-    """Markdown: one row per system, its test score against full training's where that ran."""
-    reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
-    lines = [
-        "| system | overrides | decoder phase | train s | steps, training MB/s | valid at phase ends "
-        f"| test {unit} | vs full |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ratio = f"{r['test_bits_per_byte'] / reference:.3f}" if reference else "-"
-        share = f"{r['decoder_fraction']:.0%}" if "decoder_fraction" in r else "-"
-        lines.append(
-            f"| {r['variant']} | {' '.join(r['overrides']) or '-'}"
-            f"{f' (IEM phase of {shared_from})' if (shared_from := r.get('iem_phase_of')) else ''} | "
-            f"{share} | {r['train_seconds']:.1f} | "
-            f"{describe_phases(r)} | {describe_phase_ends(r)} | "
-            f"{r['test_bits_per_byte']:.4f} | {ratio} |"
-        )
-    return "\n".join(lines)
-
-
 def write_outputs(a: argparse.Namespace, argv: list[str] | None, rows: list[dict], result: dict) -> dict:
     """variants.json, variants.md and variants.png in `--out` for `rows`; returns the JSON's content."""
-    table = variants_table(rows, result["unit"])
+    table = sweep_table(rows, result["unit"])
     summary = {
         "recipe": a.recipe,
         "dataset": a.dataset,
@@ -173,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise HaedError("nothing to compare: give --variant, or --baselines")
     written = []  # each system's outputs are written as it finishes; the last are the sweep's
     rows, result = run_systems(a, on_rows=lambda rows, result: written.append(write_outputs(a, argv, rows, result)))
-    print(variants_table(rows, result["unit"]))
+    print(sweep_table(rows, result["unit"]))
     return written[-1]
 
 

@@ -7,8 +7,10 @@ JSON, PNG.
 `FILE:SYSTEM,SYSTEM` keeps only those systems' rows of a file. A `variants.json` of
 `benchmarks/iem_variants.py` gives its rows by variant name instead (`runs/v/variants.json:carry-main4`):
 each is an IEM row. The files must share their recipe, data, budget, memory cap, GPU and test bytes
-(`haed.compare_report.merge_comparisons`); a system may appear once. `haed compare --merge FILE` does the
-same while it runs further systems.
+(`haed.compare_report.merge_comparisons`); a system may appear once. `haed compare --merge FILE` does
+the same while it runs further systems. Sweeps of `iem_variants.py` run in several jobs merge whole
+(`runs/a/variants.json runs/b/variants.json`): their rows are told apart by variant, and the table gives
+each against full training's row.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from haed.atomic import write_text_atomic  # noqa: E402
-from haed.compare_report import merge_comparisons, plot_comparison, read_comparison  # noqa: E402
+from haed.compare_report import (  # noqa: E402
+    merge_comparisons,
+    plot_comparison,
+    read_comparison,
+    row_key,
+    sweep_table,
+)
 from haed.errors import HaedError  # noqa: E402
 
 
@@ -54,12 +62,16 @@ def main(argv=None) -> int:
     except HaedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from haed_cli.common import console
-    from haed_cli.compare import compare_table
-
-    console.print(compare_table(result))
     write_text_atomic(args.json, json.dumps(result, indent=2))
-    plot_comparison(result, args.plot)
+    if row_key(result["rows"]) == "variant":  # sweeps: one row per variant, each against full training
+        print(sweep_table(result["rows"], result["unit"]))
+        plot_comparison(dict(result, rows=[dict(r, label=r["variant"]) for r in result["rows"]]), args.plot)
+    else:
+        from haed_cli.common import console
+        from haed_cli.compare import compare_table
+
+        console.print(compare_table(result))
+        plot_comparison(result, args.plot)
     print(f"wrote {args.json} and {args.plot}")
     return 0
 

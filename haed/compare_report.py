@@ -37,8 +37,9 @@ def summarise(rows: list[dict]) -> dict:
         for arch in ("haed", "flat", "megabyte")
     }
     values = {r["system"]: r["test_bits_per_byte"] for r in rows}
+    one_each = all(sum(r["system"] == s for r in rows) == 1 for s in ("iem", "full"))  # a sweep: per row
     return {
-        "iem_vs_full": values["iem"] / values["full"] if "iem" in values and "full" in values else None,
+        "iem_vs_full": values["iem"] / values["full"] if one_each else None,
         "best_haed_vs_flat": best["haed"] / best["flat"] if best["haed"] and best["flat"] else None,
         "best_haed_vs_megabyte": best["haed"] / best["megabyte"] if best["haed"] and best["megabyte"] else None,
     }
@@ -60,19 +61,26 @@ def read_comparison(path: str | Path) -> dict:
     return result
 
 
+def row_key(*row_lists: list[dict]) -> str:
+    """What tells merged rows apart: the variant where every row has one (sweeps of
+    `benchmarks/iem_variants.py`, several IEM rows each), the system otherwise."""
+    return "variant" if all("variant" in row for rows in row_lists for row in rows) else "system"
+
+
 def check_mergeable(first: dict, name: str, other: dict, keys: tuple[str, ...] = SHARED) -> None:
     """Refuse (HaedError) to merge `other` (read from `name`) into `first` where a shared setting
-    differs, or where it repeats one of `first`'s systems."""
+    differs, or where it repeats one of `first`'s systems (variants, when both are sweeps)."""
     for key in keys:
         if _shared(other, key) != _shared(first, key):
             raise HaedError(
                 f"{name} was compared with {key} = {_shared(other, key)!r}, not {_shared(first, key)!r}: "
                 f"merge only comparisons of the same {', '.join(SHARED)}"
             )
-    seen = {row["system"] for row in first["rows"]}
-    repeated = [row["system"] for row in other["rows"] if row["system"] in seen]
+    by = row_key(first["rows"], other["rows"])
+    seen = {row[by] for row in first["rows"]}
+    repeated = [row[by] for row in other["rows"] if row[by] in seen]
     if repeated:
-        raise HaedError(f"{name} repeats system {repeated[0]}: a merged table has one row per system")
+        raise HaedError(f"{name} repeats {by} {repeated[0]}: a merged table has one row per {by}")
 
 
 def merge_comparisons(first: dict, *others: tuple[str, dict]) -> dict:
@@ -116,6 +124,28 @@ def describe_phase_ends(row: dict) -> str:
     IEM phase without a byte loss), for a row of `compare`."""
     ends = (p.get("last_valid_bits_per_byte") for p in row.get("phases") or [])
     return " + ".join("-" if v is None else f"{v:.4f}" for v in ends)
+
+
+def sweep_table(rows: list[dict], unit: str) -> str:
+    """Markdown for a sweep of `benchmarks/iem_variants.py`: one row per variant, its test score against
+    full training's where that ran."""
+    reference = next((r["test_bits_per_byte"] for r in rows if r["system"] == "full"), None)
+    lines = [
+        "| system | overrides | decoder phase | train s | steps, training MB/s | valid at phase ends "
+        f"| test {unit} | vs full |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = f"{r['test_bits_per_byte'] / reference:.3f}" if reference else "-"
+        share = f"{r['decoder_fraction']:.0%}" if "decoder_fraction" in r else "-"
+        lines.append(
+            f"| {r['variant']} | {' '.join(r['overrides']) or '-'}"
+            f"{f' (IEM phase of {shared_from})' if (shared_from := r.get('iem_phase_of')) else ''} | "
+            f"{share} | {r['train_seconds']:.1f} | "
+            f"{describe_phases(r)} | {describe_phase_ends(r)} | "
+            f"{r['test_bits_per_byte']:.4f} | {ratio} |"
+        )
+    return "\n".join(lines)
 
 
 def plot_comparison(result: dict, png_path: Path) -> Path:

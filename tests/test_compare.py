@@ -293,7 +293,8 @@ def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys
     assert "repeats system iem" in capsys.readouterr().err and not (tmp_path / "n.json").exists()
     # A variants.json (benchmarks/iem_variants.py): its rows are picked by variant; each is an IEM row.
     variants = dict(
-        shared, rows=[dict(_row("iem", "haed", bits), variant=name) for name, bits in (("x", 1.1), ("y", 0.9))]
+        shared,
+        rows=[dict(_row("iem", "haed", bits), variant=name, overrides=[]) for name, bits in (("x", 1.1), ("y", 0.9))],
     )
     (tmp_path / "v.json").write_text(json.dumps(variants))
     picked = [f"{tmp_path / 'v.json'}:y", f"{tmp_path / 'a.json'}:full", "--json", str(tmp_path / "p.json")]
@@ -303,6 +304,27 @@ def test_the_merge_benchmark_keeps_the_chosen_rows_of_each_file(tmp_path, capsys
     assert merged["iem_vs_full"] == pytest.approx(0.9 / 1.2)
     assert merge_script.main([f"{tmp_path / 'v.json'}:iem", "--json", str(tmp_path / "q.json")]) == 1
     assert "has no row named iem" in capsys.readouterr().err and not (tmp_path / "q.json").exists()
+    # Sweeps run in several jobs merge whole: rows told apart by variant, each against full training's row.
+    full_row = dict(_row("full", "haed", 1.2), variant="full (end to end)", overrides=[])
+    sweep = dict(shared, rows=[full_row, dict(_row("iem", "haed", 0.6), variant="z", overrides=["iem.tau=2.0"])])
+    (tmp_path / "w.json").write_text(json.dumps(sweep))
+    both = [str(tmp_path / "w.json"), str(tmp_path / "v.json"), "--json", str(tmp_path / "s.json")]
+    assert merge_script.main([*both, "--plot", str(tmp_path / "s.png")]) == 0
+    merged = json.loads((tmp_path / "s.json").read_text())
+    assert [r["variant"] for r in merged["rows"]] == ["full (end to end)", "z", "x", "y"]
+    assert merged["iem_vs_full"] is None  # three IEM rows: the ratio is each row's, in the table
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.rsplit("|", 2)[-2].strip() for line in table[1:]] == ["1.000", "0.500", "0.917", "0.750"]
+    assert (tmp_path / "s.png").stat().st_size > 0
+    again = [
+        str(tmp_path / "w.json"),
+        str(tmp_path / "v.json"),
+        str(tmp_path / "v.json"),
+        "--json",
+        str(tmp_path / "t.json"),
+    ]
+    assert merge_script.main(again) == 1
+    assert "repeats variant x" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
 
 
 def test_the_variants_benchmark_sets_each_variant_beside_full_training(dataset, tmp_path, capsys, monkeypatch):
