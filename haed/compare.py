@@ -41,7 +41,17 @@ from haed.device import resolve_device
 from haed.distributed import refuse_under_torchrun
 from haed.errors import HaedError
 from haed.evaluate import evaluate_run
-from haed.memory_cap import apply_configuration, choose_configuration, enforced_cap, probe_measure
+from haed.memory_cap import (
+    PROBES_FILE,
+    apply_configuration,
+    choose_configuration,
+    enforced_cap,
+    probe_measure,
+    read_saved_choices,
+    save_choices,
+    saved_choice,
+    saved_entry,
+)
 from haed.model import build_model, count_parameters
 from haed.objectives import DECODER, FLAT, FULL, IEM, MEGABYTE, Objective
 from haed.recipe import Recipe, apply_overrides, recipe_from_dict
@@ -178,25 +188,48 @@ def _refuse_other_runs(out_dir: Path, plans: dict) -> None:
                     )
 
 
-def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, measure_for=None) -> tuple[dict, dict]:
-    """Each phase of each system at its fastest configuration under the cap (probed now, before any clock
-    starts); the chosen candidate and the probes are kept per phase. `measure_for(recipe, objective name)`
-    replaces the real probe (tests)."""
-    capped, probes = {}, {}
+def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, out_dir: Path, setting: dict, measure_for=None):
+    """(the plans, each phase of each system at its fastest configuration under the cap; the probes per
+    phase; the choices to save in `out_dir`). A phase probed by an earlier run of this comparison under
+    the same `setting` takes that choice (`haed.memory_cap.read_saved_choices`); the others are probed now,
+    before any clock starts. `measure_for(recipe, objective name)` replaces the real probe (tests)."""
+    capped, probes, choices = {}, {}, {}
+    saved = read_saved_choices(out_dir, setting)
     for system, (label, phases) in plans.items():
         new_phases = []
         for objective, phase_recipe in phases:
-            if measure_for is not None:
-                measure = measure_for(phase_recipe, objective.name)
+            key, name = f"{system}/{objective.name}", f"{label}, {objective.name} phase" if len(phases) > 1 else label
+            earlier = saved_choice(saved.get(key), phase_recipe)
+            if earlier is not None:
+                chosen, tried = earlier
+                say(f"{name} under {cap_gib:g} GiB: {chosen.describe()} (probed before: {out_dir / PROBES_FILE})")
             else:
-                measure = probe_measure(phase_recipe, objective, device, compile)
-            name = f"{label}, {objective.name} phase" if len(phases) > 1 else label
-            chosen, tried = choose_configuration(phase_recipe, objective, measure, cap_gib, name)
-            say(f"{name} under {cap_gib:g} GiB: {chosen.describe()} ({len(tried)} probed)")
+                if measure_for is not None:
+                    measure = measure_for(phase_recipe, objective.name)
+                else:
+                    measure = probe_measure(phase_recipe, objective, device, compile)
+                chosen, tried = choose_configuration(phase_recipe, objective, measure, cap_gib, name)
+                say(f"{name} under {cap_gib:g} GiB: {chosen.describe()} ({len(tried)} probed)")
             new_phases.append((objective, apply_configuration(phase_recipe, objective, chosen)))
             probes[(system, objective.name)] = (chosen, tried)
+            choices[key] = saved_entry(phase_recipe, chosen, tried)
         capped[system] = (label, new_phases)
-    return capped, probes
+    return capped, probes, choices
+
+
+def _final_plans(
+    plans: dict, cap_gib, gpu, device, compile: bool, say, out_dir: Path, measure_for
+) -> tuple[dict, dict]:
+    """(the plans as they will train, the probes per phase): under a cap each phase at its chosen
+    configuration, saved in `out_dir` for a rerun; refused where `out_dir` holds runs of other settings."""
+    if cap_gib is None:
+        _refuse_other_runs(out_dir, plans)
+        return plans, {}
+    setting = {"memory_cap_gib": cap_gib, "gpu": gpu, "compile": compile}
+    plans, probes, choices = _cap_plans(plans, cap_gib, device, compile, say, out_dir, setting, measure_for)
+    _refuse_other_runs(out_dir, plans)
+    save_choices(out_dir, setting, choices)  # a rerun into out_dir takes these instead of probing anew
+    return plans, probes
 
 
 def _attach_probes(rows: list[dict], probes: dict) -> None:
@@ -272,11 +305,8 @@ def compare(
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     }
     others = _read_merges(merge or [], header, systems)
-    probes: dict = {}
     with enforced_cap(dev, memory_cap_gib):
-        if memory_cap_gib is not None:
-            plans, probes = _cap_plans(plans, memory_cap_gib, dev, compile, say, _measure_for)
-        _refuse_other_runs(out_dir, plans)
+        plans, probes = _final_plans(plans, memory_cap_gib, header["gpu"], dev, compile, say, out_dir, _measure_for)
         rows = [
             _run_system(system, label, phases, out_dir, device, compile, eval_data, eval_bytes, say, on_event)
             for system, (label, phases) in plans.items()

@@ -12,6 +12,12 @@ micro-batch is then only slower). The fastest candidate
 that fits, with `HEADROOM` to spare (the distinct patches of an IEM batch vary from step to step), is
 chosen; a phase that nothing fits is one error before anything trains.
 
+The choices are kept in the comparison's folder (`probes.json`): run again into the same `--out` (an
+interrupted comparison continues where it stopped), a phase with the same settings, cap, GPU and
+compilation takes its earlier choice instead of probing anew. Compiled, a probe costs a compilation per
+candidate (minutes in all), and a fresh probe could pick another of two near-equal candidates, which the
+phase's unfinished run would then refuse.
+
 The cap is enforced by PyTorch's caching allocator (`torch.cuda.set_per_process_memory_fraction`):
 a run that would need more fails with an out-of-memory error instead of reporting a number above it.
 """
@@ -20,11 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from haed.atomic import write_text_atomic
 from haed.errors import HaedError
 from haed.objectives import Objective, get_objective
 from haed.profile.cells import build_for_objective
@@ -47,6 +56,46 @@ class Candidate:
     def describe(self) -> str:
         what = [f"{self.batch_size} x {self.grad_accum}"] + ([f"recompute {self.recompute}"] if self.recompute else [])
         return ", ".join(what + [f"{key} {value}" for key, value in self.settings])
+
+
+PROBES_FILE = "probes.json"  # in a comparison's --out: each capped phase's choice and probes
+
+
+def read_saved_choices(out_dir: Path, setting: dict) -> dict:
+    """The phases probed by an earlier run of this comparison into `out_dir` under the same `setting`
+    (cap, GPU, compilation), by `system/objective`; {} where there is none (or it cannot be read: then
+    the phases are probed again)."""
+    try:
+        saved = json.loads((Path(out_dir) / PROBES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved.get("phases", {}) if saved.get("setting") == setting else {}
+
+
+def save_choices(out_dir: Path, setting: dict, phases: dict) -> None:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(out_dir) / PROBES_FILE, json.dumps({"setting": setting, "phases": phases}, indent=2))
+
+
+def saved_choice(entry: dict | None, recipe: Recipe) -> tuple[Candidate, list[dict]] | None:
+    """(the candidate, its probes) of a saved phase made from the same phase recipe, else None."""
+    if not entry or entry.get("recipe") != plain_recipe(recipe):
+        return None
+    chosen = dict(entry["chosen"])
+    chosen["settings"] = tuple(chosen.get("settings", {}).items())
+    return Candidate(**chosen), entry["probes"]
+
+
+def saved_entry(recipe: Recipe, chosen: Candidate, probes: list[dict]) -> dict:
+    return {
+        "recipe": plain_recipe(recipe),
+        "chosen": dataclasses.asdict(chosen) | {"settings": dict(chosen.settings)},
+        "probes": probes,
+    }
+
+
+def plain_recipe(recipe: Recipe) -> dict:
+    return json.loads(json.dumps(recipe.to_dict()))  # as read back from JSON (tuples become lists)
 
 
 def memory_choices(spec: Objective, cfg) -> list[tuple[str, tuple]]:

@@ -158,3 +158,37 @@ def test_a_lean_setting_the_cap_chose_trains_and_is_reported(dataset, tmp_path, 
     assert describe_configuration(row) == "2 x 1 (logits_chunk 2048) + 2 x 1"
     config = json.loads((tmp_path / "capped" / "iem" / "config.json").read_text())
     assert config["recipe"]["iem"]["logits_chunk"] == 2048
+
+
+def test_a_rerun_into_the_same_folder_takes_the_earlier_probes(dataset, tmp_path, monkeypatch):
+    """An interrupted capped comparison runs again into its --out: each phase takes the choice kept in
+    probes.json instead of probing anew (compiled, minutes of probes), and only under the same cap."""
+    import haed.compare as compare_module
+    from haed.memory_cap import enforced_cap
+
+    monkeypatch.setattr(compare_module, "enforced_cap", lambda dev, cap: enforced_cap(dev, None))
+    recipe = _debug_recipe_with(dataset, ["full.batch_size=4"])
+    peaks = {(4, "encoder,main,decoder"): 1.5, (2, ""): 1.0}
+    times = {(4, "encoder,main,decoder"): 30.0, (2, ""): 10.0}
+    measured = []
+
+    def run(cap):
+        measure, tried = fake_measure(peaks, times)
+        messages = []
+        result = compare(
+            recipe, tmp_path / "capped", 0.5, systems=("full",), evals=1, device="cpu", memory_cap_gib=cap,
+            _measure_for=lambda r, o: measure, on_event=lambda e: messages.append(e.get("text", "")),
+        )  # fmt: skip
+        measured.append(len(tried))
+        return result["rows"][0]["phases"][0], messages
+
+    first, _ = run(2.0)
+    saved = json.loads((tmp_path / "capped" / "probes.json").read_text())
+    assert saved["setting"] == {"memory_cap_gib": 2.0, "gpu": None, "compile": False}
+    assert saved["phases"]["full/full"]["chosen"] == {"batch_size": 2, "grad_accum": 2, "recompute": "", "settings": {}}
+    again, messages = run(2.0)
+    assert measured == [5, 0] and again["probe"] == first["probe"] and again["batch_size"] == 2
+    assert any("2 x 2 (probed before:" in m for m in messages)
+    other_cap, _ = run(3.0)  # another cap: probed anew (the same choice here, so the finished run stands)
+    assert measured[-1] == 5 and other_cap["batch_size"] == 2
+    assert json.loads((tmp_path / "capped" / "probes.json").read_text())["setting"]["memory_cap_gib"] == 3.0
