@@ -208,7 +208,7 @@ def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, out_dir:
                     measure = measure_for(phase_recipe, objective.name)
                 else:
                     measure = probe_measure(phase_recipe, objective, device, compile)
-                chosen, tried = choose_configuration(phase_recipe, objective, measure, cap_gib, name)
+                chosen, tried = choose_configuration(phase_recipe, objective, measure, cap_gib, name, on_probe=say)
                 say(f"{name} under {cap_gib:g} GiB: {chosen.describe()} ({len(tried)} probed)")
             new_phases.append((objective, apply_configuration(phase_recipe, objective, chosen)))
             probes[(system, objective.name)] = (chosen, tried)

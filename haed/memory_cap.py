@@ -124,10 +124,16 @@ def fits(cell: dict, cap_gib: float) -> bool:
 
 
 def choose_configuration(
-    recipe: Recipe, objective: Objective | str, measure: Callable[[Candidate], dict], cap_gib: float, label: str
+    recipe: Recipe,
+    objective: Objective | str,
+    measure: Callable[[Candidate], dict],
+    cap_gib: float,
+    label: str,
+    on_probe: Callable[[str], None] = lambda line: None,
 ) -> tuple[Candidate, list[dict]]:
     """(the fastest candidate that fits under `cap_gib`, every probe made). `measure(candidate)` gives a
-    cell of `haed.profile.harness.measure_cell` (status, peak_allocated_gib, median_step_ms)."""
+    cell of `haed.profile.harness.measure_cell` (status, peak_allocated_gib, median_step_ms); `on_probe`
+    gets a line for each probe as it ends (compiled, each takes a compilation)."""
     spec = get_objective(objective)
     cfg = getattr(recipe, spec.section)
     total = cfg.batch_size * cfg.grad_accum
@@ -148,6 +154,7 @@ def choose_configuration(
                     "fits": ok,
                 }
             )
+            on_probe(f"{label}: probed {candidate.describe()}: {describe_probe(probes[-1])}")
             if ok:
                 if best is None or cell["median_step_ms"] < best[1]:
                     best = (candidate, cell["median_step_ms"])
@@ -165,6 +172,15 @@ def choose_configuration(
             + f", {smallest['status']}); raise the cap, or shrink the model or --seq-len"
         )
     return best[0], probes
+
+
+def describe_probe(probe: dict) -> str:
+    """'6.29 GiB, 128.8 ms a step, fits' or 'OOM at 7.79 GiB' for a probe of `choose_configuration`."""
+    peak = probe["peak_allocated_gib"]
+    at = f"{peak:.2f} GiB" if peak is not None else "an unknown peak"
+    if probe["status"] != "ok":
+        return f"{probe['status']} at {at}"
+    return f"{at}, {probe['median_step_ms']:.1f} ms a step, " + ("fits" if probe["fits"] else "over the cap's headroom")
 
 
 def apply_configuration(recipe: Recipe, objective: Objective, candidate: Candidate) -> Recipe:

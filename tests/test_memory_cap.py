@@ -182,13 +182,16 @@ def test_a_rerun_into_the_same_folder_takes_the_earlier_probes(dataset, tmp_path
         measured.append(len(tried))
         return result["rows"][0]["phases"][0], messages
 
-    first, _ = run(2.0)
+    first, messages = run(2.0)
+    probed = [m for m in messages if ": probed " in m]  # a line as each probe ends
+    assert probed[0] == "full (end to end): probed 4 x 1: OOM at 9.90 GiB"
+    assert probed[-1] == "full (end to end): probed 2 x 2: 1.00 GiB, 10.0 ms a step, fits" and len(probed) == 5
     saved = json.loads((tmp_path / "capped" / "probes.json").read_text())
     assert saved["setting"] == {"memory_cap_gib": 2.0, "gpu": None, "compile": False}
     assert saved["phases"]["full/full"]["chosen"] == {"batch_size": 2, "grad_accum": 2, "recompute": "", "settings": {}}
     again, messages = run(2.0)
     assert measured == [5, 0] and again["probe"] == first["probe"] and again["batch_size"] == 2
-    assert any("2 x 2 (probed before:" in m for m in messages)
+    assert any("2 x 2 (probed before:" in m for m in messages) and not any(": probed " in m for m in messages)
     other_cap, _ = run(3.0)  # another cap: probed anew (the same choice here, so the finished run stands)
     assert measured[-1] == 5 and other_cap["batch_size"] == 2
     assert json.loads((tmp_path / "capped" / "probes.json").read_text())["setting"]["memory_cap_gib"] == 3.0
