@@ -190,9 +190,10 @@ def _refuse_other_runs(out_dir: Path, plans: dict) -> None:
 
 def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, out_dir: Path, setting: dict, measure_for=None):
     """(the plans, each phase of each system at its fastest configuration under the cap; the probes per
-    phase; the choices to save in `out_dir`). A phase probed by an earlier run of this comparison under
-    the same `setting` takes that choice (`haed.memory_cap.read_saved_choices`); the others are probed now,
-    before any clock starts. `measure_for(recipe, objective name)` replaces the real probe (tests)."""
+    phase; the choices to save in `out_dir`, with the saved ones of systems not run now). A phase probed
+    by an earlier run of this comparison under the same `setting` takes that choice
+    (`haed.memory_cap.read_saved_choices`); the others are probed now, before any clock starts.
+    `measure_for(recipe, objective name)` replaces the real probe (tests)."""
     capped, probes, choices = {}, {}, {}
     saved = read_saved_choices(out_dir, setting)
     for system, (label, phases) in plans.items():
@@ -214,7 +215,7 @@ def _cap_plans(plans: dict, cap_gib: float, device, compile: bool, say, out_dir:
             probes[(system, objective.name)] = (chosen, tried)
             choices[key] = saved_entry(phase_recipe, chosen, tried)
         capped[system] = (label, new_phases)
-    return capped, probes, choices
+    return capped, probes, {**saved, **choices}  # phases of systems not run now keep their saved choice
 
 
 def _final_plans(

@@ -172,11 +172,13 @@ def test_a_rerun_into_the_same_folder_takes_the_earlier_probes(dataset, tmp_path
     times = {(4, "encoder,main,decoder"): 30.0, (2, ""): 10.0}
     measured = []
 
-    def run(cap):
-        measure, tried = fake_measure(peaks, times)
+    def run(cap, system="full"):
+        measure, tried = (
+            fake_measure(peaks, times) if system == "full" else fake_measure({(2, ""): 1.0}, {(2, ""): 5.0})
+        )
         messages = []
         result = compare(
-            recipe, tmp_path / "capped", 0.5, systems=("full",), evals=1, device="cpu", memory_cap_gib=cap,
+            recipe, tmp_path / "capped", 0.5, systems=(system,), evals=1, device="cpu", memory_cap_gib=cap,
             _measure_for=lambda r, o: measure, on_event=lambda e: messages.append(e.get("text", "")),
         )  # fmt: skip
         measured.append(len(tried))
@@ -192,6 +194,12 @@ def test_a_rerun_into_the_same_folder_takes_the_earlier_probes(dataset, tmp_path
     again, messages = run(2.0)
     assert measured == [5, 0] and again["probe"] == first["probe"] and again["batch_size"] == 2
     assert any("2 x 2 (probed before:" in m for m in messages) and not any(": probed " in m for m in messages)
+    run(2.0, "iem")  # another system into the same folder: the saved choices gain its phases, keep full's
+    assert set(json.loads((tmp_path / "capped" / "probes.json").read_text())["phases"]) == {
+        "full/full",
+        "iem/iem",
+        "iem/decoder",
+    }
     other_cap, _ = run(3.0)  # another cap: probed anew (the same choice here, so the finished run stands)
     assert measured[-1] == 5 and other_cap["batch_size"] == 2
     assert json.loads((tmp_path / "capped" / "probes.json").read_text())["setting"]["memory_cap_gib"] == 3.0
