@@ -393,6 +393,20 @@ def test_the_seconds_to_target_benchmark_recovers_a_known_curve(tmp_path, capsys
     assert "where full was at 100 s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no validation curve for system 'flat'"):
         script.main([str(tmp_path / "c.json"), "--at", "flat"])
+    # Per byte, from the phases: full at 2 MB/s for 150 s; IEM's two phases 3 MB/s x 100 s + 2 MB/s x 50 s.
+    # Full reached IEM's last value at 100 s, after 200 MB, where IEM had trained on 400: half the bytes.
+    full["phases"] = [{"bytes_per_second": 2e6, "train_seconds": 150.0}]
+    iem["phases"] = [
+        {"bytes_per_second": 3e6, "train_seconds": 100.0},
+        {"bytes_per_second": 2e6, "train_seconds": 50.0},
+    ]
+    sweep = [dict(full, variant="full (end to end)"), dict(iem, variant="IEM dec30"), dict(iem, variant="IEM b")]
+    (tmp_path / "v.json").write_text(json.dumps({"rows": sweep}))
+    result = script.main([str(tmp_path / "v.json"), "--at", "dec30"])  # a sweep's row by its variant
+    assert result["per_byte"]["dec30"] == pytest.approx({"bytes": 4e8, "fitted_system_bytes": 2e8, "ratio": 0.5})
+    assert "after 200 MB; dec30 trained on 400 MB (full needed 0.50x its bytes)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="2 rows named 'iem': name a variant"):
+        script.main([str(tmp_path / "v.json"), "--at", "iem"])
 
 
 def test_the_configuration_says_how_each_phase_was_compiled(dataset, tmp_path):
