@@ -86,9 +86,9 @@ def main(argv=None) -> dict:
     }
     fitted_bytes = trained_bytes(rows[args.system])
     for name, seconds in result["at"].items():
-        if fitted_bytes is not None and trained_bytes(rows[name]) is not None and math.isfinite(seconds):
+        used = trained_bytes(rows[name])
+        if fitted_bytes is not None and used is not None and math.isfinite(seconds):
             reached = fitted_bytes / t[-1] * seconds  # the fitted system's bytes by then (a steady rate)
-            used = trained_bytes(rows[name])
             result["per_byte"][name] = {"bytes": used, "fitted_system_bytes": reached, "ratio": reached / used}
     print(f"{args.system}: {a:.4f} + {b:.4f} t^-{c:.3f} (RMS {rms:.4f}); at {t[-1]:.0f} s {v[-1]:.4f}, "
           f"predicted {result['last']['predicted_without_it']:.4f} from the points before it")  # fmt: skip

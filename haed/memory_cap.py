@@ -53,6 +53,14 @@ class Candidate:
     recompute: str  # stacks recomputed in the backward pass ("" for none)
     settings: tuple[tuple[str, int], ...] = ()  # the objective's lean settings, where taken
 
+    def as_dict(self) -> dict:
+        """As JSON keeps it (probes, `probes.json`): its lean settings a mapping."""
+        return dataclasses.asdict(self) | {"settings": dict(self.settings)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Candidate":
+        return cls(**{**values, "settings": tuple(values.get("settings", {}).items())})
+
     def describe(self) -> str:
         what = [f"{self.batch_size} x {self.grad_accum}"] + ([f"recompute {self.recompute}"] if self.recompute else [])
         return ", ".join(what + [f"{key} {value}" for key, value in self.settings])
@@ -81,15 +89,13 @@ def saved_choice(entry: dict | None, recipe: Recipe) -> tuple[Candidate, list[di
     """(the candidate, its probes) of a saved phase made from the same phase recipe, else None."""
     if not entry or entry.get("recipe") != plain_recipe(recipe):
         return None
-    chosen = dict(entry["chosen"])
-    chosen["settings"] = tuple(chosen.get("settings", {}).items())
-    return Candidate(**chosen), entry["probes"]
+    return Candidate.from_dict(entry["chosen"]), entry["probes"]
 
 
 def saved_entry(recipe: Recipe, chosen: Candidate, probes: list[dict]) -> dict:
     return {
         "recipe": plain_recipe(recipe),
-        "chosen": dataclasses.asdict(chosen) | {"settings": dict(chosen.settings)},
+        "chosen": chosen.as_dict(),
         "probes": probes,
     }
 
@@ -146,7 +152,7 @@ def choose_configuration(
             ok = fits(cell, cap_gib)
             probes.append(
                 {
-                    **dataclasses.asdict(candidate) | {"settings": dict(candidate.settings)},
+                    **candidate.as_dict(),
                     "status": cell["status"],
                     "peak_allocated_gib": cell.get("peak_allocated_gib"),
                     "peak_reserved_gib": cell.get("peak_reserved_gib"),
