@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.table import Table
@@ -19,40 +19,58 @@ UNVERIFIED_HELP = "Use a checkpoint that cannot be verified (no manifest, no wei
 SCORED, HOW = "What to score", "How"  # evaluate's help panels
 
 
-def evaluate(
-    run: Path = typer.Option(
-        ...,
+Run = Annotated[
+    Path,
+    typer.Option(
         "--run",
         metavar="DIR",
         help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder).",
         rich_help_panel=SCORED,
     ),
-    split: str = typer.Option("test", metavar="test|valid|train", help="test, valid or train.", rich_help_panel=SCORED),
-    batch_size: int = typer.Option(8, metavar="N", help="Windows per forward pass.", rich_help_panel=HOW),
-    max_bytes: Optional[int] = typer.Option(
-        None, metavar="N", help="Evaluate only the first N bytes of the split.", rich_help_panel=SCORED
-    ),
-    seq_len: Optional[int] = typer.Option(
-        None, metavar="BYTES", help="Window length (default: the training window).", rich_help_panel=HOW
-    ),
-    json_out: Optional[Path] = typer.Option(
-        None, "--json", metavar="FILE", help="Also write the result as JSON.", rich_help_panel=HOW
-    ),
-    checkpoint: str = typer.Option(
-        "best", "--checkpoint", metavar="best|last|step-N", help=CHECKPOINT_HELP, rich_help_panel=SCORED
-    ),
-    data: Optional[Path] = typer.Option(
-        None,
+]
+Split = Annotated[str, typer.Option(metavar="test|valid|train", help="test, valid or train.", rich_help_panel=SCORED)]
+BatchSize = Annotated[int, typer.Option(metavar="N", help="Windows per forward pass.", rich_help_panel=HOW)]
+MaxBytes = Annotated[
+    Optional[int],
+    typer.Option(metavar="N", help="Evaluate only the first N bytes of the split.", rich_help_panel=SCORED),
+]
+SeqLen = Annotated[
+    Optional[int],
+    typer.Option(metavar="BYTES", help="Window length (default: the training window).", rich_help_panel=HOW),
+]
+JsonOut = Annotated[
+    Optional[Path], typer.Option("--json", metavar="FILE", help="Also write the result as JSON.", rich_help_panel=HOW)
+]
+Checkpoint = Annotated[
+    str, typer.Option("--checkpoint", metavar="best|last|step-N", help=CHECKPOINT_HELP, rich_help_panel=SCORED)
+]
+Data = Annotated[
+    Optional[Path],
+    typer.Option(
         "--data",
         metavar="PATH",
         help="Evaluate other bytes: a file (raw bytes; a WAV/FLAC for audio runs) or a dataset directory (its "
         "--split).",
         rich_help_panel=SCORED,
     ),
-    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=HOW),
-    allow_unverified: bool = typer.Option(
-        False, "--allow-unverified/--no-allow-unverified", help=UNVERIFIED_HELP, rich_help_panel=SCORED
-    ),
+]
+Device = Annotated[str, typer.Option(metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=HOW)]
+AllowUnverified = Annotated[
+    bool, typer.Option("--allow-unverified/--no-allow-unverified", help=UNVERIFIED_HELP, rich_help_panel=SCORED)
+]
+
+
+def evaluate(
+    run: Run = ...,
+    split: Split = "test",
+    batch_size: BatchSize = 8,
+    max_bytes: MaxBytes = None,
+    seq_len: SeqLen = None,
+    json_out: JsonOut = None,
+    checkpoint: Checkpoint = "best",
+    data: Data = None,
+    device: Device = "auto",
+    allow_unverified: AllowUnverified = False,
 ):
     """Exact bits per byte of a split or other data (every byte through the decoder; bits per sample for audio).
 
@@ -78,25 +96,76 @@ def evaluate(
 INPUT, SAMPLING, OUTPUT, SPEED = "Run and prompt", "Sampling", "Output", "Speed"  # generate's help panels
 
 
-def generate(
-    run: Path = typer.Option(
-        ...,
+def _print_generation_summary(plan, done) -> None:
+    """What `haed generate` wrote, then its bytes (samples) per second on one line."""
+    result = done.result
+    n = plan.num_samples
+    if done.files:  # audio always writes WAV files; text only with --out
+        where = (
+            str(done.files[0])
+            if n == 1
+            else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
+        )
+        if plan.kind == "audio":
+            sr = plan.sample_rate
+            each = (
+                f"{len(plan.prompt + result.output) / sr:.2f} s at {sr} Hz, {len(result.output) / sr:.2f} s generated"
+            )
+            where += f" ({'each ' if n > 1 else ''}{each})"
+        err_console.print(f"wrote {where}", highlight=False, soft_wrap=True)
+    unit = "samples" if plan.kind == "audio" else "bytes"
+    rate = f"{result.bytes_per_second:,.0f} {unit}/s"
+    if n > 1:
+        rate += (
+            f" aggregate over {n} streams ({result.bytes_per_second_per_stream:,.0f} per stream, "
+            f"seeds {plan.seed}..{plan.seed + n - 1})"
+        )
+    if plan.kind == "audio":
+        rtf = done.real_time_factor
+        rate += f", real-time factor {rtf:.3f}" + (f" per stream ({rtf * n:.2f} for all {n})" if n > 1 else "")
+    kernels = ""
+    if done.decoder_kernels:
+        kernels = ", Triton decoder and main model" if result.main_kernels else ", Triton decoder"
+    err_console.print(
+        f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
+        f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}"
+        f"{', compiled' if done.compiled else ''}{kernels}; "
+        f"weights {plan.checkpoint})[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+Workdir = Annotated[Path, typer.Option("--workdir", "-w", metavar="DIR", help="Where data/stdlib and runs/RECIPE go.")]
+Recipe = Annotated[str, typer.Option("--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP)]
+Overrides = Annotated[List[str], typer.Option("--set", metavar="FIELD=VALUE", help=SET_HELP)]
+QuickstartPrompt = Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help="Prompt of the final sample.")]
+QuickstartDevice = Annotated[str, typer.Option(metavar=DEVICE, help="auto, cpu or cuda.")]
+
+
+GenerateRun = Annotated[
+    Path,
+    typer.Option(
         "--run",
         metavar="DIR",
         help="A decoder-phase, full or flat run (an IEM run uses its RUN/decoder).",
         rich_help_panel=INPUT,
     ),
-    prompt: Optional[str] = typer.Option(
-        None, "--prompt", "-p", metavar="TEXT", help="Text prompt.", rich_help_panel=INPUT
-    ),
-    prompt_file: Optional[Path] = typer.Option(
-        None,
+]
+Prompt = Annotated[
+    Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="Text prompt.", rich_help_panel=INPUT)
+]
+PromptFile = Annotated[
+    Optional[Path],
+    typer.Option(
         metavar="FILE",
         help="Read the prompt bytes from a file (text runs) or a WAV/FLAC (audio runs).",
         rich_help_panel=INPUT,
     ),
-    out: Optional[Path] = typer.Option(
-        None,
+]
+Out = Annotated[
+    Optional[Path],
+    typer.Option(
         "--out",
         "-o",
         metavar="PATH",
@@ -105,74 +174,112 @@ def generate(
         "sample.wav (or sample-000.wav ...) here for audio.",
         rich_help_panel=OUTPUT,
     ),
-    max_bytes: Optional[int] = typer.Option(
-        None, metavar="N", help="Bytes (audio: samples) to generate per stream.", rich_help_panel=SAMPLING
-    ),
-    seconds: Optional[float] = typer.Option(
-        None,
+]
+GenerateMaxBytes = Annotated[
+    Optional[int],
+    typer.Option(metavar="N", help="Bytes (audio: samples) to generate per stream.", rich_help_panel=SAMPLING),
+]
+Seconds = Annotated[
+    Optional[float],
+    typer.Option(
         "--seconds",  # named: typer 0.27 (click 8.5) took the metavar SECONDS for the flag's name
         metavar="SECONDS",
         help="Audio: seconds to generate per stream (instead of --max-bytes).",
         rich_help_panel=SAMPLING,
     ),
-    temperature: Optional[float] = typer.Option(
-        None, metavar="T", help="Sampling temperature, >= 0 (0: greedy).", rich_help_panel=SAMPLING
-    ),
-    top_k: Optional[int] = typer.Option(
-        None, metavar="K", help="Keep the K most likely bytes (0: off).", rich_help_panel=SAMPLING
-    ),
-    top_p: Optional[float] = typer.Option(
-        None, metavar="P", help="Nucleus sampling mass, in (0, 1] (1: off).", rich_help_panel=SAMPLING
-    ),
-    seed: Optional[int] = typer.Option(
-        None,
+]
+Temperature = Annotated[
+    Optional[float], typer.Option(metavar="T", help="Sampling temperature, >= 0 (0: greedy).", rich_help_panel=SAMPLING)
+]
+TopK = Annotated[
+    Optional[int], typer.Option(metavar="K", help="Keep the K most likely bytes (0: off).", rich_help_panel=SAMPLING)
+]
+TopP = Annotated[
+    Optional[float],
+    typer.Option(metavar="P", help="Nucleus sampling mass, in (0, 1] (1: off).", rich_help_panel=SAMPLING),
+]
+Seed = Annotated[
+    Optional[int],
+    typer.Option(
         metavar="N",
         help="Random seed: the same seed gives the same output; stream i uses seed + i.",
         rich_help_panel=SAMPLING,
     ),
-    num_samples: int = typer.Option(
-        1,
+]
+NumSamples = Annotated[
+    int,
+    typer.Option(
         "--num-samples",
         "-n",
         metavar="N",
         help="Independent continuations generated in one batch; stream i equals a single run with --seed SEED+i.",
         rich_help_panel=SAMPLING,
     ),
-    stream: bool = typer.Option(
-        False,
+]
+Stream = Annotated[
+    bool,
+    typer.Option(
         "--stream/--no-stream",
         help="Text: write to stdout as it is generated, one patch at a time. "
         "(WAV files are always written as they are generated, valid at every moment.)",
         rich_help_panel=OUTPUT,
     ),
-    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=SPEED),
-    cuda_graphs: bool = typer.Option(
-        True,
+]
+GenerateDevice = Annotated[str, typer.Option(metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=SPEED)]
+CudaGraphs = Annotated[
+    bool,
+    typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         help="On CUDA, replay each step as a CUDA graph (captured during the prefill); off: the same steps eagerly.",
         rich_help_panel=SPEED,
     ),
-    compile: bool = typer.Option(
-        False,
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
         "--compile/--no-compile",
         help="torch.compile the whole-patch step of a hierarchical model before it is captured (fused "
         "kernels; the compilation is counted in the prefill).",
         rich_help_panel=SPEED,
     ),
-    decoder_kernels: bool = typer.Option(
-        False,
+]
+DecoderKernels = Annotated[
+    bool,
+    typer.Option(
         "--decoder-kernels/--no-decoder-kernels",
         help="Run the byte decoder's steps as one Triton kernel per patch (CUDA) in the whole-patch step, and for "
         "one stream the encoder and main model's step as another where the model's widths are powers of two. With "
         "--compile the fastest mode for one stream; for many streams --compile alone is faster (docs/performance.md).",
         rich_help_panel=SPEED,
     ),
-    checkpoint: str = typer.Option(
-        "best", "--checkpoint", metavar="best|last|step-N", help=CHECKPOINT_HELP, rich_help_panel=INPUT
-    ),
-    allow_unverified: bool = typer.Option(
-        False, "--allow-unverified/--no-allow-unverified", help=UNVERIFIED_HELP, rich_help_panel=INPUT
-    ),
+]
+GenerateCheckpoint = Annotated[
+    str, typer.Option("--checkpoint", metavar="best|last|step-N", help=CHECKPOINT_HELP, rich_help_panel=INPUT)
+]
+GenerateAllowUnverified = Annotated[
+    bool, typer.Option("--allow-unverified/--no-allow-unverified", help=UNVERIFIED_HELP, rich_help_panel=INPUT)
+]
+
+
+def generate(
+    run: GenerateRun = ...,
+    prompt: Prompt = None,
+    prompt_file: PromptFile = None,
+    out: Out = None,
+    max_bytes: GenerateMaxBytes = None,
+    seconds: Seconds = None,
+    temperature: Temperature = None,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    seed: Seed = None,
+    num_samples: NumSamples = 1,
+    stream: Stream = False,
+    device: GenerateDevice = "auto",
+    cuda_graphs: CudaGraphs = True,
+    compile: Compile = False,
+    decoder_kernels: DecoderKernels = False,
+    checkpoint: GenerateCheckpoint = "best",
+    allow_unverified: GenerateAllowUnverified = False,
 ):
     """Sample with cached hierarchical generation (main-model and decoder key/value caches).
 
@@ -206,55 +313,15 @@ def generate(
     show_bar = not (plan.kind == "text" and plan.stream)
     with Progress(console=err_console, transient=True) if show_bar else nullcontext() as progress:
         done = run_generation(plan, cuda_graphs=cuda_graphs, progress=progress, stdout=sys.stdout, compile=compile)
-    result = done.result
-    n = plan.num_samples
-    if plan.kind == "audio":
-        sr = plan.sample_rate
-        each = f"{len(plan.prompt + result.output) / sr:.2f} s at {sr} Hz, {len(result.output) / sr:.2f} s generated"
-        where = (
-            str(done.files[0])
-            if n == 1
-            else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
-        )
-        err_console.print(f"wrote {where} ({'each ' if n > 1 else ''}{each})", highlight=False, soft_wrap=True)
-    elif done.files:
-        where = (
-            str(done.files[0])
-            if n == 1
-            else f"{n} files {done.files[0].name} .. {done.files[-1].name} in {done.files[0].parent}"
-        )
-        err_console.print(f"wrote {where}", highlight=False, soft_wrap=True)
-    unit = "samples" if plan.kind == "audio" else "bytes"
-    rate = f"{result.bytes_per_second:,.0f} {unit}/s"
-    if n > 1:
-        rate += (
-            f" aggregate over {n} streams ({result.bytes_per_second_per_stream:,.0f} per stream, "
-            f"seeds {plan.seed}..{plan.seed + n - 1})"
-        )
-    if plan.kind == "audio":
-        rtf = done.real_time_factor
-        rate += f", real-time factor {rtf:.3f}" + (f" per stream ({rtf * n:.2f} for all {n})" if n > 1 else "")
-    kernels = ""
-    if done.decoder_kernels:
-        kernels = ", Triton decoder and main model" if result.main_kernels else ", Triton decoder"
-    err_console.print(
-        f"[dim]{len(result.output) * n:,} {unit} in {result.seconds:.2f} s: {rate} "
-        f"(prefill {result.prefill_seconds * 1e3:.0f} ms, {plan.device}{', CUDA graphs' if done.cuda_graphs else ''}"
-        f"{', compiled' if done.compiled else ''}{kernels}; "
-        f"weights {plan.checkpoint})[/]",
-        highlight=False,
-        soft_wrap=True,
-    )
+    _print_generation_summary(plan, done)
 
 
 def quickstart(
-    workdir: Path = typer.Option(
-        Path("."), "--workdir", "-w", metavar="DIR", help="Where data/stdlib and runs/RECIPE go."
-    ),
-    recipe: str = typer.Option("tiny", "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP),
-    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP),
-    prompt: str = typer.Option("def ", "--prompt", "-p", metavar="TEXT", help="Prompt of the final sample."),
-    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda."),
+    workdir: Workdir = Path("."),
+    recipe: Recipe = "tiny",
+    overrides: Overrides = [],
+    prompt: QuickstartPrompt = "def ",
+    device: QuickstartDevice = "auto",
 ):
     """The whole pipeline on the offline corpus: prepare, IEM, decoder phase, evaluate, generate.
 

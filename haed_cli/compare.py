@@ -4,88 +4,103 @@ registers it beside evaluate, generate and quickstart."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.table import Table
 
 from haed_cli.common import TrainingDisplay, console
-from haed_cli.training import DEVICE, DEVICE_PANEL, RECIPE, RECIPE_HELP, SET_HELP, dataset_option, recipe_values
+from haed_cli.training import DEVICE_PANEL, RECIPE, RECIPE_HELP, Dataset, Device, Overrides, recipe_values
 
 SYSTEMS, SCORING = "Systems and budget", "Scoring and output"  # compare's help panels
 
 
-def compare(
-    recipe: str = typer.Option("tiny", "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP, rich_help_panel=RECIPE),
-    dataset: Optional[Path] = dataset_option(),
-    budget: float = typer.Option(
-        ...,
+Recipe = Annotated[str, typer.Option("--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP, rich_help_panel=RECIPE)]
+Budget = Annotated[
+    float,
+    typer.Option(
         "--time-budget",
         "--budget",
         metavar="SECONDS",
         help="Seconds of training for each system (IEM + decoder phase together get the same).",
         rich_help_panel=SYSTEMS,
     ),
-    out: Path = typer.Option(
-        Path("runs/compare"),
+]
+Out = Annotated[
+    Path,
+    typer.Option(
         "--out",
         "-o",
         metavar="DIR",
         help="Where the runs, compare.json and compare.png go.",
         rich_help_panel=SCORING,
     ),
-    systems: Optional[str] = typer.Option(
-        None,
+]
+Systems = Annotated[
+    Optional[str],
+    typer.Option(
         help="Comma-separated: iem (IEM + decoder phase), full, flat, megabyte (MEGABYTE-pytorch, the peer) "
         "\\[default: all; megabyte where its package is installed].",
         metavar="LIST",
         show_default=False,
         rich_help_panel=SYSTEMS,
     ),
-    decoder_fraction: Optional[float] = typer.Option(
-        None,
+]
+DecoderFraction = Annotated[
+    Optional[float],
+    typer.Option(
         metavar="FRACTION",
         help="Share of the IEM system's budget given to the decoder phase (default: the recipe's "
         "compare.decoder_fraction).",
         rich_help_panel=SYSTEMS,
     ),
-    evals: int = typer.Option(
-        10,
+]
+Evals = Annotated[
+    int,
+    typer.Option(
         metavar="N",
         help="Validation points per phase (evenly spaced in training seconds).",
         rich_help_panel=SCORING,
     ),
-    eval_data: List[Path] = typer.Option(
-        [],
+]
+EvalData = Annotated[
+    List[Path],
+    typer.Option(
         "--eval-data",
         metavar="PATH",
         help="Also score this file or dataset directory (repeatable).",
         rich_help_panel=SCORING,
     ),
-    eval_bytes: Optional[int] = typer.Option(
-        None, metavar="N", help="Score only the first N bytes of each test split or file.", rich_help_panel=SCORING
-    ),
-    seq_len: Optional[int] = typer.Option(
-        None, metavar="BYTES", help="Window length in bytes (overrides the recipe).", rich_help_panel=RECIPE
-    ),
-    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=RECIPE),
-    flat_overrides: List[str] = typer.Option(
-        [],
+]
+EvalBytes = Annotated[
+    Optional[int],
+    typer.Option(metavar="N", help="Score only the first N bytes of each test split or file.", rich_help_panel=SCORING),
+]
+SeqLen = Annotated[
+    Optional[int],
+    typer.Option(metavar="BYTES", help="Window length in bytes (overrides the recipe).", rich_help_panel=RECIPE),
+]
+FlatOverrides = Annotated[
+    List[str],
+    typer.Option(
         "--flat-set",
         metavar="FIELD=VALUE",
         help="Override the flat baseline's recipe, e.g. --flat-set main.layers=6 (default: depth matched to the "
         "hierarchy's parameter count).",
         rich_help_panel=SYSTEMS,
     ),
-    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL),
-    compile: bool = typer.Option(
-        False,
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
         "--compile/--no-compile",
         help="torch.compile the stacks and IEM's softmax (CUDA) for every system, before its clock starts.",
         rich_help_panel=DEVICE_PANEL,
     ),
-    memory_cap: Optional[float] = typer.Option(
-        None,
+]
+MemoryCap = Annotated[
+    Optional[float],
+    typer.Option(
         "--memory-cap",
         help="Train every system under this cap on GPU memory, enforced, each at the fastest micro-batch "
         "(same global batch), recomputation and IEM softmax chunk of its own that fits, probed before the clock "
@@ -94,14 +109,36 @@ def compare(
         show_default=False,
         rich_help_panel=SYSTEMS,
     ),
-    merge: List[Path] = typer.Option(
-        [],
+]
+Merge = Annotated[
+    List[Path],
+    typer.Option(
         "--merge",
         metavar="FILE",
         help="Add the rows of an earlier compare.json (other systems of the same comparison, run in another job) "
         "to the table, JSON and plot (repeatable; its recipe, data, budget, cap and GPU must match).",
         rich_help_panel=SCORING,
     ),
+]
+
+
+def compare(
+    recipe: Recipe = "tiny",
+    dataset: Dataset = None,
+    budget: Budget = ...,
+    out: Out = Path("runs/compare"),
+    systems: Systems = None,
+    decoder_fraction: DecoderFraction = None,
+    evals: Evals = 10,
+    eval_data: EvalData = [],
+    eval_bytes: EvalBytes = None,
+    seq_len: SeqLen = None,
+    overrides: Overrides = [],
+    flat_overrides: FlatOverrides = [],
+    device: Device = "auto",
+    compile: Compile = False,
+    memory_cap: MemoryCap = None,
+    merge: Merge = [],
 ):
     """Which objective should I train? IEM + decoder phase, full, flat and MEGABYTE-pytorch for the same seconds.
 

@@ -1,6 +1,9 @@
-"""The `haed` command: a thin Typer shell over the library in `haed/`."""
+"""The `haed` command: a thin Typer shell over the library in `haed/`. Each command declares its options as
+`Annotated` aliases just above its function; the training commands and `haed compare` share theirs (training.py)."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 import typer
 
@@ -35,11 +38,14 @@ def _version(value: bool):
         raise typer.Exit()
 
 
+Version = Annotated[
+    bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+]
+
+
 @app.callback()
 def main(
-    version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
-    ),
+    version: Version = False,
 ):
     """Train and sample hierarchical (HAED) byte models of text and raw audio, with IEM."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.markup import escape
@@ -125,18 +125,26 @@ def print_summary(meta: dict, out: Path) -> None:
         console.print(f"{len(meta['files']):,} file(s), concatenated in the order listed in meta.json", highlight=False)
 
 
+Out = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help=OUT_HELP)]
+MaxBytes = Annotated[
+    int,
+    typer.Option("--max-bytes", metavar="N", help="Cap: the first N bytes of the concatenated sources (0: no cap)."),
+]
+ValidFraction = Annotated[
+    float, typer.Option("--valid-fraction", metavar="F", help="Fraction of the bytes for valid (taken after train).")
+]
+TestFraction = Annotated[
+    float, typer.Option("--test-fraction", metavar="F", help="Fraction of the bytes for test (the end of the stream).")
+]
+Force = Annotated[bool, typer.Option("--force/--no-force", help=FORCE_HELP)]
+
+
 def stdlib(
-    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help=OUT_HELP),
-    max_bytes: int = typer.Option(
-        4_000_000, "--max-bytes", metavar="N", help="Cap: the first N bytes of the concatenated sources (0: no cap)."
-    ),
-    valid_fraction: float = typer.Option(
-        0.05, "--valid-fraction", metavar="F", help="Fraction of the bytes for valid (taken after train)."
-    ),
-    test_fraction: float = typer.Option(
-        0.05, "--test-fraction", metavar="F", help="Fraction of the bytes for test (the end of the stream)."
-    ),
-    force: bool = typer.Option(False, "--force/--no-force", help=FORCE_HELP),
+    out: Out = ...,
+    max_bytes: MaxBytes = 4_000_000,
+    valid_fraction: ValidFraction = 0.05,
+    test_fraction: TestFraction = 0.05,
+    force: Force = False,
 ):
     """Make the offline default text corpus from the Python standard library's own .py files.
 
@@ -158,36 +166,52 @@ def stdlib(
     print_summary(meta, out)
 
 
-def text(
-    paths: List[Path] = typer.Argument(
-        ...,
+Paths = Annotated[
+    List[Path],
+    typer.Argument(
         help="Files, folders (read recursively) and .tar archives (.tar, .tar.gz, .tar.bz2, .tar.xz).",
         show_default=False,
         metavar="PATH...",
     ),
-    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP, metavar="DIR"),
-    include: List[str] = typer.Option([], "--include", help=INCLUDE_HELP, metavar="PATTERN", show_default=False),
-    exclude: List[str] = typer.Option([], "--exclude", help=EXCLUDE_HELP, metavar="PATTERN", show_default=False),
-    split_rule: str = typer.Option(
-        "stream",
+]
+Include = Annotated[List[str], typer.Option("--include", help=INCLUDE_HELP, metavar="PATTERN", show_default=False)]
+Exclude = Annotated[List[str], typer.Option("--exclude", help=EXCLUDE_HELP, metavar="PATTERN", show_default=False)]
+SplitRule = Annotated[
+    str,
+    typer.Option(
         "--split-rule",
         help="stream: the concatenation cut at its end (train, valid, test); hash: each whole file to one split by "
         "a hash of its path, so that no file is in two splits (test files are never trained on).",
         metavar="stream|hash",
     ),
-    max_bytes: int = typer.Option(
-        0,
+]
+TextMaxBytes = Annotated[
+    int,
+    typer.Option(
         "--max-bytes",
         help="Take files in order up to N bytes in all (the last one cut); 0: everything.",
         metavar="N",
     ),
-    valid_fraction: float = typer.Option(
-        0.05, "--valid-fraction", help="Fraction of the bytes (stream) or files (hash) for valid.", metavar="F"
-    ),
-    test_fraction: float = typer.Option(
-        0.05, "--test-fraction", help="Fraction of the bytes (stream) or files (hash) for test.", metavar="F"
-    ),
-    force: bool = typer.Option(False, "--force/--no-force", help=FORCE_HELP),
+]
+TextValidFraction = Annotated[
+    float,
+    typer.Option("--valid-fraction", help="Fraction of the bytes (stream) or files (hash) for valid.", metavar="F"),
+]
+TextTestFraction = Annotated[
+    float, typer.Option("--test-fraction", help="Fraction of the bytes (stream) or files (hash) for test.", metavar="F")
+]
+
+
+def text(
+    paths: Paths = ...,
+    out: Out = ...,
+    include: Include = [],
+    exclude: Exclude = [],
+    split_rule: SplitRule = "stream",
+    max_bytes: TextMaxBytes = 0,
+    valid_fraction: TextValidFraction = 0.05,
+    test_fraction: TextTestFraction = 0.05,
+    force: Force = False,
 ):
     """Concatenate files, folders and archives into one byte stream, then split it.
 
@@ -214,12 +238,16 @@ def text(
     print_summary(meta, out)
 
 
+Source = Annotated[
+    Optional[Path],
+    typer.Option("--source", metavar="FILE", help="Local enwik8.zip or extracted enwik8 (otherwise it is downloaded)."),
+]
+
+
 def enwik8(
-    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help=OUT_HELP),
-    source: Optional[Path] = typer.Option(
-        None, "--source", metavar="FILE", help="Local enwik8.zip or extracted enwik8 (otherwise it is downloaded)."
-    ),
-    force: bool = typer.Option(False, "--force/--no-force", help=FORCE_HELP),
+    out: Out = ...,
+    source: Source = None,
+    force: Force = False,
 ):
     """The Hutter Prize enwik8 benchmark, split in order 90M / 5M / 5M bytes.
 
@@ -236,73 +264,107 @@ def enwik8(
 AUDIO, SPLIT, OUTPUT = "Audio source", "Split", "Output"  # prepare audio's help panels
 
 
-def audio(
-    source: Optional[Path] = typer.Argument(
-        None,
+AudioSource = Annotated[
+    Optional[Path],
+    typer.Argument(
         help="Folder or .tar archive of audio files (searched recursively): WAV, FLAC, Ogg Vorbis/Opus, MP3, AIFF.",
         show_default=False,
         metavar="SOURCE",
     ),
-    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help=OUT_HELP, rich_help_panel=OUTPUT),
-    sample_rate: int = typer.Option(
-        ...,
+]
+AudioOut = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help=OUT_HELP, rich_help_panel=OUTPUT)]
+SampleRate = Annotated[
+    int,
+    typer.Option(
         "--sample-rate",
         metavar="HZ",
         help="Target sample rate in Hz (resampled with soxr when a file differs).",
         rich_help_panel=AUDIO,
     ),
-    hf: Optional[str] = typer.Option(
-        None,
+]
+Hf = Annotated[
+    Optional[str],
+    typer.Option(
         "--hf",
         metavar="NAME",
         help="A Hugging Face datasets audio dataset (name or local path) instead of SOURCE.",
         rich_help_panel=AUDIO,
     ),
-    hf_config: Optional[str] = typer.Option(
-        None, "--hf-config", metavar="NAME", help="Configuration name of the --hf dataset.", rich_help_panel=AUDIO
-    ),
-    split_rule: Optional[str] = typer.Option(
-        None,
+]
+HfConfig = Annotated[
+    Optional[str],
+    typer.Option("--hf-config", metavar="NAME", help="Configuration name of the --hf dataset.", rich_help_panel=AUDIO),
+]
+AudioSplitRule = Annotated[
+    Optional[str],
+    typer.Option(
         "--split-rule",
         metavar="hash|fsdd|dataset",
         help="hash (default for folders: sha256 of the relative file name against the fractions), "
         "fsdd (index 0-4 test, 5-9 valid, rest train), dataset (the --hf dataset's own splits; its default).",
         rich_help_panel=SPLIT,
     ),
-    valid_fraction: Optional[float] = typer.Option(
-        None,
+]
+AudioValidFraction = Annotated[
+    Optional[float],
+    typer.Option(
         "--valid-fraction",
         metavar="F",
         help="hash rule: fraction of files for valid \\[default: 0.05].",
         rich_help_panel=SPLIT,
     ),
-    test_fraction: Optional[float] = typer.Option(
-        None,
+]
+AudioTestFraction = Annotated[
+    Optional[float],
+    typer.Option(
         "--test-fraction",
         metavar="F",
         help="hash rule: fraction of files for test \\[default: 0.05].",
         rich_help_panel=SPLIT,
     ),
-    include: List[str] = typer.Option(
-        [], "--include", help=INCLUDE_HELP, metavar="PATTERN", show_default=False, rich_help_panel=AUDIO
-    ),
-    exclude: List[str] = typer.Option(
-        [], "--exclude", help=EXCLUDE_HELP, metavar="PATTERN", show_default=False, rich_help_panel=AUDIO
-    ),
-    max_bytes: int = typer.Option(
-        0,
+]
+AudioInclude = Annotated[
+    List[str],
+    typer.Option("--include", help=INCLUDE_HELP, metavar="PATTERN", show_default=False, rich_help_panel=AUDIO),
+]
+AudioExclude = Annotated[
+    List[str],
+    typer.Option("--exclude", help=EXCLUDE_HELP, metavar="PATTERN", show_default=False, rich_help_panel=AUDIO),
+]
+AudioMaxBytes = Annotated[
+    int,
+    typer.Option(
         "--max-bytes",
         help="Stop after N samples in all (one byte each; 3600 x the rate is an hour; the last file cut); 0: all.",
         metavar="N",
         rich_help_panel=AUDIO,
     ),
-    skip_bad: bool = typer.Option(
-        False,
+]
+SkipBad = Annotated[
+    bool,
+    typer.Option(
         "--skip-bad/--no-skip-bad",
         help="Leave out unreadable files (counted and listed in meta.json) instead of failing.",
         rich_help_panel=AUDIO,
     ),
-    force: bool = typer.Option(False, "--force/--no-force", help=FORCE_HELP, rich_help_panel=OUTPUT),
+]
+AudioForce = Annotated[bool, typer.Option("--force/--no-force", help=FORCE_HELP, rich_help_panel=OUTPUT)]
+
+
+def audio(
+    source: AudioSource = None,
+    out: AudioOut = ...,
+    sample_rate: SampleRate = ...,
+    hf: Hf = None,
+    hf_config: HfConfig = None,
+    split_rule: AudioSplitRule = None,
+    valid_fraction: AudioValidFraction = None,
+    test_fraction: AudioTestFraction = None,
+    include: AudioInclude = [],
+    exclude: AudioExclude = [],
+    max_bytes: AudioMaxBytes = 0,
+    skip_bad: SkipBad = False,
+    force: AudioForce = False,
 ):
     """Raw audio as 8-bit mu-law bytes: mono downmix, soxr resampling, split by whole file.
 

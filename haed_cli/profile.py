@@ -6,7 +6,7 @@ The lead registers it with `register(app)`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.table import Table
@@ -148,58 +148,87 @@ def print_profile(result: dict) -> None:
 WHAT, HOW, CONTEXT, OUTPUT = "What to profile", "How", "Longest context", "Output"  # help panels
 
 
-def profile_memory(
-    recipe: Optional[str] = typer.Option(
-        None,
+def _print_plan(plan, objectives: list[str]) -> None:
+    """The sweep about to run, and which of its settings are defaults chosen for this device."""
+    from haed.profile import describe_defaults
+
+    console.print(
+        f"[bold]profile-memory[/] of recipe [bold]{plan.recipe.name}[/] on {plan.device}: {', '.join(objectives)}; "
+        f"seq {','.join(map(str, plan.seq_lens))}; batch {','.join(map(str, plan.batch_sizes))}; "
+        f"{plan.warmup} warm-up + {plan.steps} timed steps per cell",
+        highlight=False,
+    )
+    note = describe_defaults(plan.defaults)
+    if note:
+        console.print(note, highlight=False)
+
+
+Recipe = Annotated[
+    Optional[str],
+    typer.Option(
         "--recipe",
         "-r",
         metavar="NAME|FILE",
         help=RECIPE_HELP + " Default: enwik8 on CUDA (the README's headline configuration), tiny with --device cpu.",
         rich_help_panel=WHAT,
     ),
-    compare_full: bool = typer.Option(
-        False,
+]
+CompareFull = Annotated[
+    bool,
+    typer.Option(
         "--compare-full/--no-compare-full",
         help="Profile iem, decoder and full (plus any --objectives, e.g. flat).",
         rich_help_panel=WHAT,
     ),
-    objectives: Optional[str] = typer.Option(
-        None,
+]
+Objectives = Annotated[
+    Optional[str],
+    typer.Option(
         "--objectives",
         metavar="LIST",
         help="Comma-separated: iem, decoder, full, flat, megabyte (the MEGABYTE-pytorch peer) (default: iem).",
         rich_help_panel=WHAT,
     ),
-    seq_lens: Optional[str] = typer.Option(
-        None,
+]
+SeqLens = Annotated[
+    Optional[str],
+    typer.Option(
         "--seq-lens",
         metavar="N,N,...",
         help="Comma-separated window lengths in bytes (default: 2048,4096,8192,16384).",
         rich_help_panel=WHAT,
     ),
-    batch_sizes: Optional[str] = typer.Option(
-        None,
+]
+BatchSizes = Annotated[
+    Optional[str],
+    typer.Option(
         "--batch-sizes",
         metavar="N,N,...",
         help="Comma-separated batch sizes (default: 16 on CUDA, 4,8,16 with --device cpu).",
         rich_help_panel=WHAT,
     ),
-    steps: Optional[int] = typer.Option(
-        None,
+]
+Steps = Annotated[
+    Optional[int],
+    typer.Option(
         "--steps",
         metavar="N",
         help="Timed optimizer steps per cell, the median reported (default: 20 on CUDA, 5 with --device cpu).",
         rich_help_panel=HOW,
     ),
-    warmup: Optional[int] = typer.Option(
-        None,
+]
+Warmup = Annotated[
+    Optional[int],
+    typer.Option(
         "--warmup",
         metavar="N",
         help="Untimed optimizer steps per cell first, compiling there (default: 20 on CUDA, 2 with --device cpu).",
         rich_help_panel=HOW,
     ),
-    dataset: Optional[Path] = typer.Option(
-        None,
+]
+Dataset = Annotated[
+    Optional[Path],
+    typer.Option(
         "--dataset",
         "-d",
         metavar="DIR",
@@ -207,33 +236,41 @@ def profile_memory(
         "synthetic random bytes, said so in the output and JSON).",
         rich_help_panel=WHAT,
     ),
-    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=WHAT),
-    json_out: Path = typer.Option(
-        Path("profile-memory.json"),
+]
+Overrides = Annotated[List[str], typer.Option("--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=WHAT)]
+JsonOut = Annotated[
+    Path,
+    typer.Option(
         "--json",
         metavar="FILE",
         help="Write every number and the environment here.",
         rich_help_panel=OUTPUT,
     ),
-    plot: Path = typer.Option(
-        Path("profile-memory.png"),
+]
+Plot = Annotated[
+    Path,
+    typer.Option(
         "--plot",
         metavar="FILE",
         help="Write the plot (memory and bytes/s against sequence length) here.",
         rich_help_panel=OUTPUT,
     ),
-    device: str = typer.Option(
-        "auto",
+]
+Device = Annotated[
+    str,
+    typer.Option(
         "--device",
         metavar="auto|cpu|cuda",
         help="auto or cuda (GPU memory measured), or cpu (timed only).",
         rich_help_panel=HOW,
     ),
-    compile: bool = typer.Option(
-        True, "--compile/--no-compile", help="torch.compile the model (CUDA).", rich_help_panel=HOW
-    ),
-    compile_scope: str = typer.Option(
-        "objective",
+]
+Compile = Annotated[
+    bool, typer.Option("--compile/--no-compile", help="torch.compile the model (CUDA).", rich_help_panel=HOW)
+]
+CompileScope = Annotated[
+    str,
+    typer.Option(
         "--compile-scope",
         metavar="objective|cell",
         help="objective: compile afresh per objective, letting torch.compile recompile (dynamic shapes) for its "
@@ -241,50 +278,87 @@ def profile_memory(
         "(30-80 s per cell at the enwik8 size).",
         rich_help_panel=HOW,
     ),
-    stop_on_error: bool = typer.Option(
-        False,
+]
+StopOnError = Annotated[
+    bool,
+    typer.Option(
         "--stop-on-error/--keep-going",
         help="Stop at a cell that fails other than by OOM, or record it as 'error' and go on.",
         rich_help_panel=HOW,
     ),
-    max_context: bool = typer.Option(
-        False,
+]
+MaxContext = Annotated[
+    bool,
+    typer.Option(
         "--max-context/--no-max-context",
         help="Also find, per objective and batch size, the longest window that trains without OOM.",
         rich_help_panel=CONTEXT,
     ),
-    max_seq_len: int = typer.Option(
-        1 << 22,
+]
+MaxSeqLen = Annotated[
+    int,
+    typer.Option(
         "--max-seq-len",
         metavar="BYTES",
         help="--max-context: stop doubling here (bytes).",
         rich_help_panel=CONTEXT,
     ),
-    refine_steps: int = typer.Option(
-        4,
+]
+RefineSteps = Annotated[
+    int,
+    typer.Option(
         "--refine-steps",
         metavar="N",
         help="--max-context: bisection steps between the last fit and the first OOM.",
         rich_help_panel=CONTEXT,
     ),
-    peak_tflops: float = typer.Option(
-        800.0,
+]
+PeakTflops = Annotated[
+    float,
+    typer.Option(
         "--peak-tflops",
         metavar="TFLOPS",
         help="The GPU's bf16 matrix ceiling, for the '% peak' column.",
         rich_help_panel=OUTPUT,
     ),
-    merge: List[Path] = typer.Option(
-        [],
+]
+Merge = Annotated[
+    List[Path],
+    typer.Option(
         "--merge",
         metavar="FILE",
         help="Add the cells of another profile JSON (e.g. benchmarks/megabyte_peer.py's) to the table, ratios and "
         "plot (repeatable).",
         rich_help_panel=OUTPUT,
     ),
-    seed: int = typer.Option(
-        0, "--seed", metavar="N", help="Seed of the windows and the models.", rich_help_panel=WHAT
-    ),
+]
+Seed = Annotated[
+    int, typer.Option("--seed", metavar="N", help="Seed of the windows and the models.", rich_help_panel=WHAT)
+]
+
+
+def profile_memory(
+    recipe: Recipe = None,
+    compare_full: CompareFull = False,
+    objectives: Objectives = None,
+    seq_lens: SeqLens = None,
+    batch_sizes: BatchSizes = None,
+    steps: Steps = None,
+    warmup: Warmup = None,
+    dataset: Dataset = None,
+    overrides: Overrides = [],
+    json_out: JsonOut = Path("profile-memory.json"),
+    plot: Plot = Path("profile-memory.png"),
+    device: Device = "auto",
+    compile: Compile = True,
+    compile_scope: CompileScope = "objective",
+    stop_on_error: StopOnError = False,
+    max_context: MaxContext = False,
+    max_seq_len: MaxSeqLen = 1 << 22,
+    refine_steps: RefineSteps = 4,
+    peak_tflops: PeakTflops = 800.0,
+    merge: Merge = [],
+    seed: Seed = 0,
 ):
     """Peak GPU memory and speed of a few real training steps per objective, sequence length and batch size.
 
@@ -295,7 +369,6 @@ def profile_memory(
     """
     from haed.profile import (
         command_line,
-        describe_defaults,
         merge_profiles,
         plan_sweep,
         plot_profile,
@@ -310,15 +383,7 @@ def profile_memory(
     # the device first: no CUDA gives one line and a non-zero exit, before any work
     plan = plan_sweep(device, recipe, overrides, seqs, batches, warmup, steps)
     others = [read_profile_json(p) for p in merge]
-    console.print(
-        f"[bold]profile-memory[/] of recipe [bold]{plan.recipe.name}[/] on {plan.device}: {', '.join(chosen)}; "
-        f"seq {','.join(map(str, plan.seq_lens))}; batch {','.join(map(str, plan.batch_sizes))}; "
-        f"{plan.warmup} warm-up + {plan.steps} timed steps per cell",
-        highlight=False,
-    )
-    note = describe_defaults(plan.defaults)
-    if note:
-        console.print(note, highlight=False)
+    _print_plan(plan, chosen)
     with TaskDisplay() as display:
         result = run_profile(
             plan.recipe,

@@ -4,7 +4,7 @@ recipe options that `haed compare` shares with them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -18,16 +18,17 @@ DEVICE = "auto|cpu|cuda"
 RECIPE, RUN, DEVICE_PANEL = "Recipe and data", "Run directory", "Device"  # help panels
 
 
-def dataset_option():
-    """`--dataset DIR`, as every training command takes it."""
-    return typer.Option(
-        None,
+# `--dataset DIR`, as every training command and `haed compare` take it
+Dataset = Annotated[
+    Optional[Path],
+    typer.Option(
         "--dataset",
         "-d",
         metavar="DIR",
         help="Dataset directory (default: the recipe's data.dataset).",
         rich_help_panel=RECIPE,
-    )
+    ),
+]
 
 
 def recipe_values(
@@ -124,42 +125,63 @@ BUDGET_HELP = (
 )
 
 
-def train_iem(
-    recipe: Optional[str] = typer.Option(
-        None, "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP + " Default: tiny.", rich_help_panel=RECIPE
+Recipe = Annotated[
+    Optional[str],
+    typer.Option("--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP + " Default: tiny.", rich_help_panel=RECIPE),
+]
+Out = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--out", "-o", metavar="DIR", help="Run directory (default: runs/RECIPE-OBJECTIVE).", rich_help_panel=RUN
     ),
-    dataset: Optional[Path] = dataset_option(),
-    out: Optional[Path] = typer.Option(
-        None, "--out", "-o", metavar="DIR", help="Run directory (default: runs/RECIPE-OBJECTIVE).", rich_help_panel=RUN
-    ),
-    objective: str = typer.Option(
-        "iem",
+]
+Objective = Annotated[
+    str,
+    typer.Option(
         "--objective",
         metavar="iem|full",
         help="iem (default), or full: end-to-end byte cross-entropy (same as train-full).",
         rich_help_panel=RECIPE,
     ),
-    steps: Optional[int] = typer.Option(
-        None, metavar="N", help="Optimizer steps (overrides the recipe).", rich_help_panel=RECIPE
-    ),
-    time_budget: Optional[float] = typer.Option(
-        None, "--time-budget", metavar="SECONDS", help=BUDGET_HELP, rich_help_panel=RECIPE
-    ),
-    batch_size: Optional[int] = typer.Option(
-        None, metavar="N", help="Windows per micro-batch (overrides the recipe).", rich_help_panel=RECIPE
-    ),
-    seq_len: Optional[int] = typer.Option(
-        None, metavar="BYTES", help="Window length in bytes (overrides the recipe).", rich_help_panel=RECIPE
-    ),
-    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=RECIPE),
-    resume: bool = typer.Option(False, "--resume/--no-resume", help=RESUME_HELP, rich_help_panel=RUN),
-    allow_changes: bool = typer.Option(
-        False, "--allow-changes/--no-allow-changes", help=ALLOW_HELP, rich_help_panel=RUN
-    ),
-    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL),
-    compile: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile", help=COMPILE_HELP.format(part="model"), rich_help_panel=DEVICE_PANEL
-    ),
+]
+Steps = Annotated[
+    Optional[int], typer.Option(metavar="N", help="Optimizer steps (overrides the recipe).", rich_help_panel=RECIPE)
+]
+TimeBudget = Annotated[
+    Optional[float], typer.Option("--time-budget", metavar="SECONDS", help=BUDGET_HELP, rich_help_panel=RECIPE)
+]
+BatchSize = Annotated[
+    Optional[int],
+    typer.Option(metavar="N", help="Windows per micro-batch (overrides the recipe).", rich_help_panel=RECIPE),
+]
+SeqLen = Annotated[
+    Optional[int],
+    typer.Option(metavar="BYTES", help="Window length in bytes (overrides the recipe).", rich_help_panel=RECIPE),
+]
+Overrides = Annotated[List[str], typer.Option("--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=RECIPE)]
+Resume = Annotated[bool, typer.Option("--resume/--no-resume", help=RESUME_HELP, rich_help_panel=RUN)]
+AllowChanges = Annotated[bool, typer.Option("--allow-changes/--no-allow-changes", help=ALLOW_HELP, rich_help_panel=RUN)]
+Device = Annotated[str, typer.Option(metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL)]
+Compile = Annotated[
+    Optional[bool],
+    typer.Option("--compile/--no-compile", help=COMPILE_HELP.format(part="model"), rich_help_panel=DEVICE_PANEL),
+]
+
+
+def train_iem(
+    recipe: Recipe = None,
+    dataset: Dataset = None,
+    out: Out = None,
+    objective: Objective = "iem",
+    steps: Steps = None,
+    time_budget: TimeBudget = None,
+    batch_size: BatchSize = None,
+    seq_len: SeqLen = None,
+    overrides: Overrides = [],
+    resume: Resume = False,
+    allow_changes: AllowChanges = False,
+    device: Device = "auto",
+    compile: Compile = None,
 ):
     """Train the encoder and main model with IEM (sampled softmax over patches; no byte decoder).
 
@@ -171,46 +193,50 @@ def train_iem(
     _train(objective, recipe, overrides, values, out, resume, allow_changes, device, compile)
 
 
-def train_full(
-    recipe: Optional[str] = typer.Option(
-        None, "--recipe", "-r", metavar="NAME|FILE", help=RECIPE_HELP + " Default: tiny.", rich_help_panel=RECIPE
-    ),
-    dataset: Optional[Path] = dataset_option(),
-    out: Optional[Path] = typer.Option(
-        None,
+TrainFullOut = Annotated[
+    Optional[Path],
+    typer.Option(
         "--out",
         "-o",
         metavar="DIR",
         help="Run directory (default: runs/RECIPE-full or runs/RECIPE-flat).",
         rich_help_panel=RUN,
     ),
-    arch: str = typer.Option(
-        "haed",
+]
+Arch = Annotated[
+    str,
+    typer.Option(
         metavar="haed|flat",
         help="haed: the hierarchy end to end; flat: a byte-level transformer (the recipe's main stack over bytes).",
         rich_help_panel=RECIPE,
     ),
-    steps: Optional[int] = typer.Option(
-        None, metavar="N", help="Optimizer steps (overrides the recipe's [full] section).", rich_help_panel=RECIPE
-    ),
-    time_budget: Optional[float] = typer.Option(
-        None, "--time-budget", metavar="SECONDS", help=BUDGET_HELP, rich_help_panel=RECIPE
-    ),
-    batch_size: Optional[int] = typer.Option(
-        None, metavar="N", help="Windows per micro-batch.", rich_help_panel=RECIPE
-    ),
-    seq_len: Optional[int] = typer.Option(
-        None, metavar="BYTES", help="Window length in bytes.", rich_help_panel=RECIPE
-    ),
-    overrides: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help=SET_HELP, rich_help_panel=RECIPE),
-    resume: bool = typer.Option(False, "--resume/--no-resume", help=RESUME_HELP, rich_help_panel=RUN),
-    allow_changes: bool = typer.Option(
-        False, "--allow-changes/--no-allow-changes", help=ALLOW_HELP, rich_help_panel=RUN
-    ),
-    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL),
-    compile: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile", help=COMPILE_HELP.format(part="model"), rich_help_panel=DEVICE_PANEL
-    ),
+]
+TrainFullSteps = Annotated[
+    Optional[int],
+    typer.Option(metavar="N", help="Optimizer steps (overrides the recipe's [full] section).", rich_help_panel=RECIPE),
+]
+TrainFullBatchSize = Annotated[
+    Optional[int], typer.Option(metavar="N", help="Windows per micro-batch.", rich_help_panel=RECIPE)
+]
+TrainFullSeqLen = Annotated[
+    Optional[int], typer.Option(metavar="BYTES", help="Window length in bytes.", rich_help_panel=RECIPE)
+]
+
+
+def train_full(
+    recipe: Recipe = None,
+    dataset: Dataset = None,
+    out: TrainFullOut = None,
+    arch: Arch = "haed",
+    steps: TrainFullSteps = None,
+    time_budget: TimeBudget = None,
+    batch_size: TrainFullBatchSize = None,
+    seq_len: TrainFullSeqLen = None,
+    overrides: Overrides = [],
+    resume: Resume = False,
+    allow_changes: AllowChanges = False,
+    device: Device = "auto",
+    compile: Compile = None,
 ):
     """Baseline: train encoder, main model and decoder end to end on byte cross-entropy (or --arch flat).
 
@@ -225,40 +251,55 @@ def train_full(
     _train(objective, recipe, overrides, values, out, resume, allow_changes, device, compile)
 
 
-def train_decoder(
-    run: Path = typer.Option(
-        ..., "--run", metavar="DIR", help="The IEM run whose encoder and main model are frozen.", rich_help_panel=RUN
+Run = Annotated[
+    Path,
+    typer.Option(
+        "--run", metavar="DIR", help="The IEM run whose encoder and main model are frozen.", rich_help_panel=RUN
     ),
-    out: Optional[Path] = typer.Option(
-        None, "--out", "-o", metavar="DIR", help="Run directory (default: RUN/decoder).", rich_help_panel=RUN
+]
+TrainDecoderOut = Annotated[
+    Optional[Path],
+    typer.Option("--out", "-o", metavar="DIR", help="Run directory (default: RUN/decoder).", rich_help_panel=RUN),
+]
+TrainDecoderSteps = Annotated[
+    Optional[int],
+    typer.Option(
+        metavar="N", help="Optimizer steps (overrides the recipe's [decoder] section).", rich_help_panel=RECIPE
     ),
-    steps: Optional[int] = typer.Option(
-        None, metavar="N", help="Optimizer steps (overrides the recipe's [decoder] section).", rich_help_panel=RECIPE
-    ),
-    time_budget: Optional[float] = typer.Option(
-        None, "--time-budget", metavar="SECONDS", help=BUDGET_HELP, rich_help_panel=RECIPE
-    ),
-    batch_size: Optional[int] = typer.Option(
-        None, metavar="N", help="Windows per micro-batch.", rich_help_panel=RECIPE
-    ),
-    overrides: List[str] = typer.Option(
-        [],
+]
+TrainDecoderOverrides = Annotated[
+    List[str],
+    typer.Option(
         "--set",
         metavar="FIELD=VALUE",
         help="Override decoder-phase fields, e.g. --set decoder.lr=3e-4.",
         rich_help_panel=RECIPE,
     ),
-    resume: bool = typer.Option(False, "--resume/--no-resume", help=RESUME_HELP, rich_help_panel=RUN),
-    allow_changes: bool = typer.Option(
-        False, "--allow-changes/--no-allow-changes", help=ALLOW_HELP, rich_help_panel=RUN
+]
+TrainDecoderCompile = Annotated[
+    Optional[bool],
+    typer.Option("--compile/--no-compile", help=COMPILE_HELP.format(part="decoder"), rich_help_panel=DEVICE_PANEL),
+]
+Wait = Annotated[
+    bool,
+    typer.Option(
+        "--wait/--no-wait", help="If the IEM run is still training, wait for it to finish.", rich_help_panel=RUN
     ),
-    device: str = typer.Option("auto", metavar=DEVICE, help="auto, cpu or cuda.", rich_help_panel=DEVICE_PANEL),
-    compile: Optional[bool] = typer.Option(
-        None, "--compile/--no-compile", help=COMPILE_HELP.format(part="decoder"), rich_help_panel=DEVICE_PANEL
-    ),
-    wait: bool = typer.Option(
-        False, "--wait/--no-wait", help="If the IEM run is still training, wait for it to finish.", rich_help_panel=RUN
-    ),
+]
+
+
+def train_decoder(
+    run: Run = ...,
+    out: TrainDecoderOut = None,
+    steps: TrainDecoderSteps = None,
+    time_budget: TimeBudget = None,
+    batch_size: TrainFullBatchSize = None,
+    overrides: TrainDecoderOverrides = [],
+    resume: Resume = False,
+    allow_changes: AllowChanges = False,
+    device: Device = "auto",
+    compile: TrainDecoderCompile = None,
+    wait: Wait = False,
 ):
     """Decoder phase: freeze an IEM run's encoder and main model (its best checkpoint), train the byte decoder.
 
