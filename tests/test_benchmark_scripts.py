@@ -155,3 +155,28 @@ def test_the_generation_benchmark_times_every_stream_count_and_writes_its_sample
     audio, rate = soundfile.read(tmp_path / "speech-sample.wav")
     assert rate == 8000 and len(audio) == 400 == results["models"]["speech"]["wav"]["seconds_of_audio"] * rate
     assert json.loads((tmp_path / "generation.json").read_text())["models"]["speech"]["kind"] == "audio"
+
+
+def test_the_ptx_benchmark_keeps_machine_code_and_compares_it(tmp_path, capsys):
+    """benchmarks/kernel_ptx.py: line information and debug sections (which move with the source) are
+    dropped, instructions kept; --compare says which files differ and exits 1 for any."""
+    script = load_benchmark("kernel_ptx")
+    ptx = (
+        '.version 8.7\n.file 1 "stages.py"\n.visible .entry k(\n)\n{\n$L__tmp3:\n\t.loc 1 120 8\n'
+        "\tld.global.b32 %r1, [%rd1];\n\t// begin inline asm\n\tst.global.b32 [%rd2], %r1;\n}\n"
+        "\t.section\t.debug_abbrev\n\t{\n.b8 1\n\t}\n"
+    )
+    moved = ptx.replace(".loc 1 120 8", ".loc 1 98 12").replace("$L__tmp3", "$L__tmp7")
+    kept = script.machine_code(ptx)
+    assert kept == script.machine_code(moved)
+    assert "ld.global.b32 %r1, [%rd1];" in kept and "st.global.b32" in kept
+    assert ".loc" not in kept and ".debug" not in kept and "$L__tmp" not in kept and ".file" not in kept
+    before, after = tmp_path / "before", tmp_path / "after"
+    for folder, code in ((before, kept), (after, kept)):
+        folder.mkdir()
+        (folder / "decoder_kernel-speech-0.ptx").write_text(code)
+    assert script.compare(after, before) == 0
+    assert "1 of 1 the same" in capsys.readouterr().out
+    (after / "decoder_kernel-speech-0.ptx").write_text(kept.replace("%r1, [%rd1]", "%r2, [%rd1]"))
+    assert script.compare(after, before) == 1
+    assert "decoder_kernel-speech-0.ptx: DIFFERENT" in capsys.readouterr().out

@@ -98,10 +98,66 @@ if triton is not None:
         task = tl.argmax(scores, axis=1, tie_break_left=True)
         return tl.load(best_byte_ptr + rows * HT + task, mask=rmask, other=0, cache_modifier=".cg")
 
-    # Longer than the house's 80 lines on purpose: one stage in the order its loads are issued (its weights,
-    # then the wait at the sync, then the input of any of three kinds: the decoder's byte and conditioning,
-    # the encoder's byte, the residual stream); that order sets the stage's time, and a split into jit
-    # functions would only move it apart.
+    @triton.jit
+    def layer_input(
+        t, layer, pos, from_best, rows, rmask, cols, bytes_ptr, emb_ptr, cond_ptr, cond_len, x_ptr, best_ptr,
+        best_byte_ptr, D: tl.constexpr, KC: tl.constexpr, ADD: tl.constexpr, START: tl.constexpr,
+        HT: tl.constexpr, HTP: tl.constexpr, EMBED: tl.constexpr,
+    ):  # fmt: skip
+        """`qkv_stage`'s input rows (see there); at layer 0 task 0 stores the embedded input at x."""
+        m = rmask[:, None]
+        if EMBED == 0:
+            x = load_residual(x_ptr, rows, rmask, D)
+        elif EMBED == 2:
+            if layer == 0:
+                token = tl.load(bytes_ptr + rows, mask=rmask, other=0).to(tl.int32)
+                x = tl.load(emb_ptr + token[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                if t == 0:
+                    tl.store(x_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
+            else:
+                x = load_residual(x_ptr, rows, rmask, D)
+        elif layer == 0:
+            if from_best:  # the byte this launch drew at pos - 1
+                token = picked_bytes(best_ptr, best_byte_ptr, rows, rmask, HT, HTP).to(tl.int32)
+            else:
+                prev = tl.load(bytes_ptr + rows * KC + tl.maximum(pos - 1, 0), mask=rmask, other=0)
+                token = tl.where(pos > 0, prev.to(tl.int32), START)
+            x = tl.load(emb_ptr + token[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            if ADD:
+                c = tl.load(cond_ptr + (rows[:, None] * cond_len + pos) * D + cols[None, :], mask=m, other=0.0)
+                x = x + c.to(tl.float32)
+            else:  # "prefix": the conditioning vector in place of START's embedding
+                c = tl.load(cond_ptr + rows[:, None] * cond_len * D + cols[None, :], mask=m, other=0.0)
+                x = tl.where(pos == 0, c.to(tl.float32), x)
+            if t == 0:
+                tl.store(x_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
+        else:
+            x = load_residual(x_ptr, rows, rmask, D)
+        return x
+
+    @triton.jit
+    def store_rotated(
+        a, b, part, h, i, rows, stream, position, layer, m, q_ptr, k_cache_ptr, v_cache_ptr, B,
+        D: tl.constexpr, HD: tl.constexpr, NH: tl.constexpr, KC: tl.constexpr, PER: tl.constexpr,
+    ):  # fmt: skip
+        """`qkv_stage`'s outputs as bf16: rows a and b (dimensions i and HALF + i of head h) of the query
+        (`part` 0) to q, of the key (1) or value (2) to the cache."""
+        HALF: tl.constexpr = HD // 2
+        a16 = a.to(tl.bfloat16)
+        b16 = b.to(tl.bfloat16)
+        if part == 0:
+            offs = rows[:, None] * D + (h * HD + i)[None, :]
+            tl.store(q_ptr + offs, a16, mask=m)
+            tl.store(q_ptr + offs + HALF, b16, mask=m)
+        else:
+            slot = ((((layer * (B // PER) + stream) * NH + h) * KC + position) * HD)[:, None] + i[None, :]
+            if part == 1:
+                tl.store(k_cache_ptr + slot, a16, mask=m)
+                tl.store(k_cache_ptr + slot + HALF, b16, mask=m)
+            else:
+                tl.store(v_cache_ptr + slot, a16, mask=m)
+                tl.store(v_cache_ptr + slot + HALF, b16, mask=m)
+
     @triton.jit
     def qkv_stage(
         pid, nprog, counter_ptr, target, synced, layer, pos, from_best, bytes_ptr, emb_ptr, cond_ptr, cond_len,
@@ -154,52 +210,19 @@ if triton is not None:
                     cos_b = tl.load(cos_ptr + at + HALF)
                     sin_a = tl.load(sin_ptr + at)
                     sin_b = tl.load(sin_ptr + at + HALF)
-                if EMBED == 0:
-                    x = load_residual(x_ptr, rows, rmask, D)
-                elif EMBED == 2:
-                    if layer == 0:
-                        token = tl.load(bytes_ptr + rows, mask=rmask, other=0).to(tl.int32)
-                        x = tl.load(emb_ptr + token[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-                        if t == 0:
-                            tl.store(x_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
-                    else:
-                        x = load_residual(x_ptr, rows, rmask, D)
-                elif layer == 0:
-                    if from_best:  # the byte this launch drew at pos - 1
-                        token = picked_bytes(best_ptr, best_byte_ptr, rows, rmask, HT, HTP).to(tl.int32)
-                    else:
-                        prev = tl.load(bytes_ptr + rows * KC + tl.maximum(pos - 1, 0), mask=rmask, other=0)
-                        token = tl.where(pos > 0, prev.to(tl.int32), START)
-                    x = tl.load(emb_ptr + token[:, None] * D + cols[None, :], mask=m, other=0.0).to(tl.float32)
-                    if ADD:
-                        c = tl.load(cond_ptr + (rows[:, None] * cond_len + pos) * D + cols[None, :], mask=m, other=0.0)
-                        x = x + c.to(tl.float32)
-                    else:  # "prefix": the conditioning vector in place of START's embedding
-                        c = tl.load(cond_ptr + rows[:, None] * cond_len * D + cols[None, :], mask=m, other=0.0)
-                        x = tl.where(pos == 0, c.to(tl.float32), x)
-                    if t == 0:
-                        tl.store(x_ptr + rows[:, None] * D + cols[None, :], x, mask=m)
-                else:
-                    x = load_residual(x_ptr, rows, rmask, D)
+                x = layer_input(
+                    t, layer, pos, from_best, rows, rmask, cols, bytes_ptr, emb_ptr, cond_ptr, cond_len, x_ptr,
+                    best_ptr, best_byte_ptr, D, KC, ADD, START, HT, HTP, EMBED,
+                )  # fmt: skip
                 xn = rms_norm(x, norm_w, eps, D)
                 a = times_t(xn, wa, DOT).to(tl.bfloat16).to(tl.float32)  # rounded as the projection's output
                 b = times_t(xn, wb, DOT).to(tl.bfloat16).to(tl.float32)
                 if part < 2:  # rotary positions for queries and keys
                     a, b = a * cos_a + b * sin_a, b * cos_b + a * sin_b
-                a16 = a.to(tl.bfloat16)
-                b16 = b.to(tl.bfloat16)
-                if part == 0:
-                    offs = rows[:, None] * D + (h * HD + i)[None, :]
-                    tl.store(q_ptr + offs, a16, mask=m)
-                    tl.store(q_ptr + offs + HALF, b16, mask=m)
-                else:
-                    slot = ((((layer * (B // PER) + stream) * NH + h) * KC + position) * HD)[:, None] + i[None, :]
-                    if part == 1:
-                        tl.store(k_cache_ptr + slot, a16, mask=m)
-                        tl.store(k_cache_ptr + slot + HALF, b16, mask=m)
-                    else:
-                        tl.store(v_cache_ptr + slot, a16, mask=m)
-                        tl.store(v_cache_ptr + slot + HALF, b16, mask=m)
+                store_rotated(
+                    a, b, part, h, i, rows, stream, position, layer, m, q_ptr, k_cache_ptr, v_cache_ptr, B, D, HD, NH,
+                    KC, PER,
+                )  # fmt: skip
         if pid >= TASKS:
             wait(counter_ptr, target, synced)
 
