@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from haed_cli.common import TrainingDisplay, console
-from haed_cli.training import DEVICE_PANEL, RECIPE, RECIPE_HELP, Dataset, Device, Overrides, recipe_values
+from haed_cli.training import DEVICE_PANEL, RECIPE, RECIPE_HELP, Dataset, Device, Overrides, SeqLen, recipe_values
 
 SYSTEMS, SCORING = "Systems and budget", "Scoring and output"  # compare's help panels
 
@@ -75,10 +75,6 @@ EvalData = Annotated[
 EvalBytes = Annotated[
     Optional[int],
     typer.Option(metavar="N", help="Score only the first N bytes of each test split or file.", rich_help_panel=SCORING),
-]
-SeqLen = Annotated[
-    Optional[int],
-    typer.Option(metavar="BYTES", help="Window length in bytes (overrides the recipe).", rich_help_panel=RECIPE),
 ]
 FlatOverrides = Annotated[
     List[str],
