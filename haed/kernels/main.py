@@ -135,7 +135,8 @@ if triton is not None:
 
     # The eleven stages (the encoder's four, the pooling, the main model's five, the conditioning) run in launch
     # order, each followed by its sync, as `decoder_kernel` lists its five; one launch runs them all, and the
-    # stage numbers of the interpreter's launches follow this order.
+    # stage numbers of the interpreter's launches follow this order. `run_encoder` and `run_main_model` are
+    # inlined where they are called: the same PTX as the stages written out here (docs/performance.md 9).
     @triton.jit(do_not_specialize=["e_first", "e_end", "first", "end", "stage", "nprog"])  # as decoder_kernel
     def main_kernel(
         bytes_ptr, position_ptr,

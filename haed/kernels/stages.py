@@ -158,6 +158,9 @@ if triton is not None:
                 tl.store(v_cache_ptr + slot, a16, mask=m)
                 tl.store(v_cache_ptr + slot + HALF, b16, mask=m)
 
+    # The stage issues its loads in this order: its weights, the wait at the sync, then the input (one of three
+    # kinds, `layer_input`); that order sets its time. Triton inlines `layer_input` and `store_rotated` where
+    # they are called, so the split keeps it: the same PTX (benchmarks/kernel_ptx.py, docs/performance.md 9).
     @triton.jit
     def qkv_stage(
         pid, nprog, counter_ptr, target, synced, layer, pos, from_best, bytes_ptr, emb_ptr, cond_ptr, cond_len,
