@@ -115,13 +115,17 @@ def train_step(
     """
     sums: dict[str, torch.Tensor] = {}
     new_pass(cfg, device)  # once per step: the micro-batches' gradients accumulate across their passes
+    n = len(batches)
     for x, generator in batches:
         with autocast(device):
             loss, metrics = loss_fn(model, x, cfg, generator)
-        (loss / len(batches)).backward()
+        # One micro-batch (the usual step) divides nothing: x / 1 is x, and each division or sum of a scalar
+        # would be one more launch on a step whose time at short windows is the host's (docs/2026-12-06-big-corpora.md).
+        (loss / n if n > 1 else loss).backward()
         for k, v in metrics.items():
             v = v.detach() if torch.is_tensor(v) else torch.tensor(float(v))
-            sums[k] = sums.get(k, 0.0) + v / len(batches)
+            v = v / n if n > 1 else v
+            sums[k] = sums[k] + v if k in sums else v
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     if before_update is not None:
         before_update(optimizer)

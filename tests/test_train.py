@@ -193,6 +193,33 @@ def test_warm_up_changes_nothing_of_the_run(objective):
     assert all(torch.equal(a, b) for a, b in zip(after[0][1], after[1][1]))
 
 
+@pytest.mark.parametrize("objective", ["iem", "full"])
+def test_a_step_of_two_equal_micro_batches_is_a_step_of_one(objective):
+    """Gradient accumulation averages: a step over the same micro-batch twice (each loss and metric halved, then
+    summed) takes the optimizer step and reports the metrics of a step over it once (which divides nothing),
+    bit for bit."""
+    from haed.objectives import OBJECTIVES
+    from haed.steps import make_optimizer, torch_generator, train_step
+
+    recipe = debug_recipe()
+    cfg = getattr(recipe, objective)
+    x = torch.randint(0, 256, (2, recipe.data.seq_len), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    loss_fn, device = OBJECTIVES[objective], torch.device("cpu")
+    after = []
+    for micro in (1, 2):
+        torch.manual_seed(0)
+        model = build_model(recipe.model).train()
+        params = list(model.parameters())
+        optimizer = make_optimizer(params, cfg, device)
+        sums, grad_norm = train_step(
+            model, optimizer, params, loss_fn, cfg, [(x, torch_generator(0, 0, 0)) for _ in range(micro)], device
+        )
+        after.append(({k: float(v) for k, v in sums.items()}, float(grad_norm), [p.detach().clone() for p in params]))
+    (one, norm_one, weights_one), (two, norm_two, weights_two) = after
+    assert one == two and norm_one == norm_two and set(one) >= {"loss"}
+    assert all(torch.equal(a, b) for a, b in zip(weights_one, weights_two))
+
+
 def test_decoder_phase_trains_the_main_models_top_blocks_when_asked(dataset, tmp_path, monkeypatch):
     """`decoder.main_layers = 1`: the decoder phase trains the decoder, the main model's last block and final
     norm (in train mode, so with dropout); the encoder and the lower blocks stay bit for bit the IEM run's
