@@ -115,17 +115,17 @@ def compile_recipe(name: str, streams: list[int]) -> None:
 
 def compare(out: Path, before: Path) -> int:
     """Per file of `before`, whether `out` has the same instructions; 1 where any differ or is missing."""
+    olds = sorted(before.glob("*.ptx"))
     differ = 0
-    for old in sorted(before.glob("*.ptx")):
+    for old in olds:
         new = out / old.name
         same = new.exists() and new.read_text() == old.read_text()
         differ += not same
         print(f"{old.name}: {'same instructions' if same else 'missing' if not new.exists() else 'DIFFERENT'}")
-    extra = sorted(set(p.name for p in out.glob("*.ptx")) - set(p.name for p in before.glob("*.ptx")))
+    extra = sorted({p.name for p in out.glob("*.ptx")} - {p.name for p in olds})
     for name in extra:
         print(f"{name}: only in {out}")
-    print(f"{len(list(before.glob('*.ptx'))) - differ} of {len(list(before.glob('*.ptx')))} the same" + (
-        f", {len(extra)} new" if extra else ""))  # fmt: skip
+    print(f"{len(olds) - differ} of {len(olds)} the same" + (f", {len(extra)} new" if extra else ""))
     return 1 if differ or extra else 0
 
 
