@@ -126,8 +126,10 @@ class TrainConfig:
     # shapes recur every step. Costs: the encoder and the candidates take every patch row of the batch, the
     # repeats masked, instead of the distinct ones (on `code` about 1.4x as many at seq 8,192; at most
     # `num_negatives` candidates still). One process (several: their candidates are gathered by count).
-    # Measured on one H100 (code, seq 2,048, as CUDA graphs, 2026-12-07): no faster than the default (18.65 ms
-    # against 18.51 pooled), and no steadier from run to run, so it stays off.
+    # With `compile` (CUDA), the whole loss is then one compiled graph (`haed.objectives.fixed_shape_loss`): one
+    # forward and one backward call a step instead of a dozen compiled calls and a few hundred operators between.
+    # Measured on one H100 (code, seq 2,048, as CUDA graphs, 2026-12-07) before the loss compiled whole: no
+    # faster than the default (18.65 ms against 18.51 pooled), and no steadier from run to run, so it stays off.
     fixed_shapes: bool = False
     # Decoder phase only (the other phases train the whole main model anyway): also train the main
     # model's last N blocks and its final norm (0: the main model stays frozen). They adapt h_t to the

@@ -266,7 +266,8 @@ class HAED(nn.Module):
         rows = pad_rows(distinct, row_bucket(patches.device))
         # The row count changes every step (not with fixed shapes): compiled (haed.steps.compile_stacks), one
         # graph for every count.
-        torch._dynamo.maybe_mark_dynamic(rows, 0)
+        if not torch.compiler.is_compiling():
+            torch._dynamo.maybe_mark_dynamic(rows, 0)
         vectors = self.encoder(rows)
         return EncodedPatches(distinct, inverse, counts, vectors)
 

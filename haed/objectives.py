@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from haed.config import TrainConfig
 from haed.device import host_to_device
 from haed.errors import HaedError
-from haed.model import HAED, FlatTransformer, patch_keys
+from haed.iem_sampling import byte_loss_rows, choose_candidates, fixed_shape_draws
+from haed.model import HAED, FlatTransformer
 from haed.sampled_softmax import sampled_softmax_loss
 
 LN2 = math.log(2.0)
@@ -44,12 +45,26 @@ def iem_loss(
     subsampling rate for capped negatives) is subtracted from each candidate's score. `gather` (one rank of
     several: `haed.distributed.global_candidates`, handed over by the trainer through the record) takes the
     distinct patches of every rank's batch instead of this rank's.
+
+    With `cfg.fixed_shapes` every shape follows from x's: the step's random numbers are drawn first
+    (`fixed_shape_draws`), and the rest is one function of tensors, which `cfg.compile` compiles whole on
+    CUDA (`fixed_shape_loss`).
     """
+    if cfg.fixed_shapes and candidates is None and gather is None:
+        draws = fixed_shape_draws(x.shape[0] * (x.shape[1] // model.patch_size), cfg, generator, x.device)
+        loss, values = fixed_shape_loss(cfg.compile and x.is_cuda, cfg.compile_mode)(model, x, cfg, draws)
+        # As CUDA graphs, a graph's outputs are overwritten by its next replay, and a step's metrics outlive it:
+        # one copy of them all, then views.
+        return loss, dict(zip(iem_metric_names(cfg), values.clone().unbind()))
+    return _iem_loss(model, x, cfg, generator, candidates, gather)
+
+
+def _iem_loss(model, x, cfg: TrainConfig, generator=None, candidates=None, gather=None, draws=None):
+    """`iem_loss`; with `draws` (fixed shapes) its random numbers are those, and nothing waits on the host."""
     p = model.patches(x)
     B, T, K = p.shape
     targets = p.reshape(-1, K)
-    fixed_shapes = cfg.fixed_shapes and candidates is None and gather is None
-    encoded = model.encode_patches(targets, fixed_shapes)
+    encoded = model.encode_patches(targets, fixed_shapes=draws is not None)
     uniq, inverse, counts, vectors = encoded.distinct, encoded.inverse, encoded.counts, encoded.vectors
     # Padding rows (zero patches) give the encoder and the score products recurring shapes; as
     # candidates they are shifted to -inf below, so they change neither the loss nor a gradient.
@@ -63,7 +78,7 @@ def iem_loss(
     )
     logq_pos = counts.float().log()[inverse] if cfg.logq else None
     cand, col_of_uniq, logq_cand, num_candidates = choose_candidates(
-        vectors, uniq, counts, cfg, generator, candidates, fixed_shapes
+        vectors, uniq, counts, cfg, generator, candidates, draws
     )
     target_col = col_of_uniq[inverse]
     loss, correct = sampled_softmax_loss(
@@ -71,8 +86,9 @@ def iem_loss(
     )
     metrics = {"softmax_loss": loss.detach(), "patch_accuracy": correct.float().mean(), "candidates": num_candidates}
     if cfg.byte_loss_fraction > 0:
+        chosen = draws["byte_rows"] if draws is not None else None
         byte_loss = sampled_byte_loss(
-            model, h.reshape(B * T, -1), targets, cfg.byte_loss_fraction, generator, cfg.byte_loss_bytes
+            model, h.reshape(B * T, -1), targets, cfg.byte_loss_fraction, generator, cfg.byte_loss_bytes, chosen
         )
         loss = loss + cfg.byte_loss_weight * byte_loss
         metrics["byte_bits_per_byte"] = byte_loss.detach() / LN2
@@ -80,44 +96,35 @@ def iem_loss(
     return loss, metrics
 
 
-def choose_candidates(vectors, uniq, counts, cfg: TrainConfig, generator, candidates, fixed_shapes: bool):
-    """IEM's candidates: (their vectors, each distinct patch's column among them or -1, their log Q shift or
-    None, how many count). An explicit (C, K) set of `candidates` is matched to the batch's distinct patches
-    `uniq` by key; otherwise the distinct patches themselves, subsampled to `cfg.num_negatives` where set."""
-    device = vectors.device
-    U = uniq.shape[0]
-    if candidates is not None:
-        cand_keys = patch_keys(candidates.to(device))
-        order = torch.argsort(cand_keys)
-        where = torch.searchsorted(cand_keys[order], patch_keys(uniq)).clamp(max=len(order) - 1)
-        found = cand_keys[order][where] == patch_keys(uniq)
-        col_of_uniq = torch.where(found, order[where], torch.full_like(where, -1))
-        logq_cand = None
-        if cfg.logq:
-            logq_cand = torch.zeros(vectors.shape[0], device=device)
-            logq_cand[col_of_uniq[found]] = counts[found].float().log()
-        return vectors, col_of_uniq, logq_cand, vectors.shape[0]
-    if cfg.num_negatives and U > cfg.num_negatives:
-        if fixed_shapes:
-            keep, log_rate = capped_slots(counts, cfg.num_negatives, generator)
-        else:
-            keep = host_to_device(capped_candidates(U, cfg.num_negatives, generator), device)
-            log_rate = math.log(len(keep) / U)
-        cand = vectors[keep]
-        col_of_uniq = torch.full((U,), -1, dtype=torch.long, device=device)
-        col_of_uniq[keep] = torch.arange(len(keep), device=device)
-        logq_cand = candidate_shift(counts[keep], len(keep), cfg.logq)
-        if cfg.logq:
-            logq_cand = logq_cand + log_rate  # the kept patches' counts as a share of the batch's
-    else:
-        cand = vectors
-        col_of_uniq = torch.arange(U, device=device)
-        logq_cand = candidate_shift(counts, cand.shape[0], cfg.logq)
-    if fixed_shapes:  # counted on the device: no synchronisation
-        num_candidates = (counts > 0).sum().clamp(max=cand.shape[0])
-    else:
-        num_candidates = min(cand.shape[0], U)  # padding not counted
-    return cand, col_of_uniq, logq_cand, num_candidates
+def iem_metric_names(cfg: TrainConfig) -> list[str]:
+    """The metrics IEM's loss reports, in its order."""
+    return (
+        ["softmax_loss", "patch_accuracy", "candidates"]
+        + ["byte_bits_per_byte"] * (cfg.byte_loss_fraction > 0)
+        + ["loss"]
+    )
+
+
+def _fixed_shape_iem_loss(model, x, cfg: TrainConfig, draws: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_iem_loss` with fixed shapes: (loss, its metrics as one float32 tensor in `iem_metric_names`' order)."""
+    loss, metrics = _iem_loss(model, x, cfg, draws=draws)
+    return loss, torch.stack([metrics[name].float() for name in iem_metric_names(cfg)])
+
+
+_fixed_shape_losses: dict = {}
+
+
+def fixed_shape_loss(compiled: bool, mode: str = "default") -> Callable:
+    """IEM's loss with fixed shapes (`_fixed_shape_iem_loss`), compiled whole in torch.compile's `mode`
+    where `compiled`: one graph forward and one backward instead of a dozen compiled calls and a few hundred
+    operators launched one by one between them, which bound IEM's step on the host at short windows (traced
+    at seq 2,048 on an H100: GPU busy 15.3 of 20.8 ms, docs/2026-12-06-big-corpora.md). Once per mode and
+    process; the stacks' own compiled calls are inlined into it."""
+    if not compiled:
+        return _fixed_shape_iem_loss
+    if mode not in _fixed_shape_losses:
+        _fixed_shape_losses[mode] = torch.compile(_fixed_shape_iem_loss, mode=mode, dynamic=False)
+    return _fixed_shape_losses[mode]
 
 
 def sampled_byte_loss(
@@ -127,50 +134,24 @@ def sampled_byte_loss(
     fraction: float,
     generator: torch.Generator | None,
     leading_bytes: int = 0,
+    chosen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decoder's byte cross-entropy on a uniform random `fraction` of the patches (at least one), over
-    their first `leading_bytes` bytes (0: all K).
+    their first `leading_bytes` bytes (0: all K). `chosen`: those rows, drawn already (fixed shapes).
 
     h (R, D) and targets (R, K): every patch's h_t and bytes. Only the chosen rows and positions enter
     the decoder (causal within the patch), so its activations cost `fraction * leading_bytes / K` of
     full training's.
     """
     rows = h.shape[0]
-    count = max(1, min(rows, round(fraction * rows)))
-    chosen = host_to_device(torch.randperm(rows, generator=generator)[:count], h.device) if count < rows else None
+    count = byte_loss_rows(rows, fraction)
+    if chosen is None and count < rows:
+        chosen = host_to_device(torch.randperm(rows, generator=generator)[:count], h.device)
     if chosen is not None:
         h, targets = h[chosen], targets[chosen]
     if 0 < leading_bytes < targets.shape[1]:
         targets = targets[:, :leading_bytes]
     return byte_cross_entropy(model.decoder(h, targets), targets)
-
-
-def capped_candidates(num_distinct: int, cap: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A uniform random subset of `cap` of the distinct patches (indices), shared by every row."""
-    return torch.randperm(num_distinct, generator=generator)[:cap]
-
-
-def capped_slots(
-    counts: torch.Tensor, cap: int, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`capped_candidates` for `unique_patches_fixed`'s rows, chosen on the device: (indices of `cap` rows, a
-    uniform random subset of the distinct patches, all of them and then padding rows where there are at most
-    `cap`; log of the distinct patches' sampling rate). The random numbers come from the step's generator."""
-    noise = host_to_device(torch.rand(counts.shape[0], generator=generator), counts.device)
-    keep = torch.topk(noise.masked_fill(counts == 0, -1.0), cap).indices
-    distinct = (counts > 0).sum()
-    return keep, torch.log(distinct.clamp(max=cap) / distinct)
-
-
-def candidate_shift(counts: torch.Tensor, rows: int, logq: bool) -> torch.Tensor:
-    """What IEM's softmax subtracts from the scores of `rows` candidates whose first `len(counts)` have these
-    counts in the batch: log Q (the log count, with `logq`; else 0), and +inf for padding (a count of 0, or
-    a row beyond `counts`), which then changes neither the loss nor a gradient."""
-    shift = counts.float().log() if logq else torch.zeros(counts.shape[0], device=counts.device)
-    shift = shift.masked_fill(counts == 0, float("inf"))
-    if rows > counts.shape[0]:
-        shift = torch.cat((shift, shift.new_full((rows - counts.shape[0],), float("inf"))))
-    return shift
 
 
 def byte_cross_entropy(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from _tiny import random_bytes, tiny_model
 
 from haed.config import TrainConfig
+from haed.iem_sampling import capped_candidates, capped_slots
 from haed.model import unique_patches, unique_patches_fixed
-from haed.objectives import capped_candidates, capped_slots, iem_loss
+from haed.objectives import iem_loss
 from haed.sampled_softmax import sampled_softmax_loss
 from haed.steps import apply_recompute
 
@@ -120,7 +121,8 @@ def test_capped_candidates_keep_every_rows_positive(fixed_shapes):
         q, targets = _queries(model, x, 1.0)
         if fixed_shapes:
             distinct, _, counts = unique_patches_fixed(targets)
-            kept = distinct[capped_slots(counts, 5, torch.Generator().manual_seed(3))[0]]
+            noise = torch.rand(len(counts), generator=torch.Generator().manual_seed(3))
+            kept = distinct[capped_slots(counts, 5, noise)[0]]
         else:
             uniq, _, _ = unique_patches(targets)
             kept = uniq[capped_candidates(uniq.shape[0], 5, torch.Generator().manual_seed(3))]

@@ -8,8 +8,9 @@ import torch
 from _tiny import random_bytes, tiny_model
 
 from haed.config import TrainConfig
+from haed.iem_sampling import capped_slots
 from haed.model import unique_patches, unique_patches_fixed
-from haed.objectives import capped_slots, iem_loss
+from haed.objectives import iem_loss
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
@@ -64,13 +65,14 @@ def test_capped_slots_draw_distinct_patches_uniformly_and_pad_only_when_short():
     generator = torch.Generator().manual_seed(0)
     seen = torch.zeros(10)
     for _ in range(3000):
-        keep, log_rate = capped_slots(counts, 3, generator)
+        keep, log_rate = capped_slots(counts, 3, torch.rand(10, generator=generator))
         assert len(set(keep.tolist())) == 3 and (counts[keep] > 0).all()
         seen[keep] += 1
     torch.testing.assert_close(log_rate, torch.tensor(math.log(3 / 6)))
     assert not seen[6:].any()
     assert ((seen[:6] / 3000 - 0.5).abs() < 0.04).all()  # each distinct patch kept with probability 3/6
-    keep, log_rate = capped_slots(counts, 8, generator)  # more slots than distinct patches: every one, then padding
+    # more slots than distinct patches: every one, then padding
+    keep, log_rate = capped_slots(counts, 8, torch.rand(10, generator=generator))
     assert set(range(6)) <= set(keep.tolist()) and len(set(keep.tolist())) == 8
     assert float(log_rate) == 0.0
 
@@ -90,3 +92,41 @@ def test_fixed_shapes_under_a_cap_give_the_same_expected_loss():
             means.append((draws.mean(), draws.std() / 300**0.5))
     (a, sa), (b, sb) = means
     assert abs(a - b) < 4 * (sa**2 + sb**2) ** 0.5
+
+
+@pytest.mark.parametrize("num_negatives", [0, 10])  # every distinct patch; a cap (random keys drawn first)
+def test_the_loss_with_fixed_shapes_compiles_whole_as_eager(num_negatives):
+    """With fixed shapes IEM's loss is one function of tensors (its random numbers drawn before it,
+    `fixed_shape_draws`): torch.compile traces all of it as one graph (fullgraph), the encoder's and main
+    model's recomputation and the byte loss inside, with eager's loss, metrics and gradients, and a second
+    step with new bytes and new draws runs the same graph. (aot_eager: torch.compile's tracing and autograd,
+    on the CPU.)"""
+    import torch._dynamo
+
+    from haed.iem_sampling import fixed_shape_draws
+    from haed.objectives import _fixed_shape_iem_loss, iem_metric_names
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = TrainConfig(num_negatives=num_negatives, fixed_shapes=True, byte_loss_fraction=0.25)
+    compiled = torch.compile(_fixed_shape_iem_loss, backend="aot_eager", fullgraph=True, dynamic=False)
+    model = tiny_model(patch_size=4)
+    model.train()
+    model.encoder.recompute = model.main.recompute = True
+    for step in range(2):
+        x = random_bytes(4, 64, seed=step) % 16  # about 60 distinct patches of 64, repeats among them
+        results = []
+        for loss_fn in (_fixed_shape_iem_loss, compiled):
+            model.zero_grad()
+            draws = fixed_shape_draws(64, cfg, torch.Generator().manual_seed(step), x.device)
+            loss, values = loss_fn(model, x, cfg, draws)
+            loss.backward()
+            results.append((loss.detach(), values, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (loss, values, grads), (loss_c, values_c, grads_c) = results
+        torch.testing.assert_close(loss_c, loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(values_c, values, rtol=1e-6, atol=1e-6)
+        assert len(values) == len(iem_metric_names(cfg)) == 5
+        for name, g in grads.items():
+            torch.testing.assert_close(grads_c[name], g, rtol=1e-5, atol=1e-7)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
