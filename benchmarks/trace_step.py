@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import haed.model  # noqa: E402
+import haed.objectives  # noqa: E402
 from haed.objectives import get_objective  # noqa: E402
 from haed.profile import WindowSource, build_for_objective, objective_train_config  # noqa: E402
 from haed.recipe import load_recipe  # noqa: E402
@@ -174,7 +175,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--cpu-inductor",
         action="store_true",
-        help="with --device cpu: compile the stacks with inductor as on a GPU (training compiles only on CUDA)",
+        help="with --device cpu: compile the stacks (and IEM's loss with fixed shapes) with inductor as on a GPU "
+        "(training compiles only on CUDA)",
     )
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args()
@@ -223,6 +225,9 @@ def main() -> None:
     if a.legacy_gather:
         legacy = lambda table, index: table[index]  # noqa: E731
         haed.model.gather_rows = legacy
+    if a.cpu_inductor and a.device == "cpu":  # IEM's loss with fixed shapes compiled whole, as on a GPU
+        on_gpu = haed.objectives.fixed_shape_loss
+        haed.objectives.fixed_shape_loss = lambda compiled, mode="default": on_gpu(True, mode)
     a.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
