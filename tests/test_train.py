@@ -290,12 +290,17 @@ def test_compile_mode_reaches_the_stacks_and_is_checked(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
 @pytest.mark.slow_gpu
-@pytest.mark.parametrize("objective,micro", [("iem", 1), ("full", 1), ("iem", 2)])
-def test_cuda_graph_steps_follow_the_default_compiled_steps(objective, micro):
+@pytest.mark.parametrize(
+    "objective,micro,fixed_shapes",
+    [("iem", 1, False), ("full", 1, False), ("iem", 2, False), ("iem", 1, True), ("iem", 2, True)],
+)
+def test_cuda_graph_steps_follow_the_default_compiled_steps(objective, micro, fixed_shapes):
     """The stacks as CUDA graphs (`compile_mode = "reduce-overhead"`) replay the kernels the default mode
     launches one by one: five training steps give the same losses, with one micro-batch per step or two (whose
-    gradients accumulate across two graph replays). Passed on an H100 on 2026-12-07; atomic additions in the
-    backward pass make two runs of one mode differ in the last bits."""
+    gradients accumulate across two graph replays). With `fixed_shapes` IEM's whole loss is one graph, whose
+    outputs the next replay overwrites: the steps' metrics, read after all five, must be copies. Passed on an
+    H100 on 2026-12-07 (without `fixed_shapes`); atomic additions in the backward pass make two runs of one
+    mode differ in the last bits."""
     from haed.objectives import OBJECTIVES
     from haed.steps import make_optimizer, maybe_compile, torch_generator, train_step
 
@@ -304,7 +309,7 @@ def test_cuda_graph_steps_follow_the_default_compiled_steps(objective, micro):
         torch._dynamo.reset()
         recipe = debug_recipe()
         cfg = getattr(recipe, loss_fn.section)
-        cfg.compile, cfg.compile_mode = True, mode
+        cfg.compile, cfg.compile_mode, cfg.fixed_shapes = True, mode, fixed_shapes
         torch.manual_seed(0)
         model = build_model(recipe.model).to(device).train()
         params = list(model.parameters())
@@ -316,8 +321,8 @@ def test_cuda_graph_steps_follow_the_default_compiled_steps(objective, micro):
             x = torch.randint(0, 256, (2, recipe.data.seq_len), dtype=torch.uint8, generator=gen).to(device)
             batches = [(part, torch_generator(0, i, m)) for m, part in enumerate(x.chunk(micro))]
             sums, _ = train_step(model, optimizer, params, loss_fn, cfg, batches, device)
-            steps.append(float(sums["loss"]))
-        losses[mode] = steps
+            steps.append(sums["loss"])
+        losses[mode] = [float(loss) for loss in steps]
     assert losses["reduce-overhead"] == pytest.approx(losses["default"], rel=1e-3)
 
 
