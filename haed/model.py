@@ -265,7 +265,8 @@ class HAED(nn.Module):
         distinct, inverse, counts = (unique_patches_fixed if fixed_shapes else unique_patches)(patches)
         rows = pad_rows(distinct, row_bucket(patches.device))
         # The row count changes every step (not with fixed shapes): compiled (haed.steps.compile_stacks), one
-        # graph for every count.
+        # graph for every count. Inside IEM's loss compiled whole (fixed shapes) every shape is static, and
+        # torch.compile refuses the call.
         if not torch.compiler.is_compiling():
             torch._dynamo.maybe_mark_dynamic(rows, 0)
         vectors = self.encoder(rows)

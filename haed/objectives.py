@@ -52,10 +52,10 @@ def iem_loss(
     """
     if cfg.fixed_shapes and candidates is None and gather is None:
         draws = fixed_shape_draws(x.shape[0] * (x.shape[1] // model.patch_size), cfg, generator, x.device)
-        loss, values = fixed_shape_loss(cfg.compile and x.is_cuda, cfg.compile_mode)(model, x, cfg, draws)
+        loss, metrics = fixed_shape_loss(cfg.compile and x.is_cuda, cfg.compile_mode)(model, x, cfg, draws)
         # As CUDA graphs, a graph's outputs are overwritten by its next replay, and a step's metrics outlive it:
-        # one copy of them all, then views.
-        return loss, dict(zip(iem_metric_names(cfg), values.clone().unbind()))
+        # one copy of them all (one launch), then views.
+        return loss, dict(zip(metrics, torch.stack(list(metrics.values())).unbind()))
     return _iem_loss(model, x, cfg, generator, candidates, gather)
 
 
@@ -96,19 +96,10 @@ def _iem_loss(model, x, cfg: TrainConfig, generator=None, candidates=None, gathe
     return loss, metrics
 
 
-def iem_metric_names(cfg: TrainConfig) -> list[str]:
-    """The metrics IEM's loss reports, in its order."""
-    return (
-        ["softmax_loss", "patch_accuracy", "candidates"]
-        + ["byte_bits_per_byte"] * (cfg.byte_loss_fraction > 0)
-        + ["loss"]
-    )
-
-
-def _fixed_shape_iem_loss(model, x, cfg: TrainConfig, draws: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_iem_loss` with fixed shapes: (loss, its metrics as one float32 tensor in `iem_metric_names`' order)."""
+def _fixed_shape_iem_loss(model, x, cfg: TrainConfig, draws: dict) -> tuple[torch.Tensor, dict]:
+    """`_iem_loss` with fixed shapes, its metrics as float32 scalars."""
     loss, metrics = _iem_loss(model, x, cfg, draws=draws)
-    return loss, torch.stack([metrics[name].float() for name in iem_metric_names(cfg)])
+    return loss, {name: value.float() for name, value in metrics.items()}
 
 
 _fixed_shape_losses: dict = {}
