@@ -175,7 +175,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--cpu-inductor",
         action="store_true",
-        help="with --device cpu: compile the stacks (and IEM's loss with fixed shapes) with inductor as on a GPU "
+        help="with --device cpu: compile the stacks (and a loss with fixed shapes) with inductor as on a GPU "
         "(training compiles only on CUDA)",
     )
     p.add_argument("--out", type=Path, required=True)
@@ -225,9 +225,9 @@ def main() -> None:
     if a.legacy_gather:
         legacy = lambda table, index: table[index]  # noqa: E731
         haed.model.gather_rows = legacy
-    if a.cpu_inductor and a.device == "cpu":  # IEM's loss with fixed shapes compiled whole, as on a GPU
+    if a.cpu_inductor and a.device == "cpu":  # a loss with fixed shapes compiled whole, as on a GPU
         on_gpu = haed.objectives.fixed_shape_loss
-        haed.objectives.fixed_shape_loss = lambda compiled, mode="default": on_gpu(True, mode)
+        haed.objectives.fixed_shape_loss = lambda loss_fn, compiled, mode="default": on_gpu(loss_fn, True, mode)
     a.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
     cuda = device.type == "cuda"

@@ -106,6 +106,17 @@ class TrainConfig:
     # One H100, seq 2,048: 2 chunks 1.32x full training's bytes/s at 0.329x its memory, 4 chunks 1.26x at
     # 0.319x (docs/2026-12-06-big-corpora.md, tenth session).
     encoder_chunks: int = 2
+    # IEM and full training: find the batch's distinct patches without telling the host their count
+    # (`haed.model.unique_patches_fixed`): no synchronisation in the step, so the host runs ahead of the GPU, and the
+    # encoder's (and IEM's softmax's) shapes recur every step. Costs: the encoder (and IEM's candidates) take every
+    # patch row of the batch, the repeats masked, instead of the distinct ones (on `code` about 1.4x as many at seq
+    # 8,192; at most `num_negatives` candidates still). One process (several take the default: IEM's candidates
+    # are gathered by count). With `compile` (CUDA), the whole loss is then one compiled graph
+    # (`haed.objectives.fixed_shape_loss`): one forward and one backward call a step instead of a dozen compiled
+    # calls and a few hundred operators between.
+    # Measured on one H100 (code, seq 2,048, as CUDA graphs, 2026-12-07) before the loss compiled whole: no faster
+    # than the default for IEM (18.65 ms against 18.51 pooled), and no steadier from run to run, so it stays off.
+    fixed_shapes: bool = False
     # IEM only
     num_negatives: int = 0  # cap on shared candidates per step (0: every distinct target patch of the batch)
     logq: bool = True  # subtract log(count) of each candidate (sampled-softmax correction)
@@ -121,16 +132,6 @@ class TrainConfig:
     # whole patches on the CPU, on text and audio (docs/iem-research.md).
     byte_loss_bytes: int = 0
     logits_chunk: int = 4096  # rows of the steps x candidates logits computed at once
-    # Find the batch's distinct patches without telling the host their count (`haed.model.unique_patches_fixed`):
-    # no synchronisation in the step, so the host runs ahead of the GPU, and the encoder's and the softmax's
-    # shapes recur every step. Costs: the encoder and the candidates take every patch row of the batch, the
-    # repeats masked, instead of the distinct ones (on `code` about 1.4x as many at seq 8,192; at most
-    # `num_negatives` candidates still). One process (several: their candidates are gathered by count).
-    # With `compile` (CUDA), the whole loss is then one compiled graph (`haed.objectives.fixed_shape_loss`): one
-    # forward and one backward call a step instead of a dozen compiled calls and a few hundred operators between.
-    # Measured on one H100 (code, seq 2,048, as CUDA graphs, 2026-12-07) before the loss compiled whole: no
-    # faster than the default (18.65 ms against 18.51 pooled), and no steadier from run to run, so it stays off.
-    fixed_shapes: bool = False
     # Decoder phase only (the other phases train the whole main model anyway): also train the main
     # model's last N blocks and its final norm (0: the main model stays frozen). They adapt h_t to the
     # decoder; the lower blocks and the encoder run frozen, without autograd, so the phase keeps most

@@ -276,21 +276,23 @@ class HAED(nn.Module):
         """h_t for every patch from the (B, T, D) vectors of the patches themselves (shifted: h_t sees < t)."""
         return self.main(self.main_inputs(patch_vectors[:, :-1]))
 
-    def main_inputs_of(self, x: torch.Tensor) -> torch.Tensor:
-        """The main model's (B, T, D) inputs for the byte windows x (B, N): start vector, then patches 1..T-1."""
+    def main_inputs_of(self, x: torch.Tensor, fixed_shapes: bool = False) -> torch.Tensor:
+        """The main model's (B, T, D) inputs for the byte windows x (B, N): start vector, then patches 1..T-1.
+        `fixed_shapes`: as in `encode_patches`."""
         p = self.patches(x)
         B, T, K = p.shape
-        vectors = self.encode_patches(p.reshape(-1, K)).per_patch()
+        vectors = self.encode_patches(p.reshape(-1, K), fixed_shapes).per_patch()
         return self.main_inputs(vectors.view(B, T, -1)[:, :-1])
 
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor, fixed_shapes: bool = False) -> torch.Tensor:
         """h_t for every patch of the byte windows x (B, N): (B, T, main_dim)."""
-        return self.main(self.main_inputs_of(x))
+        return self.main(self.main_inputs_of(x, fixed_shapes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Byte logits (B, N, 256) for the windows x (B, N): position i predicts byte i."""
+    def forward(self, x: torch.Tensor, fixed_shapes: bool = False) -> torch.Tensor:
+        """Byte logits (B, N, 256) for the windows x (B, N): position i predicts byte i. `fixed_shapes`: every
+        shape follows from x's (the distinct patches found without a host synchronisation, `encode_patches`)."""
         B, N = x.shape
-        h = self.hidden(x)
+        h = self.hidden(x, fixed_shapes)
         logits = self.decoder(h.reshape(-1, h.shape[-1]), self.patches(x).reshape(-1, self.patch_size))
         return logits.view(B, N, 256)
 

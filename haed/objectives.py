@@ -52,10 +52,8 @@ def iem_loss(
     """
     if cfg.fixed_shapes and candidates is None and gather is None:
         draws = fixed_shape_draws(x.shape[0] * (x.shape[1] // model.patch_size), cfg, generator, x.device)
-        loss, metrics = fixed_shape_loss(cfg.compile and x.is_cuda, cfg.compile_mode)(model, x, cfg, draws)
-        # As CUDA graphs, a graph's outputs are overwritten by its next replay, and a step's metrics outlive it:
-        # one copy of them all (one launch), then views.
-        return loss, dict(zip(metrics, torch.stack(list(metrics.values())).unbind()))
+        whole = fixed_shape_loss(_fixed_shape_iem_loss, cfg.compile and x.is_cuda, cfg.compile_mode)
+        return _metrics_copied(*whole(model, x, cfg, draws))
     return _iem_loss(model, x, cfg, generator, candidates, gather)
 
 
@@ -102,20 +100,34 @@ def _fixed_shape_iem_loss(model, x, cfg: TrainConfig, draws: dict) -> tuple[torc
     return loss, {name: value.float() for name, value in metrics.items()}
 
 
+def _fixed_shape_full_loss(model, x, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """`full_loss` with fixed shapes, its metrics as float32 scalars."""
+    loss = byte_cross_entropy(model(x, fixed_shapes=True), x)
+    return loss, {name: value.float() for name, value in _byte_metrics(loss).items()}
+
+
+def _metrics_copied(loss: torch.Tensor, metrics: dict) -> tuple[torch.Tensor, dict]:
+    """As CUDA graphs, a graph's outputs are overwritten by its next replay, and a step's metrics outlive it:
+    one copy of them all (one launch), then views."""
+    return loss, dict(zip(metrics, torch.stack(list(metrics.values())).unbind()))
+
+
 _fixed_shape_losses: dict = {}
 
 
-def fixed_shape_loss(compiled: bool, mode: str = "default") -> Callable:
-    """IEM's loss with fixed shapes (`_fixed_shape_iem_loss`), compiled whole in torch.compile's `mode`
-    where `compiled`: one graph forward and one backward instead of a dozen compiled calls and a few hundred
-    operators launched one by one between them, which bound IEM's step on the host at short windows (traced
-    at seq 2,048 on an H100: GPU busy 15.3 of 20.8 ms, docs/2026-12-06-big-corpora.md). Once per mode and
-    process; the stacks' own compiled calls are inlined into it."""
+def fixed_shape_loss(loss_fn: Callable, compiled: bool, mode: str = "default") -> Callable:
+    """A loss with fixed shapes (`_fixed_shape_iem_loss`, `_fixed_shape_full_loss`: one function of tensors),
+    compiled whole in torch.compile's `mode` where `compiled`: one graph forward and one backward instead of
+    a dozen compiled calls and a few hundred operators launched one by one between them, which bound IEM's step
+    on the host at short windows (traced at seq 2,048 on an H100: GPU busy 15.3 of 20.8 ms,
+    docs/2026-12-06-big-corpora.md). Once per loss, mode and process; the stacks' own compiled calls are
+    inlined into it."""
     if not compiled:
-        return _fixed_shape_iem_loss
-    if mode not in _fixed_shape_losses:
-        _fixed_shape_losses[mode] = torch.compile(_fixed_shape_iem_loss, mode=mode, dynamic=False)
-    return _fixed_shape_losses[mode]
+        return loss_fn
+    key = (loss_fn, mode)
+    if key not in _fixed_shape_losses:
+        _fixed_shape_losses[key] = torch.compile(loss_fn, mode=mode, dynamic=False)
+    return _fixed_shape_losses[key]
 
 
 def sampled_byte_loss(
@@ -173,7 +185,12 @@ def decoder_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None)
 
 
 def full_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):
-    """Full (MEGABYTE-style) training: encoder, main model and decoder end to end on byte cross-entropy."""
+    """Full (MEGABYTE-style) training: encoder, main model and decoder end to end on byte cross-entropy.
+    With `cfg.fixed_shapes` the batch's distinct patches are found without a host synchronisation, and the
+    loss, one function of tensors, is compiled whole on CUDA as IEM's is (`fixed_shape_loss`)."""
+    if cfg.fixed_shapes:
+        whole = fixed_shape_loss(_fixed_shape_full_loss, cfg.compile and x.is_cuda, cfg.compile_mode)
+        return _metrics_copied(*whole(model, x, cfg))
     loss = byte_cross_entropy(model(x), x)
     return loss, _byte_metrics(loss)
 

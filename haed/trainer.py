@@ -97,8 +97,9 @@ class Trainer:
                 text=f"{section}.compile_mode = 'reduce-overhead' (CUDA graphs) trains in one process only: "
                 f"these {world_size} processes take torch.compile's default mode",
             )
-        if cfg.fixed_shapes and self.objective.scores_batch_patches:
-            # Several ranks gather each other's distinct patches by their count (haed.distributed).
+        if cfg.fixed_shapes:
+            # Several ranks gather each other's distinct patches by their count (IEM, haed.distributed), and a
+            # loss compiled whole is untried with FSDP2's hooks and collectives.
             cfg = dataclasses.replace(cfg, fixed_shapes=False)
             self._emit(
                 "message",
