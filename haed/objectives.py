@@ -52,8 +52,7 @@ def iem_loss(
     """
     if cfg.fixed_shapes and candidates is None and gather is None:
         draws = fixed_shape_draws(x.shape[0] * (x.shape[1] // model.patch_size), cfg, generator, x.device)
-        whole = fixed_shape_loss(_fixed_shape_iem_loss, cfg.compile and x.is_cuda, cfg.compile_mode)
-        return _metrics_copied(*whole(model, x, cfg, draws))
+        return _whole_loss(_fixed_shape_iem_loss, model, x, cfg, draws)
     return _iem_loss(model, x, cfg, generator, candidates, gather)
 
 
@@ -106,9 +105,11 @@ def _fixed_shape_full_loss(model, x, cfg: TrainConfig) -> tuple[torch.Tensor, di
     return loss, {name: value.float() for name, value in _byte_metrics(loss).items()}
 
 
-def _metrics_copied(loss: torch.Tensor, metrics: dict) -> tuple[torch.Tensor, dict]:
-    """As CUDA graphs, a graph's outputs are overwritten by its next replay, and a step's metrics outlive it:
-    one copy of them all (one launch), then views."""
+def _whole_loss(loss_fn: Callable, model, x, cfg: TrainConfig, *args) -> tuple[torch.Tensor, dict]:
+    """`loss_fn` (a loss with fixed shapes) on x, compiled whole where `cfg.compile` on CUDA
+    (`fixed_shape_loss`). As CUDA graphs, a graph's outputs are overwritten by its next replay, and a step's
+    metrics outlive it: one copy of them all (one launch), then views."""
+    loss, metrics = fixed_shape_loss(loss_fn, cfg.compile and x.is_cuda, cfg.compile_mode)(model, x, cfg, *args)
     return loss, dict(zip(metrics, torch.stack(list(metrics.values())).unbind()))
 
 
@@ -189,8 +190,7 @@ def full_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):
     With `cfg.fixed_shapes` the batch's distinct patches are found without a host synchronisation, and the
     loss, one function of tensors, is compiled whole on CUDA as IEM's is (`fixed_shape_loss`)."""
     if cfg.fixed_shapes:
-        whole = fixed_shape_loss(_fixed_shape_full_loss, cfg.compile and x.is_cuda, cfg.compile_mode)
-        return _metrics_copied(*whole(model, x, cfg))
+        return _whole_loss(_fixed_shape_full_loss, model, x, cfg)
     loss = byte_cross_entropy(model(x), x)
     return loss, _byte_metrics(loss)
 
