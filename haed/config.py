@@ -106,12 +106,12 @@ class TrainConfig:
     # One H100, seq 2,048: 2 chunks 1.32x full training's bytes/s at 0.329x its memory, 4 chunks 1.26x at
     # 0.319x (docs/2026-12-06-big-corpora.md, tenth session).
     encoder_chunks: int = 2
-    # IEM and full training: find the batch's distinct patches without telling the host their count
-    # (`haed.model.unique_patches_fixed`): no synchronisation in the step, so the host runs ahead of the GPU, and the
-    # encoder's (and IEM's softmax's) shapes recur every step. Costs: the encoder (and IEM's candidates) take every
-    # patch row of the batch, the repeats masked, instead of the distinct ones (on `code` about 1.4x as many at seq
-    # 8,192; at most `num_negatives` candidates still). One process (several take the default: IEM's candidates
-    # are gathered by count). With `compile` (CUDA), the whole loss is then one compiled graph
+    # IEM, the decoder phase and full training: find the batch's distinct patches without telling the host their
+    # count (`haed.model.unique_patches_fixed`): no synchronisation in the step, so the host runs ahead of the GPU,
+    # and the encoder's (and IEM's softmax's) shapes recur every step. Costs: the encoder (and IEM's candidates)
+    # take every patch row of the batch, the repeats masked, instead of the distinct ones (on `code` about 1.4x as
+    # many at seq 8,192; at most `num_negatives` candidates still). One process (several take the default: IEM's
+    # candidates are gathered by count). With `compile` (CUDA), the whole loss is then one compiled graph
     # (`haed.objectives.fixed_shape_loss`): one forward and one backward call a step instead of a dozen compiled
     # calls and a few hundred operators between.
     # Measured on one H100 (code, seq 2,048, as CUDA graphs, 2026-12-07) before the loss compiled whole: no faster

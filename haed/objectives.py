@@ -101,7 +101,15 @@ def _fixed_shape_iem_loss(model, x, cfg: TrainConfig, draws: dict) -> tuple[torc
 
 def _fixed_shape_full_loss(model, x, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """`full_loss` with fixed shapes, its metrics as float32 scalars."""
-    loss = byte_cross_entropy(model(x, fixed_shapes=True), x)
+    return _float_byte_metrics(byte_cross_entropy(model(x, fixed_shapes=True), x))
+
+
+def _fixed_shape_decoder_loss(model, x, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """`decoder_loss` with fixed shapes, its metrics as float32 scalars."""
+    return _float_byte_metrics(_decoder_byte_loss(model, x, cfg, fixed_shapes=True))
+
+
+def _float_byte_metrics(loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return loss, {name: value.float() for name, value in _byte_metrics(loss).items()}
 
 
@@ -117,12 +125,12 @@ _fixed_shape_losses: dict = {}
 
 
 def fixed_shape_loss(loss_fn: Callable, compiled: bool, mode: str = "default") -> Callable:
-    """A loss with fixed shapes (`_fixed_shape_iem_loss`, `_fixed_shape_full_loss`: one function of tensors),
-    compiled whole in torch.compile's `mode` where `compiled`: one graph forward and one backward instead of
-    a dozen compiled calls and a few hundred operators launched one by one between them, which bound IEM's step
-    on the host at short windows (traced at seq 2,048 on an H100: GPU busy 15.3 of 20.8 ms,
-    docs/2026-12-06-big-corpora.md). Once per loss, mode and process; the stacks' own compiled calls are
-    inlined into it."""
+    """A loss with fixed shapes (`_fixed_shape_iem_loss`, `_fixed_shape_full_loss`, `_fixed_shape_decoder_loss`:
+    one function of tensors), compiled whole in torch.compile's `mode` where `compiled`: one graph forward and
+    one backward instead of a dozen compiled calls and a few hundred operators launched one by one between them,
+    which bound IEM's step on the host at short windows (traced at seq 2,048 on an H100: GPU busy 15.3 of
+    20.8 ms, docs/2026-12-06-big-corpora.md). Once per loss, mode and process; the stacks' own compiled calls
+    are inlined into it."""
     if not compiled:
         return loss_fn
     key = (loss_fn, mode)
@@ -169,20 +177,28 @@ def _byte_metrics(loss: torch.Tensor) -> dict:
 def decoder_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):
     """Decoder phase: h_t from the frozen encoder and main model without autograd (the trainer keeps them
     in eval mode: no dropout, as at inference); byte cross-entropy. With `cfg.main_layers = n` the main
-    model's last n blocks and final norm train too: the rest runs without autograd up to them."""
+    model's last n blocks and final norm train too: the rest runs without autograd up to them. With
+    `cfg.fixed_shapes` the batch's distinct patches are found without a host synchronisation, and the loss is
+    compiled whole on CUDA as full training's is (`fixed_shape_loss`)."""
+    if cfg.fixed_shapes:
+        return _whole_loss(_fixed_shape_decoder_loss, model, x, cfg)
+    loss = _decoder_byte_loss(model, x, cfg)
+    return loss, _byte_metrics(loss)
+
+
+def _decoder_byte_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, fixed_shapes: bool = False) -> torch.Tensor:
+    """The decoder phase's byte cross-entropy on x; `fixed_shapes` as in `HAED.encode_patches`."""
     n = cfg.main_layers
     if n:
         layers = len(model.main.blocks)
         with torch.no_grad():
-            below = model.main(model.main_inputs_of(x), blocks=(0, layers - n), norm=False)
+            below = model.main(model.main_inputs_of(x, fixed_shapes), blocks=(0, layers - n), norm=False)
         h = model.main(below, blocks=(layers - n, layers))
     else:
         with torch.no_grad():
-            h = model.hidden(x)
+            h = model.hidden(x, fixed_shapes)
     K = model.patch_size
-    logits = model.decoder(h.reshape(-1, h.shape[-1]), x.reshape(-1, K))
-    loss = byte_cross_entropy(logits, x)
-    return loss, _byte_metrics(loss)
+    return byte_cross_entropy(model.decoder(h.reshape(-1, h.shape[-1]), x.reshape(-1, K)), x)
 
 
 def full_loss(model: HAED, x: torch.Tensor, cfg: TrainConfig, generator=None):

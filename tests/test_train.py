@@ -292,16 +292,24 @@ def test_compile_mode_reaches_the_stacks_and_is_checked(monkeypatch):
 @pytest.mark.slow_gpu
 @pytest.mark.parametrize(
     "objective,micro,fixed_shapes",
-    [("iem", 1, False), ("full", 1, False), ("iem", 2, False), ("iem", 1, True), ("iem", 2, True), ("full", 1, True)],
+    [
+        ("iem", 1, False),
+        ("full", 1, False),
+        ("iem", 2, False),
+        ("iem", 1, True),
+        ("iem", 2, True),
+        ("full", 1, True),
+        ("decoder", 1, False),
+        ("decoder", 1, True),
+    ],
 )
 def test_cuda_graph_steps_follow_the_default_compiled_steps(objective, micro, fixed_shapes):
     """The stacks as CUDA graphs (`compile_mode = "reduce-overhead"`) replay the kernels the default mode
     launches one by one: five training steps give the same losses, with one micro-batch per step or two (whose
-    gradients accumulate across two graph replays). With `fixed_shapes` the whole loss (IEM's, full training's)
-    is one graph, whose outputs the next replay overwrites: the steps' metrics, read after all five, must be
-    copies. Passed on an
-    H100 on 2026-12-07 (without `fixed_shapes`); atomic additions in the backward pass make two runs of one
-    mode differ in the last bits."""
+    gradients accumulate across two graph replays). With `fixed_shapes` the whole loss (IEM's, full training's,
+    the decoder phase's) is one graph, whose outputs the next replay overwrites: the steps' metrics, read after
+    all five, must be copies. Passed on an H100 on 2026-12-07 (IEM and full training without `fixed_shapes`);
+    atomic additions in the backward pass make two runs of one mode differ in the last bits."""
     from haed.objectives import OBJECTIVES
     from haed.steps import make_optimizer, maybe_compile, torch_generator, train_step
 
