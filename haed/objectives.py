@@ -95,22 +95,24 @@ def _iem_loss(model, x, cfg: TrainConfig, generator=None, candidates=None, gathe
 
 def _fixed_shape_iem_loss(model, x, cfg: TrainConfig, draws: dict) -> tuple[torch.Tensor, dict]:
     """`_iem_loss` with fixed shapes, its metrics as float32 scalars."""
-    loss, metrics = _iem_loss(model, x, cfg, draws=draws)
-    return loss, {name: value.float() for name, value in metrics.items()}
+    return _float_metrics(*_iem_loss(model, x, cfg, draws=draws))
 
 
 def _fixed_shape_full_loss(model, x, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """`full_loss` with fixed shapes, its metrics as float32 scalars."""
-    return _float_byte_metrics(byte_cross_entropy(model(x, fixed_shapes=True), x))
+    loss = byte_cross_entropy(model(x, fixed_shapes=True), x)
+    return _float_metrics(loss, _byte_metrics(loss))
 
 
 def _fixed_shape_decoder_loss(model, x, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """`decoder_loss` with fixed shapes, its metrics as float32 scalars."""
-    return _float_byte_metrics(_decoder_byte_loss(model, x, cfg, fixed_shapes=True))
+    loss = _decoder_byte_loss(model, x, cfg, fixed_shapes=True)
+    return _float_metrics(loss, _byte_metrics(loss))
 
 
-def _float_byte_metrics(loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    return loss, {name: value.float() for name, value in _byte_metrics(loss).items()}
+def _float_metrics(loss: torch.Tensor, metrics: dict) -> tuple[torch.Tensor, dict]:
+    """The metrics as float32 scalars, inside the compiled loss: `_whole_loss` stacks them into one copy."""
+    return loss, {name: value.float() for name, value in metrics.items()}
 
 
 def _whole_loss(loss_fn: Callable, model, x, cfg: TrainConfig, *args) -> tuple[torch.Tensor, dict]:
